@@ -1,0 +1,106 @@
+"""The `histodiffusion` command: one subcommand per stage, flags built from the stage's config class.
+
+A subcommand only parses flags (and an optional --config file) into the stage's frozen config and
+calls `<stage module>.run(config)`. Stage modules are imported only when their command runs, so
+`histodiffusion --help` answers without importing torch.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import os
+import sys
+import typing
+
+from . import __version__
+from .config import STAGE_CONFIGS, config_from_dict, help_of, load_config_file
+from .runtime import HistoError
+
+# subcommand -> (module with run(config), one-line description)
+STAGES: dict[str, tuple[str, str]] = {
+    "prepare": ("histodiffusion.data.prepare", "slides / patch folders / labels CSV -> dataset directory"),
+    "train-autoencoder": ("histodiffusion.train_autoencoder", "train the KL autoencoder on unlabeled tiles"),
+    "encode": ("histodiffusion.encode", "cache latents (posterior mean, std) of a dataset"),
+    "pretrain": ("histodiffusion.pretrain", "train the unconditional latent diffusion UNet"),
+    "train-latent-classifier": ("histodiffusion.adapt", "noise-aware latent classifier p(y | z_t, t)"),
+    "finetune-decoder": ("histodiffusion.adapt", "fine-tune the decoder with an auxiliary classifier"),
+    "sample": ("histodiffusion.sample", "classifier-guided synthesis in latent space"),
+    "select": ("histodiffusion.select", "score synthetic samples and write filtered.csv"),
+    "evaluate": ("histodiffusion.evaluate", "downstream classifiers: real vs real + synthetic, seeds, CIs"),
+    "report": ("histodiffusion.report", "HTML + Markdown report of a run"),
+    "run": ("histodiffusion.pipeline", "the whole chain in one run directory (resumable)"),
+}
+# stages whose module has more than one entry point
+ENTRY: dict[str, str] = {"train-latent-classifier": "run_latent_classifier", "finetune-decoder": "run_finetune_decoder"}
+
+
+def _flag_type(tp: typing.Any):
+    origin = typing.get_origin(tp)
+    if origin is tuple or tp is bool:
+        return str  # lists are comma-separated; bools are true/false; coerce() checks both
+    return {int: str, float: str, str: str}[tp]
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        default = f.default
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        metavar = "LIST" if typing.get_origin(tp) is tuple else ("BOOL" if tp is bool else tp.__name__.upper())
+        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=_flag_type(tp), default=None,
+                            metavar=metavar, help=f"{help_of(cls, f.name)} (default: {shown!s})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="histodiffusion", description=(
+        "Synthetic augmentation of histopathology classification with a latent diffusion model "
+        "pretrained on unlabeled data (HistoDiffusion)."))
+    p.add_argument("--version", action="version", version=f"histodiffusion {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, desc) in STAGES.items():
+        sp = sub.add_parser(name, help=desc, description=desc)
+        sp.add_argument("--config", default=None, metavar="FILE",
+                        help="JSON or TOML file of config fields (flags override it)")
+        add_config_flags(sp, STAGE_CONFIGS[name])
+    return p
+
+
+def config_from_args(name: str, args: argparse.Namespace):
+    cls = STAGE_CONFIGS[name]
+    values: dict = {}
+    if args.config:
+        data = load_config_file(args.config)
+        if isinstance(data, dict) and "config" in data and "stage" in data:  # a run's config.json
+            data = data["config"]
+        values.update(data)
+    for f in dataclasses.fields(cls):
+        v = getattr(args, f.name)
+        if v is not None:
+            values[f.name] = v
+    return config_from_dict(cls, values)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 0
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download anything at run time
+    try:
+        cfg = config_from_args(args.command, args)
+        module = importlib.import_module(STAGES[args.command][0])
+        getattr(module, ENTRY.get(args.command, "run"))(cfg)
+    except HistoError as e:
+        print(f"histodiffusion {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"histodiffusion {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

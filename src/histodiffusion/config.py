@@ -1,0 +1,342 @@
+"""Configuration: one frozen dataclass per stage, every field with a default and a one-line help.
+
+The help text (`F(default, "help")`) is the field's one-line comment and also its `--flag` help in
+the CLI, which builds its flags from these classes. Configs round-trip through JSON (never pickle);
+a config file can be JSON or TOML and may only name known fields of the right type.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .runtime import HistoError
+
+
+def F(default: Any, help: str, **meta: Any):
+    """A dataclass field with a default and its one-line help (lists/tuples are stored as tuples)."""
+    if isinstance(default, list):
+        default = tuple(default)
+    return field(default=default, metadata={"help": help, **meta})
+
+
+# --------------------------------------------------------------------------------------------
+# Stage configs
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PrepareConfig:
+    out: str = F("data/default", "output dataset directory")
+    name: str = F("", "dataset name (default: the output directory's name)")
+    kind: str = F("auto", "labeled | unlabeled | auto (labeled when labels are given)")
+    sources: tuple[str, ...] = F((), "slides / large images / folders of them to tile (unlabeled sources)")
+    labels_csv: str = F("", "CSV with path,label[,group_id] (paths relative to the CSV)")
+    class_folders: str = F("", "root folder with one sub-folder of tiles per class (NCT-CRC-HE layout)")
+    tile_size: int = F(64, "working resolution: every tile is stored at tile_size x tile_size")
+    patch_size: int = F(0, "tile edge in source pixels before resizing (0: tile_size * downscale)")
+    stride: int = F(0, "tiling stride in source pixels (0: patch_size, no overlap)")
+    downscale: float = F(1.0, "downscale factor from the source's level 0 (ignored when target_mpp > 0)")
+    target_mpp: float = F(0.0, "target microns per pixel when the file states its resolution (0: off)")
+    min_tissue: float = F(0.5, "keep a tile when at least this fraction of it is tissue")
+    max_gray_mean: float = F(220.0, "background filter: tissue pixels have grey value below this")
+    min_saturation: float = F(0.07, "tissue pixels have HSV saturation above this (0..1)")
+    image_mode: str = F("convert", "grayscale/RGBA/16-bit images: convert (to 8-bit RGB) or refuse")
+    val_frac: float = F(0.15, "fraction of groups in the validation split (stratified by class)")
+    test_frac: float = F(0.15, "fraction of groups in the test split (stratified by class)")
+    fewshot_fracs: tuple[float, ...] = F((0.05, 0.1), "few-shot subsets of train: fractions of groups")
+    fewshot_k: tuple[int, ...] = F((), "few-shot subsets of train: k groups per class")
+    seed: int = F(0, "seed for splits and few-shot subsets")
+    shard_size: int = F(1024, "tiles per pixel shard")
+    strict: bool = F(False, "stop at the first unreadable image instead of skipping and counting")
+    exclude: tuple[str, ...] = F((), "prepared datasets that must share no image with this one (leakage guard)")
+
+
+@dataclass(frozen=True)
+class AutoencoderConfig:
+    data: tuple[str, ...] = F(("data/unlabeled",), "prepared unlabeled dataset directories")
+    out: str = F("runs/ae", "run directory")
+    block_out_channels: tuple[int, ...] = F((32, 64, 128), "encoder/decoder widths; f = 2**(len-1)")
+    layers_per_block: int = F(1, "ResNet layers per block")
+    latent_channels: int = F(4, "channels of the latent")
+    steps: int = F(1500, "optimisation steps")
+    batch_size: int = F(32, "batch size per process")
+    lr: float = F(2e-4, "AdamW learning rate")
+    kl_weight: float = F(1e-6, "weight of the KL term")
+    adv_weight: float = F(0.0, "weight of the PatchGAN adversarial loss (0: off)")
+    adv_start: int = F(1000, "step at which the adversarial loss starts")
+    lpips_weights: str = F("", "local path to LPIPS/VGG weights (optional; nothing is downloaded)")
+    lpips_weight: float = F(0.0, "weight of the LPIPS loss (needs lpips_weights)")
+    holdout: int = F(64, "held-out tiles for PSNR/SSIM")
+    eval_every: int = F(500, "evaluate and write a reconstruction grid every N steps")
+    checkpoint_every: int = F(500, "save resumable state every N steps")
+    keep_checkpoints: int = F(2, "resumable checkpoints to keep")
+    mixed_precision: str = F("no", "no | bf16 | fp16 (fp16 needs a GPU)")
+    num_workers: int = F(0, "data loader workers")
+    seed: int = F(0, "random seed")
+
+
+@dataclass(frozen=True)
+class EncodeConfig:
+    data: str = F("data/unlabeled", "prepared dataset directory")
+    vae: str = F("runs/ae/model/vae", "autoencoder folder (save_pretrained)")
+    out: str = F("cache/unlabeled", "latent cache directory")
+    batch_size: int = F(64, "encode batch size")
+    shard_size: int = F(4096, "latents per shard")
+    scaling_factor: float = F(0.0, "latent scaling (0: measure 1/std on this corpus)")
+    flips: bool = F(False, "also cache the 8 dihedral transforms of each tile")
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    cache: tuple[str, ...] = F(("cache/unlabeled",), "latent caches of the unlabeled datasets")
+    weights: tuple[float, ...] = F((), "sampling weight per cache (default: proportional to size)")
+    out: str = F("runs/ldm", "run directory")
+    block_out_channels: tuple[int, ...] = F((64, 128, 128), "UNet widths")
+    layers_per_block: int = F(1, "ResNet layers per UNet block")
+    attention: bool = F(True, "attention in the lowest-resolution blocks")
+    num_train_timesteps: int = F(1000, "diffusion steps T")
+    beta_schedule: str = F("linear", "linear | scaled_linear | squaredcos_cap_v2")
+    beta_start: float = F(0.0015, "first beta (paper: 0.0015)")
+    beta_end: float = F(0.0155, "last beta (paper: 0.0155)")
+    prediction_type: str = F("epsilon", "epsilon | v_prediction")
+    loss: str = F("l1", "l1 | l2 (paper: l1)")
+    steps: int = F(3000, "optimisation steps")
+    batch_size: int = F(64, "batch size per process")
+    lr: float = F(2e-4, "AdamW peak learning rate")
+    weight_decay: float = F(0.0, "AdamW weight decay")
+    warmup: int = F(200, "linear warm-up steps")
+    grad_clip: float = F(1.0, "max gradient norm (0: off)")
+    grad_accum: int = F(1, "gradient accumulation steps")
+    ema_decay: float = F(0.999, "EMA decay")
+    mixed_precision: str = F("no", "no | bf16 | fp16 (fp16 needs a GPU)")
+    sample_every: int = F(1000, "write a sample grid every N steps (0: off)")
+    checkpoint_every: int = F(500, "save resumable state every N steps")
+    keep_checkpoints: int = F(2, "resumable checkpoints to keep")
+    init_from: str = F("", "start from this exported model folder (fine-tuning), else from scratch")
+    num_workers: int = F(0, "data loader workers")
+    seed: int = F(0, "random seed")
+
+
+@dataclass(frozen=True)
+class LatentClassifierConfig:
+    cache: str = F("cache/target", "latent cache of the labeled target dataset")
+    subset: str = F("train", "split or few-shot subset to train on (e.g. train, frac0.05)")
+    val_subset: str = F("val", "split for validation")
+    scheduler: str = F("runs/ldm/model/scheduler", "noise scheduler folder (same as the UNet's)")
+    out: str = F("runs/adapt/latent_classifier", "run directory")
+    width: int = F(64, "base channel width")
+    depth: int = F(2, "down-sampling stages")
+    steps: int = F(1500, "optimisation steps")
+    batch_size: int = F(64, "batch size per process")
+    lr: float = F(3e-4, "AdamW learning rate")
+    weight_decay: float = F(0.05, "AdamW weight decay")
+    max_timestep: int = F(0, "train on t in [0, max_timestep) (0: all T)")
+    checkpoint_every: int = F(500, "save resumable state every N steps")
+    keep_checkpoints: int = F(2, "resumable checkpoints to keep")
+    num_workers: int = F(0, "data loader workers")
+    seed: int = F(0, "random seed")
+
+
+@dataclass(frozen=True)
+class FinetuneDecoderConfig:
+    data: str = F("data/target", "prepared labeled target dataset")
+    subset: str = F("train", "split or few-shot subset to fine-tune on")
+    vae: str = F("runs/ae/model/vae", "autoencoder to start from")
+    out: str = F("runs/adapt/decoder", "run directory")
+    aux_weight: float = F(0.1, "weight of the auxiliary image classifier's loss on decoded images")
+    steps: int = F(300, "optimisation steps")
+    batch_size: int = F(32, "batch size per process")
+    lr: float = F(5e-5, "AdamW learning rate for the decoder")
+    checkpoint_every: int = F(200, "save resumable state every N steps")
+    keep_checkpoints: int = F(2, "resumable checkpoints to keep")
+    seed: int = F(0, "random seed")
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    model: str = F("runs/ldm/model", "exported LDM folder (unet_ema/, scheduler/, vae/)")
+    classifier: str = F("runs/adapt/latent_classifier/model", "latent classifier folder")
+    vae: str = F("", "decoder to use (default: model/vae; e.g. the fine-tuned decoder)")
+    out: str = F("samples/run", "output directory")
+    classes: tuple[str, ...] = F((), "classes to synthesise (default: all of the classifier's)")
+    n_per_class: int = F(0, "images per class (0: use ratio)")
+    ratio: float = F(1.0, "synthetic images as a fraction of the real labeled subset, per class")
+    real_counts: str = F("", "latent cache or dataset whose subset counts define the ratio")
+    real_subset: str = F("train", "subset whose per-class counts the ratio refers to")
+    scale: float = F(10.0, "classifier guidance scale s (reference: 10)")
+    guidance_window: tuple[int, int] = F((0, 0), "guide only for t in [lo, hi] ((0,0): every step)")
+    scheduler: str = F("dpmsolver++", "ddim | dpmsolver++")
+    steps: int = F(20, "sampling steps")
+    eta: float = F(0.0, "DDIM eta (1.0 is the reference's setting)")
+    batch_size: int = F(64, "samples per batch (does not change the images)")
+    seed: int = F(0, "run seed; sample i uses a generator seeded from (seed, i)")
+    grid: bool = F(True, "write a sample grid per class")
+
+
+@dataclass(frozen=True)
+class SelectConfig:
+    samples: str = F("samples/run", "sample directory with samples.csv")
+    data: str = F("data/target", "prepared labeled target dataset")
+    subset: str = F("train", "real labeled subset: centroids, feature classifier, memorization")
+    out: str = F("", "where filtered.csv goes (default: the sample directory)")
+    backbone: str = F("small_cnn", "feature extractor: small_cnn (trained here) or a timm model name")
+    backbone_weights: str = F("", "local weights for a timm backbone (nothing is downloaded)")
+    feature_epochs: int = F(15, "epochs to train the feature classifier on real data")
+    min_confidence: float = F(0.5, "keep only samples with target-class confidence at least this")
+    require_nearest_centroid: bool = F(True, "keep only samples whose nearest centroid is the target")
+    memorization_quantile: float = F(0.01, "flag a sample closer to a real image than this quantile of real-real distances")
+    drop_memorized: bool = F(True, "drop flagged near-copies")
+    max_ratio: float = F(0.0, "cap kept samples per class at this ratio of real (0: no cap)")
+    seed: int = F(0, "random seed")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    data: str = F("data/target", "prepared labeled target dataset")
+    subset: str = F("frac0.05", "real training subset (a few-shot subset or train)")
+    samples: str = F("", "sample directory (samples.csv, filtered.csv); empty: real arms only")
+    out: str = F("eval/run", "output directory")
+    arms: tuple[str, ...] = F(("real", "classic", "selected", "unselected"), "arms: real, classic, selected, unselected")
+    ratios: tuple[float, ...] = F((1.0,), "synthetic ratios for the selected/unselected arms")
+    seeds: tuple[int, ...] = F((0, 1, 2), "training seeds")
+    backbone: str = F("small_cnn", "timm model name or small_cnn")
+    backbone_weights: str = F("", "local pretrained weights for the backbone (default: from scratch)")
+    epochs: int = F(20, "training epochs (same for every arm)")
+    steps_per_epoch: int = F(0, "optimisation steps per epoch (0: one pass over the real data); equal across arms")
+    batch_size: int = F(64, "batch size")
+    lr: float = F(1e-3, "AdamW learning rate")
+    external: tuple[str, ...] = F((), "external labeled test sets (prepared dataset directories)")
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    run: str = F("runs/default", "run directory (or any directory holding the stage outputs)")
+    out: str = F("", "report directory (default: <run>/report)")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    out: str = F("runs/default", "run directory for the whole chain")
+    preset: str = F("quick", "quick (CPU, ~15 min) | paper (GPU scale)")
+    unlabeled: tuple[str, ...] = F((), "unlabeled sources (default: the built-in default data)")
+    labels_csv: str = F("", "labeled target CSV (default: the built-in default data)")
+    subset: str = F("frac0.1", "labeled few-shot subset used for adaptation and evaluation")
+    seeds: tuple[int, ...] = F((0, 1, 2), "evaluation seeds")
+
+
+STAGE_CONFIGS: dict[str, type] = {
+    "prepare": PrepareConfig,
+    "train-autoencoder": AutoencoderConfig,
+    "encode": EncodeConfig,
+    "pretrain": PretrainConfig,
+    "train-latent-classifier": LatentClassifierConfig,
+    "finetune-decoder": FinetuneDecoderConfig,
+    "sample": SampleConfig,
+    "select": SelectConfig,
+    "evaluate": EvaluateConfig,
+    "report": ReportConfig,
+    "run": RunConfig,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# (De)serialisation with type checks
+# --------------------------------------------------------------------------------------------
+def config_to_dict(cfg: Any) -> dict:
+    d = dataclasses.asdict(cfg)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def coerce(cls: type, name: str, value: Any, tp: Any = None) -> Any:
+    """Check/convert one value to the field's declared type; raise HistoError naming the field."""
+    tp = tp or _field_types(cls)[name]
+    origin = typing.get_origin(tp)
+    where = f"{cls.__name__}.{name}"
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip() != ""]
+        if not isinstance(value, (list, tuple)):
+            raise HistoError(f"config field {name} ({where}) must be a list, not {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(coerce(cls, name, v, args[0]) for v in value)
+        if len(value) != len(args):
+            raise HistoError(f"config field {name} ({where}) needs {len(args)} values, got {list(value)!r}")
+        return tuple(coerce(cls, name, v, a) for v, a in zip(value, args))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        raise HistoError(f"config field {name} ({where}) must be true or false, not {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise HistoError(f"config field {name} ({where}) must be an integer, not {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise HistoError(f"config field {name} ({where}) must be an integer, not {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise HistoError(f"config field {name} ({where}) must be a number, not {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise HistoError(f"config field {name} ({where}) must be a number, not {value!r}")
+    if tp is str:
+        if not isinstance(value, str):
+            raise HistoError(f"config field {name} ({where}) must be a string, not {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp} for {where}")
+
+
+def config_from_dict(cls: type, d: dict, base: Any = None) -> Any:
+    """Build `cls` from a dict (e.g. a config file): unknown fields and wrong types are errors."""
+    if not isinstance(d, dict):
+        raise HistoError(f"{cls.__name__}: config must be a mapping, not {type(d).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise HistoError(f"unknown config field(s) for {cls.__name__}: {unknown}; known: {sorted(names)}")
+    kw = {k: coerce(cls, k, v) for k, v in d.items()}
+    return dataclasses.replace(base, **kw) if base is not None else cls(**kw)
+
+
+def load_config_file(path: str | Path) -> dict:
+    """Read a JSON or TOML config file (data only: nothing in it is executed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise HistoError(f"config file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() == ".toml":
+            import tomllib
+
+            return tomllib.loads(text)
+        return json.loads(text)
+    except Exception as e:
+        raise HistoError(f"config file {path} is not valid {'TOML' if path.suffix == '.toml' else 'JSON'}: {e}") from None
+
+
+def help_of(cls: type, name: str) -> str:
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            return f.metadata.get("help", "")
+    raise KeyError(name)

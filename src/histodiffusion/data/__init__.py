@@ -1,0 +1,1 @@
+"""Data layer: slide tiling, dataset preparation, torch Datasets over pixel shards and latent caches."""

@@ -1,0 +1,1 @@
+"""Thin builders around diffusers / timm models."""

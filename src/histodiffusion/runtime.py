@@ -1,0 +1,354 @@
+"""Run-time plumbing shared by every stage.
+
+Errors for users, atomic writes, run directories (config.json first, a completion marker last),
+accelerate set-up, seeding, rank-0 logging and resumable checkpoints. Nothing here imports torch
+at module level, so `histodiffusion --help` stays fast.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+from . import FORMAT_VERSION, __version__
+
+COMPLETE_MARKER = "_COMPLETE.json"  # written last into a finished artifact directory
+CONFIG_FILE = "config.json"
+
+
+class HistoError(Exception):
+    """An error the user can fix: the CLI prints its message (naming the culprit) and exits 2."""
+
+
+# --------------------------------------------------------------------------------------------
+# Atomic writes
+# --------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success rename it over `path`, on error delete it.
+
+    Works for files and for directories (the caller creates what it likes at the yielded path).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    _remove(tmp)
+    try:
+        yield tmp
+        if path.is_dir() and tmp.is_dir():
+            old = path.parent / f".{path.name}.old-{os.getpid()}"
+            os.replace(path, old)
+            os.replace(tmp, path)
+            _remove(old)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    elif p.exists() or p.is_symlink():
+        p.unlink()
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, Path):
+        return str(o)
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if isinstance(o, (set, frozenset)):
+        return sorted(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def write_csv_atomic(path: str | os.PathLike, rows: Iterable[dict], fieldnames: Sequence[str]) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=list(fieldnames), extrasaction="raise")
+            w.writeheader()
+            for r in rows:
+                w.writerow(r)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise HistoError(f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise HistoError(f"{what} is not valid JSON: {path} ({e})") from None
+
+
+def read_csv(path: str | os.PathLike, required: Sequence[str] = (), what: str = "CSV file") -> list[dict]:
+    """Read a CSV into dicts; raise a HistoError naming the file when it or a needed column is missing."""
+    path = Path(path)
+    if not path.is_file():
+        raise HistoError(f"{what} not found: {path}")
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        cols = reader.fieldnames or []
+        missing = [c for c in required if c not in cols]
+        if missing:
+            raise HistoError(f"{what} {path} lacks column(s) {missing}; it has {cols}")
+        return list(reader)
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+def sha256_dir(path: str | os.PathLike, pattern: str = "*.safetensors") -> str:
+    """Content hash of a model folder: its weight files, in name order (names excluded)."""
+    path = Path(path)
+    files = sorted(path.rglob(pattern))
+    if not files:
+        raise HistoError(f"no {pattern} files in model folder {path}")
+    h = hashlib.sha256()
+    for f in files:
+        h.update(sha256_file(f).encode())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# Run directories and completion markers
+# --------------------------------------------------------------------------------------------
+def is_complete(directory: str | os.PathLike) -> bool:
+    return (Path(directory) / COMPLETE_MARKER).is_file()
+
+
+def mark_complete(directory: str | os.PathLike, **info: Any) -> None:
+    write_json_atomic(Path(directory) / COMPLETE_MARKER,
+                      {"format_version": FORMAT_VERSION, "version": __version__, "finished": time.time(), **info})
+
+
+def check_format_version(meta: dict, path: str | os.PathLike) -> None:
+    """Refuse artifacts written by an incompatible version of histodiffusion."""
+    v = meta.get("format_version")
+    if v != FORMAT_VERSION:
+        raise HistoError(f"{path} has format_version {v!r}; this histodiffusion {__version__} reads "
+                         f"format_version {FORMAT_VERSION}. Re-create it with this version.")
+
+
+def start_run_dir(out: str | os.PathLike, config: Any, stage: str, is_main: bool = True) -> Path:
+    """Create `out` and write the resolved config as config.json first.
+
+    Re-running with the same config resumes; a different config in an existing run directory is an
+    error (the user picks another --out or deletes the old run), so two runs never mix.
+    """
+    from .config import config_to_dict
+
+    out = Path(out)
+    cfg = {"format_version": FORMAT_VERSION, "version": __version__, "stage": stage,
+           "config": config_to_dict(config)}
+    path = out / CONFIG_FILE
+    if path.is_file():
+        old = read_json(path, "run config")
+        check_format_version(old, path)
+        if old.get("stage") != stage:
+            raise HistoError(f"{out} is a run directory of stage {old.get('stage')!r}, not {stage!r}")
+        if _comparable(old.get("config")) != _comparable(cfg["config"]):
+            diff = sorted(k for k in set(old["config"]) | set(cfg["config"])
+                          if old["config"].get(k) != cfg["config"].get(k))
+            raise HistoError(f"{out} holds a run with a different config (fields {diff}); "
+                             f"use another output directory or delete it")
+    elif is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, cfg)
+    return out
+
+
+_RESUME_NEUTRAL = {"out", "num_workers", "resume", "progress", "batch_size_eval", "device"}
+
+
+def _comparable(cfg: dict | None) -> dict:
+    return {k: v for k, v in (cfg or {}).items() if k not in _RESUME_NEUTRAL}
+
+
+# --------------------------------------------------------------------------------------------
+# Logging
+# --------------------------------------------------------------------------------------------
+def get_logger(name: str = "histodiffusion", log_file: str | os.PathLike | None = None,
+               is_main: bool = True) -> logging.Logger:
+    """A logger that writes on the main process only: to stderr and, if given, to `log_file`."""
+    logger = logging.getLogger(name)
+    logger.setLevel(logging.INFO if is_main else logging.WARNING)
+    logger.propagate = False
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+               for h in logger.handlers):
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(fmt)
+        logger.addHandler(h)
+    if log_file is not None and is_main:
+        log_file = str(Path(log_file).resolve())
+        if not any(isinstance(h, logging.FileHandler) and h.baseFilename == log_file for h in logger.handlers):
+            for h in [h for h in logger.handlers if isinstance(h, logging.FileHandler)]:
+                logger.removeHandler(h)
+                h.close()
+            fh = logging.FileHandler(log_file)
+            fh.setFormatter(fmt)
+            logger.addHandler(fh)
+    return logger
+
+
+class MetricsLog:
+    """Append-only metrics.jsonl (one JSON object per line), written by the main process only."""
+
+    def __init__(self, path: str | os.PathLike, is_main: bool = True):
+        self.path = Path(path)
+        self.is_main = is_main
+
+    def log(self, **row: Any) -> None:
+        if not self.is_main:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row, default=_json_default) + "\n")
+            f.flush()
+
+
+def progress(iterable=None, total=None, desc: str = "", disable: bool = False, **kw):
+    """A tqdm progress bar, shown on the main process only."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, disable=disable, dynamic_ncols=True, **kw)
+
+
+# --------------------------------------------------------------------------------------------
+# Torch / accelerate set-up (imports are local: torch is heavy)
+# --------------------------------------------------------------------------------------------
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def make_accelerator(mixed_precision: str = "no", grad_accum: int = 1, cpu: bool = False):
+    """An Accelerator for one process or many (torchrun / accelerate launch; gloo on CPU)."""
+    import torch
+    from accelerate import Accelerator
+
+    if mixed_precision not in ("no", "fp16", "bf16"):
+        raise HistoError(f"mixed_precision must be no, fp16 or bf16, not {mixed_precision!r}")
+    use_cpu = cpu or not torch.cuda.is_available()
+    if mixed_precision == "fp16" and use_cpu:
+        raise HistoError("mixed_precision=fp16 needs a GPU; use bf16 or no on CPU")
+    return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum, cpu=use_cpu)
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world_size) from the launcher's environment, without initialising anything."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+# --------------------------------------------------------------------------------------------
+# Resumable checkpoints: checkpoints/step_N, written atomically through accelerate.save_state
+# --------------------------------------------------------------------------------------------
+_STEP_RE = re.compile(r"^step_(\d+)$")
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete checkpoints under run_dir/checkpoints, oldest first."""
+    ck = Path(run_dir) / "checkpoints"
+    if not ck.is_dir():
+        return []
+    out = []
+    for p in ck.iterdir():
+        m = _STEP_RE.match(p.name)
+        if m and p.is_dir() and is_complete(p):
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def save_checkpoint(accelerator, run_dir: str | os.PathLike, step: int, keep_last: int = 2,
+                    extra: dict | None = None) -> Path:
+    """accelerator.save_state into checkpoints/step_N (temp dir + rename), then prune to keep_last.
+
+    Collective: every rank must call it. Only the main process renames and prunes.
+    """
+    ck = Path(run_dir) / "checkpoints"
+    final = ck / f"step_{step}"
+    tmp = ck / f".step_{step}.tmp"
+    if accelerator.is_main_process:
+        _remove(tmp)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_json_atomic(tmp / "trainer_state.json", {"step": step, **(extra or {})})
+        mark_complete(tmp, step=step)
+        _remove(final)
+        os.replace(tmp, final)
+        for _, old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
+            _remove(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_latest_checkpoint(accelerator, run_dir: str | os.PathLike) -> tuple[int, dict]:
+    """Load the newest complete checkpoint, if any. Returns (step, trainer_state) or (0, {})."""
+    cks = list_checkpoints(run_dir)
+    if not cks:
+        return 0, {}
+    step, path = cks[-1]
+    try:
+        accelerator.load_state(str(path))
+    except Exception as e:  # a truncated or foreign checkpoint: one clear error, nothing deleted
+        raise HistoError(f"cannot load checkpoint {path}: {type(e).__name__}: {e}. "
+                         f"Delete that folder to resume from an older checkpoint.") from None
+    state = read_json(path / "trainer_state.json", "checkpoint state")
+    return step, state
+
+
+def human_time(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def ensure_writable(directory: str | os.PathLike) -> None:
+    """Fail early, naming the directory, when outputs cannot be written there (read-only, disk full)."""
+    d = Path(directory)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=d, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise HistoError(f"cannot write to output directory {d}: {e.strerror or e}") from None

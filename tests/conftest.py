@@ -1,0 +1,21 @@
+"""Shared test fixtures: offline, small thread count, paths to the shared real data."""
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("HISTODIFFUSION_SHARED", REPO.parent / "shared" / "data"))
+LUNG = SHARED / "lc25000_lung"
+UNLABELED = SHARED / "unlabeled_he"
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """../shared/data, or a clean skip saying why."""
+    if not (LUNG / "labels.csv").is_file() or not UNLABELED.is_dir():
+        pytest.skip(f"needs the real data in {SHARED} (absent on this machine)")
+    return SHARED
