@@ -1,0 +1,191 @@
+"""`prepare`: labeled (CSV, class folders) and unlabeled datasets, split invariants, leakage guard."""
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers_prepare import class_folders, labels_csv, lung_rows
+from histodiffusion.artifacts import read_dataset, subset_ids
+from histodiffusion.config import PrepareConfig
+from histodiffusion.data import default
+from histodiffusion.data.datasets import PixelDataset
+from histodiffusion.data.leakage import check_no_overlap
+from histodiffusion.data.prepare import run
+from histodiffusion.data.splits import fewshot_groups, group_labels, split_groups
+from histodiffusion.runtime import HistoError, read_csv, sha256_file
+
+
+@pytest.fixture(scope="module")
+def lung(tmp_path_factory):
+    out = tmp_path_factory.mktemp("p") / "lung"
+    return run(PrepareConfig(out=str(out), labels_csv="default", fewshot_k=(1, 3)))
+
+
+@pytest.fixture(scope="module")
+def unlabeled(tmp_path_factory):
+    out = tmp_path_factory.mktemp("p") / "unl"
+    return run(PrepareConfig(out=str(out), sources=("default",)))
+
+
+def _split_of_groups(rows):
+    d = defaultdict(set)
+    for r in rows:
+        d[r["group"]].add(r["split"])
+    return d
+
+
+def test_labeled_from_csv_manifest_meta_and_shards(lung):
+    meta, rows = read_dataset(lung)
+    src = lung_rows()
+    assert len(rows) == len(src) == meta["count"]
+    assert meta["kind"] == "labeled" and meta["classes"] == ["lung_aca", "lung_n", "lung_scc"]
+    assert meta["tile_size"] == 64 and meta["config"]["labels_csv"] == "default"
+    by_path = {r["path"]: r for r in src}
+    for r in rows:
+        assert r["label"] == by_path[r["path"]]["label"] and r["group"] == by_path[r["path"]]["group_id"]
+        assert r["split"] in ("train", "val", "test")
+    counts = defaultdict(lambda: defaultdict(int))
+    for r in rows:
+        counts[r["split"]][r["label"]] += 1
+    assert meta["counts"] == {s: dict(c) for s, c in counts.items()}
+    # sources.csv has the sha256 of every file
+    srcs = read_csv(lung / "sources.csv", ["path", "sha256"])
+    assert len(srcs) == len(src)
+    assert srcs[0]["sha256"] == sha256_file(default.labels_csv().parent / srcs[0]["path"])
+    ds = PixelDataset(lung, "train")
+    assert len(ds) == sum(r["split"] == "train" for r in rows)
+    img, label, tid = ds[0]
+    assert tuple(img.shape) == (3, 64, 64) and -1.0 <= float(img.min()) < float(img.max()) <= 1.0
+    assert ds.classes[label] == next(r["label"] for r in rows if r["id"] == tid)
+
+
+def test_split_invariants_stratified_by_group(lung):
+    _, rows = read_dataset(lung)
+    assert all(len(s) == 1 for s in _split_of_groups(rows).values())  # no group in two splits
+    groups = defaultdict(lambda: defaultdict(set))
+    for r in rows:
+        groups[r["label"]][r["split"]].add(r["group"])
+    for c, per in groups.items():
+        n = sum(len(g) for g in per.values())
+        assert len(per["val"]) == round(0.15 * n) and len(per["test"]) == round(0.15 * n)  # stratified
+        assert len(per["train"]) == n - 2 * round(0.15 * n)
+
+
+def test_splits_reproducible_with_seed_and_different_with_another():
+    rows = [{"group": r["group_id"], "label": r["label"], "path": r["path"]} for r in lung_rows()]
+    g = group_labels(rows)
+    a, b, c = (split_groups(g, 0.15, 0.15, s) for s in (0, 0, 1))
+    assert a == b and a != c
+    with pytest.raises(HistoError, match="two classes"):
+        group_labels(rows + [{"group": rows[0]["group"], "label": "lung_n" if rows[0]["label"] != "lung_n"
+                              else "lung_aca", "path": "x.jpg"}])
+
+
+def test_fewshot_subsets_are_whole_train_groups_with_every_class(lung):
+    meta, rows = read_dataset(lung)
+    by_id = {r["id"]: r for r in rows}
+    tiles_of = defaultdict(set)
+    for r in rows:
+        tiles_of[r["group"]].add(r["id"])
+    subs = {}
+    for name in ("frac0.05", "frac0.1", "k1", "k3"):
+        ids = set(subset_ids(lung, rows, name))
+        subs[name] = ids
+        assert all(by_id[i]["split"] == "train" for i in ids)
+        gs = {by_id[i]["group"] for i in ids}
+        assert all(tiles_of[g] <= ids for g in gs)  # whole groups
+        assert {by_id[i]["label"] for i in ids} == set(meta["classes"])
+    assert subs["frac0.05"] <= subs["frac0.1"] and subs["k1"] <= subs["k3"]
+    k3_groups = {by_id[i]["group"] for i in subs["k3"]}
+    assert len(k3_groups) == 9
+    g = group_labels(rows)
+    split = {r["group"]: r["split"] for r in rows}
+    with pytest.raises(HistoError, match="fewer train groups"):
+        fewshot_groups(g, split, (), (1000,), 0)
+
+
+def test_labeled_from_class_folders(tmp_path):
+    root = class_folders(tmp_path / "nct", per_class=7)
+    out = run(PrepareConfig(out=str(tmp_path / "ds"), class_folders=str(root), val_frac=0.15, test_frac=0.15))
+    meta, rows = read_dataset(out)
+    assert meta["classes"] == ["LUNG_ACA", "LUNG_N", "LUNG_SCC"] and len(rows) == 21
+    assert all(r["group"] == r["path"] and r["path"].endswith(".tif") for r in rows)  # own group per file
+    assert {r["split"] for r in rows} == {"train", "val", "test"}
+
+
+def test_unlabeled_from_sources(unlabeled):
+    meta, rows = read_dataset(unlabeled)
+    assert meta["kind"] == "unlabeled" and meta["classes"] == []
+    assert {r["split"] for r in rows} == {"unlabeled"} and {r["label"] for r in rows} == {""}
+    by_name = {Path(s["path"]).name: s for s in meta["sources"]}
+    assert set(by_name) == {p.name for p in default.unlabeled_sources()}
+    svs = by_name["cmu_small_region.svs"]
+    assert svs["mpp"] == pytest.approx(0.499) and svs["background"] > 0
+    assert meta["resolution"]["tile_mpp"]["cmu_small_region.svs"] == pytest.approx(0.499)
+    assert meta["resolution"]["tile_mpp"]["stardist_histo.jpg"] is None
+    assert svs["sha256"] == sha256_file(svs["path"])
+    assert sum(s["tiles"] for s in meta["sources"]) == len(rows) == meta["counts"]["unlabeled"][""]
+    for r in rows:
+        s = by_name[Path(r["source"]).name]
+        assert r["group"] == Path(r["source"]).stem
+        assert 0 <= int(r["x"]) <= s["width"] - int(r["width"]) and 0 <= int(r["y"]) <= s["height"] - int(r["height"])
+    ds = PixelDataset(unlabeled)
+    assert len(ds) == len(rows) and ds[len(ds) - 1][1] == -1
+    px = np.stack([ds.uint8(i).numpy() for i in range(0, len(ds), 50)])
+    assert px.shape[1:] == (64, 64, 3) and px.mean() < 220  # tissue, not glass
+
+
+def test_rerun_skips_and_other_config_refused(lung):
+    before = (lung / "_COMPLETE.json").read_text()
+    run(PrepareConfig(out=str(lung), labels_csv="default", fewshot_k=(1, 3)))
+    assert (lung / "_COMPLETE.json").read_text() == before
+    with pytest.raises(HistoError, match="different config"):
+        run(PrepareConfig(out=str(lung), labels_csv="default", seed=5))
+
+
+def test_leakage_guard(tmp_path, lung, unlabeled):
+    check_no_overlap(unlabeled, lung)  # disjoint: no error
+    # an "unlabeled" folder that contains one of the target's images
+    leak = tmp_path / "leaky"
+    leak.mkdir()
+    (leak / "a.png").write_bytes((default.unlabeled_dir() / "panoptes_colorstandard.png").read_bytes())
+    first = lung_rows()[0]["path"]
+    csv = labels_csv(tmp_path / "target", n=60)
+    target = run(PrepareConfig(out=str(tmp_path / "target_ds"), labels_csv=str(csv), val_frac=0.2, test_frac=0.2,
+                               fewshot_fracs=()))
+    (leak / "copy.jpg").write_bytes((default.labels_csv().parent / first).read_bytes())
+    with pytest.raises(HistoError) as e:
+        run(PrepareConfig(out=str(tmp_path / "unl2"), sources=(str(leak),), patch_size=64, min_tissue=0.0,
+                          exclude=(str(target),)))
+    assert str(target) in str(e.value) and "unl2" in str(e.value) and "copy.jpg" in str(e.value)
+    assert not (tmp_path / "unl2").exists()
+    ok = run(PrepareConfig(out=str(tmp_path / "unl3"), sources=(str(leak),), min_tissue=0.0))
+    with pytest.raises(HistoError, match="share images"):
+        check_no_overlap(ok, target)
+
+
+def test_folder_with_unreadable_tiles_skipped_and_counted(tmp_path):
+    root = class_folders(tmp_path / "nct", per_class=5)
+    (root / "LUNG_N" / "broken.tif").write_bytes(b"II*\x00garbage")
+    (root / "LUNG_N" / "notes.txt").write_text("hello")
+    meta, rows = read_dataset(run(PrepareConfig(out=str(tmp_path / "ds"), class_folders=str(root),
+                                                val_frac=0.2, test_frac=0.2)))
+    assert len(rows) == 15 and meta["skipped"]["count"] == 2
+    assert {Path(s["path"]).name for s in meta["skipped"]["files"]} == {"broken.tif", "notes.txt"}
+
+
+@pytest.mark.slow
+def test_full_shared_data_at_64px(shared_data, tmp_path):
+    meta, rows = read_dataset(run(PrepareConfig(out=str(tmp_path / "lung"),
+                                                labels_csv=str(shared_data / "lc25000_lung" / "labels.csv"))))
+    assert len(rows) == 11898 and len({r["group"] for r in rows}) == 586
+    assert meta["group_counts"]["train"] and sum(sum(c.values()) for c in meta["group_counts"].values()) == 586
+    assert all(len(s) == 1 for s in _split_of_groups(rows).values())
+    meta_u, rows_u = read_dataset(run(PrepareConfig(out=str(tmp_path / "unl"),
+                                                    sources=(str(shared_data / "unlabeled_he"),),
+                                                    exclude=(str(tmp_path / "lung"),))))
+    assert 780 <= len(rows_u) <= 900  # README: about 860 without the ink filter
+    assert len(meta_u["sources"]) == 5 and meta_u["skipped"]["count"] == 0
+    json.dumps(meta_u)
