@@ -1,0 +1,92 @@
+"""Noise-aware latent classifier p(y | z_t, t) for classifier guidance in latent space.
+
+A diffusers ModelMixin + ConfigMixin (save_pretrained / from_pretrained give config.json + safetensors):
+conv stem -> per stage a ResNet block conditioned on the timestep embedding, then a strided-conv
+downsample -> a middle ResNet block -> GroupNorm/SiLU, global average pool, linear head.
+Only GroupNorm (per sample, no batch statistics), so each sample's output and gradient depend on
+that sample alone: the guidance gradient of one sample does not change with the batch.
+
+The exported folder also holds histodiffusion.json (artifacts.MODEL_INFO): classes, vae_hash of the
+autoencoder whose latents it was trained on, scaling_factor, cache path and the noise scheduler config.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.models.resnet import Downsample2D, ResnetBlock2D
+from torch import nn
+
+from ..artifacts import MODEL_INFO, model_info
+from ..runtime import HistoError, sha256_dir
+
+
+class LatentClassifier(ModelMixin, ConfigMixin):
+    @register_to_config
+    def __init__(self, in_channels: int = 4, num_classes: int = 2, width: int = 64, depth: int = 2,
+                 norm_num_groups: int = 8, dropout: float = 0.0):
+        super().__init__()
+        if num_classes < 2:
+            raise HistoError(f"a latent classifier needs at least 2 classes, got {num_classes}")
+        temb = width * 4
+        self.time_proj = Timesteps(width, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.time_embedding = TimestepEmbedding(width, temb)
+        self.conv_in = nn.Conv2d(in_channels, width, 3, padding=1)
+        blocks, downs = [], []
+        ch = width
+        for i in range(depth):
+            out = width * 2 ** min(i, 2)
+            blocks.append(ResnetBlock2D(in_channels=ch, out_channels=out, temb_channels=temb,
+                                        groups=norm_num_groups, dropout=dropout))
+            downs.append(Downsample2D(out, use_conv=True, out_channels=out, padding=1, name="op"))
+            ch = out
+        self.blocks = nn.ModuleList(blocks)
+        self.downs = nn.ModuleList(downs)
+        self.mid = ResnetBlock2D(in_channels=ch, out_channels=ch, temb_channels=temb, groups=norm_num_groups,
+                                 dropout=dropout)
+        self.norm_out = nn.GroupNorm(norm_num_groups, ch)
+        self.head = nn.Linear(ch, num_classes)
+
+    def forward(self, z: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+        """Logits [B, num_classes] for noisy latents z [B, C, h, w] at timesteps t (scalar or [B])."""
+        t = torch.as_tensor(t, device=z.device)
+        if t.ndim == 0:
+            t = t.expand(z.shape[0])
+        emb = self.time_embedding(self.time_proj(t).to(z.dtype))
+        h = self.conv_in(z)
+        for block, down in zip(self.blocks, self.downs):
+            h = down(block(h, emb))
+        h = self.mid(h, emb)
+        h = nn.functional.silu(self.norm_out(h)).mean(dim=(2, 3))
+        return self.head(h)
+
+
+def load_latent_classifier(directory: str | Path) -> tuple[LatentClassifier, dict, str]:
+    """(model in eval mode, its histodiffusion.json, content hash) of an exported latent classifier."""
+    directory = Path(directory)
+    if not (directory / "config.json").is_file() or not (directory / MODEL_INFO).is_file():
+        raise HistoError(f"not an exported latent classifier (needs config.json and {MODEL_INFO}): {directory}")
+    info = model_info(directory)
+    if info.get("kind") != "latent_classifier":
+        raise HistoError(f"{directory / MODEL_INFO} describes a {info.get('kind')!r}, not a latent_classifier")
+    model = LatentClassifier.from_pretrained(str(directory))
+    model.eval().requires_grad_(False)
+    return model, info, sha256_dir(directory)
+
+
+def vae_latent_hash(vae_dir: str | Path) -> str:
+    """The hash that identifies the latent space of an autoencoder folder.
+
+    A folder written by `finetune-decoder` has a new decoder but the untouched encoder of its base,
+    so its latents are those of the base: its histodiffusion.json names that base's hash.
+    """
+    vae_dir = Path(vae_dir)
+    info_path = vae_dir / MODEL_INFO
+    if info_path.is_file():
+        base = model_info(vae_dir).get("base_vae_hash")
+        if base:
+            return str(base)
+    return sha256_dir(vae_dir)

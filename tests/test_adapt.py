@@ -1,0 +1,123 @@
+"""adapt.py: the noise-aware latent classifier learns a separable toy problem and reports accuracy per
+timestep bucket; resume continues exactly; decoder fine-tune changes the decoder only."""
+import dataclasses
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from histodiffusion import adapt
+from histodiffusion.config import FinetuneDecoderConfig, LatentClassifierConfig, SampleConfig
+from histodiffusion.models.autoencoder import vae_id
+from histodiffusion.models.latent_classifier import load_latent_classifier, vae_latent_hash
+from histodiffusion.runtime import HistoError
+
+from helpers_sample import make_labeled_cache, make_ldm
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory):
+    d = tmp_path_factory.mktemp("adapt")
+    data, vae, cache = make_labeled_cache(d)
+    ldm = make_ldm(d / "ldm", vae)
+    return {"dir": d, "data": data, "vae": vae, "cache": cache, "ldm": ldm}
+
+
+def lc_cfg(target, out, **kw):
+    kw = {"steps": 60, "batch_size": 16, "width": 16, "depth": 2, "lr": 3e-3, "checkpoint_every": 30,
+          "subset": "train", "val_subset": "val", "scheduler": str(target["ldm"] / "scheduler"), **kw}
+    return LatentClassifierConfig(cache=str(target["cache"]), out=str(out), **kw)
+
+
+def test_latent_classifier_learns_and_reports_buckets(target, tmp_path):
+    out = adapt.run_latent_classifier(lc_cfg(target, tmp_path / "lc"))
+    m = json.loads((out / "metrics.json").read_text())
+    by_t = m["val_accuracy_by_t"]
+    assert list(by_t) == ["[0,250)", "[250,500)", "[500,750)", "[750,1000)"]
+    assert by_t["[0,250)"] >= 0.85, by_t  # separable classes: well above chance (0.5) at low noise
+    assert m["n_val"] == 8 and m["chance"] == 0.5
+    model, info, _ = load_latent_classifier(out / "model")
+    meta = json.loads((target["cache"] / "meta.json").read_text())
+    assert info["classes"] == ["dark", "pale"] and info["vae_hash"] == meta["vae_hash"]
+    assert info["scheduler"]["num_train_timesteps"] == 1000 and info["scaling_factor"] == meta["scaling_factor"]
+    assert (out / "_COMPLETE.json").is_file()
+
+
+def test_latent_classifier_resume_is_exact(target, tmp_path, monkeypatch):
+    cfg = lc_cfg(target, tmp_path / "lc", steps=40, checkpoint_every=20, val_subset="")
+    ref = adapt.run_latent_classifier(dataclasses.replace(cfg, out=str(tmp_path / "ref")))
+    calls = {"n": 0}
+    real = adapt.noised_batch
+
+    def die_at_31(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 31:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(adapt, "noised_batch", die_at_31)
+    with pytest.raises(KeyboardInterrupt):
+        adapt.run_latent_classifier(cfg)
+    monkeypatch.undo()
+    assert (tmp_path / "lc" / "checkpoints" / "step_20").is_dir() and not (tmp_path / "lc" / "model").exists()
+    out = adapt.run_latent_classifier(cfg)
+    assert "resumed from step 20" in (out / "log.txt").read_text()
+    a = load_file(str(out / "model" / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(ref / "model" / "diffusion_pytorch_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_latent_classifier_bad_input(target, tmp_path):
+    with pytest.raises(HistoError, match="unknown subset"):
+        adapt.run_latent_classifier(lc_cfg(target, tmp_path / "a", subset="frac0.5"))
+    with pytest.raises(HistoError, match="scheduler folder not found"):
+        adapt.run_latent_classifier(lc_cfg(target, tmp_path / "b", scheduler=str(tmp_path / "none")))
+    with pytest.raises(HistoError, match="max_timestep"):
+        adapt.run_latent_classifier(lc_cfg(target, tmp_path / "c", max_timestep=5000))
+
+
+def test_finetune_decoder_changes_decoder_only(target, tmp_path):
+    cfg = FinetuneDecoderConfig(data=str(target["data"]), subset="train", vae=str(target["vae"]),
+                                out=str(tmp_path / "ft"), aux_weight=0.5, aux_steps=10, steps=6, batch_size=8,
+                                lr=1e-3, checkpoint_every=3)
+    out = adapt.run_finetune_decoder(cfg)
+    new = load_file(str(out / "model" / "vae" / "diffusion_pytorch_model.safetensors"))
+    old = load_file(str(target["vae"] / "diffusion_pytorch_model.safetensors"))
+    enc = [k for k in old if k.startswith(("encoder.", "quant_conv."))]
+    dec = [k for k in old if k.startswith(("decoder.", "post_quant_conv."))]
+    assert enc and dec and set(new) == set(old)
+    assert all(torch.equal(new[k], old[k]) for k in enc)
+    assert any(not torch.equal(new[k], old[k]) for k in dec)
+    # the exported autoencoder names its base: latents of the base autoencoder stay valid
+    info = json.loads((out / "model" / "vae" / "histodiffusion.json").read_text())
+    assert info["base_vae_hash"] == vae_id(target["vae"]) == vae_latent_hash(out / "model" / "vae")
+    assert vae_id(out / "model" / "vae") != info["base_vae_hash"]
+    m = json.loads((out / "metrics.json").read_text())
+    assert {"recon_l1", "aux_accuracy_on_recon"} <= set(m["before"]) and m["aux_weight"] == 0.5
+    assert (out / "aux_classifier" / "classifier.json").is_file()
+    # sampling accepts the fine-tuned decoder with a classifier trained on base latents
+    from helpers_sample import make_latent_classifier
+    from histodiffusion.sample import load_models
+
+    clf = make_latent_classifier(tmp_path / "clf", target["cache"], target["ldm"] / "scheduler")
+    m = load_models(SampleConfig(model=str(target["ldm"]), classifier=str(clf), vae=str(out / "model" / "vae")))
+    assert m["vae_id"] == vae_id(out / "model" / "vae")
+
+
+def test_finetune_decoder_plain_reconstruction(target, tmp_path):
+    cfg = FinetuneDecoderConfig(data=str(target["data"]), subset="few", vae=str(target["vae"]),
+                                out=str(tmp_path / "ft0"), aux_weight=0.0, steps=3, batch_size=4)
+    out = adapt.run_finetune_decoder(cfg)
+    m = json.loads((out / "metrics.json").read_text())
+    assert "aux_accuracy_on_recon" not in m["after"] and not (out / "aux_classifier").exists()
+    with pytest.raises(HistoError, match="aux_weight"):
+        adapt.run_finetune_decoder(dataclasses.replace(cfg, out=str(tmp_path / "bad"), aux_weight=-1.0))

@@ -1,0 +1,217 @@
+"""sample.py: the guided loop vs diffusers' loop, guidance strength, per-sample reproducibility
+(batch size, resume, 2 processes), outputs and bad input."""
+import csv
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from histodiffusion import sample as sample_mod
+from histodiffusion.cli import main as cli_main
+from histodiffusion.config import SampleConfig
+from histodiffusion.runtime import HistoError
+from histodiffusion.sample import guided_sample, make_scheduler, plan_samples, run
+
+from helpers_sample import ToyClassifier, make_labeled_cache, make_latent_classifier, make_ldm
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # as torchrun's workers (OMP_NUM_THREADS=1): same kernels, same bits
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("models")
+    data, vae, cache = make_labeled_cache(d)
+    ldm = make_ldm(d / "ldm", vae)
+    clf = make_latent_classifier(d / "clf", cache, ldm / "scheduler")
+    return {"dir": d, "data": data, "vae": vae, "cache": cache, "ldm": ldm, "clf": clf}
+
+
+def base_cfg(models, out, **kw):
+    kw = {"n_per_class": 3, "steps": 4, "scheduler": "ddim", "eta": 1.0, "scale": 3.0, "batch_size": 2, **kw}
+    return SampleConfig(model=str(models["ldm"]), classifier=str(models["clf"]), out=str(out), **kw)
+
+
+@pytest.fixture(scope="module")
+def reference(models, tmp_path_factory):
+    """A complete run with batch size 1 (the reference for the invariance tests)."""
+    out = tmp_path_factory.mktemp("ref") / "s"
+    run(base_cfg(models, out, batch_size=1))
+    return out
+
+
+def read_rows(out):
+    with open(out / "samples.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def same_outputs(a: Path, b: Path):
+    ra, rb = read_rows(a), read_rows(b)
+    assert ra == rb
+    for r in ra:
+        assert (a / r["file"]).read_bytes() == (b / r["file"]).read_bytes(), r["file"]
+
+
+@pytest.mark.parametrize("name,eta", [("ddim", 0.0), ("ddim", 1.0), ("dpmsolver++", 0.0)])
+def test_scale_zero_equals_diffusers_loop(models, name, eta):
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    from histodiffusion.models.unet import load_scheduler, load_unet
+
+    unet = load_unet(models["ldm"] / "unet_ema")
+    config = dict(load_scheduler(models["ldm"] / "scheduler").config)
+    noise = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    seeds = [11, 12, 13, 14]
+    ours = guided_sample(unet, None, make_scheduler(name, config), noise, torch.zeros(4, dtype=torch.long),
+                         [torch.Generator().manual_seed(s) for s in seeds], steps=6, scale=0.0, eta=eta,
+                         micro_batch=None)
+    # diffusers' own loop (as in DDIMPipeline)
+    if name == "ddim":
+        sched = DDIMScheduler.from_config(config, clip_sample=False)
+        extra = {"eta": eta, "generator": [torch.Generator().manual_seed(s) for s in seeds]}
+    else:
+        sched = DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", timestep_spacing="linspace")
+        extra = {}
+    sched.set_timesteps(6)
+    z = noise * sched.init_noise_sigma
+    for t in sched.timesteps:
+        with torch.no_grad():
+            eps = unet(z, t).sample
+        z = sched.step(eps, t, z, **extra).prev_sample
+    assert torch.equal(ours, z)
+
+
+def test_larger_scale_raises_target_probability(models):
+    from histodiffusion.models.unet import load_scheduler, load_unet
+
+    unet = load_unet(models["ldm"] / "unet_ema")
+    config = dict(load_scheduler(models["ldm"] / "scheduler").config)
+    clf = ToyClassifier(1.0)
+    noise = torch.randn(16, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 1] * 8)
+    probs = []
+    for s in (0.0, 2.0, 8.0):
+        z = guided_sample(unet, clf, make_scheduler("ddim", config), noise, y, None, steps=8, scale=s)
+        with torch.no_grad():
+            p = torch.softmax(clf(z, 0), -1)[torch.arange(16), y]
+        probs.append(float(p.mean()))
+    assert probs[0] < probs[1] < probs[2], probs
+    assert probs[2] - probs[0] > 0.15, probs
+
+
+def test_outputs_and_batch_size_invariance(models, reference, tmp_path):
+    rows = read_rows(reference)
+    assert list(rows[0]) == sample_mod.SAMPLES_COLUMNS
+    assert [r["id"] for r in rows] == ["dark_00000", "dark_00001", "dark_00002", "pale_00000", "pale_00001",
+                                       "pale_00002"]
+    assert {r["target"] for r in rows} == {"dark", "pale"}
+    assert len({r["seed"] for r in rows}) == 6
+    assert all(0.0 <= float(r["confidence"]) <= 1.0 for r in rows)
+    assert all(len(r["unet_id"]) == 64 and len(r["classifier_id"]) == 64 and len(r["vae_id"]) == 64 for r in rows)
+    assert (reference / "grids" / "dark.png").is_file() and (reference / "grids" / "pale.png").is_file()
+    assert (reference / "_COMPLETE.json").is_file() and not (reference / "_progress").exists()
+    assert json.loads((reference / "config.json").read_text())["stage"] == "sample"
+    # the same command with batch size 3 gives byte-identical images and rows
+    run(base_cfg(models, tmp_path / "b3", batch_size=3))
+    same_outputs(reference, tmp_path / "b3")
+
+
+def test_resume_after_kill(models, reference, tmp_path, monkeypatch):
+    out = tmp_path / "s"
+    calls = {"n": 0}
+    real_save = sample_mod._save_batch
+
+    def save_then_die(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        real_save(*a, **k)
+
+    monkeypatch.setattr(sample_mod, "_save_batch", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(base_cfg(models, out, batch_size=1))
+    monkeypatch.undo()
+    first = out / "images" / "dark_00000.png"
+    stamp = first.stat().st_mtime_ns
+    assert not (out / "samples.csv").exists() and not (out / "_COMPLETE.json").exists()
+    assert sorted(p.name for p in (out / "images").glob("*.png")) == ["dark_00000.png"]
+
+    generated = []
+    real_generate = sample_mod.generate
+    monkeypatch.setattr(sample_mod, "generate", lambda items, *a: generated.extend(i["id"] for i in items)
+                        or real_generate(items, *a))
+    run(base_cfg(models, out, batch_size=1))
+    assert "dark_00000" not in generated and len(generated) == 5
+    assert first.stat().st_mtime_ns == stamp
+    same_outputs(reference, out)
+
+
+def test_two_processes_equal_single_process(models, reference, tmp_path):
+    out = tmp_path / "dist"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "MASTER_PORT": "29531"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+           "-m", "histodiffusion", "sample", "--model", str(models["ldm"]), "--classifier", str(models["clf"]),
+           "--out", str(out), "--n-per-class", "3", "--steps", "4", "--scheduler", "ddim", "--eta", "1.0",
+           "--scale", "3.0", "--batch-size", "2"]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=REPO)
+    assert res.returncode == 0, res.stderr[-3000:]
+    same_outputs(reference, out)
+
+
+def test_ratio_counts(models):
+    cfg = base_cfg(models, "unused", n_per_class=0, ratio=0.5, real_counts=str(models["cache"]), real_subset="train")
+    plan = plan_samples(cfg, ["dark", "pale"])
+    # 40 tiles, train = 3 of every 5 -> 24, alternating classes -> 12 per class -> 6 each at ratio 0.5
+    assert sum(p["target"] == "dark" for p in plan) == 6 and sum(p["target"] == "pale" for p in plan) == 6
+    assert [p["i"] for p in plan] == list(range(12))
+    plan = plan_samples(dataclasses.replace(cfg, real_counts=str(models["data"]), ratio=2.0, classes=("1",)), ["dark", "pale"])
+    assert len(plan) == 24 and {p["target"] for p in plan} == {"pale"}
+    # without real_counts: the latent classifier's own cache
+    plan = plan_samples(dataclasses.replace(cfg, real_counts=""), ["dark", "pale"], default_real=str(models["cache"]))
+    assert len(plan) == 12
+    with pytest.raises(HistoError, match="give n_per_class"):
+        plan_samples(dataclasses.replace(cfg, real_counts=""), ["dark", "pale"])
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"classes": ("tumour",)}, "not one of the latent classifier's classes"),
+    ({"classes": ("5",)}, "not one of"),
+    ({"guidance_window": (500, 100)}, "guidance_window"),
+    ({"guidance_window": (0, 5000)}, "guidance_window"),
+    ({"n_per_class": -1}, "n_per_class"),
+    ({"n_per_class": 0, "ratio": 0.0, "real_counts": "x"}, "ratio must be positive"),
+    ({"n_per_class": 0, "ratio": 0.01, "real_counts": "CACHE"}, "gives no samples"),
+    ({"model": "/nonexistent/ldm"}, "LDM folder not found"),
+    ({"classifier": "/nonexistent/clf"}, "latent classifier folder not found"),
+    ({"scheduler": "euler"}, "scheduler must be one of"),
+    ({"scheduler": "dpmsolver++", "eta": 1.0}, "eta"),
+])
+def test_bad_input(models, tmp_path, change, match):
+    if change.get("real_counts") == "CACHE":
+        change = {**change, "real_counts": str(models["cache"])}
+    with pytest.raises(HistoError, match=match):
+        run(dataclasses.replace(base_cfg(models, tmp_path / "s"), **change))
+    assert not (tmp_path / "s" / "samples.csv").exists()
+
+
+def test_classifier_of_another_autoencoder_refused(models, tmp_path, capsys):
+    other = make_latent_classifier(tmp_path / "clf_other", models["cache"], models["ldm"] / "scheduler",
+                                   vae_hash="0" * 64)
+    with pytest.raises(HistoError, match="trained on latents of autoencoder 000000000000"):
+        run(dataclasses.replace(base_cfg(models, tmp_path / "s"), classifier=str(other)))
+    # through the CLI: one clear message, exit code 2
+    code = cli_main(["sample", "--model", str(models["ldm"]), "--classifier", str(other), "--out",
+                     str(tmp_path / "s2"), "--n-per-class", "1"])
+    assert code == 2 and "trained on latents of autoencoder" in capsys.readouterr().err
