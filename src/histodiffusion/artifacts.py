@@ -63,7 +63,7 @@ SAMPLES_COLUMNS = ["id", "file", "seed", "target", "target_index", "scale", "sch
                    "window_lo", "window_hi", "confidence", "unet_id", "classifier_id", "vae_id"]
 FILTERED_CSV = "filtered.csv"
 FILTERED_COLUMNS = ["id", "target", "pred", "confidence", "nearest_centroid", "centroid_dist",
-                    "nn_real_id", "nn_real_dist", "memorized", "keep", "rank"]
+                    "nn_real_id", "nn_real_dist", "memorized", "keep", "rank", "reason"]
 
 
 # --------------------------------------------------------------------------------------------

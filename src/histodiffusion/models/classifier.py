@@ -66,7 +66,8 @@ def build_classifier(name: str, num_classes: int, image_size: int, weights: str 
     """small_cnn or a timm model name; `weights`: a local backbone checkpoint (never downloaded)."""
     if num_classes < 2:
         raise HistoError(f"a classifier needs at least 2 classes, got {num_classes}")
-    model: nn.Module = SmallCNN(num_classes) if name == "small_cnn" else TimmClassifier(name, num_classes, image_size)
+    width = small_cnn_width(name)
+    model: nn.Module = SmallCNN(num_classes, width) if width else TimmClassifier(name, num_classes, image_size)
     if weights:
         state = load_state_dict(weights)
         target = model.backbone if isinstance(model, TimmClassifier) else model
@@ -75,6 +76,17 @@ def build_classifier(name: str, num_classes: int, image_size: int, weights: str 
         if loaded == 0:
             raise HistoError(f"weights file {weights} matches no parameter of backbone {name!r}")
     return model
+
+
+def small_cnn_width(name: str) -> int:
+    """Base width of a SmallCNN name: "small_cnn" (32) or "small_cnn_w<N>" (e.g. small_cnn_w8); 0 for others."""
+    if name == "small_cnn":
+        return 32
+    if name.startswith("small_cnn_w") and name[len("small_cnn_w"):].isdigit() and int(name[len("small_cnn_w"):]) > 0:
+        return int(name[len("small_cnn_w"):])
+    if name.startswith("small_cnn"):
+        raise HistoError(f"bad small CNN name {name!r}: use small_cnn or small_cnn_w<width>, e.g. small_cnn_w16")
+    return 0
 
 
 def load_state_dict(path: str | Path) -> dict:
@@ -122,3 +134,106 @@ def load_classifier(directory: str | Path) -> tuple[nn.Module, dict]:
     model.load_state_dict(state)
     model.eval()
     return model, info
+
+
+# --------------------------------------------------------------------------------------------
+# Training and inference on in-memory uint8 tiles (downstream harness, selection features)
+# --------------------------------------------------------------------------------------------
+def to_model_input(x: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, H, W, 3] (or [N, 3, H, W]) -> float [N, 3, H, W] in [-1, 1], as PixelDataset returns."""
+    if x.dtype != torch.uint8:
+        raise HistoError(f"expected uint8 images, got {x.dtype}")
+    if x.shape[-1] == 3 and x.shape[1] != 3:
+        x = x.permute(0, 3, 1, 2)
+    return x.float().div(127.5).sub(1.0)
+
+
+def classic_augment(x: torch.Tensor, generator: torch.Generator, jitter: float = 0.1) -> torch.Tensor:
+    """Per-sample random dihedral transform (flips, 90-degree rotations) and colour jitter
+    (brightness, contrast, saturation by up to +-`jitter`) of a float batch in [-1, 1]."""
+    n = x.shape[0]
+    u = torch.rand(n, 5, generator=generator)
+    flip = u[:, 0] < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    k = torch.randint(0, 4, (n,), generator=generator)
+    if x.shape[-1] == x.shape[-2]:
+        x = torch.stack([torch.rot90(x[i], int(k[i]), dims=(-2, -1)) for i in range(n)])
+    img = (x + 1) / 2
+    b = 1 + jitter * (2 * u[:, 1] - 1)
+    c = 1 + jitter * (2 * u[:, 2] - 1)
+    s = 1 + jitter * (2 * u[:, 3] - 1)
+    img = img * b[:, None, None, None]
+    mean = img.mean(dim=(1, 2, 3), keepdim=True)
+    img = (img - mean) * c[:, None, None, None] + mean
+    grey = (0.299 * img[:, 0] + 0.587 * img[:, 1] + 0.114 * img[:, 2])[:, None]
+    img = (img - grey) * s[:, None, None, None] + grey
+    return img.clamp(0, 1) * 2 - 1
+
+
+def train_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, steps: int, batch_size: int,
+                     lr: float, seed: int, augment: bool = False, weight_decay: float = 0.05,
+                     desc: str = "train classifier", show_progress: bool = True) -> nn.Module:
+    """Train `model` for exactly `steps` AdamW steps (cosine learning-rate schedule) on uint8 tiles.
+
+    Batches are drawn epoch by epoch from a permutation seeded by `seed` (same budget for every
+    caller that passes the same steps / batch_size / lr). `augment`: classic_augment on each batch.
+    """
+    from ..runtime import progress, seed_everything
+
+    if steps <= 0:
+        raise HistoError(f"training steps must be positive, got {steps}")
+    seed_everything(seed)
+    g = torch.Generator().manual_seed(seed)
+    n = images.shape[0]
+    bs = min(batch_size, n)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    loss_fn = nn.CrossEntropyLoss()
+    model.train()
+    order = torch.randperm(n, generator=g)
+    pos = 0
+    for _ in progress(range(steps), desc=desc, disable=not show_progress, leave=False):
+        if pos + bs > n:
+            order, pos = torch.randperm(n, generator=g), 0
+        idx = order[pos:pos + bs]
+        pos += bs
+        x = to_model_input(images[idx])
+        if augment:
+            x = classic_augment(x, g)
+        loss = loss_fn(model(x), labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    model.eval()
+    return model
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """(softmax probabilities [N, C], features [N, D]) of uint8 tiles, in eval mode."""
+    model.eval()
+    probs, feats = [], []
+    for i in range(0, images.shape[0], batch_size):
+        f = model.features(to_model_input(images[i:i + batch_size]))
+        feats.append(f)
+        probs.append(model.head(f).softmax(-1))
+    return torch.cat(probs), torch.cat(feats)
+
+
+class FeatureExtractor(nn.Module):
+    """uint8 [N, 3, H, W] images -> features of a classifier (`num_features` set, as torchmetrics expects)."""
+
+    def __init__(self, model: nn.Module, image_size: int | None = None):
+        super().__init__()
+        self.model = model.eval()
+        self.num_features = int(model.num_features)
+        self.image_size = image_size
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = to_model_input(x)
+        if self.image_size and x.shape[-1] != self.image_size:
+            x = nn.functional.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
+                                          antialias=True, align_corners=False)
+        return self.model.features(x)

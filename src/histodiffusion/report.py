@@ -1,0 +1,341 @@
+"""Stage `report`: one self-contained HTML report (index.html, images embedded, no external CSS/JS)
+and its Markdown twin (report.md, images in figures/) for a run directory.
+
+Run directory layout (each part optional; explicit ReportConfig paths override):
+    <run>/data/target   prepared labeled target dataset
+    <run>/samples       sample directory (samples.csv, filtered.csv, filtered.json, generative_metrics.json)
+    <run>/eval          evaluate output (metrics.json, per_seed.csv, confusion/*.png)
+    <run>/ae, <run>/ldm, <run>/adapt   training runs (their config.json files are shown)
+Sections appear only when their inputs exist: resolved configs, data counts per split and class,
+real vs synthetic grids per class, a 2-D embedding of real vs synthetic features, selection
+statistics, results with 95% CIs and paired deltas vs the real arm, confusion matrices, generative
+metrics.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .config import ReportConfig
+from .runtime import HistoError, get_logger, mark_complete, read_json, start_run_dir, write_text_atomic
+from .report_figures import embedding_figure, grid_figure
+
+
+class Doc:
+    """Builds the HTML body and the Markdown text side by side."""
+
+    def __init__(self, figures: Path):
+        self.html: list[str] = []
+        self.md: list[str] = []
+        self.figures = figures
+
+    def h(self, level: int, text: str) -> None:
+        self.html.append(f"<h{level}>{html.escape(text)}</h{level}>")
+        self.md.append(f"\n{'#' * level} {text}\n")
+
+    def p(self, text: str) -> None:
+        self.html.append(f"<p>{html.escape(text)}</p>")
+        self.md.append(f"{text}\n")
+
+    def table(self, header: list[str], rows: list[list], caption: str = "") -> None:
+        cells = "".join(f"<th>{html.escape(str(c))}</th>" for c in header)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+        cap = f"<caption>{html.escape(caption)}</caption>" if caption else ""
+        self.html.append(f"<table>{cap}<thead><tr>{cells}</tr></thead><tbody>{body}</tbody></table>")
+        if caption:
+            self.md.append(f"*{caption}*\n")
+        self.md.append("| " + " | ".join(map(str, header)) + " |")
+        self.md.append("|" + "---|" * len(header))
+        self.md.extend("| " + " | ".join(str(c).replace("|", "/") for c in r) + " |" for r in rows)
+        self.md.append("")
+
+    def image(self, png: bytes, name: str, alt: str, width: int | None = None) -> None:
+        self.figures.mkdir(parents=True, exist_ok=True)
+        (self.figures / name).write_bytes(png)
+        w = f' style="max-width:{width}px"' if width else ""
+        self.html.append(f'<figure><img alt="{html.escape(alt)}"{w} src="data:image/png;base64,'
+                         f'{base64.b64encode(png).decode()}"><figcaption>{html.escape(alt)}</figcaption></figure>')
+        self.md.append(f"![{alt}](figures/{name})\n")
+
+    def raw_details(self, title: str, text: str) -> None:
+        self.html.append(f"<details><summary>{html.escape(title)}</summary><pre>{html.escape(text)}</pre></details>")
+        self.md.append(f"<details><summary>{title}</summary>\n\n```json\n{text}\n```\n</details>\n")
+
+    def open_row(self) -> None:
+        self.html.append('<div class="row">')
+
+    def close_row(self) -> None:
+        self.html.append("</div>")
+
+
+CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px auto;max-width:1180px;
+color:#222;line-height:1.4;padding:0 16px}h1{border-bottom:2px solid #446;padding-bottom:6px}h2{margin-top:34px;
+border-bottom:1px solid #ccc;padding-bottom:3px}table{border-collapse:collapse;margin:10px 0 18px;font-size:13px}
+th,td{border:1px solid #bbb;padding:4px 8px;text-align:right}th{background:#eef}td:first-child,th:first-child{text-align:left}
+caption{caption-side:top;text-align:left;font-weight:600;padding:4px 0}figure{display:inline-block;margin:6px 10px 12px 0;
+vertical-align:top}figcaption{font-size:12px;color:#555;max-width:520px}img{border:1px solid #ddd;max-width:100%}
+pre{background:#f6f6f8;padding:8px;font-size:12px;overflow-x:auto}details{margin:4px 0}.row{display:flex;flex-wrap:wrap;gap:6px}
+.note{color:#555;font-size:13px}"""
+
+
+def _paths(cfg: ReportConfig) -> dict[str, Path]:
+    run = Path(cfg.run)
+    return {"run": run, "data": Path(cfg.data) if cfg.data else run / "data" / "target",
+            "samples": Path(cfg.samples) if cfg.samples else run / "samples",
+            "eval": Path(cfg.eval) if cfg.eval else run / "eval"}
+
+
+def _fmt(x, nd: int = 3) -> str:
+    return "–" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.{nd}f}"
+
+
+def _ci(m: dict, nd: int = 3) -> str:
+    if m["n"] < 2:
+        return f"{_fmt(m['mean'], nd)} (n=1)"
+    return f"{_fmt(m['mean'], nd)} [{_fmt(m['ci95'][0], nd)}, {_fmt(m['ci95'][1], nd)}]"
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+def section_configs(doc: Doc, p: dict) -> None:
+    found = []
+    cands = [("dataset meta.json", p["data"] / "meta.json")]
+    for stage in ("ae", "ldm", "adapt"):
+        cands += [(f"{stage}: {c.parent.relative_to(p['run'])}", c) for c in sorted((p["run"] / stage).rglob("config.json"))
+                  if "checkpoints" not in c.parts and "model" not in c.parts]
+    cands += [("sample", p["samples"] / "config.json"), ("select", p["samples"] / "selector" / "config.json"),
+              ("evaluate", p["eval"] / "config.json")]
+    for name, path in cands:
+        if path.is_file():
+            try:
+                found.append((name, json.dumps(json.loads(path.read_text()), indent=2)))
+            except json.JSONDecodeError:
+                continue
+    if not found:
+        return
+    doc.h(2, "Resolved configurations")
+    doc.p(f"{len(found)} stage configuration(s) found: " + ", ".join(n for n, _ in found) + ".")
+    for name, text in found:
+        doc.raw_details(name, text)
+
+
+def section_data(doc: Doc, p: dict, subset: str) -> dict | None:
+    from .artifacts import read_dataset, subset_ids
+
+    if not (p["data"] / "manifest.csv").is_file():
+        return None
+    meta, rows = read_dataset(p["data"])
+    classes = list(meta.get("classes") or [])
+    splits = sorted({r["split"] for r in rows})
+    doc.h(2, "Data")
+    doc.p(f"Dataset {p['data']} ({meta.get('name', '')}): {len(rows)} tiles of {meta.get('tile_size')} px, "
+          f"{len({r['group'] for r in rows})} groups; splits are by group.")
+    head = ["split"] + classes + ["total", "groups"]
+    body = []
+    for s in splits:
+        rs = [r for r in rows if r["split"] == s]
+        body.append([s] + [sum(r["label"] == c for r in rs) for c in classes] + [len(rs), len({r["group"] for r in rs})])
+    try:
+        ids = set(subset_ids(p["data"], rows, subset))
+        rs = [r for r in rows if r["id"] in ids]
+        body.append([f"{subset} (training subset)"] + [sum(r["label"] == c for r in rs) for c in classes]
+                    + [len(rs), len({r["group"] for r in rs})])
+    except HistoError:
+        pass
+    doc.table(head, body, "tiles per split and class")
+    return {"meta": meta, "classes": classes}
+
+
+def section_grids(doc: Doc, p: dict, subset: str, classes: list[str], n: int) -> tuple | None:
+    from .evaldata import load_real, load_sample_images, read_samples
+
+    real = load_real(p["data"], subset)
+    if not (p["samples"] / "samples.csv").is_file():
+        doc.h(2, "Real images per class")
+        doc.open_row()
+        for ci, c in enumerate(classes):
+            doc.image(grid_figure(real.images[real.labels == ci][:n], None, c), f"grid_{ci}.png", f"{c}: real", 460)
+        doc.close_row()
+        return real, None, None, None
+    rows = read_samples(p["samples"], classes)
+    filt = {}
+    if (p["samples"] / "filtered.csv").is_file():
+        from .evaldata import read_filtered
+
+        filt = {f["id"]: f for f in read_filtered(p["samples"])}
+    syn = load_sample_images(p["samples"], rows, int(real.images.shape[1]))
+    targets = np.array([classes.index(r["target"]) for r in rows])
+    keep = np.array([int(filt[r["id"]]["keep"]) if r["id"] in filt else -1 for r in rows])
+    doc.h(2, "Real and synthetic images per class")
+    doc.p("Left: real tiles of the training subset. Right: synthetic samples" +
+          (", kept ones first in rank order (dropped ones are framed red)." if filt else " (not yet selected)."))
+    for ci, c in enumerate(classes):
+        idx = [i for i in range(len(rows)) if targets[i] == ci]
+        if filt:
+            idx.sort(key=lambda i: (-int(filt[rows[i]["id"]]["keep"]), int(filt[rows[i]["id"]]["rank"])))
+        idx = idx[:n]
+        doc.open_row()
+        doc.image(grid_figure(real.images[real.labels == ci][:n], None, f"{c}: real"), f"grid_real_{ci}.png",
+                  f"{c}: real", 460)
+        doc.image(grid_figure(syn[idx] if idx else syn[:0], keep[idx] if filt else None, f"{c}: synthetic"),
+                  f"grid_syn_{ci}.png", f"{c}: synthetic", 460)
+        doc.close_row()
+    return real, syn, targets, keep
+
+
+def section_embedding(doc: Doc, p: dict, real, syn, targets, keep, classes, method: str) -> None:
+    from .models.classifier import load_classifier, predict
+
+    feats_name = "raw pixels (8x8 downsampled)"
+    model = None
+    for d in [p["samples"] / "selector" / "model", *sorted((p["eval"] / "classifiers").glob("real_*"))]:
+        if (d / "classifier.json").is_file():
+            model, _ = load_classifier(d)
+            feats_name = f"penultimate features of {d.relative_to(d.parents[1])}"
+            break
+    xs = [real.images] + ([syn] if syn is not None else [])
+    if model is not None:
+        feats = [predict(model, x)[1].numpy() for x in xs]
+    else:
+        import torch
+
+        feats = [torch.nn.functional.adaptive_avg_pool2d(x.permute(0, 3, 1, 2).float(), 8).flatten(1).numpy() for x in xs]
+    png, used = embedding_figure(feats, real.labels.numpy(), targets, keep, classes, method)
+    if syn is None:
+        doc.h(2, "Embedding of real features")
+        doc.p(f"2-D {used} embedding of {feats_name} of the real training subset (no synthetic samples found).")
+    else:
+        doc.h(2, "Embedding of real and synthetic features")
+        doc.p(f"2-D {used} embedding of {feats_name}: circles are real tiles, crosses synthetic samples "
+              f"(grey crosses: dropped by selection).")
+    doc.image(png, "embedding.png", f"{used} of {'real vs synthetic' if syn is not None else 'real'} features", 760)
+
+
+def section_selection(doc: Doc, p: dict) -> None:
+    path = p["samples"] / "filtered.json"
+    if not path.is_file():
+        return
+    f = read_json(path, "selection summary")
+    reasons = sorted(f.get("dropped_by", {}))
+    doc.h(2, "Selection")
+    cfg = f.get("config", {})
+    doc.p(f"Feature space: {f.get('extractor')}; keep when the nearest centroid is the target "
+          f"({cfg.get('require_nearest_centroid')}), confidence >= {cfg.get('min_confidence')}, not memorized "
+          f"(nearest real distance <= {_fmt(f.get('memorization_threshold'), 4)}, the "
+          f"{cfg.get('memorization_quantile')} quantile of real-real nearest-neighbour distances across groups; "
+          f"dropped: {cfg.get('drop_memorized')}), cap {cfg.get('max_ratio')} x real per class (0: none). "
+          f"Kept {f['kept']} of {f['samples']}.")
+    rows = []
+    for c, v in f["per_class"].items():
+        rows.append([c, v["real"], v["samples"], v["kept"], v["memorized"]] + [v["dropped_by"].get(r, 0) for r in reasons])
+    rows.append(["all", sum(v["real"] for v in f["per_class"].values()), f["samples"], f["kept"],
+                 sum(v["memorized"] for v in f["per_class"].values())] + [f["dropped_by"][r] for r in reasons])
+    doc.table(["class", "real", "synthetic", "kept", "flagged memorized"] + [f"dropped: {r}" for r in reasons], rows,
+              "kept / dropped per class and reason (a sample can have several reasons)")
+
+
+def section_results(doc: Doc, p: dict, eval_dir: Path, title: str = "Downstream classification") -> None:
+    path = eval_dir / "metrics.json"
+    if not path.is_file():
+        return
+    m = read_json(path, "evaluation metrics")
+    b = m.get("budget", {})
+    doc.h(2, title)
+    doc.p(f"Results of {eval_dir}.")
+    doc.p(f"Backbone {b.get('backbone')}, {b.get('steps')} optimisation steps per classifier (batch {b.get('batch_size')}, "
+          f"lr {b.get('lr')}, cosine schedule), identical for every arm; seeds {m['seeds']}. Values: mean "
+          f"[{m.get('ci')}]; deltas are paired differences against the real arm over the same seeds.")
+    classes = m["classes"]
+    for ts, r in m["testsets"].items():
+        rows = []
+        for arm, v in r["arms"].items():
+            d = r["deltas_vs_real"].get(arm)
+            rows.append([arm, sum(v.get("n_synthetic", {}).values()), _ci(v["accuracy"]), _ci(v["macro_f1"]),
+                         _ci(d["accuracy"]) if d else "–", _ci(d["macro_f1"]) if d else "–"])
+        first = next(iter(r["arms"].values()))
+        doc.table(["arm", "synthetic images", "accuracy", "macro-F1", "Δ accuracy vs real", "Δ macro-F1 vs real"],
+                  rows, f"{'test split' if ts == 'test' else 'external test set ' + ts} ({first['n_test']} tiles)")
+        rows = [[arm] + [f"{_fmt(v['sensitivity'][c]['mean'])} / {_fmt(v['specificity'][c]['mean'])}" for c in classes]
+                for arm, v in r["arms"].items()]
+        doc.table(["arm"] + [f"{c} sens / spec" for c in classes], rows, f"per-class sensitivity / specificity ({ts}, mean over seeds)")
+    from .evaluate import confusion_name
+
+    pngs = [(ts, arm, eval_dir / "confusion" / confusion_name(ts, arm)) for ts, r in m["testsets"].items()
+            for arm in r["arms"]]
+    pngs = [x for x in pngs if x[2].is_file()]
+    if pngs:
+        doc.h(3, "Confusion matrices (summed over seeds, rows normalised)")
+        for ts in m["testsets"]:
+            doc.open_row()
+            for _, arm, png in (x for x in pngs if x[0] == ts):
+                doc.image(png.read_bytes(), f"confusion_{eval_dir.name}_{png.name}", f"{ts}: {arm}", 260)
+            doc.close_row()
+
+
+def section_generative(doc: Doc, p: dict) -> None:
+    path = p["samples"] / "generative_metrics.json"
+    if not path.is_file():
+        return
+    g = read_json(path, "generative metrics")
+    doc.h(2, "Generative metrics")
+    doc.p("Real reference: the real training subset. FD/KD are named after their feature extractor: only an "
+          "Inception-v3 extractor gives FID/KID; the default is the selection classifier's penultimate features. "
+          "KD is the unbiased polynomial-kernel MMD² (can be slightly negative); precision/recall are the k-NN "
+          "manifold estimates of Kynkäänniemi et al. (2019).")
+    for res in g.get("results", []):
+        fd, kd = res["fd_name"], res["kd_name"]
+        rows = []
+        for scope, v in [("all classes", res["overall"]), *res["per_class"].items()]:
+            rows.append([scope, v["n_real"], v["n_fake"], _fmt(v[fd], 4), _fmt(v[kd], 5), _fmt(v["precision"]),
+                         _fmt(v["recall"])])
+        doc.table(["scope", "real", "synthetic", fd, kd, "precision", "recall"], rows,
+                  f"{res['samples']} synthetic samples, extractor {res['extractor']} (k={res['k']})")
+
+
+# --------------------------------------------------------------------------------------------
+# Stage
+# --------------------------------------------------------------------------------------------
+def run(cfg: ReportConfig) -> Path:
+    log = get_logger("report")
+    p = _paths(cfg)
+    if not p["run"].is_dir() and not any(Path(x).is_dir() for x in (cfg.data, cfg.samples, cfg.eval) if x):
+        raise HistoError(f"run directory not found: {p['run']}")
+    out = start_run_dir(Path(cfg.out) if cfg.out else p["run"] / "report", cfg, "report")
+    subset = cfg.subset
+    if not subset and (p["eval"] / "config.json").is_file():
+        subset = read_json(p["eval"] / "config.json").get("config", {}).get("subset", "")
+    subset = subset or "train"
+    figures = out / "figures"
+    doc = Doc(figures)
+    doc.h(1, f"histodiffusion report: {p['run'].resolve().name}")
+    doc.p(f"Run directory {p['run'].resolve()}.")
+    section_configs(doc, p)
+    data = section_data(doc, p, subset)
+    if data is None:
+        doc.p("No target dataset found: data, image and embedding sections are omitted.")
+    else:
+        try:
+            real, syn, targets, keep = section_grids(doc, p, subset, data["classes"], cfg.grid_per_class)
+            section_embedding(doc, p, real, syn, targets, keep, data["classes"], cfg.embedding)
+        except HistoError as e:  # e.g. samples made for other classes: say so, keep the other sections
+            log.warning("report: image sections skipped: %s", e)
+            doc.p(f"Image and embedding sections skipped: {e}")
+    section_selection(doc, p)
+    section_results(doc, p, p["eval"])
+    for extra in sorted(p["run"].glob("eval_*")):  # e.g. eval_nopretrain (the no-pretraining ablation)
+        if extra.resolve() != p["eval"].resolve():
+            section_results(doc, p, extra, f"Downstream classification: {extra.name[len('eval_'):]}")
+    section_generative(doc, p)
+    title = html.escape(f"histodiffusion report: {p['run'].resolve().name}")
+    page = (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{title}</title>"
+            f"<style>{CSS}</style></head><body>\n" + "\n".join(doc.html) + "\n</body></html>\n")
+    write_text_atomic(out / "index.html", page)
+    write_text_atomic(out / "report.md", "\n".join(doc.md) + "\n")
+    mark_complete(out)
+    log.info("report written to %s", out / "index.html")
+    return out

@@ -1,0 +1,95 @@
+"""Figures of the report as PNG bytes: image grids and the 2-D embedding of real vs synthetic features.
+
+Embedding method: UMAP when umap-learn is installed (imported lazily), else t-SNE (scikit-learn),
+else PCA for fewer than 5 points; `method` forces one. The caller prints the method actually used.
+"""
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+
+
+def grid_figure(images, keep=None, title: str = "", cols: int = 8, scale: int = 0) -> bytes:
+    """A grid of uint8 [N, H, W, 3] tiles (upscaled to >= 48 px); keep==0 tiles get a red frame."""
+    from PIL import Image, ImageDraw
+
+    imgs = np.asarray(images)
+    n = len(imgs)
+    size = imgs.shape[1] if n else 32
+    scale = scale or max(1, math.ceil(48 / size))
+    cell = size * scale + 4
+    cols = max(1, min(cols, n or 1))
+    rows = max(1, math.ceil(n / cols))
+    canvas = Image.new("RGB", (cols * cell + 2, rows * cell + 2), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, img in enumerate(imgs):
+        x, y = 2 + (i % cols) * cell, 2 + (i // cols) * cell
+        tile = Image.fromarray(img).resize((size * scale, size * scale), Image.NEAREST)
+        if keep is not None and int(keep[i]) == 0:
+            draw.rectangle([x - 2, y - 2, x + size * scale + 1, y + size * scale + 1], outline=(220, 30, 30), width=2)
+        canvas.paste(tile, (x, y))
+    if n == 0:
+        draw.text((6, 8), "none", fill=(120, 120, 120))
+    buf = io.BytesIO()
+    canvas.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def reduce_2d(x: np.ndarray, method: str = "auto", seed: int = 0) -> tuple[np.ndarray, str]:
+    """(N x 2 coordinates, method used)."""
+    from sklearn.preprocessing import StandardScaler
+
+    x = StandardScaler().fit_transform(np.asarray(x, dtype=np.float64))
+    n = len(x)
+    if method in ("auto", "umap") and n >= 5:
+        try:
+            import umap  # optional
+
+            return umap.UMAP(n_neighbors=min(15, n - 1), random_state=seed).fit_transform(x), "UMAP"
+        except ImportError:
+            if method == "umap":
+                from .runtime import HistoError
+
+                raise HistoError("embedding=umap needs umap-learn (pip install umap-learn); use tsne or pca") from None
+    if method in ("auto", "umap", "tsne") and n >= 5:
+        from sklearn.manifold import TSNE
+
+        return TSNE(n_components=2, perplexity=min(30.0, (n - 1) / 3), init="pca", random_state=seed).fit_transform(x), "t-SNE"
+    from sklearn.decomposition import PCA
+
+    return PCA(n_components=2, random_state=seed).fit_transform(x), "PCA"
+
+
+def embedding_figure(feats: list, real_labels, syn_targets, syn_keep, classes: list[str], method: str = "auto") -> tuple[bytes, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    real = np.asarray(feats[0])
+    allx = np.concatenate(feats) if len(feats) > 1 else real
+    xy, used = reduce_2d(allx, method)
+    r, s = xy[:len(real)], xy[len(real):]
+    colors = plt.get_cmap("tab10")
+    fig, ax = plt.subplots(figsize=(7.2, 5.4), dpi=100)
+    for ci, c in enumerate(classes):
+        m = np.asarray(real_labels) == ci
+        ax.scatter(r[m, 0], r[m, 1], s=22, marker="o", color=colors(ci), alpha=0.75, label=f"{c} real")
+        if len(s):
+            t = np.asarray(syn_targets) == ci
+            kept = t & (np.asarray(syn_keep) != 0)
+            dropped = t & (np.asarray(syn_keep) == 0)
+            ax.scatter(s[kept, 0], s[kept, 1], s=30, marker="x", color=colors(ci), label=f"{c} synthetic")
+            if dropped.any():
+                ax.scatter(s[dropped, 0], s[dropped, 1], s=22, marker="x", color="0.6", alpha=0.8)
+    ax.set_title(f"{used}: real (o) vs synthetic (x); grey x = dropped" if len(s) else f"{used}: real tiles", fontsize=10)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.legend(fontsize=8, loc="best", ncol=2)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue(), used

@@ -1,0 +1,63 @@
+"""report: HTML + Markdown twin for a tiny fake run, and for a run with only some stage outputs."""
+import re
+
+import pytest
+
+from helpers_eval import make_class_samples, make_dataset, one_thread
+from histodiffusion import evaluate, select
+from histodiffusion.config import EvaluateConfig, ReportConfig, SelectConfig
+from histodiffusion.report import run
+from histodiffusion.runtime import HistoError
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    data = make_dataset(root / "data" / "target")
+    samples = make_class_samples(root / "samples", n_per_class=8)
+    with one_thread():
+        select.run(SelectConfig(samples=str(samples), data=str(data), subset="frac0.5", backbone="small_cnn_w8",
+                                feature_steps=10, min_confidence=0.0))
+        evaluate.run(EvaluateConfig(data=str(data), subset="frac0.5", samples=str(samples), out=str(root / "eval"),
+                                    arms=("real", "unselected"), seeds=(0, 1), backbone="small_cnn_w8", epochs=1,
+                                    steps_per_epoch=2, batch_size=8))
+        run(ReportConfig(run=str(root), embedding="pca"))
+    return root
+
+
+def test_report_files_and_sections(full_run):
+    out = full_run / "report"
+    html = (out / "index.html").read_text()
+    md = (out / "report.md").read_text()
+    assert (out / "config.json").is_file() and (out / "_COMPLETE.json").is_file()
+    for section in ("Resolved configurations", "Data", "Real and synthetic images per class",
+                    "Embedding of real and synthetic features", "Selection", "Downstream classification",
+                    "Confusion matrices", "Generative metrics"):
+        assert section in html and section in md
+    assert "unselected@1" in html and "Δ accuracy vs real" in html
+    assert re.search(r"\d\.\d{3} \[-?\d\.\d{3}, \d\.\d{3}\]", html)  # mean [CI]
+    assert "FD_small_cnn_w8" in html and ">FID<" not in html
+    assert "PCA" in html
+    # self-contained: images embedded, no external resources
+    assert html.count("data:image/png;base64,") >= 3 + 3 + 1 + 2
+    assert not re.search(r"<(link|script)\b|src=\"http", html)
+    for name in re.findall(r"\]\((figures/[^)]+)\)", md):
+        assert (out / name).is_file()
+    assert "| real |" in md
+
+
+def test_report_with_only_data(tmp_path):
+    make_dataset(tmp_path / "data" / "target")
+    out = run(ReportConfig(run=str(tmp_path)))
+    html = (out / "index.html").read_text()
+    assert "Data" in html and "Real images per class" in html
+    assert "synthetic" not in html.split("<h2>Embedding")[0].lower()
+    assert "Downstream classification" not in html and "Selection" not in html
+    with pytest.raises(HistoError, match="not found"):
+        run(ReportConfig(run=str(tmp_path / "nope")))

@@ -1,0 +1,175 @@
+"""select: centroid / confidence / memorization scores, caps, the stage on tiny data, bad inputs."""
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from helpers_eval import CLASSES, make_class_samples, make_dataset, make_samples, one_thread
+from histodiffusion.artifacts import FILTERED_COLUMNS
+from histodiffusion.cli import main
+from histodiffusion.config import SelectConfig
+from histodiffusion.runtime import HistoError
+from histodiffusion.select import memorization_threshold, run, score_samples
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
+
+
+REAL = np.array([[0, 0], [0, 1], [1, 0], [1, 1], [10, 0], [10, 1], [11, 0], [11, 1]], dtype=float)
+LABELS = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+IDS = [f"r{i}" for i in range(8)]
+GROUPS = [f"g{i}" for i in range(8)]
+SURE = np.array([0.9, 0.1])
+
+
+def score(syn, targets, probs=None, **kw):
+    probs = np.array([SURE if t == 0 else SURE[::-1] for t in targets]) if probs is None else probs
+    kw.setdefault("drop_memorized", False)
+    return score_samples(REAL, LABELS, IDS, GROUPS, np.array(syn, float), np.array(targets), probs, ["a", "b"], **kw)
+
+
+def test_centroid_keeps_own_centroid_drops_other_class_centroid():
+    rows, _ = score([[0.5, 0.5], [10.5, 0.5]], [0, 0])
+    at_own, at_other = rows
+    assert at_own["nearest_centroid"] == "a" and at_own["keep"] == 1 and at_own["reason"] == ""
+    assert at_own["centroid_dist"] == pytest.approx(0.0)
+    assert at_other["nearest_centroid"] == "b" and at_other["keep"] == 0
+    assert "not_nearest_centroid" in at_other["reason"]
+    assert at_own["rank"] == 1 and at_other["rank"] == 2
+    rows, _ = score([[10.5, 0.5]], [0], require_nearest_centroid=False)
+    assert rows[0]["keep"] == 1
+
+
+def test_confidence_threshold():
+    rows, _ = score([[0.5, 0.5]], [0], probs=np.array([[0.4, 0.6]]), min_confidence=0.5)
+    assert rows[0]["keep"] == 0 and rows[0]["reason"] == "low_confidence"
+    assert rows[0]["confidence"] == pytest.approx(0.4) and rows[0]["pred"] == "b"
+
+
+def test_memorization_flags_exact_copy():
+    rows, thr = score([[1.0, 1.0], [0.5, 0.5]], [0, 0], memorization_quantile=0.5, drop_memorized=True)
+    assert thr == pytest.approx(1.0)
+    copy, fresh = rows
+    assert copy["memorized"] == 1 and copy["nn_real_id"] == "r3" and copy["nn_real_dist"] == 0.0
+    assert copy["keep"] == 0 and "memorized" in copy["reason"]
+    assert fresh["memorized"] == 1 or fresh["nn_real_dist"] > thr
+    rows, _ = score([[1.0, 1.0]], [0], memorization_quantile=0.0, drop_memorized=False)
+    assert rows[0]["memorized"] == 1 and rows[0]["keep"] == 1
+
+
+def test_threshold_ignores_same_group_neighbours():
+    feats = np.array([[0, 0], [0, 0], [5, 0], [5, 0]], float)
+    assert memorization_threshold(feats, ["g", "g", "h", "h"], 0.0) == pytest.approx(5.0)
+    assert memorization_threshold(feats, ["g", "g", "g", "g"], 0.5) == 0.0
+
+
+def test_per_class_cap_keeps_best_ranked():
+    syn = [[0.5, 0.5 + d] for d in (0.4, 0.1, 0.3, 0.0, 0.2)]
+    rows, _ = score(syn, [0] * 5, max_ratio=0.5, memorization_quantile=0.0)  # 0.5 x 4 real -> 2
+    kept = [i for i, r in enumerate(rows) if r["keep"]]
+    assert kept == [1, 3]
+    assert sorted(r["rank"] for r in rows) == [1, 2, 3, 4, 5]
+    assert all(r["reason"] == "cap" for i, r in enumerate(rows) if i not in kept)
+    assert rows[3]["rank"] == 1
+
+
+@pytest.fixture(scope="module")
+def selected(tmp_path_factory):
+    from histodiffusion.evaldata import load_real
+
+    root = tmp_path_factory.mktemp("select")
+    data = make_dataset(root / "data")
+    train = load_real(data, "train")
+    rng = np.random.default_rng(3)
+    from helpers_eval import class_tile
+
+    imgs = [class_tile(c, rng) for c in range(3) for _ in range(4)] + [train.images[5].numpy(),
+                                                                     np.fliplr(train.images[9].numpy()).copy()]
+    targets = [c for c in CLASSES for _ in range(4)] + [train.classes[int(train.labels[i])] for i in (5, 9)]
+    samples = make_samples(root / "samples", imgs, targets)
+    cfg = SelectConfig(samples=str(samples), data=str(data), subset="train", backbone="small_cnn_w8",
+                       feature_steps=15, min_confidence=0.0, memorization_quantile=0.05)
+    with one_thread():
+        run(cfg)
+    return cfg, samples, train.ids[5], train.groups[5], train.groups[9]
+
+
+def read_rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_stage_writes_keep_list_and_flags_copy(selected):
+    cfg, samples, copied_id, copied_group, flipped_group = selected
+    rows = read_rows(samples / "filtered.csv")
+    assert list(rows[0]) == FILTERED_COLUMNS and len(rows) == 14
+    copy, flipped = rows[-2], rows[-1]
+    # the copied tile, or a rotation of it in its group (an exact match after rotating the sample)
+    assert copy["memorized"] == "1" and copy["keep"] == "0" and copy["nn_real_id"].startswith(copied_group)
+    assert float(copy["nn_real_dist"]) < 1e-4
+    no_views = SelectConfig(**{**cfg.__dict__, "dihedral_memorization": False, "generative_metrics": False,
+                               "out": str(samples / "plain")})
+    run(no_views)
+    assert read_rows(samples / "plain" / "filtered.csv")[-2]["nn_real_id"] == copied_id
+    # a mirrored copy is found too (distances are minimised over the 8 flips/rotations)
+    assert flipped["memorized"] == "1" and flipped["nn_real_id"].startswith(flipped_group)
+    assert not list(samples.glob("*.png")) and len(list((samples / "images").glob("*.png"))) == 14  # no copies
+    summary = json.loads((samples / "filtered.json").read_text())
+    assert summary["samples"] == 14 and summary["kept"] == sum(r["keep"] == "1" for r in rows)
+    gen = json.loads((samples / "generative_metrics.json").read_text())
+    res = gen["results"][0]
+    assert res["fd_name"] == "FD_small_cnn_w8" and "FID" not in json.dumps(gen)
+    assert res["overall"]["n_fake"] == 14 and set(res["per_class"]) == set(CLASSES)
+    assert (samples / "selector" / "reference_small_cnn_w8.npz").is_file()
+
+
+def test_rerun_reuses_feature_classifier(selected):
+    cfg, samples, *_ = selected
+    weights = samples / "selector" / "model" / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    strict = SelectConfig(**{**cfg.__dict__, "min_confidence": 1.01, "generative_metrics": False})
+    run(strict)
+    assert weights.stat().st_mtime_ns == before
+    assert all(r["keep"] == "0" for r in read_rows(samples / "filtered.csv"))
+    run(cfg)  # restore for other tests
+
+
+def test_bad_inputs(selected, tmp_path, capsys):
+    cfg, samples, *_ = selected
+    broken = tmp_path / "broken"
+    shutil.copytree(samples, broken)
+    (broken / "images" / "s00002.png").unlink()
+    with pytest.raises(HistoError, match="s00002.png"):
+        run(SelectConfig(**{**cfg.__dict__, "samples": str(broken)}))
+    other = make_class_samples(tmp_path / "other", n_per_class=2, classes=["aca", "benign", "mucosa"])
+    with pytest.raises(HistoError, match="mucosa"):
+        run(SelectConfig(**{**cfg.__dict__, "samples": str(other)}))
+    swapped = make_samples(tmp_path / "swapped", [np.zeros((16, 16, 3), np.uint8)], ["aca"],
+                           classes=["benign", "aca", "scc"])
+    with pytest.raises(HistoError, match="class order"):
+        run(SelectConfig(**{**cfg.__dict__, "samples": str(swapped)}))
+    assert not (broken / "filtered.csv").exists() or (broken / "filtered.csv").read_bytes() == (samples / "filtered.csv").read_bytes()
+    code = main(["select", "--samples", str(broken), "--data", cfg.data, "--backbone", "small_cnn_w8"])
+    assert code == 2 and "missing" in capsys.readouterr().err
+
+
+def test_timm_backbone_with_local_weights(selected, tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    cfg, samples, copied_id, copied_group, _ = selected
+    net = timm.create_model("resnet10t", pretrained=False, num_classes=0)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    out = tmp_path / "timm"
+    run(SelectConfig(**{**cfg.__dict__, "backbone": "resnet10t", "backbone_weights": str(tmp_path / "w.safetensors"),
+                        "out": str(out), "generative_metrics": False}))
+    rows = read_rows(out / "filtered.csv")
+    assert len(rows) == 14 and rows[-2]["nn_real_id"].startswith(copied_group) and rows[-2]["memorized"] == "1"
+    assert json.loads((out / "filtered.json").read_text())["extractor"] == "resnet10t"
+    assert not (samples / "selector" / "model" / "classifier.json").read_text().count("resnet10t")
+    with pytest.raises(HistoError, match="backbone_weights"):
+        run(SelectConfig(**{**cfg.__dict__, "backbone": "resnet10t", "out": str(out)}))
