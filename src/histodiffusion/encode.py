@@ -1,0 +1,155 @@
+"""Stage `encode`: cache the autoencoder's posterior (mean, std) of every tile of a dataset.
+
+Layout (artifacts.py): index.csv, latents_NNNNN.safetensors ("mean", "std" float32 [N, C, h, w]),
+subsets/ (from the dataset), meta.json (dataset, classes, vae, vae_hash, scaling_factor, latent_shape,
+count), _COMPLETE.json last. z is sampled from (mean, std) at load time (data/datasets.LatentDataset).
+
+Streaming: one shard of latents is held in memory at a time. Atomic: everything goes into a
+temporary directory renamed over the destination after the completion marker. Several processes
+(torchrun / accelerate launch): rank r encodes shards r, r+W, r+2W, ... into the shared temporary
+directory; rank 0 writes the index and meta and renames. A complete cache made with the same
+autoencoder (content hash) and scaling is reused; a cache made with another one is an error.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from .artifacts import INDEX, INDEX_COLUMNS, META, SUBSETS_DIR, format_meta, latent_shard_name, read_dataset
+from .config import EncodeConfig, config_to_dict
+from .runtime import (CONFIG_FILE, HistoError, _remove, get_logger, is_complete, make_accelerator, mark_complete,
+                      progress, read_csv, read_json, write_csv_atomic, write_json_atomic)
+
+DIHEDRAL = 8  # identity, 3 rotations, and the 4 flipped versions
+
+
+def dihedral(img, k: int):
+    """The k-th of the 8 dihedral transforms of a [..., H, W] tensor (k=0: identity)."""
+    import torch
+
+    out = torch.rot90(img, k % 4, dims=(-2, -1))
+    return torch.flip(out, dims=(-1,)) if k >= 4 else out
+
+
+def variant_id(tile_id: str, k: int) -> str:
+    return tile_id if k == 0 else f"{tile_id}~d{k}"
+
+
+def _check_existing(out: Path, vae_hash: str, scaling: float, data: Path, flips: bool, log) -> bool:
+    """True when `out` is a complete cache of the same inputs (skip); error when it is of other inputs."""
+    if not out.exists():
+        return False
+    if not is_complete(out):
+        if any(out.iterdir()):
+            raise HistoError(f"{out} exists and is not a latent cache; choose another --out or delete it")
+        return False
+    meta = read_json(out / META, "latent cache meta")
+    same = (meta.get("vae_hash") == vae_hash and abs(float(meta.get("scaling_factor", 0)) - scaling) < 1e-9
+            and meta.get("dataset") == str(data) and bool(meta.get("flips")) == flips)
+    if not same:
+        raise HistoError(f"latent cache {out} was made from {meta.get('dataset')} with autoencoder "
+                         f"{str(meta.get('vae_hash'))[:12]} (scaling {meta.get('scaling_factor')}); this run uses "
+                         f"{data} with {vae_hash[:12]} (scaling {scaling}). Use another --out or delete it")
+    log.info("latent cache %s is complete and matches: skipped", out)
+    return True
+
+
+def run(cfg: EncodeConfig) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    from .data.datasets import PixelDataset
+    from .models.autoencoder import encode_posterior, load_vae, resolve_scaling_factor, vae_id
+
+    if cfg.batch_size < 1 or cfg.shard_size < 1:
+        raise HistoError(f"batch_size and shard_size must be >= 1, got {cfg.batch_size}, {cfg.shard_size}")
+    acc = make_accelerator("no")
+    rank, world, main = acc.process_index, acc.num_processes, acc.is_main_process
+    log = get_logger("histodiffusion.encode", is_main=main)
+    data, out = Path(cfg.data).resolve(), Path(cfg.out)
+    ds_meta, _ = read_dataset(data)
+    vae_dir = Path(cfg.vae).resolve()
+    vae = load_vae(vae_dir)
+    vae_hash = vae_id(vae_dir)
+    scaling, scaling_source = resolve_scaling_factor(vae_dir, vae, cfg.scaling_factor)
+    if _check_existing(out, vae_hash, scaling, data, cfg.flips, log):
+        return out
+    ds = PixelDataset(data, "all")
+    tile = int(ds_meta.get("tile_size") or ds.uint8(0).shape[0])
+    f = 2 ** (len(vae.config.block_out_channels) - 1)
+    if tile % f:
+        raise HistoError(f"tile size {tile} of {data} is not divisible by the autoencoder's downsampling {f}")
+    items = [(i, k) for i in range(len(ds)) for k in (range(DIHEDRAL) if cfg.flips else (0,))]
+    shards = [items[s:s + cfg.shard_size] for s in range(0, len(items), cfg.shard_size)]
+    tmp = out.parent / f".{out.name}.tmp-encode"
+    if main:
+        _remove(tmp)
+        tmp.mkdir(parents=True)
+        write_json_atomic(tmp / CONFIG_FILE, {**format_meta(), "stage": "encode", "config": config_to_dict(cfg)})
+    acc.wait_for_everyone()
+    log.info("encoding %d latents of %s in %d shard(s) with %d process(es)", len(items), data, len(shards), world)
+
+    # 1. each rank encodes its shards (r, r+W, ...), one shard in memory at a time
+    mine = list(range(rank, len(shards), world))
+    bar = progress(total=sum(len(shards[s]) for s in mine), desc="encode", disable=not main)
+    with torch.inference_mode():
+        for s in mine:
+            means, stds = [], []
+            for b in range(0, len(shards[s]), cfg.batch_size):
+                chunk = shards[s][b:b + cfg.batch_size]
+                x = torch.stack([dihedral(ds[i][0], k) for i, k in chunk])
+                m, sd = encode_posterior(vae, x)
+                means.append(m)
+                stds.append(sd)
+                bar.update(len(chunk))
+            mean, std = torch.cat(means), torch.cat(stds)
+            save_file({"mean": mean.contiguous(), "std": std.contiguous()}, str(tmp / latent_shard_name(s)),
+                      metadata={"format_version": str(format_meta()["format_version"]), "first_row":
+                                str(s * cfg.shard_size)})
+    bar.close()
+    acc.wait_for_everyone()
+
+    # 2. rank 0: index, subsets, meta, completion marker, rename into place
+    if main:
+        try:
+            _finish(cfg, ds, ds_meta, data, vae_dir, vae_hash, scaling, scaling_source, shards, tmp, out)
+        except BaseException:
+            _remove(tmp)
+            raise
+        log.info("latent cache written: %s (%d latents, shape %s, scaling %.5f from %s)", out, len(items),
+                 read_json(out / META)["latent_shape"], scaling, scaling_source)
+    acc.wait_for_everyone()
+    return out
+
+
+def _finish(cfg, ds, ds_meta, data, vae_dir, vae_hash, scaling, scaling_source, shards, tmp: Path, out: Path):
+    from safetensors import safe_open
+
+    with safe_open(str(tmp / latent_shard_name(0)), framework="pt") as fh:
+        latent_shape = list(fh.get_slice("mean").get_shape()[1:])
+    rows = []
+    for s, shard in enumerate(shards):
+        if not (tmp / latent_shard_name(s)).is_file():
+            raise HistoError(f"latent shard {s} was not written to {tmp} (a process failed)")
+        for j, (i, k) in enumerate(shard):
+            r = ds.rows[i]
+            rows.append({"id": variant_id(r["id"], k), "label": r["label"], "group": r["group"],
+                         "split": r["split"], "shard": s, "index": j})
+    write_csv_atomic(tmp / INDEX, rows, INDEX_COLUMNS)
+    sub_dir = data / SUBSETS_DIR
+    if sub_dir.is_dir():
+        for p in sorted(sub_dir.glob("*.csv")):
+            ids = [r["id"] for r in read_csv(p, ["id"], "subset file")]
+            ks = range(DIHEDRAL) if cfg.flips else (0,)
+            write_csv_atomic(tmp / SUBSETS_DIR / p.name, ({"id": variant_id(i, k)} for i in ids for k in ks), ["id"])
+    meta = format_meta(dataset=str(data), dataset_name=ds_meta.get("name", data.name),
+                       kind=ds_meta.get("kind", ""), classes=list(ds_meta.get("classes") or []),
+                       tile_size=ds_meta.get("tile_size"), vae=str(vae_dir), vae_hash=vae_hash,
+                       scaling_factor=scaling, scaling_source=scaling_source, latent_shape=latent_shape,
+                       count=len(rows), shards=len(shards), flips=bool(cfg.flips))
+    write_json_atomic(tmp / META, meta)
+    mark_complete(tmp, count=len(rows))
+    if out.exists():
+        shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp.rename(out)
