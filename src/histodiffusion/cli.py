@@ -28,11 +28,13 @@ STAGES: dict[str, tuple[str, str]] = {
     "sample": ("histodiffusion.sample", "classifier-guided synthesis in latent space"),
     "select": ("histodiffusion.select", "score synthetic samples and write filtered.csv"),
     "evaluate": ("histodiffusion.evaluate", "downstream classifiers: real vs real + synthetic, seeds, CIs"),
+    "score": ("histodiffusion.evaluate", "re-score saved downstream classifiers on a labeled dataset"),
     "report": ("histodiffusion.report", "HTML + Markdown report of a run"),
     "run": ("histodiffusion.pipeline", "the whole chain in one run directory (resumable)"),
 }
 # stages whose module has more than one entry point
-ENTRY: dict[str, str] = {"train-latent-classifier": "run_latent_classifier", "finetune-decoder": "run_finetune_decoder"}
+ENTRY: dict[str, str] = {"train-latent-classifier": "run_latent_classifier", "finetune-decoder": "run_finetune_decoder",
+                      "score": "run_score"}
 
 
 def _flag_type(tp: typing.Any):
@@ -94,12 +96,26 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(STAGES[args.command][0])
         getattr(module, ENTRY.get(args.command, "run"))(cfg)
     except HistoError as e:
+        _close_progress_bars()
         print(f"histodiffusion {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # disk full, read-only or missing output location, unreadable input file
+        _close_progress_bars()
+        where = " ".join(str(f) for f in (e.filename, e.filename2) if f)
+        print(f"histodiffusion {args.command}: error: {e.strerror or e}" + (f": {where}" if where else ""),
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"histodiffusion {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
     return 0
+
+
+def _close_progress_bars() -> None:
+    """End any progress bar left open by the failed stage, so the error starts on its own line."""
+    tqdm = sys.modules.get("tqdm.std")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", None) or []):
+        bar.close()
 
 
 if __name__ == "__main__":

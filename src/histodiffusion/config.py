@@ -35,6 +35,7 @@ class PrepareConfig:
     sources: tuple[str, ...] = F((), "slides / large images / folders of them to tile (unlabeled sources)")
     labels_csv: str = F("", "CSV with path,label[,group_id] (paths relative to the CSV)")
     class_folders: str = F("", "root folder with one sub-folder of tiles per class (NCT-CRC-HE layout)")
+    classes: tuple[str, ...] = F((), "allowed classes of labels_csv (a label outside them is an error; default: any)")
     tile_size: int = F(64, "working resolution: every tile is stored at tile_size x tile_size")
     patch_size: int = F(0, "tile edge in source pixels before resizing (0: tile_size * downscale)")
     stride: int = F(0, "tiling stride in source pixels (0: patch_size, no overlap)")
@@ -43,10 +44,12 @@ class PrepareConfig:
     min_tissue: float = F(0.5, "keep a tile when at least this fraction of it is tissue")
     max_gray_mean: float = F(220.0, "background filter: tissue pixels have grey value below this")
     min_saturation: float = F(0.07, "tissue pixels have HSV saturation above this (0..1)")
+    tissue_method: str = F("fixed", "fixed (the two thresholds) | otsu (raise the saturation threshold to Otsu's on slides with background)")
+    max_ink: float = F(0.05, "drop a tile when more than this fraction of it is green pen ink (1: off)")
     image_mode: str = F("convert", "grayscale/RGBA/16-bit images: convert (to 8-bit RGB) or refuse")
     val_frac: float = F(0.15, "fraction of groups in the validation split (stratified by class)")
     test_frac: float = F(0.15, "fraction of groups in the test split (stratified by class)")
-    fewshot_fracs: tuple[float, ...] = F((0.05, 0.1), "few-shot subsets of train: fractions of groups")
+    fewshot_fracs: tuple[float, ...] = F((0.05, 0.1, 0.25), "few-shot subsets of train: fractions of groups")
     fewshot_k: tuple[int, ...] = F((), "few-shot subsets of train: k groups per class")
     seed: int = F(0, "seed for splits and few-shot subsets")
     shard_size: int = F(1024, "tiles per pixel shard")
@@ -61,17 +64,18 @@ class AutoencoderConfig:
     block_out_channels: tuple[int, ...] = F((32, 64, 128), "encoder/decoder widths; f = 2**(len-1)")
     layers_per_block: int = F(1, "ResNet layers per block")
     latent_channels: int = F(4, "channels of the latent")
-    steps: int = F(1500, "optimisation steps")
-    batch_size: int = F(32, "batch size per process")
-    lr: float = F(2e-4, "AdamW learning rate")
+    steps: int = F(600, "optimisation steps")
+    batch_size: int = F(16, "batch size per process")
+    crop: int = F(32, "train on random crops of this size (0: whole tiles); evaluation uses whole tiles")
+    lr: float = F(4e-4, "AdamW learning rate")
     kl_weight: float = F(1e-6, "weight of the KL term")
     adv_weight: float = F(0.0, "weight of the PatchGAN adversarial loss (0: off)")
-    adv_start: int = F(1000, "step at which the adversarial loss starts")
+    adv_start: int = F(300, "step at which the adversarial loss starts")
     lpips_weights: str = F("", "local path to LPIPS/VGG weights (optional; nothing is downloaded)")
     lpips_weight: float = F(0.0, "weight of the LPIPS loss (needs lpips_weights)")
     holdout: int = F(64, "held-out tiles for PSNR/SSIM")
-    eval_every: int = F(500, "evaluate and write a reconstruction grid every N steps")
-    checkpoint_every: int = F(500, "save resumable state every N steps")
+    eval_every: int = F(200, "evaluate and write a reconstruction grid every N steps")
+    checkpoint_every: int = F(200, "save resumable state every N steps")
     keep_checkpoints: int = F(2, "resumable checkpoints to keep")
     mixed_precision: str = F("no", "no | bf16 | fp16 (fp16 needs a GPU)")
     num_workers: int = F(0, "data loader workers")
@@ -85,8 +89,8 @@ class EncodeConfig:
     out: str = F("cache/unlabeled", "latent cache directory")
     batch_size: int = F(64, "encode batch size")
     shard_size: int = F(4096, "latents per shard")
-    scaling_factor: float = F(0.0, "latent scaling (0: measure 1/std on this corpus)")
-    flips: bool = F(False, "also cache the 8 dihedral transforms of each tile")
+    scaling_factor: float = F(0.0, "latent scaling (0: the one measured by train-autoencoder, stored in the vae)")
+    flips: bool = F(False, "also cache the 8 dihedral transforms of each tile (ids <id>~d1..d7)")
 
 
 @dataclass(frozen=True)
@@ -103,19 +107,20 @@ class PretrainConfig:
     beta_end: float = F(0.0155, "last beta (paper: 0.0155)")
     prediction_type: str = F("epsilon", "epsilon | v_prediction")
     loss: str = F("l1", "l1 | l2 (paper: l1)")
-    steps: int = F(3000, "optimisation steps")
-    batch_size: int = F(64, "batch size per process")
-    lr: float = F(2e-4, "AdamW peak learning rate")
+    steps: int = F(400, "optimisation steps")
+    batch_size: int = F(32, "batch size per process")
+    lr: float = F(4e-4, "AdamW peak learning rate")
     weight_decay: float = F(0.0, "AdamW weight decay")
-    warmup: int = F(200, "linear warm-up steps")
+    warmup: int = F(50, "linear warm-up steps")
     grad_clip: float = F(1.0, "max gradient norm (0: off)")
     grad_accum: int = F(1, "gradient accumulation steps")
     ema_decay: float = F(0.999, "EMA decay")
     mixed_precision: str = F("no", "no | bf16 | fp16 (fp16 needs a GPU)")
-    sample_every: int = F(1000, "write a sample grid every N steps (0: off)")
-    checkpoint_every: int = F(500, "save resumable state every N steps")
+    sample_every: int = F(200, "write a sample grid every N steps (0: off)")
+    checkpoint_every: int = F(200, "save resumable state every N steps")
     keep_checkpoints: int = F(2, "resumable checkpoints to keep")
     init_from: str = F("", "start from this exported model folder (fine-tuning), else from scratch")
+    subset: str = F("all", "subset of every cache to train on: all, a split, or a few-shot subset")
     num_workers: int = F(0, "data loader workers")
     seed: int = F(0, "random seed")
 
@@ -129,7 +134,7 @@ class LatentClassifierConfig:
     out: str = F("runs/adapt/latent_classifier", "run directory")
     width: int = F(64, "base channel width")
     depth: int = F(2, "down-sampling stages")
-    steps: int = F(1500, "optimisation steps")
+    steps: int = F(600, "optimisation steps")
     batch_size: int = F(64, "batch size per process")
     lr: float = F(3e-4, "AdamW learning rate")
     weight_decay: float = F(0.05, "AdamW weight decay")
@@ -147,8 +152,9 @@ class FinetuneDecoderConfig:
     vae: str = F("runs/ae/model/vae", "autoencoder to start from")
     out: str = F("runs/adapt/decoder", "run directory")
     aux_weight: float = F(0.1, "weight of the auxiliary image classifier's loss on decoded images")
-    steps: int = F(300, "optimisation steps")
-    batch_size: int = F(32, "batch size per process")
+    aux_steps: int = F(200, "steps to train the auxiliary classifier on the real labeled subset first")
+    steps: int = F(150, "optimisation steps")
+    batch_size: int = F(16, "batch size per process")
     lr: float = F(5e-5, "AdamW learning rate for the decoder")
     checkpoint_every: int = F(200, "save resumable state every N steps")
     keep_checkpoints: int = F(2, "resumable checkpoints to keep")
@@ -164,7 +170,7 @@ class SampleConfig:
     classes: tuple[str, ...] = F((), "classes to synthesise (default: all of the classifier's)")
     n_per_class: int = F(0, "images per class (0: use ratio)")
     ratio: float = F(1.0, "synthetic images as a fraction of the real labeled subset, per class")
-    real_counts: str = F("", "latent cache or dataset whose subset counts define the ratio")
+    real_counts: str = F("", "latent cache or dataset whose subset counts define the ratio (default: the classifier's cache)")
     real_subset: str = F("train", "subset whose per-class counts the ratio refers to")
     scale: float = F(10.0, "classifier guidance scale s (reference: 10)")
     guidance_window: tuple[int, int] = F((0, 0), "guide only for t in [lo, hi] ((0,0): every step)")
@@ -182,14 +188,17 @@ class SelectConfig:
     data: str = F("data/target", "prepared labeled target dataset")
     subset: str = F("train", "real labeled subset: centroids, feature classifier, memorization")
     out: str = F("", "where filtered.csv goes (default: the sample directory)")
-    backbone: str = F("small_cnn", "feature extractor: small_cnn (trained here) or a timm model name")
+    backbone: str = F("small_cnn", "feature extractor: small_cnn[_w<width>] (trained here) or a timm model name")
     backbone_weights: str = F("", "local weights for a timm backbone (nothing is downloaded)")
-    feature_epochs: int = F(15, "epochs to train the feature classifier on real data")
+    feature_steps: int = F(300, "optimisation steps (batch 32, augmented) of the small_cnn feature classifier")
     min_confidence: float = F(0.5, "keep only samples with target-class confidence at least this")
     require_nearest_centroid: bool = F(True, "keep only samples whose nearest centroid is the target")
     memorization_quantile: float = F(0.01, "flag a sample closer to a real image than this quantile of real-real distances")
     drop_memorized: bool = F(True, "drop flagged near-copies")
+    dihedral_memorization: bool = F(True, "memorization distance: minimum over the 8 flips/rotations of a sample")
     max_ratio: float = F(0.0, "cap kept samples per class at this ratio of real (0: no cap)")
+    generative_metrics: bool = F(True, "also write generative_metrics.json (FD/KD, precision/recall)")
+    inception_weights: str = F("", "local Inception-v3 weights (torchvision) for FID/KID (default: domain features only)")
     seed: int = F(0, "random seed")
 
 
@@ -202,29 +211,50 @@ class EvaluateConfig:
     arms: tuple[str, ...] = F(("real", "classic", "selected", "unselected"), "arms: real, classic, selected, unselected")
     ratios: tuple[float, ...] = F((1.0,), "synthetic ratios for the selected/unselected arms")
     seeds: tuple[int, ...] = F((0, 1, 2), "training seeds")
-    backbone: str = F("small_cnn", "timm model name or small_cnn")
+    backbone: str = F("small_cnn", "small_cnn[_w<width>] (a 4-block CNN) or a timm model name (e.g. resnet18, vit_small_patch16_224)")
     backbone_weights: str = F("", "local pretrained weights for the backbone (default: from scratch)")
     epochs: int = F(20, "training epochs (same for every arm)")
     steps_per_epoch: int = F(0, "optimisation steps per epoch (0: one pass over the real data); equal across arms")
     batch_size: int = F(64, "batch size")
     lr: float = F(1e-3, "AdamW learning rate")
-    external: tuple[str, ...] = F((), "external labeled test sets (prepared dataset directories)")
+    external: tuple[str, ...] = F((), "external labeled test sets (prepared dataset directories; all their tiles are scored)")
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    classifiers: str = F("eval/run/classifiers", "a saved classifier folder or a folder of them (evaluate's classifiers/)")
+    data: str = F("data/external", "prepared labeled dataset to score on")
+    subset: str = F("all", "split or subset of that dataset (all, test, ...)")
+    out: str = F("eval/run/score", "output directory (scores.csv, scores.json)")
 
 
 @dataclass(frozen=True)
 class ReportConfig:
     run: str = F("runs/default", "run directory (or any directory holding the stage outputs)")
     out: str = F("", "report directory (default: <run>/report)")
+    data: str = F("", "target dataset (default: <run>/data/target)")
+    samples: str = F("", "sample directory (default: <run>/samples)")
+    eval: str = F("", "evaluation directory (default: <run>/eval)")
+    subset: str = F("", "real subset shown in grids and the embedding (default: evaluate's subset, else train)")
+    grid_per_class: int = F(8, "images per class in the sample grids")
+    embedding: str = F("auto", "auto (UMAP if installed, else t-SNE) | umap | tsne | pca")
 
 
 @dataclass(frozen=True)
 class RunConfig:
     out: str = F("runs/default", "run directory for the whole chain")
-    preset: str = F("quick", "quick (CPU, ~15 min) | paper (GPU scale)")
-    unlabeled: tuple[str, ...] = F((), "unlabeled sources (default: the built-in default data)")
-    labels_csv: str = F("", "labeled target CSV (default: the built-in default data)")
-    subset: str = F("frac0.1", "labeled few-shot subset used for adaptation and evaluation")
+    preset: str = F("quick", "quick (2-core CPU, ~15 min on the built-in data) | paper (GPU scale)")
+    unlabeled: tuple[str, ...] = F((), "unlabeled sources to pretrain on (default: the built-in default data)")
+    labels_csv: str = F("", "labeled target CSV path,label[,group_id] (default: the built-in default data)")
+    tile_size: int = F(64, "working resolution of every tile (px)")
+    split_seed: int = F(0, "seed of the group split and few-shot subsets of the target data")
+    subset: str = F("frac0.25", "labeled few-shot subset used for adaptation, synthesis and evaluation")
     seeds: tuple[int, ...] = F((0, 1, 2), "evaluation seeds")
+    ratios: tuple[float, ...] = F((1.0,), "synthetic ratios to evaluate (sampling makes the largest)")
+    finetune_decoder: bool = F(True, "fine-tune the decoder with an auxiliary classifier before sampling")
+    ablations: bool = F(False, "also run the no-pretraining ablation and write ablation.md")
+    stage_config: str = F("", "JSON/TOML file of per-stage overrides: {stage: {field: value}}")
+    until: str = F("", "stop after this stage (e.g. pretrain); empty: the whole chain")
 
 
 STAGE_CONFIGS: dict[str, type] = {
@@ -237,6 +267,7 @@ STAGE_CONFIGS: dict[str, type] = {
     "sample": SampleConfig,
     "select": SelectConfig,
     "evaluate": EvaluateConfig,
+    "score": ScoreConfig,
     "report": ReportConfig,
     "run": RunConfig,
 }
@@ -316,7 +347,9 @@ def config_from_dict(cls: type, d: dict, base: Any = None) -> Any:
     if unknown:
         raise HistoError(f"unknown config field(s) for {cls.__name__}: {unknown}; known: {sorted(names)}")
     kw = {k: coerce(cls, k, v) for k, v in d.items()}
-    return dataclasses.replace(base, **kw) if base is not None else cls(**kw)
+    cfg = dataclasses.replace(base, **kw) if base is not None else cls(**kw)
+    validate_config(cfg)
+    return cfg
 
 
 def load_config_file(path: str | Path) -> dict:
@@ -340,3 +373,80 @@ def help_of(cls: type, name: str) -> str:
         if f.name == name:
             return f.metadata.get("help", "")
     raise KeyError(name)
+
+
+# --------------------------------------------------------------------------------------------
+# Value checks (ranges and choices), applied to every config built from flags or a config file,
+# so a bad value is refused before a stage writes anything. Stages keep their own input checks.
+# --------------------------------------------------------------------------------------------
+def _at_least(lo):
+    return lambda v: v >= lo, f">= {lo}"
+
+
+def _above(lo):
+    return lambda v: v > lo, f"> {lo}"
+
+
+def _within(lo, hi, hi_open: bool = False):
+    return (lambda v: lo <= v < hi) if hi_open else (lambda v: lo <= v <= hi), \
+        f"in [{lo}, {hi}{')' if hi_open else ']'}"
+
+
+def _one_of(*choices):
+    return lambda v: v in choices, f"one of {', '.join(choices)}"
+
+
+def _each(rule):
+    ok, what = rule
+    return lambda v: all(ok(x) for x in v), f"a list of values {what}"
+
+
+_PRECISION = _one_of("no", "bf16", "fp16")
+_COMMON_RULES = {"steps": _at_least(1), "batch_size": _at_least(1), "lr": _above(0), "num_workers": _at_least(0),
+                 "shard_size": _at_least(1), "keep_checkpoints": _at_least(0), "checkpoint_every": _at_least(0),
+                 "mixed_precision": _PRECISION, "weight_decay": _at_least(0)}
+VALUE_RULES: dict[str, dict] = {
+    "PrepareConfig": {"kind": _one_of("labeled", "unlabeled", "auto"), "tile_size": _at_least(1),
+                      "val_frac": _within(0, 1, True), "test_frac": _within(0, 1, True),
+                      "min_tissue": _within(0, 1), "min_saturation": _within(0, 1), "max_ink": _within(0, 1),
+                      "image_mode": _one_of("convert", "refuse"), "tissue_method": _one_of("fixed", "otsu"),
+                      "fewshot_fracs": _each(_within(0, 1)), "fewshot_k": _each(_at_least(1))},
+    "AutoencoderConfig": {"latent_channels": _at_least(1), "layers_per_block": _at_least(1), "crop": _at_least(0),
+                          "kl_weight": _at_least(0), "adv_weight": _at_least(0), "lpips_weight": _at_least(0),
+                          "holdout": _at_least(0), "eval_every": _at_least(0),
+                          "block_out_channels": _each(_at_least(1))},
+    "EncodeConfig": {"scaling_factor": _at_least(0)},
+    "PretrainConfig": {"beta_schedule": _one_of("linear", "scaled_linear", "squaredcos_cap_v2"),
+                       "prediction_type": _one_of("epsilon", "v_prediction"), "loss": _one_of("l1", "l2"),
+                       "num_train_timesteps": _at_least(2), "grad_accum": _at_least(1), "warmup": _at_least(0),
+                       "ema_decay": _within(0, 1, True), "grad_clip": _at_least(0), "sample_every": _at_least(0),
+                       "layers_per_block": _at_least(1), "weights": _each(_at_least(0)),
+                       "block_out_channels": _each(_at_least(1))},
+    "LatentClassifierConfig": {"width": _at_least(1), "depth": _at_least(1), "max_timestep": _at_least(0),
+                               "checkpoint_every": _at_least(1)},
+    "FinetuneDecoderConfig": {"aux_weight": _at_least(0), "aux_steps": _at_least(0), "checkpoint_every": _at_least(1)},
+    "SampleConfig": {"scheduler": _one_of("ddim", "dpmsolver++"), "eta": _within(0, 1), "scale": _at_least(0),
+                     "n_per_class": _at_least(0), "ratio": _at_least(0)},
+    "SelectConfig": {"feature_steps": _at_least(1), "min_confidence": _within(0, 1),
+                     "memorization_quantile": _within(0, 1), "max_ratio": _at_least(0)},
+    "EvaluateConfig": {"arms": _each(_one_of("real", "classic", "selected", "unselected")), "epochs": _at_least(1),
+                       "steps_per_epoch": _at_least(0), "ratios": _each(_above(0))},
+}
+
+
+def validate_config(cfg: Any) -> None:
+    """Raise a HistoError naming the first field whose value is out of range or not an allowed choice."""
+    name = type(cfg).__name__
+    rules = VALUE_RULES.get(name)
+    if rules is None:
+        return
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    for field_name in sorted(fields):
+        rule = rules.get(field_name) or _COMMON_RULES.get(field_name)
+        if rule is None:
+            continue
+        ok, what = rule
+        value = getattr(cfg, field_name)
+        if not ok(value):
+            shown = list(value) if isinstance(value, tuple) else value
+            raise HistoError(f"config field {field_name} ({name}.{field_name}) must be {what}, not {shown!r}")

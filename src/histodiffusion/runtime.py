@@ -161,11 +161,13 @@ def check_format_version(meta: dict, path: str | os.PathLike) -> None:
                          f"format_version {FORMAT_VERSION}. Re-create it with this version.")
 
 
-def start_run_dir(out: str | os.PathLike, config: Any, stage: str, is_main: bool = True) -> Path:
+def start_run_dir(out: str | os.PathLike, config: Any, stage: str, is_main: bool = True,
+                  neutral: tuple[str, ...] = ()) -> Path:
     """Create `out` and write the resolved config as config.json first.
 
     Re-running with the same config resumes; a different config in an existing run directory is an
-    error (the user picks another --out or deletes the old run), so two runs never mix.
+    error (the user picks another --out or deletes the old run), so two runs never mix. Fields named in
+    `neutral` (and _RESUME_NEUTRAL) may differ: they do not change the artifacts (e.g. a sampling batch size).
     """
     from .config import config_to_dict
 
@@ -178,9 +180,13 @@ def start_run_dir(out: str | os.PathLike, config: Any, stage: str, is_main: bool
         check_format_version(old, path)
         if old.get("stage") != stage:
             raise HistoError(f"{out} is a run directory of stage {old.get('stage')!r}, not {stage!r}")
-        if _comparable(old.get("config")) != _comparable(cfg["config"]):
+        if _comparable(old.get("config"), neutral) != _comparable(cfg["config"], neutral):
             diff = sorted(k for k in set(old["config"]) | set(cfg["config"])
                           if old["config"].get(k) != cfg["config"].get(k))
+            if {p.name for p in out.iterdir()} <= _STARTED_ONLY:  # a run refused before it produced anything
+                if is_main:
+                    write_json_atomic(path, cfg)
+                return out
             raise HistoError(f"{out} holds a run with a different config (fields {diff}); "
                              f"use another output directory or delete it")
     elif is_main:
@@ -189,11 +195,12 @@ def start_run_dir(out: str | os.PathLike, config: Any, stage: str, is_main: bool
     return out
 
 
+_STARTED_ONLY = {CONFIG_FILE, "log.txt"}  # what a run refused at its input checks leaves behind
 _RESUME_NEUTRAL = {"out", "num_workers", "resume", "progress", "batch_size_eval", "device"}
 
 
-def _comparable(cfg: dict | None) -> dict:
-    return {k: v for k, v in (cfg or {}).items() if k not in _RESUME_NEUTRAL}
+def _comparable(cfg: dict | None, neutral: tuple[str, ...] = ()) -> dict:
+    return {k: v for k, v in (cfg or {}).items() if k not in _RESUME_NEUTRAL and k not in neutral}
 
 
 # --------------------------------------------------------------------------------------------

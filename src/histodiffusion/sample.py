@@ -327,7 +327,7 @@ def generate(items: list[dict], m: dict, cfg: SampleConfig, window: tuple[int, i
 # --------------------------------------------------------------------------------------------------
 def run(cfg: SampleConfig) -> Path:
     acc = make_accelerator()
-    out = start_run_dir(cfg.out, cfg, "sample", acc.is_main_process)
+    out = start_run_dir(cfg.out, cfg, "sample", acc.is_main_process, neutral=("batch_size",))
     acc.wait_for_everyone()
     log = get_logger(log_file=out / "log.txt", is_main=acc.is_main_process)
     if is_complete(out):

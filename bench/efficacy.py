@@ -1,0 +1,101 @@
+"""Efficacy benchmark on real data (run by hand; not part of CI).
+
+Pretrain on ../shared/data/unlabeled_he, target ../shared/data/lc25000_lung at 64 px, few-shot 5% and
+10% of the train groups, 3 seeds; arms real / classic / selected / unselected at the given ratios and the
+no-pretraining ablation. The unlabeled preparation, autoencoder, latent caches and pretrained UNet are
+made once (in the first fraction's run directory) and reused by the other fractions.
+
+    .venv/bin/python bench/efficacy.py --out bench/out/efficacy
+
+Writes <out>/results.md (one table over fractions) and prints it; each fraction's run directory holds
+the full report.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("HISTODIFFUSION_SHARED", REPO.parent / "shared" / "data"))
+SHARED_STAGES = ("data/unlabeled", "data/target", "ae", "cache/unlabeled", "cache/target", "ldm")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=str(REPO / "bench" / "out" / "efficacy"))
+    p.add_argument("--fractions", default="0.05,0.1")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--ratios", default="1,2")
+    p.add_argument("--preset", default="quick")
+    p.add_argument("--stage-config", default=str(REPO / "bench" / "efficacy_stages.json"),
+                   help="per-stage overrides (JSON)")
+    p.add_argument("--until", default="", help="stop every fraction after this stage (e.g. pretrain)")
+    p.add_argument("--no-ablations", action="store_true")
+    args = p.parse_args()
+    if not (SHARED / "lc25000_lung" / "labels.csv").is_file():
+        sys.exit(f"needs the real data in {SHARED}")
+
+    from histodiffusion.config import RunConfig
+    from histodiffusion.pipeline import run
+
+    out = Path(args.out)
+    fracs = [float(f) for f in args.fractions.split(",")]
+    first = None
+    t0 = time.time()
+    for frac in fracs:
+        rd = out / f"frac{frac:g}"
+        if first is not None:  # reuse the pretraining stages (and the identical target preparation)
+            for rel in SHARED_STAGES:
+                src, dst = first / rel, rd / rel
+                if src.is_dir() and not dst.exists():
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copytree(src, dst, symlinks=True)
+        cfg = RunConfig(
+            out=str(rd), preset=args.preset,
+            unlabeled=tuple(str(p) for p in sorted((SHARED / "unlabeled_he").iterdir())),
+            labels_csv=str(SHARED / "lc25000_lung" / "labels.csv"),
+            subset=f"frac{frac:g}", seeds=tuple(int(s) for s in args.seeds.split(",")),
+            ratios=tuple(float(r) for r in args.ratios.split(",")), ablations=not args.no_ablations,
+            stage_config=args.stage_config, until=args.until)
+        run(cfg)
+        first = first or rd
+        if args.until:
+            break
+    if args.until:
+        return
+    table = results_table(out, fracs)
+    (out / "results.md").write_text(table)
+    print(table)
+    print(f"total {time.time() - t0:.0f} s")
+
+
+def results_table(out: Path, fracs: list[float]) -> str:
+    lines = ["| labels | arm | accuracy mean [95% CI] | macro-F1 mean [95% CI] | delta acc vs real [95% CI] |",
+             "|---|---|---|---|---|"]
+    for frac in fracs:
+        for suffix, tag in (("", ""), ("_nopretrain", " (no pretraining)")):
+            path = out / f"frac{frac:g}" / f"eval{suffix}" / "metrics.json"
+            if not path.is_file():
+                continue
+            m = json.loads(path.read_text())
+            for arm, res in m["arms"].items():
+                if suffix and arm in ("real", "classic"):
+                    continue
+                d = m.get("deltas", {}).get(arm, {}).get("accuracy")
+                lines.append(f"| {frac:.0%} | {arm}{tag} | {fmt(res['accuracy'])} | {fmt(res['macro_f1'])} | "
+                             f"{fmt(d) if d else '—'} |")
+    return "\n".join(lines) + "\n"
+
+
+def fmt(d: dict) -> str:
+    lo, hi = d["ci95"]
+    return f"{d['mean']:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""End-to-end CLI smoke test: `histodiffusion run` on tiny settings, every artifact of every stage,
+and a second invocation that skips every finished stage."""
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from histodiffusion.data import default
+
+TINY = {
+    "prepare-unlabeled": {"stride": 16},
+    "train-autoencoder": {"block_out_channels": [8, 16, 16], "steps": 12, "batch_size": 8, "crop": 0,
+                          "holdout": 8, "eval_every": 6, "checkpoint_every": 6},
+    "pretrain": {"block_out_channels": [16, 32], "steps": 12, "batch_size": 8, "warmup": 2, "sample_every": 6,
+                 "checkpoint_every": 6, "attention": False},
+    "train-latent-classifier": {"width": 16, "steps": 12, "batch_size": 16, "checkpoint_every": 6},
+    "finetune-decoder": {"steps": 4, "aux_steps": 6, "batch_size": 8, "checkpoint_every": 2},
+    "sample": {"steps": 4, "batch_size": 8},
+    "select": {"feature_steps": 6},
+    "evaluate": {"epochs": 1},
+}
+
+
+def _run(out: Path, cfg: Path) -> subprocess.CompletedProcess:
+    src = [str(p) for p in default.unlabeled_sources() if p.name.startswith(("stardist", "slideflow"))]
+    cmd = [sys.executable, "-m", "histodiffusion", "run", "--out", str(out), "--tile-size", "16",
+           "--unlabeled", ",".join(src), "--seeds", "0,1", "--subset", "frac0.1", "--ratios", "0.5", "--stage-config", str(cfg)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_run_end_to_end_and_skip(tmp_path):
+    cfg = tmp_path / "tiny.json"
+    cfg.write_text(json.dumps(TINY))
+    out = tmp_path / "run"
+    r = _run(out, cfg)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    complete = lambda p: (out / p / "_COMPLETE.json").is_file()  # noqa: E731
+    # 1. every stage's artifacts
+    for d in ("data/unlabeled", "data/target"):
+        assert complete(d) and (out / d / "manifest.csv").is_file() and (out / d / "meta.json").is_file()
+        assert list((out / d / "shards").glob("pixels_*.safetensors"))
+    assert (out / "data/target/subsets/frac0.1.csv").is_file()
+    assert complete("ae") and (out / "ae/model/vae/config.json").is_file()
+    assert list((out / "ae/model/vae").glob("*.safetensors"))
+    for c in ("cache/unlabeled", "cache/target"):
+        assert complete(c) and (out / c / "index.csv").is_file() and list((out / c).glob("latents_*.safetensors"))
+    assert complete("ldm")
+    for sub in ("unet_ema", "scheduler", "vae"):
+        assert (out / "ldm/model" / sub).is_dir()
+    assert complete("adapt/latent_classifier") and (out / "adapt/latent_classifier/model/config.json").is_file()
+    assert complete("adapt/decoder") and (out / "adapt/decoder/model/vae/config.json").is_file()
+    with open(out / "samples/samples.csv") as f:
+        samples = list(csv.DictReader(f))
+    classes = json.loads((out / "data/target/meta.json").read_text())["classes"]
+    real = [r["label"] for r in csv.DictReader(open(out / "cache/target/index.csv"))
+            if r["id"] in {x["id"] for x in csv.DictReader(open(out / "data/target/subsets/frac0.1.csv"))}]
+    for c in classes:  # ratio 0.5 of the real count of every class
+        assert sum(r["target"] == c for r in samples) == round(0.5 * real.count(c))
+    assert sorted(p.name for p in (out / "samples/images").glob("*.png")) == sorted(Path(r["file"]).name for r in samples)
+    with open(out / "samples/filtered.csv") as f:
+        assert sorted(r["id"] for r in csv.DictReader(f)) == sorted(r["id"] for r in samples)
+    metrics = json.loads((out / "eval/metrics.json").read_text())
+    assert {"real", "classic"} <= set(metrics["arms"])
+    assert (out / "eval/per_seed.csv").is_file()
+    assert (out / "report/index.html").is_file() and (out / "report/report.md").is_file()
+    for stage_dir in ("ae", "ldm", "adapt/latent_classifier", "samples", "eval"):
+        assert (out / stage_dir / "config.json").is_file()
+    assert "report:" in r.stderr
+
+    # 2. a second invocation skips every finished stage
+    r2 = _run(out, cfg)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    timings = (out / "timings.md").read_text()
+    assert "| ran |" not in timings and timings.count("| skipped |") >= 12
+    assert r2.stderr.count("complete, skipped") >= 12
+
+
+def test_run_refuses_other_config_in_same_dir(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"format_version": 1, "version": "0", "stage": "run",
+                                                 "config": {"out": str(out), "preset": "paper"}}))
+    (out / "data").mkdir()  # the other run had started producing artifacts
+    from histodiffusion.cli import main
+
+    assert main(["run", "--out", str(out)]) == 2
