@@ -92,20 +92,24 @@ def run(cfg: EncodeConfig) -> Path:
     # 1. each rank encodes its shards (r, r+W, ...), one shard in memory at a time
     mine = list(range(rank, len(shards), world))
     bar = progress(total=sum(len(shards[s]) for s in mine), desc="encode", disable=not main)
-    with torch.inference_mode():
-        for s in mine:
-            means, stds = [], []
-            for b in range(0, len(shards[s]), cfg.batch_size):
-                chunk = shards[s][b:b + cfg.batch_size]
-                x = torch.stack([dihedral(ds[i][0], k) for i, k in chunk])
-                m, sd = encode_posterior(vae, x)
-                means.append(m)
-                stds.append(sd)
-                bar.update(len(chunk))
-            mean, std = torch.cat(means), torch.cat(stds)
-            save_file({"mean": mean.contiguous(), "std": std.contiguous()}, str(tmp / latent_shard_name(s)),
-                      metadata={"format_version": str(format_meta()["format_version"]), "first_row":
-                                str(s * cfg.shard_size)})
+    try:
+        with torch.inference_mode():
+            for s in mine:
+                means, stds = [], []
+                for b in range(0, len(shards[s]), cfg.batch_size):
+                    chunk = shards[s][b:b + cfg.batch_size]
+                    x = torch.stack([dihedral(ds[i][0], k) for i, k in chunk])
+                    m, sd = encode_posterior(vae, x)
+                    means.append(m)
+                    stds.append(sd)
+                    bar.update(len(chunk))
+                mean, std = torch.cat(means), torch.cat(stds)
+                # one metadata key: safetensors writes a metadata map in random key order (bytes would vary)
+                save_file({"mean": mean.contiguous(), "std": std.contiguous()}, str(tmp / latent_shard_name(s)),
+                          metadata={"format_version": str(format_meta()["format_version"])})
+    except BaseException:  # unreadable shard, interrupt, ...: leave no temporary cache behind
+        _remove(tmp)
+        raise
     bar.close()
     acc.wait_for_everyone()
 

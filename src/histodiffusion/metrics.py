@@ -216,9 +216,11 @@ def precision_recall(real_feats, fake_feats, k: int = 3) -> dict:
         raise HistoError(f"precision_recall needs more than k={k} real and fake samples "
                          f"(got {len(real)} real, {len(fake)} fake)")
 
-    def radii(x):
-        d = _cdist(x, x)
-        return np.sort(d, axis=1)[:, k]  # column 0 is the point itself
+    def radii(x, rows: int = 1024):  # k-th neighbour distance, in row blocks: memory O(rows * N), not O(N^2)
+        out = np.empty(len(x))
+        for s in range(0, len(x), rows):
+            out[s:s + rows] = np.partition(_cdist(x[s:s + rows], x), k, axis=1)[:, k]  # column 0: the point itself
+        return out
 
     def coverage(manifold, r, probe):
         return float(np.mean((_cdist(probe, manifold) <= r[None, :]).any(axis=1)))

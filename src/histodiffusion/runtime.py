@@ -148,7 +148,33 @@ def is_complete(directory: str | os.PathLike) -> bool:
     return (Path(directory) / COMPLETE_MARKER).is_file()
 
 
+_TEMP_RE = re.compile(r"^\..+\.(?:tmp|old)-(\d+)$")  # atomic_path's temporaries: .<name>.tmp-<pid>
+
+
+def remove_stale_temps(directory: str | os.PathLike) -> None:
+    """Delete atomic_path temporaries under `directory` whose writer process is gone (killed runs)."""
+    for root, dirs, files in os.walk(directory):
+        for name in list(dirs) + files:
+            m = _TEMP_RE.match(name)
+            if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+                _remove(Path(root) / name)
+                if name in dirs:
+                    dirs.remove(name)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def mark_complete(directory: str | os.PathLike, **info: Any) -> None:
+    """Write the completion marker (last), after removing temporaries left by killed runs."""
+    remove_stale_temps(directory)
     write_json_atomic(Path(directory) / COMPLETE_MARKER,
                       {"format_version": FORMAT_VERSION, "version": __version__, "finished": time.time(), **info})
 

@@ -27,7 +27,7 @@ from .artifacts import (INDEX, LDM_SCHEDULER, LDM_UNET, LDM_VAE, MODEL_INFO, SAM
                         read_dataset, read_meta, subset_ids)
 from .config import SampleConfig
 from .guidance import classifier_grad, eps_from_output, guided_eps, in_window
-from .runtime import (HistoError, atomic_path, get_logger, is_complete, make_accelerator, mark_complete, read_csv,
+from .runtime import (HistoError, atomic_path, check_format_version, get_logger, is_complete, make_accelerator, mark_complete, read_csv,
                       read_json, sha256_dir, start_run_dir, write_csv_atomic)
 
 SCHEDULERS = ("ddim", "dpmsolver++")
@@ -144,6 +144,8 @@ def load_models(cfg: SampleConfig) -> dict:
     vae = load_vae(vae_dir)
     clf, cinfo, clf_id = load_latent_classifier(cfg.classifier)
     ldm_info = read_json(model_dir / MODEL_INFO, "LDM info") if (model_dir / MODEL_INFO).is_file() else {}
+    if ldm_info:
+        check_format_version(ldm_info, model_dir / MODEL_INFO)
     # the classifier, the UNet and the decoder must share one latent space (same encoder, same scaling)
     latent_hash = vae_latent_hash(vae_dir)
     for what, h in (("autoencoder " + str(vae_dir), latent_hash), ("LDM " + str(model_dir), ldm_info.get("vae_hash"))):
@@ -331,6 +333,8 @@ def run(cfg: SampleConfig) -> Path:
     acc.wait_for_everyone()
     log = get_logger(log_file=out / "log.txt", is_main=acc.is_main_process)
     if is_complete(out):
+        if acc.is_main_process:  # a run killed after its completion marker: drop the progress files
+            shutil.rmtree(out / PROGRESS_DIR, ignore_errors=True)
         log.info("samples already complete: %s", out)
         return out
     m = load_models(cfg)

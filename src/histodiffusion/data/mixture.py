@@ -112,8 +112,10 @@ def make_loader(dataset: MixtureDataset, index: EpochIndex, start: int, num_work
     """Endless iterator of (x, source, ids) batches for this rank from micro-batch `start` on."""
     from torch.utils.data import DataLoader
 
+    # its own generator: creating the iterator must not draw from the global RNG, whose state a
+    # checkpoint restores (else a resumed run's noise would be shifted by one draw)
     return iter(DataLoader(dataset, batch_sampler=index.batches(start), collate_fn=collate,
-                           num_workers=num_workers))
+                           num_workers=num_workers, generator=torch.Generator().manual_seed(start)))
 
 
 class IdRecorder:

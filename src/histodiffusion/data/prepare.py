@@ -136,15 +136,22 @@ def _square_tile(path: Path, tile_size: int, image_mode: str) -> np.ndarray:
 def _add_labeled(w: DatasetWriter, cfg: PrepareConfig, skips: _Skips, log) -> tuple[dict, list[dict]]:
     root, entries = _labeled_entries(cfg, skips)
     sources = []
+    seen: dict[str, tuple[str, str]] = {}  # sha256 -> (path, group): one image in two groups could leak across splits
     for f, rel, label, group in progress(entries, desc="prepare", mininterval=2.0):
+        sha = sha256_file(f)
+        if sha in seen and (seen[sha][1] != group or seen[sha][0] == rel):
+            raise HistoError(f"{rel} has the same content as {seen[sha][0]} (groups {group!r} and {seen[sha][1]!r}): "
+                             f"listed twice or copied; duplicates in two groups can land in two splits (train/test "
+                             f"leak): remove one, or give both one group_id")
+        seen.setdefault(sha, (rel, group))
         try:
             tile = _square_tile(f, cfg.tile_size, cfg.image_mode)
         except slides.UnreadableImage as e:  # ImageTooSmall is always an error (no upscaling)
             skips.add(f, str(e))
             continue
         w.add(tile, id=Path(rel).with_suffix("").as_posix(), source=rel, path=rel, label=label, group=group)
-        sources.append({"path": rel, "sha256": sha256_file(f)})
-    present = Counter(r["label"] for r in w.rows)
+        sources.append({"path": rel, "sha256": sha})
+    present = Counter(r["label"] for r in w.iter_rows())
     lost = sorted({e[2] for e in entries} - set(present))
     if lost:
         raise HistoError(f"class(es) {lost} have no readable image (see skipped files); nothing written")
@@ -251,37 +258,39 @@ def run(cfg: PrepareConfig) -> Path:
     try:
         if kind == "labeled":
             source_info, sources = _add_labeled(writer, cfg, skips, log)
-            groups = group_labels(writer.rows)
-            split = split_groups(groups, cfg.val_frac, cfg.test_frac, cfg.seed)
-            for r in writer.rows:
-                r["split"] = split[r["group"]]
+            groups = group_labels(writer.iter_rows())
+            split = split_groups(groups, cfg.val_frac, cfg.test_frac, cfg.seed)  # applied by finish()
             fs = fewshot_groups(groups, split, cfg.fewshot_fracs, cfg.fewshot_k, cfg.seed)
             fs_sets = {name: set(gs) for name, gs in fs.items()}
-            subsets = {name: [r["id"] for r in writer.rows if r["group"] in gs] for name, gs in fs_sets.items()}
+            subsets = {name: [] for name in fs_sets}
+            for r in writer.iter_rows():
+                for name, gs in fs_sets.items():
+                    if r["group"] in gs:
+                        subsets[name].append(r["id"])
             classes = sorted(set(groups.values()))
         else:
             source_info, sources = _add_unlabeled(writer, cfg, skips, log)
-            subsets, classes = {}, []
-        if not writer.rows:
+            subsets, classes, split = {}, [], None
+        if not writer.count:
             raise HistoError(f"no tiles kept from the inputs (all background or unreadable); nothing written to {out}")
-        tile_hashes = {r["hash"]: r["id"] for r in writer.rows}
+        tile_hashes = {r["hash"]: r["id"] for r in writer.iter_rows()} if cfg.exclude else {}
         source_hashes = {s["sha256"]: s["path"] for s in sources}
         for ex in cfg.exclude:
             example = find_overlap(source_hashes, tile_hashes, ex)
             if example:
                 raise HistoError(f"new dataset {out} shares images with excluded dataset {ex} (leakage): {example}")
-        tiles, groups_count = _counts(writer.rows)
+        tiles, groups_count = _counts(writer.iter_rows(split))
         meta = {"name": cfg.name or out.name, "kind": kind, "classes": classes, "tile_size": cfg.tile_size,
                 "resolution": _resolution(cfg, source_info),
-                "count": len(writer.rows), "counts": tiles, "group_counts": groups_count,
+                "count": writer.count, "counts": tiles, "group_counts": groups_count,
                 "subsets": {k: len(v) for k, v in subsets.items()}, "sources": source_info,
                 "skipped": skips.summary(), "seconds": round(time.time() - t0, 1), "config": cfg_dict}
         write_csv_atomic(writer.tmp / SOURCES_CSV, sources, SOURCES_COLUMNS)
         write_json_atomic(writer.tmp / CONFIG_FILE, {"format_version": FORMAT_VERSION, "version": __version__,
                                                      "stage": "prepare", "config": cfg_dict})
-        writer.finish(meta, subsets)
+        writer.finish(meta, subsets, split_of=split)
     except BaseException:
         writer.abort()
         raise
-    log.info(f"prepared {kind} dataset {out}: {len(writer.rows)} tiles {tiles} in {time.time() - t0:.1f}s")
+    log.info(f"prepared {kind} dataset {out}: {writer.count} tiles {tiles} in {time.time() - t0:.1f}s")
     return out

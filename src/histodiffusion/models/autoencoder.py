@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..artifacts import MODEL_INFO
-from ..runtime import HistoError, read_json, sha256_dir
+from ..runtime import HistoError, check_format_version, read_json, sha256_dir
 
 
 def norm_groups(channels) -> int:
@@ -62,6 +62,8 @@ def load_vae(folder: str | Path):
     from diffusers import AutoencoderKL
 
     folder = check_vae_folder(folder)
+    if (folder / MODEL_INFO).is_file():  # written by histodiffusion (a foreign diffusers VAE has none)
+        check_format_version(read_json(folder / MODEL_INFO, "autoencoder info"), folder / MODEL_INFO)
     try:
         vae = AutoencoderKL.from_pretrained(str(folder))
     except Exception as e:

@@ -21,7 +21,7 @@ from diffusers.models.resnet import Downsample2D, ResnetBlock2D
 from torch import nn
 
 from ..artifacts import MODEL_INFO, model_info
-from ..runtime import HistoError, sha256_dir
+from ..runtime import HistoError, check_format_version, sha256_dir
 
 
 class LatentClassifier(ModelMixin, ConfigMixin):
@@ -70,9 +70,13 @@ def load_latent_classifier(directory: str | Path) -> tuple[LatentClassifier, dic
     if not (directory / "config.json").is_file() or not (directory / MODEL_INFO).is_file():
         raise HistoError(f"not an exported latent classifier (needs config.json and {MODEL_INFO}): {directory}")
     info = model_info(directory)
+    check_format_version(info, directory / MODEL_INFO)
     if info.get("kind") != "latent_classifier":
         raise HistoError(f"{directory / MODEL_INFO} describes a {info.get('kind')!r}, not a latent_classifier")
-    model = LatentClassifier.from_pretrained(str(directory))
+    try:
+        model = LatentClassifier.from_pretrained(str(directory))
+    except (OSError, ValueError, RuntimeError) as e:  # missing or truncated weights
+        raise HistoError(f"cannot load latent classifier from {directory}: {type(e).__name__}: {e}") from None
     model.eval().requires_grad_(False)
     return model, info, sha256_dir(directory)
 

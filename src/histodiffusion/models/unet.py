@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..artifacts import LDM_SCHEDULER, LDM_UNET, LDM_VAE, MODEL_INFO
-from ..runtime import HistoError, read_json
+from ..runtime import HistoError, check_format_version, read_json
 from .autoencoder import norm_groups
 
 
@@ -104,5 +104,6 @@ def load_ldm(model_dir: str | Path) -> dict:
     if not (model_dir / MODEL_INFO).is_file():
         raise HistoError(f"{model_dir} is not an exported LDM folder ({MODEL_INFO} missing; run pretrain)")
     info = read_json(model_dir / MODEL_INFO, "LDM info")
+    check_format_version(info, model_dir / MODEL_INFO)
     return {"unet": load_unet(model_dir / LDM_UNET), "scheduler": load_scheduler(model_dir / LDM_SCHEDULER),
             "vae": load_vae(model_dir / LDM_VAE), "info": info, "dir": model_dir}
