@@ -35,6 +35,9 @@ def main() -> None:
     p.add_argument("--stage-config", default=str(REPO / "bench" / "efficacy_stages.json"),
                    help="per-stage overrides (JSON)")
     p.add_argument("--until", default="", help="stop every fraction after this stage (e.g. pretrain)")
+    p.add_argument("--pretrained-from", default="",
+                   help="run directory whose data/, ae/, cache/ and ldm/ are reused (default: the first fraction's)")
+    p.add_argument("--table-only", action="store_true", help="only (re)write results.md from finished runs")
     p.add_argument("--no-ablations", action="store_true")
     args = p.parse_args()
     if not (SHARED / "lc25000_lung" / "labels.csv").is_file():
@@ -45,11 +48,13 @@ def main() -> None:
 
     out = Path(args.out)
     fracs = [float(f) for f in args.fractions.split(",")]
-    first = None
+    if args.table_only:
+        return write_table(out, fracs)
+    first = Path(args.pretrained_from) if args.pretrained_from else out / f"frac{fracs[0]:g}"
     t0 = time.time()
     for frac in fracs:
         rd = out / f"frac{frac:g}"
-        if first is not None:  # reuse the pretraining stages (and the identical target preparation)
+        if first != rd:  # reuse the pretraining stages (and the identical target preparation)
             for rel in SHARED_STAGES:
                 src, dst = first / rel, rd / rel
                 if src.is_dir() and not dst.exists():
@@ -63,15 +68,17 @@ def main() -> None:
             ratios=tuple(float(r) for r in args.ratios.split(",")), ablations=not args.no_ablations,
             stage_config=args.stage_config, until=args.until)
         run(cfg)
-        first = first or rd
         if args.until:
             break
-    if args.until:
-        return
+    if not args.until:
+        write_table(out, fracs)
+    print(f"total {time.time() - t0:.0f} s")
+
+
+def write_table(out: Path, fracs: list[float]) -> None:
     table = results_table(out, fracs)
     (out / "results.md").write_text(table)
     print(table)
-    print(f"total {time.time() - t0:.0f} s")
 
 
 def results_table(out: Path, fracs: list[float]) -> str:

@@ -19,3 +19,16 @@ def shared_data() -> Path:
     if not (LUNG / "labels.csv").is_file() or not UNLABELED.is_dir():
         pytest.skip(f"needs the real data in {SHARED} (absent on this machine)")
     return SHARED
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Torch on one thread in every test: like the CLI subprocesses and torchrun workers the tests start
+    (OMP_NUM_THREADS=1), so in-process and subprocess results are bit-identical, and two cores are not
+    oversubscribed."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

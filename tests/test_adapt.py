@@ -16,13 +16,6 @@ from histodiffusion.runtime import HistoError
 from helpers_sample import make_labeled_cache, make_ldm
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def target(tmp_path_factory):

@@ -26,13 +26,6 @@ from histodiffusion.cli import main
 ARTIFACT_OK = {"config.json", "log.txt"}  # what a stage may have written before it refused the input
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(autouse=True)
 def _fresh_log_handlers():

@@ -12,13 +12,6 @@ from histodiffusion.sample import guided_sample, make_scheduler
 from helpers_sample import ToyClassifier
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def toy_grad_by_hand(z, y, w):
     """d/dz log softmax([-m, m])[y], m = w * mean(z[:, 0]): only channel 0 gets gradient."""

@@ -39,13 +39,6 @@ REPO = Path(__file__).resolve().parents[1]
 KILL_TIMEOUT = 180  # seconds to wait for the kill trigger (generous: a busy 2-core machine)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the subprocesses run with OMP_NUM_THREADS=1: same kernels, same bits
-    yield
-    torch.set_num_threads(n)
-
 
 def _env() -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")

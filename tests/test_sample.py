@@ -22,13 +22,6 @@ from helpers_sample import ToyClassifier, make_labeled_cache, make_latent_classi
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # as torchrun's workers (OMP_NUM_THREADS=1): same kernels, same bits
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):

@@ -124,7 +124,7 @@ def _sources(cfg: C.RunConfig) -> tuple[tuple[str, ...], str]:
 
 
 def run(cfg: C.RunConfig) -> Path:
-    root = start_run_dir(cfg.out, cfg, "run")
+    root = start_run_dir(cfg.out, cfg, "run", neutral=("until",))
     log = get_logger(log_file=root / "log.txt")
     steps = plan(cfg)
     if cfg.until:

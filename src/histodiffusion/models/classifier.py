@@ -7,13 +7,13 @@ with weights_only=True). Nothing is ever downloaded.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..runtime import HistoError, write_json_atomic
+from .. import FORMAT_VERSION
+from ..runtime import HistoError, check_format_version, read_json, write_json_atomic
 
 
 class SmallCNN(nn.Module):
@@ -120,7 +120,7 @@ def save_classifier(model: nn.Module, directory: str | Path, info: dict) -> None
         tmp.mkdir(parents=True)
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"))
-        write_json_atomic(tmp / "classifier.json", info)
+        write_json_atomic(tmp / "classifier.json", {"format_version": FORMAT_VERSION, **info})
 
 
 def load_classifier(directory: str | Path) -> tuple[nn.Module, dict]:
@@ -128,7 +128,8 @@ def load_classifier(directory: str | Path) -> tuple[nn.Module, dict]:
     info_path = directory / "classifier.json"
     if not info_path.is_file():
         raise HistoError(f"not a saved classifier (no classifier.json): {directory}")
-    info = json.loads(info_path.read_text())
+    info = read_json(info_path, "classifier info")
+    check_format_version(info, info_path)
     model = build_classifier(info["name"], len(info["classes"]), int(info["image_size"]))
     state = load_state_dict(directory / "model.safetensors")
     model.load_state_dict(state)
