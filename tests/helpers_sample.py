@@ -118,3 +118,12 @@ class ToyClassifier(torch.nn.Module):
     def forward(self, z, t):
         m = z[:, 0].mean(dim=(1, 2)) * self.w
         return torch.stack([-m, m], dim=1)
+
+
+def make_guided_chain(tmp: str | Path, n: int) -> dict:
+    """A labeled dataset, its autoencoder and cache, an LDM and a latent classifier, all tiny."""
+    d = Path(tmp)
+    data, vae, cache = make_labeled_cache(d, n=n)
+    ldm = make_ldm(d / "ldm", vae)
+    clf = make_latent_classifier(d / "clf", cache, ldm / "scheduler")
+    return {"data": data, "cache": cache, "ldm": ldm, "clf": clf, "vae": vae}

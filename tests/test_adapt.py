@@ -16,7 +16,6 @@ from histodiffusion.runtime import HistoError
 from helpers_sample import make_labeled_cache, make_ldm
 
 
-
 @pytest.fixture(scope="module")
 def target(tmp_path_factory):
     d = tmp_path_factory.mktemp("adapt")

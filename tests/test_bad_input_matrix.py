@@ -19,12 +19,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from histodiffusion.cli import main
 
 ARTIFACT_OK = {"config.json", "log.txt"}  # what a stage may have written before it refused the input
-
 
 
 @pytest.fixture(autouse=True)

@@ -14,21 +14,16 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from histodiffusion.cli import main
 
 
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from helpers_sample import make_labeled_cache, make_latent_classifier, make_ldm
+    from helpers_sample import make_guided_chain
 
-    d = tmp_path_factory.mktemp("det")
-    _, vae, cache = make_labeled_cache(d, n=20)
-    ldm = make_ldm(d / "ldm", vae)
-    clf = make_latent_classifier(d / "clf", cache, ldm / "scheduler")
-    return ldm, clf
+    chain = make_guided_chain(tmp_path_factory.mktemp("det"), n=20)
+    return chain["ldm"], chain["clf"]
 
 
 def _sample(models, out: Path, batch_size: int, seed: int = 7) -> Path:

@@ -12,7 +12,6 @@ from histodiffusion.sample import guided_sample, make_scheduler
 from helpers_sample import ToyClassifier
 
 
-
 def toy_grad_by_hand(z, y, w):
     """d/dz log softmax([-m, m])[y], m = w * mean(z[:, 0]): only channel 0 gets gradient."""
     m = z[:, 0].mean(dim=(1, 2)) * w

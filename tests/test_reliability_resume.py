@@ -39,7 +39,6 @@ REPO = Path(__file__).resolve().parents[1]
 KILL_TIMEOUT = 180  # seconds to wait for the kill trigger (generous: a busy 2-core machine)
 
 
-
 def _env() -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env.pop("HISTODIFFUSION_RECORD_IDS", None)

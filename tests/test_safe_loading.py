@@ -116,13 +116,9 @@ def _bump(path: Path, version=999) -> None:
 
 @pytest.fixture(scope="module")
 def arts(tmp_path_factory):
-    from helpers_sample import make_labeled_cache, make_latent_classifier, make_ldm
+    from helpers_sample import make_guided_chain
 
-    d = tmp_path_factory.mktemp("fmt")
-    data, vae, cache = make_labeled_cache(d, n=10)
-    ldm = make_ldm(d / "ldm", vae)
-    clf = make_latent_classifier(d / "clf", cache, ldm / "scheduler")
-    return {"data": data, "cache": cache, "ldm": ldm, "clf": clf, "vae": vae}
+    return make_guided_chain(tmp_path_factory.mktemp("fmt"), n=10)
 
 
 def _copy(src, dst):

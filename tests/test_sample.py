@@ -22,7 +22,6 @@ from helpers_sample import ToyClassifier, make_labeled_cache, make_latent_classi
 REPO = Path(__file__).resolve().parents[1]
 
 
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     d = tmp_path_factory.mktemp("models")
