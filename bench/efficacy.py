@@ -30,7 +30,9 @@ def main() -> None:
     p.add_argument("--out", default=str(REPO / "bench" / "out" / "efficacy"))
     p.add_argument("--fractions", default="0.05,0.1")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--ratios", default="1,2")
+    p.add_argument("--ratios", default="0.5,1,2,3")
+    p.add_argument("--oversample", type=float, default=4.0,
+                   help="samples made per the largest ratio's count (selection keeps a fraction of them)")
     p.add_argument("--preset", default="quick")
     p.add_argument("--stage-config", default=str(REPO / "bench" / "efficacy_stages.json"),
                    help="per-stage overrides (JSON)")
@@ -65,7 +67,8 @@ def main() -> None:
             unlabeled=tuple(str(p) for p in sorted((SHARED / "unlabeled_he").iterdir())),
             labels_csv=str(SHARED / "lc25000_lung" / "labels.csv"),
             subset=f"frac{frac:g}", seeds=tuple(int(s) for s in args.seeds.split(",")),
-            ratios=tuple(float(r) for r in args.ratios.split(",")), ablations=not args.no_ablations,
+            ratios=tuple(float(r) for r in args.ratios.split(",")), oversample=args.oversample,
+            ablations=not args.no_ablations,
             stage_config=args.stage_config, until=args.until)
         run(cfg)
         if args.until:
@@ -82,8 +85,8 @@ def write_table(out: Path, fracs: list[float]) -> None:
 
 
 def results_table(out: Path, fracs: list[float]) -> str:
-    lines = ["| labels | arm | accuracy mean [95% CI] | macro-F1 mean [95% CI] | delta acc vs real [95% CI] |",
-             "|---|---|---|---|---|"]
+    lines = ["| labels | arm | synthetic used | accuracy mean [95% CI] | macro-F1 mean [95% CI] "
+             "| delta acc vs real [95% CI] |", "|---|---|---:|---|---|---|"]
     for frac in fracs:
         for suffix, tag in (("", ""), ("_nopretrain", " (no pretraining)")):
             path = out / f"frac{frac:g}" / f"eval{suffix}" / "metrics.json"
@@ -94,9 +97,19 @@ def results_table(out: Path, fracs: list[float]) -> str:
                 if suffix and arm in ("real", "classic"):
                     continue
                 d = m.get("deltas", {}).get(arm, {}).get("accuracy")
-                lines.append(f"| {frac:.0%} | {arm}{tag} | {fmt(res['accuracy'])} | {fmt(res['macro_f1'])} | "
-                             f"{fmt(d) if d else '—'} |")
+                lines.append(f"| {frac:.0%} | {arm}{tag} | {synthetic_used(path.parent, arm)} | {fmt(res['accuracy'])} "
+                             f"| {fmt(res['macro_f1'])} | {fmt(d) if d else '—'} |")
     return "\n".join(lines) + "\n"
+
+
+def synthetic_used(eval_dir: Path, arm: str) -> str:
+    """Synthetic images in the arm's training set (first seed), e.g. '432 (148/139/145)'."""
+    found = sorted((eval_dir / "classifiers").glob(f"{arm}_*/classifier.json"))
+    if not found:
+        return "?"
+    n = json.loads(found[0].read_text()).get("n_synthetic", {})
+    total = sum(n.values())
+    return f"{total} ({'/'.join(str(v) for v in n.values())})" if total else "0"
 
 
 def fmt(d: dict) -> str:

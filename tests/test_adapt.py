@@ -31,7 +31,8 @@ def lc_cfg(target, out, **kw):
 
 
 def test_latent_classifier_learns_and_reports_buckets(target, tmp_path):
-    out = adapt.run_latent_classifier(lc_cfg(target, tmp_path / "lc"))
+    # the toy autoencoder is untrained (not rotation-equivariant): learn from the latents as they are
+    out = adapt.run_latent_classifier(lc_cfg(target, tmp_path / "lc", augment=False))
     m = json.loads((out / "metrics.json").read_text())
     by_t = m["val_accuracy_by_t"]
     assert list(by_t) == ["[0,250)", "[250,500)", "[500,750)", "[750,1000)"]
@@ -42,6 +43,30 @@ def test_latent_classifier_learns_and_reports_buckets(target, tmp_path):
     assert info["classes"] == ["dark", "pale"] and info["vae_hash"] == meta["vae_hash"]
     assert info["scheduler"]["num_train_timesteps"] == 1000 and info["scaling_factor"] == meta["scaling_factor"]
     assert (out / "_COMPLETE.json").is_file()
+
+
+def test_latent_augmentation_draws_dihedral_transforms(target):
+    """augment=True feeds each latent as one of its 8 flips/rotations, drawn from the step's generator."""
+    from histodiffusion.data.datasets import LatentDataset
+    from histodiffusion.encode import DIHEDRAL, dihedral
+
+    class NoNoise:  # add_noise as the identity, so the batch shows the (transformed) clean latents
+        def add_noise(self, z, noise, t):
+            return z
+
+    ds = LatentDataset(target["cache"], "train", sample=False)
+    idx = list(range(len(ds))) * 4
+    plain, _, y = adapt.noised_batch(ds, idx, NoNoise(), torch.Generator().manual_seed(0), 1000)
+    aug, _, y2 = adapt.noised_batch(ds, idx, NoNoise(), torch.Generator().manual_seed(0), 1000, augment=True)
+    assert torch.equal(y, y2)
+    seen = set()
+    for z, za in zip(plain, aug):
+        ks = [k for k in range(DIHEDRAL) if torch.equal(dihedral(z, k), za)]
+        assert ks, "an augmented latent is not a dihedral transform of its latent"
+        seen.add(ks[0])
+    assert len(seen) >= 4  # transforms vary across the batch
+    again, _, _ = adapt.noised_batch(ds, idx, NoNoise(), torch.Generator().manual_seed(0), 1000, augment=True)
+    assert torch.equal(aug, again)  # reproducible from the generator (exact resume)
 
 
 def test_latent_classifier_resume_is_exact(target, tmp_path, monkeypatch):

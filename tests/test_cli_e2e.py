@@ -59,8 +59,8 @@ def test_run_end_to_end_and_skip(tmp_path):
     classes = json.loads((out / "data/target/meta.json").read_text())["classes"]
     real = [r["label"] for r in csv.DictReader(open(out / "cache/target/index.csv"))
             if r["id"] in {x["id"] for x in csv.DictReader(open(out / "data/target/subsets/frac0.1.csv"))}]
-    for c in classes:  # ratio 0.5 of the real count of every class
-        assert sum(r["target"] == c for r in samples) == round(0.5 * real.count(c))
+    for c in classes:  # the largest ratio (0.5) x oversample (default 2) x the real count of every class
+        assert sum(r["target"] == c for r in samples) == real.count(c)
     assert sorted(p.name for p in (out / "samples/images").glob("*.png")) == sorted(Path(r["file"]).name for r in samples)
     with open(out / "samples/filtered.csv") as f:
         assert sorted(r["id"] for r in csv.DictReader(f)) == sorted(r["id"] for r in samples)

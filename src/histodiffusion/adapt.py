@@ -78,11 +78,19 @@ def _load_training_scheduler(path: str, cache_meta: dict):
     return sched
 
 
-def noised_batch(ds, idx, sched, g: torch.Generator, max_t: int):
-    """(z_t, t, y) for items `idx` of a LatentDataset: z_t = add_noise(z, eps, t), t ~ U[0, max_t)."""
+def noised_batch(ds, idx, sched, g: torch.Generator, max_t: int, augment: bool = False):
+    """(z_t, t, y) for items `idx` of a LatentDataset: z_t = add_noise(z, eps, t), t ~ U[0, max_t).
+
+    augment: each latent gets one of the 8 dihedral transforms (drawn from g), applied in latent space.
+    """
+    from .encode import DIHEDRAL, dihedral
+
     items = [ds[int(i)] for i in idx]
     z = torch.stack([it[0] for it in items])
     y = torch.tensor([it[1] for it in items])
+    if augment:
+        ks = torch.randint(DIHEDRAL, (len(idx),), generator=g)
+        z = torch.stack([dihedral(zi, int(k)) for zi, k in zip(z, ks)])
     t = torch.randint(0, max_t, (len(idx),), generator=g)
     noise = torch.randn(z.shape, generator=g)
     return sched.add_noise(z, noise, t), t, y
@@ -148,7 +156,7 @@ def run_latent_classifier(cfg: LatentClassifierConfig) -> Path:
     while step < cfg.steps:
         g = step_generator(cfg.seed, step, acc.process_index)
         ds.set_epoch(step)
-        zt, t, y = noised_batch(ds, balanced_batch(by_class, cfg.batch_size, g), sched, g, max_t)
+        zt, t, y = noised_batch(ds, balanced_batch(by_class, cfg.batch_size, g), sched, g, max_t, cfg.augment)
         logits = model(zt, t)
         loss = F.cross_entropy(logits, y)
         acc.backward(loss)

@@ -64,7 +64,7 @@ class AutoencoderConfig:
     block_out_channels: tuple[int, ...] = F((32, 64, 128), "encoder/decoder widths; f = 2**(len-1)")
     layers_per_block: int = F(1, "ResNet layers per block")
     latent_channels: int = F(4, "channels of the latent")
-    steps: int = F(600, "optimisation steps")
+    steps: int = F(400, "optimisation steps")
     batch_size: int = F(16, "batch size per process")
     crop: int = F(32, "train on random crops of this size (0: whole tiles); evaluation uses whole tiles")
     lr: float = F(4e-4, "AdamW learning rate")
@@ -107,7 +107,7 @@ class PretrainConfig:
     beta_end: float = F(0.0155, "last beta (paper: 0.0155)")
     prediction_type: str = F("epsilon", "epsilon | v_prediction")
     loss: str = F("l1", "l1 | l2 (paper: l1)")
-    steps: int = F(400, "optimisation steps")
+    steps: int = F(300, "optimisation steps")
     batch_size: int = F(32, "batch size per process")
     lr: float = F(4e-4, "AdamW peak learning rate")
     weight_decay: float = F(0.0, "AdamW weight decay")
@@ -134,11 +134,12 @@ class LatentClassifierConfig:
     out: str = F("runs/adapt/latent_classifier", "run directory")
     width: int = F(64, "base channel width")
     depth: int = F(2, "down-sampling stages")
-    steps: int = F(600, "optimisation steps")
+    steps: int = F(400, "optimisation steps")
     batch_size: int = F(64, "batch size per process")
     lr: float = F(3e-4, "AdamW learning rate")
     weight_decay: float = F(0.05, "AdamW weight decay")
     max_timestep: int = F(0, "train on t in [0, max_timestep) (0: all T)")
+    augment: bool = F(True, "random flips/90-degree rotations of the latents (tissue has no orientation)")
     checkpoint_every: int = F(500, "save resumable state every N steps")
     keep_checkpoints: int = F(2, "resumable checkpoints to keep")
     num_workers: int = F(0, "data loader workers")
@@ -152,8 +153,8 @@ class FinetuneDecoderConfig:
     vae: str = F("runs/ae/model/vae", "autoencoder to start from")
     out: str = F("runs/adapt/decoder", "run directory")
     aux_weight: float = F(0.1, "weight of the auxiliary image classifier's loss on decoded images")
-    aux_steps: int = F(150, "steps to train the auxiliary classifier on the real labeled subset first")
-    steps: int = F(100, "optimisation steps")
+    aux_steps: int = F(100, "steps to train the auxiliary classifier on the real labeled subset first")
+    steps: int = F(60, "optimisation steps")
     batch_size: int = F(16, "batch size per process")
     lr: float = F(5e-5, "AdamW learning rate for the decoder")
     checkpoint_every: int = F(200, "save resumable state every N steps")
@@ -250,7 +251,8 @@ class RunConfig:
     split_seed: int = F(0, "seed of the group split and few-shot subsets of the target data")
     subset: str = F("frac0.25", "labeled few-shot subset used for adaptation, synthesis and evaluation")
     seeds: tuple[int, ...] = F((0, 1, 2), "evaluation seeds")
-    ratios: tuple[float, ...] = F((1.0,), "synthetic ratios to evaluate (sampling makes the largest)")
+    ratios: tuple[float, ...] = F((1.0,), "synthetic ratios to evaluate")
+    oversample: float = F(2.0, "sample oversample x the largest ratio, so selection has candidates to keep")
     finetune_decoder: bool = F(True, "fine-tune the decoder with an auxiliary classifier before sampling")
     ablations: bool = F(False, "also run the no-pretraining ablation and write ablation.md")
     stage_config: str = F("", "JSON/TOML file of per-stage overrides: {stage: {field: value}}")
@@ -429,6 +431,7 @@ VALUE_RULES: dict[str, dict] = {
                      "n_per_class": _at_least(0), "ratio": _at_least(0)},
     "SelectConfig": {"feature_steps": _at_least(1), "min_confidence": _within(0, 1),
                      "memorization_quantile": _within(0, 1), "max_ratio": _at_least(0)},
+    "RunConfig": {"oversample": _at_least(1), "ratios": _each(_above(0))},
     "EvaluateConfig": {"arms": _each(_one_of("real", "classic", "selected", "unselected")), "epochs": _at_least(1),
                        "steps_per_epoch": _at_least(0), "ratios": _each(_above(0))},
 }

@@ -19,6 +19,12 @@ from . import config as C
 from .runtime import HistoError, get_logger, human_time, is_complete, start_run_dir, write_text_atomic
 
 
+# stage_config keys besides the stage names: one stage run twice, or the no-pretraining ablation's own
+# stages (each key's fields go on top of its stage's, e.g. {"evaluate-nopretrain": {"ratios": [1]}})
+EXTRA_KEYS = ("prepare-unlabeled", "prepare-target", "encode-target", "pretrain-nopretrain", "sample-nopretrain",
+              "select-nopretrain", "evaluate-nopretrain")
+
+
 @dataclasses.dataclass
 class Step:
     name: str  # shown in progress lines
@@ -41,12 +47,12 @@ def plan(cfg: C.RunConfig) -> list[Step]:
     """The chain of stages for this run, with each stage's resolved config fields."""
     from .presets import PRESETS, preset_overrides
 
+    C.validate_config(cfg)
     root = Path(cfg.out)
     preset_overrides(cfg.preset, "run")  # validates the name
     preset = PRESETS[cfg.preset]
     user = C.load_config_file(cfg.stage_config) if cfg.stage_config else {}
-    unknown = sorted(set(user) - set(C.STAGE_CONFIGS) - {"prepare-unlabeled", "prepare-target", "encode-target",
-                                                          "pretrain-nopretrain"})
+    unknown = sorted(set(user) - set(C.STAGE_CONFIGS) - set(EXTRA_KEYS))
     if unknown:
         raise HistoError(f"stage_config {cfg.stage_config}: unknown stage(s) {unknown}")
 
@@ -58,8 +64,8 @@ def plan(cfg: C.RunConfig) -> list[Step]:
     def fields(key: str, base: dict, stage: str | None = None) -> dict:
         stage = stage or key
         merged = {**preset.get(stage, {}), **preset.get(key, {}), **base}
-        merged.update(user.get(stage, {}) if key == stage else {})
-        merged.update(user.get(key, {}))
+        merged.update(user.get(stage, {}))  # the user's settings of the stage, then of this key
+        merged.update(user.get(key, {}) if key != stage else {})
         return merged
 
     steps = [
@@ -88,7 +94,6 @@ def plan(cfg: C.RunConfig) -> list[Step]:
         steps.append(Step("finetune decoder", "finetune-decoder", decoder, fields("finetune-decoder", {
             "data": str(d_tgt), "subset": cfg.subset, "vae": str(root / "ae" / "model" / "vae"), "out": str(decoder)})))
     vae = str(decoder / "model" / "vae") if decoder else ""
-    max_ratio = max(cfg.ratios)
     arms = [("", ldm_model)]
     if cfg.ablations:
         steps.append(Step("pretrain LDM on target only (ablation)", "pretrain", root / "ldm_nopretrain",
@@ -96,19 +101,22 @@ def plan(cfg: C.RunConfig) -> list[Step]:
                                                          "subset": cfg.subset}, "pretrain")))
         arms.append(("_nopretrain", root / "ldm_nopretrain" / "model"))
     for suffix, model in arms:
+        key = suffix.replace("_", "-")  # stage_config key of the ablation's stages, e.g. "sample-nopretrain"
         s_dir = root / f"samples{suffix}"
+        evaluate = fields(f"evaluate{key}", {
+            "data": str(d_tgt), "subset": cfg.subset, "samples": str(s_dir), "out": str(root / f"eval{suffix}"),
+            "ratios": cfg.ratios, "seeds": cfg.seeds, **({"arms": ("real", "selected")} if suffix else {})}, "evaluate")
+        # selection drops samples: make oversample x as many as the largest ratio evaluated needs
+        n_sample = max(evaluate["ratios"]) * cfg.oversample
         steps += [
-            Step(f"sample{suffix}", "sample", s_dir, fields("sample", {
+            Step(f"sample{suffix}", "sample", s_dir, fields(f"sample{key}", {
                 "model": str(model), "classifier": str(root / "adapt" / "latent_classifier" / "model"), "vae": vae,
-                "out": str(s_dir), "ratio": max_ratio, "real_counts": str(c_tgt), "real_subset": cfg.subset,
-                "seed": cfg.seeds[0] if cfg.seeds else 0})),
-            Step(f"select{suffix}", "select", s_dir, fields("select", {
-                "samples": str(s_dir), "data": str(d_tgt), "subset": cfg.subset}),
+                "out": str(s_dir), "ratio": n_sample, "real_counts": str(c_tgt), "real_subset": cfg.subset,
+                "seed": cfg.seeds[0] if cfg.seeds else 0}, "sample")),
+            Step(f"select{suffix}", "select", s_dir, fields(f"select{key}", {
+                "samples": str(s_dir), "data": str(d_tgt), "subset": cfg.subset}, "select"),
                 done=lambda p: (p / "filtered.csv").is_file()),
-            Step(f"evaluate{suffix}", "evaluate", root / f"eval{suffix}", fields("evaluate", {
-                "data": str(d_tgt), "subset": cfg.subset, "samples": str(s_dir), "out": str(root / f"eval{suffix}"),
-                "ratios": cfg.ratios, "seeds": cfg.seeds,
-                **({"arms": ("real", "selected")} if suffix else {})})),
+            Step(f"evaluate{suffix}", "evaluate", root / f"eval{suffix}", evaluate),
         ]
     steps.append(Step("report", "report", root / "report", fields("report", {"run": str(root),
                                                                              "out": str(root / "report")})))
@@ -124,6 +132,7 @@ def _sources(cfg: C.RunConfig) -> tuple[tuple[str, ...], str]:
 
 
 def run(cfg: C.RunConfig) -> Path:
+    C.validate_config(cfg)
     root = start_run_dir(cfg.out, cfg, "run", neutral=("until",))
     log = get_logger(log_file=root / "log.txt")
     steps = plan(cfg)

@@ -1,10 +1,12 @@
 """Named presets: config-field overrides per stage (keys are CLI subcommands, values are fields of that
 stage's config class in config.py). A preset only changes defaults; flags still override it.
 
-- "quick": the config defaults, sized so the built-in default data (~860 unlabeled 64 px tiles)
-  pretrains in a few minutes on 2 CPU cores: autoencoder (32, 64, 128), f=4, 4 latent channels,
-  trained on random 32 px crops (600 steps of 16); UNet (64, 128, 128) on 16x16x4 latents
-  (400 steps of 32).
+- "quick": the config defaults, sized so `histodiffusion run` on the built-in default data (~860
+  unlabeled 64 px tiles) finishes within 15 minutes on 2 CPU cores (measured: see BENCHMARKS.md):
+  autoencoder (32, 64, 128), f=4, 4 latent channels, trained on random 32 px crops (400 steps of
+  16); UNet (64, 128, 128) on 16x16x4 latents (300 steps of 32); the only overrides are the
+  narrower small CNN (`small_cnn_w16`, ~3x faster than `small_cnn` on this CPU) as the selection
+  feature extractor and the evaluation classifier.
 - "paper": the scale of HistoDiffusion (Ye et al., MICCAI 2023; LDM-style KL-f4 first stage), for
   GPU users: 256 px tiles -> 64x64x3 latents; autoencoder widths (128, 256, 512) with 2 ResNet layers
   per block, KL weight 1e-6, PatchGAN from step 50k (add --lpips-weights with a local VGG16 file
@@ -16,7 +18,10 @@ stage's config class in config.py). A preset only changes defaults; flags still 
 from __future__ import annotations
 
 PRESETS: dict[str, dict[str, dict]] = {
-    "quick": {},
+    "quick": {
+        "select": {"backbone": "small_cnn_w16"},
+        "evaluate": {"backbone": "small_cnn_w16"},
+    },
     "paper": {
         "prepare": {"tile_size": 256},
         "train-autoencoder": {

@@ -1,0 +1,58 @@
+"""`histodiffusion run`'s plan: how run-level options and --stage-config reach each stage's config."""
+import json
+
+import pytest
+
+from histodiffusion.cli import main
+from histodiffusion.config import RunConfig
+from histodiffusion.pipeline import plan
+from histodiffusion.runtime import HistoError
+
+
+def _steps(tmp_path, stage_config: dict | None = None, **kw) -> dict[str, dict]:
+    if stage_config is not None:
+        path = tmp_path / "stages.json"
+        path.write_text(json.dumps(stage_config))
+        kw["stage_config"] = str(path)
+    return {s.name: s.fields for s in plan(RunConfig(out=str(tmp_path / "run"), **kw))}
+
+
+def test_sampling_makes_oversample_times_the_largest_ratio(tmp_path):
+    steps = _steps(tmp_path, ratios=(0.5, 2.0), oversample=3.0)
+    assert steps["sample"]["ratio"] == pytest.approx(6.0)
+    assert steps["evaluate"]["ratios"] == (0.5, 2.0)
+    assert _steps(tmp_path, ratios=(1.0,), oversample=1.0)["sample"]["ratio"] == pytest.approx(1.0)
+
+
+def test_ablation_keys_stack_on_the_stage_settings(tmp_path):
+    steps = _steps(tmp_path, {"evaluate": {"epochs": 7}, "evaluate-nopretrain": {"ratios": [1.0]},
+                              "pretrain": {"steps": 900, "batch_size": 8}, "pretrain-nopretrain": {"steps": 50}},
+                   ratios=(0.5, 1.0, 3.0), oversample=2.0, ablations=True)
+    # the ablation is evaluated by the same harness (the user's evaluate settings) at its own ratios
+    assert steps["evaluate"]["epochs"] == steps["evaluate_nopretrain"]["epochs"] == 7
+    assert steps["evaluate"]["ratios"] == (0.5, 1.0, 3.0)
+    assert steps["evaluate_nopretrain"]["ratios"] == [1.0]
+    assert steps["evaluate_nopretrain"]["arms"] == ("real", "selected")
+    # and sampled only as much as its largest ratio needs
+    assert steps["sample"]["ratio"] == pytest.approx(6.0)
+    assert steps["sample_nopretrain"]["ratio"] == pytest.approx(2.0)
+    # the same UNet settings, with the ablation's own step count
+    nopre = steps["pretrain LDM on target only (ablation)"]
+    assert nopre["batch_size"] == steps["pretrain LDM"]["batch_size"] == 8
+    assert nopre["steps"] == 50 and steps["pretrain LDM"]["steps"] == 900
+
+
+def test_quick_preset_uses_the_narrow_cnn_and_flags_win(tmp_path):
+    steps = _steps(tmp_path)
+    assert steps["select"]["backbone"] == steps["evaluate"]["backbone"] == "small_cnn_w16"
+    steps = _steps(tmp_path, {"evaluate": {"backbone": "small_cnn"}})
+    assert steps["evaluate"]["backbone"] == "small_cnn" and steps["select"]["backbone"] == "small_cnn_w16"
+
+
+def test_unknown_stage_key_and_bad_oversample_are_refused(tmp_path):
+    with pytest.raises(HistoError, match="unknown stage"):
+        _steps(tmp_path, {"evaluate-nopretrained": {}})
+    with pytest.raises(HistoError, match="oversample"):
+        _steps(tmp_path, oversample=0.5)
+    assert main(["run", "--out", str(tmp_path / "r"), "--oversample", "0.5"]) == 2
+    assert not (tmp_path / "r").exists()
