@@ -1,12 +1,17 @@
-"""The autoencoder's ceiling for synthetic augmentation (run by hand).
+"""Ceilings for synthetic augmentation through this autoencoder (run by hand).
 
-Every synthetic image is decoded by the autoencoder, so no sample can be more realistic than an
-autoencoder *reconstruction of a real training tile*. This script treats the reconstructions of the
-real few-shot subset as if they were samples (a sample directory with samples.csv, labels = the real
-labels) and runs the product's own `select` (how many pass selection; FD/precision/recall against the
-real tiles) and `evaluate` (real-only vs real + reconstructions, same harness and seeds). If adding
-perfectly labeled reconstructions does not help the downstream classifier, better guidance cannot
-either: the autoencoder is the bottleneck.
+Every synthetic image is decoded by the autoencoder, so no sample can be better than what the decoder
+makes of a real tile. Three "perfect generators", each written as a sample directory (samples.csv with
+the true labels) and run through the product's own `select` and `evaluate` (same harness and seeds as
+the run; arms real, selected@1, unselected@1):
+
+  recon_subset  the autoencoder's reconstructions of the few-shot subset itself (no new content)
+  real_new      NEW real tiles of the train split (other groups than the subset), as many per class
+                as the subset: the upper bound of any generator (it is simply more labeled data)
+  recon_new     the autoencoder's reconstructions of those new tiles: a generator that produced the
+                right new tissue but through this decoder
+
+If real_new helps and recon_new does not, the autoencoder is the bottleneck, whatever the guidance.
 
     .venv/bin/python bench/recon_ceiling.py --run bench/out/efficacy/frac0.05
 """
@@ -16,30 +21,47 @@ import argparse
 import json
 from pathlib import Path
 
+VARIANTS = ("recon_subset", "real_new", "recon_new")
 
-def write_reconstructions(run: Path, subset: str, vae_dir: Path, out: Path, batch: int = 64) -> int:
+
+def pick_tiles(run: Path, subset: str, variant: str, seed: int = 0) -> tuple[object, list[int]]:
+    """(PixelDataset, item indices): the subset itself, or as many new train tiles per class from other groups."""
+    import numpy as np
+
+    from histodiffusion.data.datasets import PixelDataset
+
+    sub = PixelDataset(run / "data" / "target", subset)
+    if variant == "recon_subset":
+        return sub, list(range(len(sub)))
+    train = PixelDataset(run / "data" / "target", "train")
+    used_groups = {r["group"] for r in sub.rows}
+    rng = np.random.default_rng(seed)
+    picked = []
+    for c in sorted({sub.label_index(i) for i in range(len(sub))}):
+        want = sum(sub.label_index(i) == c for i in range(len(sub)))
+        pool = [i for i in range(len(train)) if train.label_index(i) == c and train.rows[i]["group"] not in used_groups]
+        picked += sorted(rng.choice(pool, size=want, replace=False).tolist())
+    return train, picked
+
+
+def write_samples(ds, idx: list[int], classes: list[str], vae, out: Path, batch: int = 64) -> int:
     import numpy as np
     import torch
     from PIL import Image
 
-    from histodiffusion.artifacts import read_meta
-    from histodiffusion.data.datasets import PixelDataset
-    from histodiffusion.models.autoencoder import load_vae
     from histodiffusion.runtime import write_csv_atomic
 
-    classes = list(read_meta(run / "data" / "target", "dataset")["classes"])
-    ds = PixelDataset(run / "data" / "target", subset)
-    vae = load_vae(vae_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rows = []
     with torch.no_grad():
-        for start in range(0, len(ds), batch):
-            items = [ds[i] for i in range(start, min(start + batch, len(ds)))]
+        for start in range(0, len(idx), batch):
+            items = [ds[i] for i in idx[start:start + batch]]
             x = torch.stack([it[0] for it in items])
-            rec = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
-            img = ((rec + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+            if vae is not None:
+                x = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+            img = ((x + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
             for (_, label, tid), im in zip(items, img):
-                sid = f"recon_{len(rows):05d}"
+                sid = f"s_{len(rows):05d}"
                 Image.fromarray(np.ascontiguousarray(im)).save(out / "images" / f"{sid}.png")
                 rows.append({"id": sid, "file": f"images/{sid}.png", "target": classes[label],
                              "target_index": label, "source_id": tid})
@@ -49,40 +71,53 @@ def write_reconstructions(run: Path, subset: str, vae_dir: Path, out: Path, batc
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", required=True, help="run directory (data/target, ae/, adapt/decoder/, eval config)")
+    p.add_argument("--run", required=True, help="a `histodiffusion run` directory (data/target, ae/, adapt/decoder/)")
     p.add_argument("--vae", default="", help="decoder (default: the run's fine-tuned decoder, else ae/model/vae)")
     p.add_argument("--out", default="", help="default: <run>/recon_ceiling")
+    p.add_argument("--variants", default=",".join(VARIANTS))
     args = p.parse_args()
 
     from histodiffusion import evaluate, select
-    from histodiffusion.config import EvaluateConfig, SelectConfig
+    from histodiffusion.artifacts import read_meta
+    from histodiffusion.config import EvaluateConfig, RunConfig, SelectConfig, config_from_dict
+    from histodiffusion.models.autoencoder import load_vae
+    from histodiffusion.pipeline import plan
     from histodiffusion.runtime import read_json
 
     run = Path(args.run)
     out = Path(args.out) if args.out else run / "recon_ceiling"
-    vae = Path(args.vae) if args.vae else next(p for p in (run / "adapt/decoder/model/vae", run / "ae/model/vae")
-                                                if p.is_dir())
-    ev = read_json(run / "eval" / "config.json")["config"]
-    sel = read_json(run / "samples" / "filtered.json")["config"]
-    samples = out / "samples"
-    if not (samples / "samples.csv").is_file():
-        n = write_reconstructions(run, ev["subset"], vae, samples)
-        print(f"{n} reconstructions of {ev['subset']} by {vae} -> {samples}")
-    select.run(SelectConfig(**{**sel, "samples": str(samples), "out": ""}))
-    keep = json.loads((samples / "filtered.json").read_text())
-    gm = json.loads((samples / "generative_metrics.json").read_text())["results"][0]["overall"]
-    evaluate.run(EvaluateConfig(**{**{k: tuple(v) if isinstance(v, list) else v for k, v in ev.items()},
-                                   "samples": str(samples), "out": str(out / "eval"),
-                                   "arms": ("real", "selected", "unselected"), "ratios": (1.0,)}))
-    m = json.loads((out / "eval" / "metrics.json").read_text())
-    print(f"reconstructions passing selection: {keep['kept']} of {keep['samples']} "
-          f"({ {c: v['kept'] for c, v in keep['per_class'].items()} })")
-    print("reconstructions vs real: " + ", ".join(f"{k} {v:.3f}" for k, v in gm.items() if isinstance(v, float)))
-    print("| arm | accuracy mean [95% CI] | delta vs real [95% CI] |\n|---|---|---|")
-    for arm, res in m["arms"].items():
-        d = m.get("deltas", {}).get(arm, {}).get("accuracy")
-        fmt = lambda r: f"{r['mean']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]"  # noqa: E731
-        print(f"| {arm} (reconstructions) | {fmt(res['accuracy'])} | {fmt(d) if d else '—'} |")
+    vae_dir = Path(args.vae) if args.vae else next(p for p in (run / "adapt/decoder/model/vae", run / "ae/model/vae")
+                                                    if p.is_dir())
+    # the select / evaluate settings of the run itself (preset + stage config), as `histodiffusion run` resolves them
+    fields = {s.name: s.fields for s in plan(config_from_dict(RunConfig, read_json(run / "config.json")["config"]))}
+    ev, sel = fields["evaluate"], fields["select"]
+    classes = list(read_meta(run / "data" / "target", "dataset")["classes"])
+    vae = load_vae(vae_dir)
+    table = ["| variant | passing selection | FD | precision / recall | arm | accuracy mean [95% CI] "
+             "| delta vs real [95% CI] |", "|---|---|---:|---|---|---|---|"]
+    fmt = lambda r: f"{r['mean']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]"  # noqa: E731
+    for variant in args.variants.split(","):
+        samples = out / variant / "samples"
+        if not (samples / "samples.csv").is_file():
+            ds, idx = pick_tiles(run, ev["subset"], variant)
+            n = write_samples(ds, idx, classes, vae if variant.startswith("recon") else None, samples)
+            print(f"{variant}: {n} images -> {samples}")
+        select.run(config_from_dict(SelectConfig, {**sel, "samples": str(samples), "out": ""}))
+        keep = json.loads((samples / "filtered.json").read_text())
+        gm = json.loads((samples / "generative_metrics.json").read_text())["results"][0]["overall"]
+        fd = next(v for k, v in gm.items() if k.startswith("FD_"))
+        evaluate.run(config_from_dict(EvaluateConfig, {**ev, "samples": str(samples), "out": str(out / variant / "eval"),
+                                                       "arms": ["real", "selected", "unselected"], "ratios": [1.0]}))
+        m = json.loads((out / variant / "eval" / "metrics.json").read_text())
+        for arm, res in m["arms"].items():
+            d = m.get("deltas", {}).get(arm, {}).get("accuracy")
+            table.append(f"| {variant} | {keep['kept']}/{keep['samples']} "
+                         f"({'/'.join(str(v['kept']) for v in keep['per_class'].values())}) | {fd:.1f} "
+                         f"| {gm['precision']:.2f} / {gm['recall']:.2f} | {arm} | {fmt(res['accuracy'])} "
+                         f"| {fmt(d) if d else '—'} |")
+    text = "\n".join(table) + "\n"
+    (out / "results.md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":

@@ -149,3 +149,13 @@ def test_two_processes_split_jobs_and_match_one_process(evaluated, tmp_path):
 
     assert len(rows(out)) == 8  # 2 arms x 2 seeds x (test, ext)
     assert rows(out) == rows(root / "eval")  # same seeds -> same classifiers, whatever the process layout
+
+    # one rank fails (rank 1's saved job real_1 has a corrupt scores.json): every rank stops with an
+    # error at once instead of rank 0 waiting for rank 1 at a barrier; nothing is marked complete
+    (out / "classifiers" / "real_1" / "scores.json").write_text("{broken")
+    (out / "_COMPLETE.json").unlink()
+    (out / "metrics.json").unlink()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "real_1" in proc.stderr and "rank(s) [1] failed" in proc.stderr, proc.stderr[-2000:]
+    assert not (out / "_COMPLETE.json").exists() and not (out / "metrics.json").exists()

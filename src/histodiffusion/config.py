@@ -139,7 +139,7 @@ class LatentClassifierConfig:
     lr: float = F(3e-4, "AdamW learning rate")
     weight_decay: float = F(0.05, "AdamW weight decay")
     max_timestep: int = F(0, "train on t in [0, max_timestep) (0: all T)")
-    augment: bool = F(True, "random flips/90-degree rotations of the latents (tissue has no orientation)")
+    augment: bool = F(False, "random flips/rotations of the latents (approximate: encoders are not equivariant)")
     checkpoint_every: int = F(500, "save resumable state every N steps")
     keep_checkpoints: int = F(2, "resumable checkpoints to keep")
     num_workers: int = F(0, "data loader workers")

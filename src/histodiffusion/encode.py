@@ -18,7 +18,7 @@ from pathlib import Path
 from .artifacts import INDEX, INDEX_COLUMNS, META, SUBSETS_DIR, format_meta, latent_shard_name, read_dataset
 from .config import EncodeConfig, config_to_dict
 from .runtime import (CONFIG_FILE, HistoError, _remove, get_logger, is_complete, make_accelerator, mark_complete,
-                      progress, read_csv, read_json, write_csv_atomic, write_json_atomic)
+                      progress, raise_if_any_rank_failed, read_csv, read_json, write_csv_atomic, write_json_atomic)
 
 DIHEDRAL = 8  # identity, 3 rotations, and the 4 flipped versions
 
@@ -107,11 +107,19 @@ def run(cfg: EncodeConfig) -> Path:
                 # one metadata key: safetensors writes a metadata map in random key order (bytes would vary)
                 save_file({"mean": mean.contiguous(), "std": std.contiguous()}, str(tmp / latent_shard_name(s)),
                           metadata={"format_version": str(format_meta()["format_version"])})
-    except BaseException:  # unreadable shard, interrupt, ...: leave no temporary cache behind
+        error = None
+    except Exception as e:  # unreadable shard, ...: reported collectively, so no rank waits for this one
+        error = e
+    except BaseException:  # interrupt: leave no temporary cache behind
         _remove(tmp)
         raise
     bar.close()
-    acc.wait_for_everyone()
+    try:
+        raise_if_any_rank_failed(error, "encode")
+    except BaseException:
+        if main:
+            _remove(tmp)
+        raise
 
     # 2. rank 0: index, subsets, meta, completion marker, rename into place
     if main:

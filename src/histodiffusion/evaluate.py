@@ -37,8 +37,8 @@ from . import metrics as M
 from .config import EvaluateConfig, ScoreConfig
 from .evaldata import (Tiles, dataset_classes, load_real, load_sample_images, quota, read_filtered,
                        read_samples)
-from .runtime import (HistoError, dist_info, get_logger, is_complete, mark_complete, read_json, seed_everything,
-                      start_run_dir, write_csv_atomic, write_json_atomic)
+from .runtime import (HistoError, dist_info, get_logger, is_complete, mark_complete, raise_if_any_rank_failed,
+                      read_json, seed_everything, start_run_dir, write_csv_atomic, write_json_atomic)
 
 ARM_KINDS = ("real", "classic", "selected", "unselected")
 TEST = "test"
@@ -176,7 +176,6 @@ def load_external(paths, classes: list[str], train_hashes: set[str]) -> dict[str
 # --------------------------------------------------------------------------------------------
 def run(cfg: EvaluateConfig) -> Path:
     from .artifacts import read_dataset
-    from .models.classifier import build_classifier, load_classifier, save_classifier, train_classifier
 
     log = get_logger("evaluate")
     rank, world = dist_info()
@@ -201,7 +200,28 @@ def run(cfg: EvaluateConfig) -> Path:
              len(arms), len(cfg.seeds), steps, cfg.batch_size, len(real), len(test))
     # 2. train and score the jobs of this rank (finished ones are skipped)
     sets = {TEST: test, **externals}
-    for (name, kind, ratio), seed in jobs[rank::world]:
+    if world > 1:
+        from .runtime import make_accelerator
+
+        make_accelerator(cpu=True)  # the process group, for the collective error check below
+    try:
+        _train_jobs(cfg, out, jobs[rank::world], sets, classes, size, steps, real, syn, log)
+        error = None
+    except Exception as e:  # reported collectively: the other ranks must not wait for this one
+        error = e
+    raise_if_any_rank_failed(error, "evaluate")
+    if rank != 0:
+        return out
+    # 3. merge (rank 0): per_seed.csv, metrics.json, confusion PNGs, completion marker last
+    _merge(cfg, out, arms, jobs, sets, classes, real, test, externals, steps, steps_per_epoch)
+    return out
+
+
+def _train_jobs(cfg: EvaluateConfig, out: Path, jobs, sets, classes, size: int, steps: int, real, syn, log) -> None:
+    """Train, save and score one rank's (arm, seed) jobs; finished ones are skipped (or scored on new sets)."""
+    from .models.classifier import build_classifier, load_classifier, save_classifier, train_classifier
+
+    for (name, kind, ratio), seed in jobs:
         d = out / "classifiers" / f"{name}_{seed}"
         if is_complete(d):
             sc = read_json(d / "scores.json", "classifier scores")
@@ -227,15 +247,6 @@ def run(cfg: EvaluateConfig) -> Path:
         write_json_atomic(d / "scores.json", sc)
         mark_complete(d)
         log.info("%s seed %d: test accuracy %.3f", name, seed, sc["scores"][TEST]["accuracy"])
-    if world > 1:
-        from .runtime import make_accelerator
-
-        make_accelerator(cpu=True).wait_for_everyone()
-    if rank != 0:
-        return out
-    # 3. merge (rank 0): per_seed.csv, metrics.json, confusion PNGs, completion marker last
-    _merge(cfg, out, arms, jobs, sets, classes, real, test, externals, steps, steps_per_epoch)
-    return out
 
 
 def _merge(cfg, out: Path, arms, jobs, sets, classes, real, test, externals, steps, steps_per_epoch) -> None:

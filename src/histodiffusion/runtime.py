@@ -310,6 +310,29 @@ def dist_info() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def raise_if_any_rank_failed(error: BaseException | None, what: str) -> None:
+    """Collective error check after each rank's share of the work: every rank calls it with the
+    exception it caught (or None). If any rank failed, every rank raises (its own error, or a
+    HistoError naming the failed ranks) instead of waiting for the failed one at the next barrier.
+    One process (no process group): re-raises `error` if given."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        if error is not None:
+            raise error
+        return
+    flags = torch.zeros(dist.get_world_size())
+    flags[dist.get_rank()] = float(error is not None)
+    dist.all_reduce(flags)
+    if error is not None:
+        raise error
+    failed = [r for r, f in enumerate(flags.tolist()) if f]
+    if failed:
+        raise HistoError(f"{what}: process rank(s) {failed} failed (their error is in their log); "
+                         f"fix it and re-run the same command: finished work is kept")
+
+
 # --------------------------------------------------------------------------------------------
 # Resumable checkpoints: checkpoints/step_N, written atomically through accelerate.save_state
 # --------------------------------------------------------------------------------------------
