@@ -45,21 +45,24 @@ def pick_tiles(run: Path, subset: str, variant: str, seed: int = 0) -> tuple[obj
 
 
 def write_samples(ds, idx: list[int], classes: list[str], vae, out: Path, batch: int = 64) -> int:
+    """The tiles `idx` of ds as a sample directory: as stored (vae None) or encoded + decoded by vae."""
     import numpy as np
     import torch
     from PIL import Image
 
     from histodiffusion.runtime import write_csv_atomic
+    from histodiffusion.sample import decode_uint8
 
     (out / "images").mkdir(parents=True, exist_ok=True)
     rows = []
     with torch.no_grad():
         for start in range(0, len(idx), batch):
-            items = [ds[i] for i in idx[start:start + batch]]
-            x = torch.stack([it[0] for it in items])
-            if vae is not None:
-                x = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
-            img = ((x + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+            chunk = idx[start:start + batch]
+            items = [ds[i] for i in chunk]
+            if vae is None:
+                img = np.stack([ds.uint8(i).numpy() for i in chunk])
+            else:
+                img = decode_uint8(vae, vae.encode(torch.stack([it[0] for it in items])).latent_dist.mean, 1.0)
             for (_, label, tid), im in zip(items, img):
                 sid = f"s_{len(rows):05d}"
                 Image.fromarray(np.ascontiguousarray(im)).save(out / "images" / f"{sid}.png")

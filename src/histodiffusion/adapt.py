@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from .artifacts import MODEL_INFO, format_meta, read_meta
 from .config import FinetuneDecoderConfig, LatentClassifierConfig
+from .encode import DIHEDRAL, dihedral
 from .runtime import (HistoError, MetricsLog, atomic_path, get_logger, is_complete, load_latest_checkpoint,
                       make_accelerator, mark_complete, read_json, save_checkpoint, seed_everything,
                       start_run_dir, write_json_atomic)
@@ -83,8 +84,6 @@ def noised_batch(ds, idx, sched, g: torch.Generator, max_t: int, augment: bool =
 
     augment: each latent gets one of the 8 dihedral transforms (drawn from g), applied in latent space.
     """
-    from .encode import DIHEDRAL, dihedral
-
     items = [ds[int(i)] for i in idx]
     z = torch.stack([it[0] for it in items])
     y = torch.tensor([it[1] for it in items])

@@ -132,10 +132,9 @@ def _sources(cfg: C.RunConfig) -> tuple[tuple[str, ...], str]:
 
 
 def run(cfg: C.RunConfig) -> Path:
-    C.validate_config(cfg)
+    steps = plan(cfg)  # validates the run config and the stage overrides before anything is written
     root = start_run_dir(cfg.out, cfg, "run", neutral=("until",))
     log = get_logger(log_file=root / "log.txt")
-    steps = plan(cfg)
     if cfg.until:
         stages = [s.stage for s in steps]
         if cfg.until not in stages:
