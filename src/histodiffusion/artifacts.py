@@ -36,6 +36,7 @@ MANIFEST_COLUMNS = ["id", "source", "path", "x", "y", "width", "height", "label"
                     "shard", "index", "hash"]
 SPLITS = ("train", "val", "test")
 UNLABELED_SPLIT = "unlabeled"  # the split of every tile of an unlabeled dataset
+HOLDOUT_SPLIT = "holdout"  # groups of an unlabeled dataset kept out of training, for measurement only
 
 
 def pixel_shard_name(i: int) -> str:
@@ -89,10 +90,11 @@ def read_dataset(directory: str | Path) -> tuple[dict, list[dict]]:
 
 
 def subset_ids(directory: str | Path, rows: list[dict], subset: str) -> list[str]:
-    """Ids of `subset`: a split name (train/val/test/unlabeled), "all", or a few-shot subset file."""
+    """Ids of `subset`: a split name (train/val/test/unlabeled/holdout), "all" (every tile meant for
+    training: all but the held-out groups), or a few-shot subset file."""
     if subset == "all":
-        return [r["id"] for r in rows]
-    if subset in SPLITS or subset == UNLABELED_SPLIT:
+        return [r["id"] for r in rows if r["split"] != HOLDOUT_SPLIT]
+    if subset in SPLITS or subset in (UNLABELED_SPLIT, HOLDOUT_SPLIT):
         ids = [r["id"] for r in rows if r["split"] == subset]
         if not ids:
             raise HistoError(f"split {subset!r} of {directory} is empty")

@@ -55,6 +55,8 @@ class PrepareConfig:
     shard_size: int = F(1024, "tiles per pixel shard")
     strict: bool = F(False, "stop at the first unreadable image instead of skipping and counting")
     exclude: tuple[str, ...] = F((), "prepared datasets that must share no image with this one (leakage guard)")
+    holdout_frac: float = F(0.0, "unlabeled: fraction of groups held out for measurement only (split 'holdout', never trained on)")
+    group_px: int = F(0, "unlabeled: group tiles by square regions of this many source pixels (0: one group per image)")
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,7 @@ class AutoencoderConfig:
     steps: int = F(400, "optimisation steps")
     batch_size: int = F(16, "batch size per process")
     crop: int = F(32, "train on random crops of this size (0: whole tiles); evaluation uses whole tiles")
+    flips: bool = F(True, "random dihedral transform (rotation/flip) of every training tile")
     lr: float = F(4e-4, "AdamW learning rate")
     kl_weight: float = F(1e-6, "weight of the KL term")
     adv_weight: float = F(0.0, "weight of the PatchGAN adversarial loss (0: off)")

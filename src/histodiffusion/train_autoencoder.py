@@ -114,9 +114,13 @@ def _check_config(cfg: AutoencoderConfig) -> None:
 
 
 def load_sources(cfg: AutoencoderConfig, holdout: int):
-    """(train MixtureDataset, holdout [(source, local index)], tile size, holdout rows) from cfg.data."""
+    """(train MixtureDataset, evaluation datasets, held-out [(dataset, local index)], tile size, held-out rows).
+
+    Held-out tiles are the datasets' `holdout` split (whole groups kept out by `prepare --holdout-frac`),
+    up to `holdout` of them evenly spaced; a dataset without that split lends every k-th tile instead."""
     from torch.utils.data import Subset
 
+    from .artifacts import HOLDOUT_SPLIT
     from .data.datasets import PixelDataset
 
     sources = [PixelDataset(d, "all") for d in cfg.data]
@@ -128,20 +132,39 @@ def load_sources(cfg: AutoencoderConfig, holdout: int):
     f = 2 ** (len(cfg.block_out_channels) - 1)
     if tile % f or (0 < cfg.crop < tile and cfg.crop % f):
         raise HistoError(f"tile size {tile} / crop {cfg.crop} is not divisible by the downsampling factor {f}")
-    total = sum(len(s) for s in sources)
-    k = max(2, total // max(1, holdout)) if holdout > 0 else 0
-    held, train_parts, rows, g = [], [], [], 0
-    for si, s in enumerate(sources):
-        keep = []
-        for i in range(len(s)):
-            if k and g % k == k - 1 and len(held) < holdout:
-                held.append((si, i))
-                rows.append({"source": names[si], "id": s.rows[i]["id"]})
-            else:
-                keep.append(i)
-            g += 1
+    held_sets = [PixelDataset(d, HOLDOUT_SPLIT) if any(r["split"] == HOLDOUT_SPLIT for r in s.all_rows) else None
+                 for s, d in zip(sources, cfg.data)]
+    eval_sets = [h if h is not None else s for s, h in zip(sources, held_sets)]
+    per = holdout // max(1, len(sources)) if holdout > 0 else 0
+    held, train_parts, rows = [], [], []
+    for si, (s, h) in enumerate(zip(sources, held_sets)):
+        if h is not None:  # the prepared held-out groups: train on everything else
+            pick = _evenly(len(h), per)
+            keep = list(range(len(s)))
+        else:  # every k-th tile
+            pick = _evenly(len(s), per)
+            keep = sorted(set(range(len(s))) - set(pick))
+        held += [(si, i) for i in pick]
+        rows += [{"source": names[si], "id": eval_sets[si].rows[i]["id"]} for i in pick]
         train_parts.append(Subset(s, keep))
-    return MixtureDataset(train_parts, names), sources, held, tile, rows
+    return MixtureDataset(train_parts, names), eval_sets, held, tile, rows
+
+
+def _evenly(n: int, k: int) -> list[int]:
+    """k indices spread evenly over range(n) (all of them when k >= n)."""
+    if k <= 0:
+        return []
+    if k >= n:
+        return list(range(n))
+    return sorted({int(i * n / k) for i in range(k)})
+
+
+def random_dihedral(x: torch.Tensor) -> torch.Tensor:
+    """A random one of the 8 rotations/flips per image (the global torch RNG: resumable)."""
+    from .encode import dihedral
+
+    ks = torch.randint(0, 8, (len(x),)).tolist()
+    return torch.stack([dihedral(img, k) for img, k in zip(x, ks)])
 
 
 @torch.no_grad()
@@ -262,7 +285,7 @@ def run(cfg: AutoencoderConfig) -> Path:
     model.train()
     while step < cfg.steps:
         x, _, batch_ids = next(batches)
-        x = random_crop(x, cfg.crop).to(acc.device)
+        x = random_crop(random_dihedral(x) if cfg.flips else x, cfg.crop).to(acc.device)
         ids.record(step, batch_ids)
         m = train_step(cfg, acc, model, opt, disc, opt_d, lpips, x, step, out)
         step += 1

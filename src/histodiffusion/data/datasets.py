@@ -44,7 +44,8 @@ class PixelDataset(Dataset):
 
     def __init__(self, directory: str | Path, subset: str = "all", ids: list[str] | None = None):
         self.directory = Path(directory)
-        self.meta, rows = read_dataset(self.directory)
+        self.meta, self.all_rows = read_dataset(self.directory)  # all_rows: the whole manifest
+        rows = self.all_rows
         self.classes: list[str] = list(self.meta.get("classes") or [])
         wanted = set(ids if ids is not None else subset_ids(self.directory, rows, subset))
         self.rows = [r for r in rows if r["id"] in wanted]

@@ -28,7 +28,7 @@ from ..runtime import (CONFIG_FILE, HistoError, ensure_writable, get_logger, is_
                        read_json, sha256_file, write_csv_atomic, write_json_atomic)
 from . import default, slides
 from .leakage import SOURCES_COLUMNS, SOURCES_CSV, find_overlap
-from .splits import fewshot_groups, group_labels, split_groups
+from .splits import fewshot_groups, group_labels, holdout_groups, split_groups
 from .writer import DatasetWriter
 
 MAX_LISTED_SKIPS = 200  # meta.json lists this many skipped files (the count is always complete)
@@ -164,19 +164,25 @@ def _add_unlabeled(w: DatasetWriter, cfg: PrepareConfig, skips: _Skips, log) -> 
                                cfg.max_ink)
     info, sources, stems = [], [], Counter()
     seen: dict[str, Path] = {}
+    duplicates, no_tissue = [], []
     for f, explicit in _source_files(cfg, skips):
         sha = sha256_file(f)
         if sha in seen:
-            raise HistoError(f"source {f} has the same content as {seen[sha]} (given twice?)")
+            if explicit:  # named twice by the user: a mistake worth stopping for
+                raise HistoError(f"source {f} has the same content as {seen[sha]} (given twice?)")
+            duplicates.append(f"{f.name} (= {seen[sha].name})")  # byte-identical files inside a folder
+            continue
         seen[sha] = f
         try:
             slide = slides.Slide(f, cfg.image_mode)
             stats = slides.TilingStats()
+            patch, _ = slides.patch_geometry(slide, params)
             stem = f.stem if not stems[f.stem] else f"{f.stem}-{stems[f.stem]}"
             stems[f.stem] += 1
             for x, y, patch, tile in slides.iter_tiles(slide, params, stats):
+                group = f"{stem}_r{y // cfg.group_px}c{x // cfg.group_px}" if cfg.group_px else stem
                 w.add(tile, id=f"{stem}_x{x}_y{y}", source=str(f), x=x, y=y, width=patch, height=patch,
-                      group=stem, split=UNLABELED_SPLIT)
+                      group=group, split=UNLABELED_SPLIT)
         except (slides.UnreadableImage, slides.ImageTooSmall) as e:
             if explicit:
                 raise
@@ -186,9 +192,19 @@ def _add_unlabeled(w: DatasetWriter, cfg: PrepareConfig, skips: _Skips, log) -> 
         info.append({"path": str(f), "sha256": sha, "width": slide.width, "height": slide.height,
                      "mode": slide.mode, "mpp": slide.mpp, "patch": patch, "candidates": stats.candidates,
                      "background": stats.background, "ink": stats.ink, "tiles": stats.kept})
-        log.info(f"{f.name}: {slide.width}x{slide.height}, mpp {slide.mpp}, {stats.kept} tiles kept of "
-                 f"{stats.candidates} ({stats.background} background, {stats.ink} ink)")
-    return info, sources
+        if not stats.kept:
+            no_tissue.append(f.name)
+        log.debug(f"{f.name}: {slide.width}x{slide.height}, mpp {slide.mpp}, {stats.kept} tiles kept of "
+                  f"{stats.candidates} ({stats.background} background, {stats.ink} ink)")
+    if duplicates:
+        log.warning(f"skipped {len(duplicates)} byte-identical duplicate file(s) inside source folders, e.g. "
+                    f"{', '.join(duplicates[:5])}")
+    if no_tissue:
+        log.warning(f"{len(no_tissue)} image(s) gave no tissue tile, e.g. {', '.join(no_tissue[:5])}")
+    kept = sum(s["tiles"] for s in info)
+    log.info(f"{len(info)} source image(s), {kept} tiles kept")
+    return info, sources, {"duplicates": len(duplicates), "duplicate_files": duplicates[:MAX_LISTED_SKIPS],
+                           "no_tissue": len(no_tissue), "no_tissue_files": no_tissue[:MAX_LISTED_SKIPS]}
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,6 +231,10 @@ def _check_config(cfg: PrepareConfig) -> str:
     for name in ("tile_size", "shard_size"):
         if getattr(cfg, name) < 1:
             raise HistoError(f"{name} must be >= 1, not {getattr(cfg, name)}")
+    if not 0 <= cfg.holdout_frac < 1 or cfg.group_px < 0:
+        raise HistoError(f"holdout_frac must be in [0, 1) and group_px >= 0, got {cfg.holdout_frac}, {cfg.group_px}")
+    if kind == "labeled" and (cfg.holdout_frac or cfg.group_px):
+        raise HistoError("holdout_frac and group_px are for unlabeled sources (labeled data has val/test splits)")
     if cfg.downscale <= 0 or cfg.patch_size < 0 or cfg.stride < 0 or cfg.target_mpp < 0:
         raise HistoError("downscale must be > 0; patch_size, stride and target_mpp must be >= 0")
     return kind
@@ -258,6 +278,7 @@ def run(cfg: PrepareConfig) -> Path:
     try:
         if kind == "labeled":
             source_info, sources = _add_labeled(writer, cfg, skips, log)
+            dropped = {}
             groups = group_labels(writer.iter_rows())
             split = split_groups(groups, cfg.val_frac, cfg.test_frac, cfg.seed)  # applied by finish()
             fs = fewshot_groups(groups, split, cfg.fewshot_fracs, cfg.fewshot_k, cfg.seed)
@@ -269,8 +290,9 @@ def run(cfg: PrepareConfig) -> Path:
                         subsets[name].append(r["id"])
             classes = sorted(set(groups.values()))
         else:
-            source_info, sources = _add_unlabeled(writer, cfg, skips, log)
-            subsets, classes, split = {}, [], None
+            source_info, sources, dropped = _add_unlabeled(writer, cfg, skips, log)
+            subsets, classes = {}, []
+            split = holdout_groups(writer.iter_rows(), cfg.holdout_frac, cfg.seed) if cfg.holdout_frac else None
         if not writer.count:
             raise HistoError(f"no tiles kept from the inputs (all background or unreadable); nothing written to {out}")
         tile_hashes = {r["hash"]: r["id"] for r in writer.iter_rows()} if cfg.exclude else {}
@@ -284,7 +306,8 @@ def run(cfg: PrepareConfig) -> Path:
                 "resolution": _resolution(cfg, source_info),
                 "count": writer.count, "counts": tiles, "group_counts": groups_count,
                 "subsets": {k: len(v) for k, v in subsets.items()}, "sources": source_info,
-                "skipped": skips.summary(), "seconds": round(time.time() - t0, 1), "config": cfg_dict}
+                "skipped": skips.summary(), **({"dropped": dropped} if dropped else {}),
+                "seconds": round(time.time() - t0, 1), "config": cfg_dict}
         write_csv_atomic(writer.tmp / SOURCES_CSV, sources, SOURCES_COLUMNS)
         write_json_atomic(writer.tmp / CONFIG_FILE, {"format_version": FORMAT_VERSION, "version": __version__,
                                                      "stage": "prepare", "config": cfg_dict})

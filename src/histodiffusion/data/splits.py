@@ -74,3 +74,19 @@ def fewshot_groups(groups: dict[str, str], split: dict[str, str], fracs: tuple[f
             raise HistoError(f"few-shot k={k} groups per class: class(es) {short} have fewer train groups")
         out[f"k{k}"] = sorted(g for gs in perm.values() for g in gs[:k])
     return out
+
+
+def holdout_groups(rows, frac: float, seed: int) -> dict[str, str]:
+    """group -> "holdout" for a seeded `frac` of the groups of an unlabeled dataset (at least one, never
+    all), else "unlabeled": a slice kept out of training, for measurement only."""
+    from ..artifacts import HOLDOUT_SPLIT, UNLABELED_SPLIT
+
+    groups = sorted({r["group"] for r in rows})
+    if len(groups) < 2:
+        raise HistoError(f"holdout_frac={frac} needs at least 2 groups, the dataset has {len(groups)}: give "
+                         f"--group-px to group tiles by region, or --holdout-frac 0")
+    rng = random.Random(f"{seed}:holdout")
+    rng.shuffle(groups)
+    n = min(len(groups) - 1, max(1, round(frac * len(groups))))
+    held = set(groups[:n])
+    return {g: HOLDOUT_SPLIT if g in held else UNLABELED_SPLIT for g in groups}
