@@ -21,9 +21,9 @@ from torch.nn import functional as F
 from .artifacts import LDM_SCHEDULER, LDM_UNET, LDM_VAE, MODEL_INFO, format_meta
 from .config import PretrainConfig
 from .data.mixture import EpochIndex, IdRecorder, MixtureDataset, make_loader
-from .runtime import (HistoError, MetricsLog, atomic_path, get_logger, human_time, is_complete,
-                      load_latest_checkpoint, make_accelerator, mark_complete, progress, read_json, save_checkpoint,
-                      seed_everything, start_run_dir, write_json_atomic)
+from .runtime import (HistoError, MetricsLog, atomic_path, check_checkpoint_within, get_logger, human_time,
+                      load_latest_checkpoint, make_accelerator, mark_complete, progress, read_json, reopen_for_steps,
+                      save_checkpoint, save_final_checkpoint, seed_everything, start_run_dir, write_json_atomic)
 from .train_autoencoder import check_finite, save_grid
 
 STAGE = "pretrain"
@@ -146,11 +146,11 @@ def run(cfg: PretrainConfig) -> Path:
     _check_config(cfg)
     acc = make_accelerator(cfg.mixed_precision, cfg.grad_accum)
     main = acc.is_main_process
-    out = start_run_dir(cfg.out, cfg, STAGE, is_main=main)
+    out = start_run_dir(cfg.out, cfg, STAGE, is_main=main, neutral=("steps",))
     acc.wait_for_everyone()
     log = get_logger("histodiffusion.pretrain", out / "log.txt", is_main=main)
     model_dir = out / "model"
-    if is_complete(out):
+    if reopen_for_steps(out, cfg.steps, acc, log):
         log.info("%s is complete: skipped (model: %s)", out, model_dir)
         return model_dir
     sets, names, shared = load_caches(cfg.cache, cfg.subset)
@@ -209,6 +209,7 @@ class _Trainer:
     def resume(self) -> int:
         seed_everything(self.cfg.seed + self.acc.process_index)
         step, _ = load_latest_checkpoint(self.acc, self.out)
+        check_checkpoint_within(step, self.cfg.steps, self.out)
         self.ema.to(self.acc.device)
         if step:
             state = self.opt.optimizer.state
@@ -254,6 +255,8 @@ class _Trainer:
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
                 save_checkpoint(acc, self.out, step, cfg.keep_checkpoints)
         bar.close()
+        if cfg.checkpoint_every:
+            save_final_checkpoint(acc, self.out, step, cfg.keep_checkpoints)
         acc.wait_for_everyone()
 
     def ema_unet(self):

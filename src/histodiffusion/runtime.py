@@ -172,6 +172,32 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def reopen_for_steps(directory: str | os.PathLike, steps: int, accelerator, log) -> bool:
+    """For a training stage whose `steps` may change between runs: True when `directory` is complete
+    with at least `steps` steps (skip it); when it is complete with fewer, remove the marker so the run
+    continues from its last checkpoint (training longer is a normal wish) and return False."""
+    marker = Path(directory) / COMPLETE_MARKER
+    if not marker.is_file():
+        return False
+    done = int(read_json(marker, "completion marker").get("steps") or 0)
+    if steps <= done:
+        if steps < done:
+            log.info("%s was trained for %d steps (> the %d asked): kept as it is", directory, done, steps)
+        return True
+    accelerator.wait_for_everyone()  # every rank has read the marker before it goes
+    if accelerator.is_main_process:
+        marker.unlink()
+    accelerator.wait_for_everyone()
+    log.info("%s: continuing from step %d to %d", directory, done, steps)
+    return False
+
+
+def check_checkpoint_within(step: int, steps: int, run_dir) -> None:
+    if step > steps:
+        raise HistoError(f"{run_dir} holds a checkpoint at step {step}, beyond steps={steps}: ask for at least "
+                         f"{step} steps, or use another output directory")
+
+
 def mark_complete(directory: str | os.PathLike, **info: Any) -> None:
     """Write the completion marker (last), after removing temporaries left by killed runs."""
     remove_stale_temps(directory)
@@ -206,7 +232,10 @@ def start_run_dir(out: str | os.PathLike, config: Any, stage: str, is_main: bool
         check_format_version(old, path)
         if old.get("stage") != stage:
             raise HistoError(f"{out} is a run directory of stage {old.get('stage')!r}, not {stage!r}")
-        if _comparable(old.get("config"), neutral) != _comparable(cfg["config"], neutral):
+        same = _comparable(old.get("config"), neutral) == _comparable(cfg["config"], neutral)
+        if same and old.get("config") != cfg["config"] and is_main:  # only neutral fields changed: record them
+            write_json_atomic(path, cfg)
+        if not same:
             diff = sorted(k for k in set(old["config"]) | set(cfg["config"])
                           if old["config"].get(k) != cfg["config"].get(k))
             if {p.name for p in out.iterdir()} <= _STARTED_ONLY:  # a run refused before it produced anything
@@ -376,6 +405,14 @@ def save_checkpoint(accelerator, run_dir: str | os.PathLike, step: int, keep_las
             _remove(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def save_final_checkpoint(accelerator, run_dir: str | os.PathLike, step: int, keep_last: int = 2) -> None:
+    """Checkpoint the state at the last step unless that step is saved already (collective), so a later
+    run asking for more steps continues from here."""
+    cks = list_checkpoints(run_dir)
+    if not cks or cks[-1][0] != step:
+        save_checkpoint(accelerator, run_dir, step, keep_last)
 
 
 def load_latest_checkpoint(accelerator, run_dir: str | os.PathLike) -> tuple[int, dict]:

@@ -21,9 +21,9 @@ from torch import nn
 
 from .config import AutoencoderConfig
 from .data.mixture import EpochIndex, IdRecorder, MixtureDataset, make_loader
-from .runtime import (HistoError, MetricsLog, get_logger, human_time, is_complete, load_latest_checkpoint,
-                      make_accelerator, mark_complete, progress, save_checkpoint, seed_everything, start_run_dir,
-                      write_csv_atomic)
+from .runtime import (HistoError, MetricsLog, check_checkpoint_within, get_logger, human_time,
+                      load_latest_checkpoint, make_accelerator, mark_complete, progress, reopen_for_steps,
+                      save_checkpoint, save_final_checkpoint, seed_everything, start_run_dir, write_csv_atomic)
 
 STAGE = "train-autoencoder"
 
@@ -245,11 +245,11 @@ def run(cfg: AutoencoderConfig) -> Path:
     _check_config(cfg)
     acc = make_accelerator(cfg.mixed_precision)
     main = acc.is_main_process
-    out = start_run_dir(cfg.out, cfg, STAGE, is_main=main)
+    out = start_run_dir(cfg.out, cfg, STAGE, is_main=main, neutral=("steps",))
     acc.wait_for_everyone()
     log = get_logger("histodiffusion.ae", out / "log.txt", is_main=main)
     model_dir = out / "model" / "vae"
-    if is_complete(out):
+    if reopen_for_steps(out, cfg.steps, acc, log):
         log.info("%s is complete: skipped (model: %s)", out, model_dir)
         return model_dir
     seed_everything(cfg.seed + acc.process_index)
@@ -270,6 +270,7 @@ def run(cfg: AutoencoderConfig) -> Path:
         disc, opt_d = acc.prepare(disc, opt_d)
     seed_everything(cfg.seed + acc.process_index)
     step, _ = load_latest_checkpoint(acc, out)
+    check_checkpoint_within(step, cfg.steps, out)
     if step:
         log.info("resumed from checkpoint step %d", step)
     batches = make_loader(train_ds, index, step, cfg.num_workers)
@@ -301,6 +302,8 @@ def run(cfg: AutoencoderConfig) -> Path:
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
             save_checkpoint(acc, out, step, cfg.keep_checkpoints)
     bar.close()
+    if cfg.checkpoint_every:
+        save_final_checkpoint(acc, out, step, cfg.keep_checkpoints)
     acc.wait_for_everyone()
     if main:
         _finish(cfg, vae, train_ds, sources, held, acc.device, out, model_dir, metrics, log, time.time() - t0)
@@ -316,6 +319,6 @@ def _finish(cfg, vae, train_ds, sources, held, device, out, model_dir, metrics, 
     save_vae(vae, model_dir, sf, trained_on=[str(Path(d).resolve()) for d in cfg.data], steps=cfg.steps,
              holdout_metrics=final)
     metrics.log(step=cfg.steps, scaling_factor=sf, **final)
-    mark_complete(out, model=str(model_dir), scaling_factor=sf, **final)
+    mark_complete(out, model=str(model_dir), scaling_factor=sf, steps=cfg.steps, **final)
     log.info("autoencoder exported to %s in %s: held-out PSNR %s dB, SSIM %s, scaling factor %.5f", model_dir,
              human_time(seconds), f"{final.get('psnr', float('nan')):.2f}", f"{final.get('ssim', float('nan')):.4f}", sf)
