@@ -82,7 +82,8 @@ def make_ldm(folder: str | Path, vae: str | Path, seed: int = 0, prediction_type
     unet.save_pretrained(folder / "unet_ema")
     build_scheduler(prediction_type=prediction_type).save_pretrained(folder / "scheduler")
     shutil.copytree(vae, folder / "vae")
-    info = {"format_version": 1, "kind": "ldm", "vae_hash": vae_id(vae), "scaling_factor": measured_scaling_factor(vae)}
+    info = {"format_version": 1, "kind": "ldm", "vae_hash": vae_id(vae), "scaling_factor": measured_scaling_factor(vae),
+            "latent_shape": [4, SIZE // 4, SIZE // 4]}
     (folder / MODEL_INFO).write_text(json.dumps(info))
     return folder
 

@@ -1,6 +1,7 @@
 """End-to-end CLI smoke test: `histodiffusion run` on tiny settings, every artifact of every stage,
 and a second invocation that skips every finished stage."""
 import csv
+import hashlib
 import json
 import subprocess
 import sys
@@ -24,11 +25,16 @@ TINY = {
 }
 
 
-def _run(out: Path, cfg: Path) -> subprocess.CompletedProcess:
+def _cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "histodiffusion", *map(str, args)], capture_output=True, text=True,
+                          timeout=900)
+
+
+def _run(out: Path, cfg: Path, *base) -> subprocess.CompletedProcess:
     src = [str(p) for p in default.unlabeled_sources() if p.name.startswith(("stardist", "slideflow"))]
-    cmd = [sys.executable, "-m", "histodiffusion", "run", "--out", str(out), "--tile-size", "16",
-           "--unlabeled", ",".join(src), "--seeds", "0,1", "--subset", "frac0.1", "--ratios", "0.5", "--stage-config", str(cfg)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    data = ("--base", *base) if base else ("--base", "none", "--unlabeled", ",".join(src))
+    return _cli("run", "--out", out, "--tile-size", "16", *data, "--seeds", "0,1", "--subset", "frac0.1",
+                "--ratios", "0.5", "--stage-config", cfg)
 
 
 @pytest.mark.slow
@@ -79,6 +85,19 @@ def test_run_end_to_end_and_skip(tmp_path):
     assert "| ran |" not in timings and timings.count("| skipped |") >= 12
     assert r2.stderr.count("complete, skipped") >= 12
 
+    # 3. pretrain once, adapt again: export the run's LDM as a base, and a new run adapts it (no pretraining)
+    base = tmp_path / "base"
+    r3 = _cli("export-base", "--model", out / "ldm/model", "--out", base, "--data", out / "data/unlabeled")
+    assert r3.returncode == 0, r3.stderr[-3000:]
+    out2 = tmp_path / "run2"
+    r4 = _run(out2, cfg, base)
+    assert r4.returncode == 0, r4.stderr[-3000:]
+    assert not (out2 / "ae").exists() and not (out2 / "ldm").exists() and not (out2 / "data/unlabeled").exists()
+    recorded = json.loads((out2 / "base.json").read_text())
+    assert recorded["id"] == hashlib.sha256((base / "checksums.json").read_bytes()).hexdigest()
+    assert json.loads((out2 / "cache/target/meta.json").read_text())["vae_hash"] == recorded["vae_hash"]
+    assert (out2 / "eval/metrics.json").is_file() and (out2 / "report/index.html").is_file()
+
 
 def test_run_refuses_other_config_in_same_dir(tmp_path):
     out = tmp_path / "run"
@@ -88,4 +107,4 @@ def test_run_refuses_other_config_in_same_dir(tmp_path):
     (out / "data").mkdir()  # the other run had started producing artifacts
     from histodiffusion.cli import main
 
-    assert main(["run", "--out", str(out)]) == 2
+    assert main(["run", "--out", str(out), "--base", "none"]) == 2

@@ -14,6 +14,7 @@ def _steps(tmp_path, stage_config: dict | None = None, **kw) -> dict[str, dict]:
         path = tmp_path / "stages.json"
         path.write_text(json.dumps(stage_config))
         kw["stage_config"] = str(path)
+    kw.setdefault("base", "none")  # the pretraining stages are part of these plans
     return {s.name: s.fields for s in plan(RunConfig(out=str(tmp_path / "run"), **kw))}
 
 
@@ -54,5 +55,5 @@ def test_unknown_stage_key_and_bad_oversample_are_refused(tmp_path):
         _steps(tmp_path, {"evaluate-nopretrained": {}})
     with pytest.raises(HistoError, match="oversample"):
         _steps(tmp_path, oversample=0.5)
-    assert main(["run", "--out", str(tmp_path / "r"), "--oversample", "0.5"]) == 2
+    assert main(["run", "--out", str(tmp_path / "r"), "--base", "none", "--oversample", "0.5"]) == 2
     assert not (tmp_path / "r").exists()

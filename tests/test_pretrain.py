@@ -1,6 +1,7 @@
 """Pretraining stages: train-autoencoder, encode, pretrain (tiny models, 16x16 tiles, CPU)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -49,9 +50,20 @@ def test_autoencoder_exports_vae_with_measured_scaling(tmp_path):
     assert (tmp_path / "ae" / "recon" / "step_2.png").is_file() and (tmp_path / "ae" / "recon" / "step_4.png").is_file()
     rows = _metrics(tmp_path / "ae")
     assert any("psnr" in r and "ssim" in r for r in rows) and any(r.get("d_loss", 0) != 0 for r in rows)
-    assert [s for s, _ in list_checkpoints(tmp_path / "ae")] == [2]
+    assert [s for s, _ in list_checkpoints(tmp_path / "ae")] == [2, 4]  # the final state too: more steps can follow
     n = len(rows)
     assert run(cfg) == model_dir and len(_metrics(tmp_path / "ae")) == n  # complete: skipped
+    assert run(dataclasses.replace(cfg, steps=3)) == model_dir and len(_metrics(tmp_path / "ae")) == n  # fewer: kept
+    # training longer continues from the last checkpoint instead of being refused as another config
+    run(dataclasses.replace(cfg, steps=6))
+    steps = [r["step"] for r in _metrics(tmp_path / "ae")[n:] if "l1" in r]
+    assert steps == [6] and {"resumed_from": 4} in _metrics(tmp_path / "ae")[n:]
+    assert json.loads((tmp_path / "ae" / "_COMPLETE.json").read_text())["steps"] == 6
+    assert json.loads((tmp_path / "ae" / "config.json").read_text())["config"]["steps"] == 6
+    assert [s for s, _ in list_checkpoints(tmp_path / "ae")] == [4, 6]
+    with pytest.raises(HistoError, match="checkpoint at step 6, beyond steps=5"):
+        (tmp_path / "ae" / "_COMPLETE.json").unlink()  # an interrupted run asked for fewer steps than it has
+        run(dataclasses.replace(cfg, steps=5))
     with pytest.raises(HistoError, match="lpips-weights"):
         run(AutoencoderConfig(data=(str(a),), out=str(tmp_path / "ae2"), lpips_weight=0.1))
 
@@ -167,7 +179,7 @@ def test_two_processes_read_disjoint_data_and_write_one_checkpoint(tmp_path):
     ids = [{line.split("\t")[1] for line in (out / "debug" / f"ids_rank{k}.txt").read_text().splitlines()}
            for k in (0, 1)]
     assert len(ids[0]) == len(ids[1]) == 20 and not ids[0] & ids[1]
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_2", "step_4"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_2", "step_4", "step_5"]
     assert list(json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()) == [5]
     assert (out / "_COMPLETE.json").is_file()
 

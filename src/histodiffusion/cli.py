@@ -23,6 +23,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "train-autoencoder": ("histodiffusion.train_autoencoder", "train the KL autoencoder on unlabeled tiles"),
     "encode": ("histodiffusion.encode", "cache latents (posterior mean, std) of a dataset"),
     "pretrain": ("histodiffusion.pretrain", "train the unconditional latent diffusion UNet"),
+    "export-base": ("histodiffusion.basemodel", "pretrain's model -> a shippable base (fp16, checksums, model card)"),
     "train-latent-classifier": ("histodiffusion.adapt", "noise-aware latent classifier p(y | z_t, t)"),
     "finetune-decoder": ("histodiffusion.adapt", "fine-tune the decoder with an auxiliary classifier"),
     "sample": ("histodiffusion.sample", "classifier-guided synthesis in latent space"),

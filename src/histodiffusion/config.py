@@ -86,6 +86,17 @@ class AutoencoderConfig:
 
 
 @dataclass(frozen=True)
+class ExportBaseConfig:
+    model: str = F("runs/ldm/model", "exported LDM folder of pretrain (unet_ema/, scheduler/, vae/)")
+    out: str = F("base/histodiffusion-base-64", "base folder to write (replaced atomically)")
+    name: str = F("histodiffusion-base-64", "name of the base")
+    version: str = F("1", "version of the base")
+    dtype: str = F("fp16", "fp16 | fp32: dtype of the stored weights (they load as float32)")
+    data: tuple[str, ...] = F((), "prepared unlabeled datasets it was trained on (counts and source hashes for the card and the leakage guard)")
+    card_notes: str = F("", "Markdown file appended to the model card (measurements, licences, citations)")
+
+
+@dataclass(frozen=True)
 class EncodeConfig:
     data: str = F("data/unlabeled", "prepared dataset directory")
     vae: str = F("runs/ae/model/vae", "autoencoder folder (save_pretrained)")
@@ -248,7 +259,8 @@ class ReportConfig:
 class RunConfig:
     out: str = F("runs/default", "run directory for the whole chain")
     preset: str = F("quick", "quick (2-core CPU, ~15 min on the built-in data) | paper (GPU scale)")
-    unlabeled: tuple[str, ...] = F((), "unlabeled sources to pretrain on (default: the built-in default data)")
+    base: str = F("default", "pretrained base to adapt: 'default' (the shipped histodiffusion-base-64), a base folder, or 'none' (pretrain from scratch on --unlabeled)")
+    unlabeled: tuple[str, ...] = F((), "with --base none: unlabeled sources to pretrain on (default: the built-in unlabeled images)")
     labels_csv: str = F("", "labeled target CSV path,label[,group_id] (default: the built-in default data)")
     tile_size: int = F(64, "working resolution of every tile (px)")
     split_seed: int = F(0, "seed of the group split and few-shot subsets of the target data")
@@ -256,6 +268,7 @@ class RunConfig:
     seeds: tuple[int, ...] = F((0, 1, 2), "evaluation seeds")
     ratios: tuple[float, ...] = F((1.0,), "synthetic ratios to evaluate")
     oversample: float = F(2.0, "sample oversample x the largest ratio, so selection has candidates to keep")
+    adapt_unlabeled_steps: int = F(0, "continue the base's unconditional training on the target's train-split tiles, without their labels, for this many steps before guidance (0: off)")
     finetune_decoder: bool = F(True, "fine-tune the decoder with an auxiliary classifier before sampling")
     ablations: bool = F(False, "also run the no-pretraining ablation and write ablation.md")
     stage_config: str = F("", "JSON/TOML file of per-stage overrides: {stage: {field: value}}")
@@ -267,6 +280,7 @@ STAGE_CONFIGS: dict[str, type] = {
     "train-autoencoder": AutoencoderConfig,
     "encode": EncodeConfig,
     "pretrain": PretrainConfig,
+    "export-base": ExportBaseConfig,
     "train-latent-classifier": LatentClassifierConfig,
     "finetune-decoder": FinetuneDecoderConfig,
     "sample": SampleConfig,
@@ -415,12 +429,14 @@ VALUE_RULES: dict[str, dict] = {
                       "val_frac": _within(0, 1, True), "test_frac": _within(0, 1, True),
                       "min_tissue": _within(0, 1), "min_saturation": _within(0, 1), "max_ink": _within(0, 1),
                       "image_mode": _one_of("convert", "refuse"), "tissue_method": _one_of("fixed", "otsu"),
-                      "fewshot_fracs": _each(_within(0, 1)), "fewshot_k": _each(_at_least(1))},
+                      "fewshot_fracs": _each(_within(0, 1)), "fewshot_k": _each(_at_least(1)),
+                      "holdout_frac": _within(0, 1, True), "group_px": _at_least(0)},
     "AutoencoderConfig": {"latent_channels": _at_least(1), "layers_per_block": _at_least(1), "crop": _at_least(0),
                           "kl_weight": _at_least(0), "adv_weight": _at_least(0), "lpips_weight": _at_least(0),
                           "holdout": _at_least(0), "eval_every": _at_least(0),
                           "block_out_channels": _each(_at_least(1))},
     "EncodeConfig": {"scaling_factor": _at_least(0)},
+    "ExportBaseConfig": {"dtype": _one_of("fp16", "fp32")},
     "PretrainConfig": {"beta_schedule": _one_of("linear", "scaled_linear", "squaredcos_cap_v2"),
                        "prediction_type": _one_of("epsilon", "v_prediction"), "loss": _one_of("l1", "l2"),
                        "num_train_timesteps": _at_least(2), "grad_accum": _at_least(1), "warmup": _at_least(0),
@@ -434,7 +450,7 @@ VALUE_RULES: dict[str, dict] = {
                      "n_per_class": _at_least(0), "ratio": _at_least(0)},
     "SelectConfig": {"feature_steps": _at_least(1), "min_confidence": _within(0, 1),
                      "memorization_quantile": _within(0, 1), "max_ratio": _at_least(0)},
-    "RunConfig": {"oversample": _at_least(1), "ratios": _each(_above(0))},
+    "RunConfig": {"oversample": _at_least(1), "ratios": _each(_above(0)), "adapt_unlabeled_steps": _at_least(0)},
     "EvaluateConfig": {"arms": _each(_one_of("real", "classic", "selected", "unselected")), "epochs": _at_least(1),
                        "steps_per_epoch": _at_least(0), "ratios": _each(_above(0))},
 }

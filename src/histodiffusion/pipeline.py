@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import config as C
-from .runtime import HistoError, get_logger, human_time, is_complete, start_run_dir, write_text_atomic
+from .runtime import (HistoError, get_logger, human_time, is_complete, start_run_dir, write_json_atomic,
+                      write_text_atomic)
 
 
 # stage_config keys besides the stage names: one stage run twice, or the no-pretraining ablation's own
 # stages (each key's fields go on top of its stage's, e.g. {"evaluate-nopretrain": {"ratios": [1]}})
-EXTRA_KEYS = ("prepare-unlabeled", "prepare-target", "encode-target", "pretrain-nopretrain", "sample-nopretrain",
+EXTRA_KEYS = ("prepare-unlabeled", "prepare-target", "encode-target", "pretrain-target", "pretrain-nopretrain", "sample-nopretrain",
               "select-nopretrain", "evaluate-nopretrain")
 
 
@@ -43,8 +44,9 @@ def _run_stage(stage: str, cfg: Any) -> None:
     getattr(module, ENTRY.get(stage, "run"))(cfg)
 
 
-def plan(cfg: C.RunConfig) -> list[Step]:
-    """The chain of stages for this run, with each stage's resolved config fields."""
+def plan(cfg: C.RunConfig, base: dict | None | str = "verify") -> list[Step]:
+    """The chain of stages for this run, with each stage's resolved config fields (`base`: the verified
+    base record when the caller has it already, else it is resolved and verified here)."""
     from .presets import PRESETS, preset_overrides
 
     C.validate_config(cfg)
@@ -56,10 +58,12 @@ def plan(cfg: C.RunConfig) -> list[Step]:
     if unknown:
         raise HistoError(f"stage_config {cfg.stage_config}: unknown stage(s) {unknown}")
 
+    base = _base(cfg) if base == "verify" else base
     unlabeled_sources, labels_csv = _sources(cfg)
     d_unl, d_tgt = root / "data" / "unlabeled", root / "data" / "target"
     c_unl, c_tgt = root / "cache" / "unlabeled", root / "cache" / "target"
-    ldm_model = root / "ldm" / "model"
+    ldm_model = Path(base["path"]) if base else root / "ldm" / "model"
+    ae_vae = ldm_model / "vae" if base else root / "ae" / "model" / "vae"
 
     def fields(key: str, base: dict, stage: str | None = None) -> dict:
         stage = stage or key
@@ -68,21 +72,33 @@ def plan(cfg: C.RunConfig) -> list[Step]:
         merged.update(user.get(key, {}) if key != stage else {})
         return merged
 
-    steps = [
-        Step("prepare unlabeled", "prepare", d_unl, fields("prepare-unlabeled", {
-            "out": str(d_unl), "kind": "unlabeled", "sources": unlabeled_sources, "tile_size": cfg.tile_size,
-            "fewshot_fracs": ()}, "prepare")),
-        Step("prepare target", "prepare", d_tgt, fields("prepare-target", {
-            "out": str(d_tgt), "kind": "labeled", "labels_csv": labels_csv, "tile_size": cfg.tile_size,
-            "exclude": (str(d_unl),), "seed": cfg.split_seed}, "prepare")),
-        Step("train autoencoder", "train-autoencoder", root / "ae",
-             fields("train-autoencoder", {"data": (str(d_unl),), "out": str(root / "ae")})),
-        Step("encode unlabeled", "encode", c_unl,
-             fields("encode", {"data": str(d_unl), "vae": str(root / "ae" / "model" / "vae"), "out": str(c_unl)})),
-        Step("encode target", "encode", c_tgt, fields("encode-target", {
-            "data": str(d_tgt), "vae": str(root / "ae" / "model" / "vae"), "out": str(c_tgt)}, "encode")),
-        Step("pretrain LDM", "pretrain", root / "ldm",
-             fields("pretrain", {"cache": (str(c_unl),), "out": str(root / "ldm")})),
+    prepare_target = Step("prepare target", "prepare", d_tgt, fields("prepare-target", {
+        "out": str(d_tgt), "kind": "labeled", "labels_csv": labels_csv, "tile_size": cfg.tile_size,
+        "exclude": (str(ldm_model if base else d_unl),), "seed": cfg.split_seed}, "prepare"))
+    encode_target = Step("encode target", "encode", c_tgt, fields("encode-target", {
+        "data": str(d_tgt), "vae": str(ae_vae), "out": str(c_tgt)}, "encode"))
+    if base:  # pretrain once, adapt many times: the base replaces the pretraining stages
+        steps = [prepare_target, encode_target]
+    else:
+        steps = [
+            Step("prepare unlabeled", "prepare", d_unl, fields("prepare-unlabeled", {
+                "out": str(d_unl), "kind": "unlabeled", "sources": unlabeled_sources, "tile_size": cfg.tile_size,
+                "fewshot_fracs": ()}, "prepare")),
+            prepare_target,
+            Step("train autoencoder", "train-autoencoder", root / "ae",
+                 fields("train-autoencoder", {"data": (str(d_unl),), "out": str(root / "ae")})),
+            Step("encode unlabeled", "encode", c_unl,
+                 fields("encode", {"data": str(d_unl), "vae": str(ae_vae), "out": str(c_unl)})),
+            encode_target,
+            Step("pretrain LDM", "pretrain", root / "ldm",
+                 fields("pretrain", {"cache": (str(c_unl),), "out": str(root / "ldm")})),
+        ]
+    if cfg.adapt_unlabeled_steps:  # beyond the paper: the target's own train tiles, labels unused
+        steps.append(Step("adapt LDM to target tiles (unlabeled)", "pretrain", root / "ldm_target", fields(
+            "pretrain-target", {"cache": (str(c_tgt),), "subset": "train", "init_from": str(ldm_model),
+                                "steps": cfg.adapt_unlabeled_steps, "out": str(root / "ldm_target")}, "pretrain")))
+        ldm_model = root / "ldm_target" / "model"
+    steps += [
         Step("latent classifier", "train-latent-classifier", root / "adapt" / "latent_classifier",
              fields("train-latent-classifier", {
                  "cache": str(c_tgt), "subset": cfg.subset, "scheduler": str(ldm_model / "scheduler"),
@@ -92,7 +108,7 @@ def plan(cfg: C.RunConfig) -> list[Step]:
     if cfg.finetune_decoder:
         decoder = root / "adapt" / "decoder"
         steps.append(Step("finetune decoder", "finetune-decoder", decoder, fields("finetune-decoder", {
-            "data": str(d_tgt), "subset": cfg.subset, "vae": str(root / "ae" / "model" / "vae"), "out": str(decoder)})))
+            "data": str(d_tgt), "subset": cfg.subset, "vae": str(ae_vae), "out": str(decoder)})))
     vae = str(decoder / "model" / "vae") if decoder else ""
     arms = [("", ldm_model)]
     if cfg.ablations:
@@ -123,6 +139,22 @@ def plan(cfg: C.RunConfig) -> list[Step]:
     return steps
 
 
+def _base(cfg: C.RunConfig) -> dict | None:
+    """The verified base record (None with --base none); refuses options that contradict it."""
+    from .basemodel import resolve_base, verify_base
+
+    if cfg.base == "none":
+        return None
+    if cfg.unlabeled:
+        raise HistoError("--unlabeled is for pretraining from scratch: add --base none (a base is already pretrained)")
+    info = verify_base(resolve_base(cfg.base))
+    tile = info["base"]["tile_size"]
+    if cfg.tile_size != tile:
+        raise HistoError(f"base {info['path']} works on {tile} px tiles, not --tile-size {cfg.tile_size}: "
+                         f"use --tile-size {tile}, or --base none to pretrain at {cfg.tile_size} px")
+    return info
+
+
 def _sources(cfg: C.RunConfig) -> tuple[tuple[str, ...], str]:
     from .data import default
 
@@ -132,9 +164,16 @@ def _sources(cfg: C.RunConfig) -> tuple[tuple[str, ...], str]:
 
 
 def run(cfg: C.RunConfig) -> Path:
-    steps = plan(cfg)  # validates the run config and the stage overrides before anything is written
+    base = _base(cfg)
+    steps = plan(cfg, base)  # validates the run config and the stage overrides before anything is written
     root = start_run_dir(cfg.out, cfg, "run", neutral=("until",))
     log = get_logger(log_file=root / "log.txt")
+    if base:
+        from .basemodel import base_summary
+
+        write_json_atomic(root / "base.json", {k: base[k] for k in ("id", "path")} | {
+            k: base["base"][k] for k in ("name", "version", "tile_size")} | {"vae_hash": base["vae_hash"]})
+        log.info(f"adapting base {base_summary(base)}: pretraining stages skipped")
     if cfg.until:
         stages = [s.stage for s in steps]
         if cfg.until not in stages:

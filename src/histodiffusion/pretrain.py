@@ -50,6 +50,11 @@ def load_caches(paths, subset: str = "all") -> tuple[list, list[str], dict]:
 
     sets = [LatentDataset(p, subset, sample=True) for p in paths]
     names = [ds.meta.get("dataset_name") or Path(p).name for ds, p in zip(sets, paths)]
+    for ds, p in zip(sets, paths):  # leakage guard: evaluation tiles of a labeled set never train a generator
+        held = [r["id"] for r in ds.rows if r.get("split") in ("val", "test")]
+        if held:
+            raise HistoError(f"latent cache {p} (subset {subset!r}) holds {len(held)} validation/test tiles, e.g. "
+                             f"{held[0]}: pretraining must not see them; use --subset train or a few-shot subset")
     for key in ("vae_hash", "scaling_factor", "latent_shape"):
         vals = {json.dumps(ds.meta.get(key)) for ds in sets}
         if len(vals) > 1:

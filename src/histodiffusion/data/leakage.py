@@ -15,8 +15,11 @@ SOURCES_COLUMNS = ["path", "sha256"]
 
 
 def dataset_hashes(directory: str | Path) -> tuple[dict[str, str], dict[str, str]]:
-    """({source sha256: path}, {tile hash: tile id}) of a complete prepared dataset."""
+    """({source sha256: path}, {tile hash: tile id}) of a complete prepared dataset, or ({source sha256:
+    path}, {}) of a pretrained base (its sources.csv lists every image it was trained on)."""
     directory = Path(directory)
+    if not (directory / MANIFEST).is_file() and (directory / SOURCES_CSV).is_file():  # a base folder
+        return {r["sha256"]: r["path"] for r in read_csv(directory / SOURCES_CSV, SOURCES_COLUMNS, "sources list")}, {}
     read_meta(directory, "dataset")
     sources = {r["sha256"]: r["path"] for r in read_csv(directory / SOURCES_CSV, SOURCES_COLUMNS, "sources list")}
     tiles = {r["hash"]: r["id"] for r in read_csv(directory / MANIFEST, MANIFEST_COLUMNS, "manifest")}

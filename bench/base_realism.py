@@ -1,0 +1,156 @@
+"""Realism of a pretrained base's unconditional samples (run by hand; issue 11's realism table).
+
+Feature space (fixed, documented): a small CNN (`small_cnn_w16`, trained from scratch) that tells the
+pretraining sources apart, trained on the training split of the prepared unlabeled datasets (never on
+their held-out groups); its penultimate features are the space for FD and k-NN precision / recall.
+
+Compared, each against the held-out real tiles of those datasets:
+  samples   N unconditional samples of the base (DDIM, eta 0, per-sample seeds), decoded
+  recon     the base autoencoder's reconstructions of the held-out tiles: the ceiling a sample can reach
+  real/2    one half of the held-out tiles against the other: the floor of the metrics at this N
+
+and writes a grid (samples | real held-out tiles) for the README.
+
+    .venv/bin/python bench/base_realism.py --base src/histodiffusion/base/histodiffusion-base-64 \
+        --data bench/out/base/data/colon,bench/out/base/data/osteo,bench/out/base/data/he --grid docs/base_samples.png
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def load_tiles(dirs: list[str], subset: str) -> tuple[torch.Tensor, torch.Tensor]:
+    from histodiffusion.data.datasets import PixelDataset
+
+    imgs, labels = [], []
+    for k, d in enumerate(dirs):
+        ds = PixelDataset(d, subset)
+        imgs += [ds.uint8(i) for i in range(len(ds))]
+        labels += [k] * len(ds)
+    return torch.stack(imgs), torch.tensor(labels)
+
+
+def source_classifier(dirs: list[str], out: Path, steps: int):
+    from histodiffusion.models.classifier import build_classifier, load_classifier, save_classifier, train_classifier
+
+    d = out / f"source_classifier_{steps}"
+    if (d / "classifier.json").is_file():
+        return load_classifier(d)[0]
+    x, y = load_tiles(dirs, "all")
+    model = build_classifier("small_cnn_w16", len(dirs), x.shape[1])
+    train_classifier(model, x, y, steps=steps, batch_size=64, lr=1e-3, seed=0, augment=True, desc="source classifier")
+    save_classifier(model, d, {"backbone": "small_cnn_w16", "classes": [Path(p).name for p in dirs],
+                               "num_classes": len(dirs), "image_size": int(x.shape[1]), "steps": steps})
+    return model
+
+
+@torch.no_grad()
+def unconditional_samples(base: Path, n: int, steps: int, seed: int, batch: int = 32) -> np.ndarray:
+    from histodiffusion.models.unet import load_ldm
+    from histodiffusion.sample import decode_uint8, guided_sample, make_scheduler, sample_seed
+
+    m = load_ldm(base)
+    unet, vae, sf = m["unet"], m["vae"], float(m["info"]["scaling_factor"])
+    c, s = unet.config.in_channels, unet.config.sample_size
+    out = []
+    for b in range(0, n, batch):
+        ids = range(b, min(n, b + batch))
+        gens = [torch.Generator().manual_seed(sample_seed(seed, i)) for i in ids]
+        noise = torch.stack([torch.randn((c, s, s), generator=g) for g in gens])
+        z = guided_sample(unet, None, make_scheduler("ddim", m["scheduler"].config), noise,
+                          torch.zeros(len(gens), dtype=torch.long), gens, steps=steps, scale=0.0)
+        out.append(decode_uint8(vae, z, sf))
+        print(f"  sampled {min(n, b + batch)}/{n}", flush=True)
+    return np.concatenate(out)
+
+
+@torch.no_grad()
+def reconstructions(base: Path, images: torch.Tensor, batch: int = 64) -> np.ndarray:
+    from histodiffusion.models.autoencoder import load_vae
+    from histodiffusion.models.classifier import to_model_input
+
+    vae = load_vae(base / "vae")
+    out = []
+    for i in range(0, len(images), batch):
+        x = vae.decode(vae.encode(to_model_input(images[i:i + batch])).latent_dist.mean).sample.clamp(-1, 1)
+        out.append(x.add(1).mul(127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
+    return np.concatenate(out)
+
+
+def scores(extractor, real: torch.Tensor, fake: torch.Tensor) -> dict:
+    from histodiffusion.metrics import extract_features, frechet_distance, precision_recall
+
+    fd = frechet_distance(extractor, fake.permute(0, 3, 1, 2), real.permute(0, 3, 1, 2))
+    pr = precision_recall(extract_features(extractor, real.permute(0, 3, 1, 2)),
+                          extract_features(extractor, fake.permute(0, 3, 1, 2)))
+    return {"fd": fd, "precision": pr["precision"], "recall": pr["recall"], "n_real": len(real), "n_fake": len(fake)}
+
+
+def save_pair_grid(samples: np.ndarray, real: torch.Tensor, path: Path, n: int = 16, scale: int = 2) -> None:
+    """One PNG: n samples (left block) | n real held-out tiles (right block), 4 per row, upscaled."""
+    from PIL import Image
+
+    def block(imgs):
+        rows = [np.concatenate(list(imgs[r * 4:(r + 1) * 4]), axis=1) for r in range(len(imgs) // 4)]
+        return np.concatenate(rows, axis=0)
+
+    rng = np.random.default_rng(0)
+    pick = rng.choice(len(real), size=n, replace=False)
+    left, right = block(samples[:n]), block(real.numpy()[pick])
+    gap = np.full((left.shape[0], 8, 3), 255, np.uint8)
+    img = Image.fromarray(np.concatenate([left, gap, right], axis=1))
+    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", required=True, help="a base folder (or pretrain's model folder)")
+    p.add_argument("--data", required=True, help="comma-separated prepared unlabeled datasets with a holdout split")
+    p.add_argument("--n", type=int, default=0, help="samples (default: as many as held-out tiles)")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--classifier-steps", type=int, default=800)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--grid", default="", help="also write a samples | real grid PNG here")
+    p.add_argument("--out", default="bench/out/base_realism")
+    args = p.parse_args()
+
+    from histodiffusion.models.classifier import FeatureExtractor
+
+    dirs = args.data.split(",")
+    out = Path(args.out)
+    base = Path(args.base)
+    extractor = FeatureExtractor(source_classifier(dirs, out, args.classifier_steps))
+    held, _ = load_tiles(dirs, "holdout")
+    n = args.n or len(held)
+    t0 = time.time()
+    samples = torch.from_numpy(unconditional_samples(base, n, args.steps, args.seed))
+    t_sample = time.time() - t0
+    recon = torch.from_numpy(reconstructions(base, held))
+    half = len(held) // 2
+    perm = torch.randperm(len(held), generator=torch.Generator().manual_seed(0))
+    res = {"base": str(base), "samples": scores(extractor, held, samples), "recon": scores(extractor, held, recon),
+           "real_half": scores(extractor, held[perm[:half]], held[perm[half:]]),
+           "sampling_seconds": round(t_sample, 1), "ddim_steps": args.steps}
+    res["fd_ratio_samples_over_recon"] = res["samples"]["fd"] / max(1e-9, res["recon"]["fd"])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(res, indent=1))
+    print("| compared with held-out real tiles | FD | precision | recall |\n|---|---:|---:|---:|")
+    for k in ("samples", "recon", "real_half"):
+        r = res[k]
+        print(f"| {k} ({r['n_fake']} vs {r['n_real']}) | {r['fd']:.1f} | {r['precision']:.2f} | {r['recall']:.2f} |")
+    print(f"FD samples / FD reconstructions: {res['fd_ratio_samples_over_recon']:.2f}; sampling {t_sample:.0f}s")
+    if args.grid:
+        save_pair_grid(samples.numpy(), held, Path(args.grid))
+        print(f"grid: {args.grid}")
+
+
+if __name__ == "__main__":
+    main()

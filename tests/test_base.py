@@ -1,0 +1,177 @@
+"""The pretrained base: export-base, verification at load (files, format, checksums, latent shape),
+loading with plain diffusers, and `run` adapting a base instead of pretraining."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers_sample import SIZE, make_ldm, make_vae32
+from histodiffusion.basemodel import CHECKSUMS, verify_base
+from histodiffusion.cli import main
+from histodiffusion.runtime import HistoError
+
+
+@pytest.fixture
+def base(tmp_path) -> Path:
+    ldm = make_ldm(tmp_path / "ldm", make_vae32(tmp_path / "vae"))
+    out = tmp_path / "base"
+    assert main(["export-base", "--model", str(ldm), "--out", str(out), "--name", "tiny-base", "--version", "3"]) == 0
+    return out
+
+
+def _resum(base: Path) -> None:
+    """Re-write checksums.json after a deliberate edit (to reach the checks behind the checksums)."""
+    from histodiffusion.basemodel import _checksummed_files
+    from histodiffusion.runtime import sha256_file
+
+    files = {rel: sha256_file(base / rel) for rel in _checksummed_files(base)}
+    (base / CHECKSUMS).write_text(json.dumps({"algorithm": "sha256", "files": files}))
+
+
+def test_export_writes_fp16_weights_checksums_and_a_card(base):
+    from safetensors import safe_open
+
+    info = verify_base(base)
+    assert info["base"]["name"] == "tiny-base" and info["base"]["version"] == "3"
+    assert info["latent_shape"] == [4, SIZE // 4, SIZE // 4] and info["base"]["tile_size"] == SIZE
+    for sub in ("vae", "unet_ema"):
+        with safe_open(str(next((base / sub).glob("*.safetensors"))), "pt") as f:
+            assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+    sums = json.loads((base / CHECKSUMS).read_text())["files"]
+    assert "unet_ema/diffusion_pytorch_model.safetensors" in sums and "sources.csv" in sums
+    card = (base / "README.md").read_text()
+    assert "tiny-base (version 3)" in card and "from_pretrained" in card
+
+
+def test_plain_diffusers_gives_the_same_images_as_the_package(base, tmp_path):
+    """Without importing histodiffusion: the same UNet output and decoded image for the same latents."""
+    code = f"""
+import sys, torch
+assert 'histodiffusion' not in sys.modules
+from diffusers import AutoencoderKL, UNet2DModel
+torch.manual_seed(0)
+z = torch.randn(2, 4, {SIZE // 4}, {SIZE // 4})
+vae = AutoencoderKL.from_pretrained('{base}/vae'); unet = UNet2DModel.from_pretrained('{base}/unet_ema')
+with torch.no_grad():
+    eps = unet(z, torch.tensor([500, 500])).sample
+    img = vae.decode(z / vae.config.scaling_factor).sample
+torch.save({{'eps': eps, 'img': img}}, '{tmp_path}/plain.pt')
+assert 'histodiffusion' not in sys.modules
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env={"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    plain = torch.load(tmp_path / "plain.pt", weights_only=True)
+    from histodiffusion.models.unet import load_ldm
+
+    ldm = load_ldm(base)
+    torch.manual_seed(0)
+    z = torch.randn(2, 4, SIZE // 4, SIZE // 4)
+    with torch.no_grad():
+        eps = ldm["unet"](z, torch.tensor([500, 500])).sample
+        img = ldm["vae"].decode(z / ldm["info"]["scaling_factor"]).sample
+    assert torch.equal(eps, plain["eps"]) and torch.equal(img, plain["img"])
+
+
+def test_corrupted_weight_file_is_refused_by_its_checksum(base):
+    w = base / "unet_ema" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-10] ^= 0xFF
+    w.write_bytes(bytes(data))
+    with pytest.raises(HistoError, match="checksum mismatch for unet_ema/diffusion_pytorch_model.safetensors"):
+        verify_base(base)
+
+
+@pytest.mark.parametrize("breakage, message", [
+    ("missing", "scheduler/scheduler_config.json is missing"),
+    ("format", "format_version 99"),
+    ("shape", "latent shape mismatch"),
+    ("unlisted", "extra.safetensors is not in checksums.json"),
+])
+def test_bad_base_is_one_clear_error_and_run_writes_nothing(base, tmp_path, capsys, breakage, message):
+    if breakage == "missing":
+        (base / "scheduler" / "scheduler_config.json").unlink()
+    elif breakage == "format":
+        rec = json.loads((base / "histodiffusion.json").read_text())
+        (base / "histodiffusion.json").write_text(json.dumps({**rec, "format_version": 99}))
+        _resum(base)
+    elif breakage == "shape":
+        cfg = json.loads((base / "unet_ema" / "config.json").read_text())
+        (base / "unet_ema" / "config.json").write_text(json.dumps({**cfg, "sample_size": SIZE // 2}))
+        _resum(base)
+    else:
+        (base / "unet_ema" / "extra.safetensors").write_bytes(b"x")
+    with pytest.raises(HistoError, match=message):
+        verify_base(base)
+    out = tmp_path / "run"
+    assert main(["run", "--out", str(out), "--base", str(base), "--tile-size", str(SIZE)]) == 2
+    assert message.split()[0] in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_run_plan_with_a_base_skips_pretraining_and_guards_leakage(base, tmp_path):
+    from histodiffusion.config import RunConfig
+    from histodiffusion.pipeline import plan
+
+    steps = plan(RunConfig(out=str(tmp_path / "r"), base=str(base), tile_size=SIZE))
+    stages = [s.stage for s in steps]
+    assert "pretrain" not in stages and "train-autoencoder" not in stages and stages[:2] == ["prepare", "encode"]
+    fields = {s.name: s.fields for s in steps}
+    assert fields["prepare target"]["exclude"] == (str(base),)
+    assert fields["encode target"]["vae"] == str(base / "vae")
+    assert fields["sample"]["model"] == str(base)
+    with pytest.raises(HistoError, match="--base none"):
+        plan(RunConfig(out=str(tmp_path / "r"), base=str(base), tile_size=SIZE, unlabeled=("a.png",)))
+    with pytest.raises(HistoError, match=f"works on {SIZE} px tiles"):
+        plan(RunConfig(out=str(tmp_path / "r"), base=str(base), tile_size=64))
+    scratch = [s.stage for s in plan(RunConfig(out=str(tmp_path / "r"), base="none"))]
+    assert "pretrain" in scratch and "train-autoencoder" in scratch
+
+
+def test_leakage_guard_refuses_a_target_the_base_was_trained_on(tmp_path):
+    """prepare --exclude BASE: a labeled image whose file is in the base's sources.csv is refused."""
+    from PIL import Image
+
+    from histodiffusion.runtime import sha256_file
+
+    img_dir = tmp_path / "imgs"
+    img_dir.mkdir()
+    rows = ["path,label,group_id"]
+    for i in range(12):
+        Image.new("RGB", (20, 20), (200 - 5 * i, 100, 150 + i)).save(img_dir / f"t{i}.png")
+        rows.append(f"t{i}.png,{'ab'[i % 2]},g{i}")
+    (img_dir / "labels.csv").write_text("\n".join(rows) + "\n")
+    base = tmp_path / "fakebase"
+    base.mkdir()
+    (base / "sources.csv").write_text(f"path,sha256\ncolon/x.png,{sha256_file(img_dir / 't3.png')}\n")
+    out = tmp_path / "target"
+    assert main(["prepare", "--labels-csv", str(img_dir / "labels.csv"), "--tile-size", "16", "--exclude", str(base),
+                 "--fewshot-fracs", "0.5", "--out", str(out)]) == 2
+    assert not out.exists()
+
+
+def test_adapting_the_base_on_unlabeled_target_tiles(base, tmp_path):
+    """--adapt-unlabeled-steps: continued unconditional training from the base on the target's train tiles
+    (labels unused) feeds guidance; the leakage guard refuses validation/test tiles."""
+    from helpers_sample import make_labeled_cache
+    from histodiffusion.config import PretrainConfig, RunConfig
+    from histodiffusion.pipeline import plan
+    from histodiffusion.pretrain import run as pretrain
+
+    steps = {s.name: s for s in plan(RunConfig(out=str(tmp_path / "r"), base=str(base), tile_size=SIZE,
+                                               adapt_unlabeled_steps=30))}
+    adapt = steps["adapt LDM to target tiles (unlabeled)"]
+    assert adapt.stage == "pretrain" and adapt.fields["init_from"] == str(base)
+    assert adapt.fields["subset"] == "train" and adapt.fields["steps"] == 30
+    assert steps["sample"].fields["model"] == str(tmp_path / "r" / "ldm_target" / "model")
+
+    _, _, cache = make_labeled_cache(tmp_path / "t", vae=base / "vae")
+    common = dict(cache=(str(cache),), init_from=str(base), steps=2, batch_size=4, warmup=0, sample_every=0,
+                  checkpoint_every=0)
+    with pytest.raises(HistoError, match="validation/test tiles"):
+        pretrain(PretrainConfig(out=str(tmp_path / "bad"), subset="all", **common))
+    model = pretrain(PretrainConfig(out=str(tmp_path / "ok"), subset="train", **common))
+    assert (model / "unet_ema" / "config.json").is_file()
