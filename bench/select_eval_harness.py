@@ -103,7 +103,7 @@ def main() -> None:
     p.add_argument("--data", default="", help="a prepared labeled dataset (default: build one from LC25000)")
     p.add_argument("--subset", default="frac0.05")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--steps", type=int, default=500, help="optimisation steps per classifier (evaluate --steps)")
     args = p.parse_args()
     if not args.data and not (SHARED / "lc25000_lung" / "labels.csv").is_file():
         sys.exit(f"needs the real data in {SHARED}")
@@ -139,7 +139,7 @@ def main() -> None:
     t = time.time()
     cfg = EvaluateConfig(data=str(data), subset=args.subset, samples=str(samples), out=str(out / "eval"),
                          arms=("real", "classic", "selected"), ratios=(1.0,),
-                         seeds=tuple(int(s) for s in args.seeds.split(",")), epochs=args.epochs)
+                         seeds=tuple(int(s) for s in args.seeds.split(",")), steps=args.steps)
     evaluate.run(cfg)
     m = json.loads((out / "eval" / "metrics.json").read_text())
     n_jobs = len(m["arms"]) * len(m["seeds"])

@@ -129,7 +129,10 @@ def test_flag_of_wrong_type(capsys, tmp_path):
     ("train-latent-classifier", "batch-size", "0", "batch_size"),
     ("sample", "batch-size", "0", "batch_size"),
     ("select", "min-confidence", "1.5", "min_confidence"),
-    ("evaluate", "epochs", "0", "epochs"),
+    ("evaluate", "steps", "0", "steps"),
+    ("evaluate", "epochs", "-1", "epochs"),
+    ("evaluate", "val-every", "-1", "val_every"),
+    ("select", "quota-ratio", "-1", "quota_ratio"),
     ("evaluate", "arms", "real,bogus", "bogus"),
 ])
 def test_config_value_out_of_range(capsys, tmp_path, world, stage, flag, value, field):

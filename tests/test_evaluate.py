@@ -1,5 +1,6 @@
-"""evaluate / score: every arm and seed trained with one budget, group-disjoint test split (asserted),
-resume after a kill, external test sets, re-scoring saved classifiers with one command."""
+"""evaluate / score: every arm and seed trained with one budget, best-validation checkpoint scored,
+validation curves recorded, the A/A arm, group-disjoint train/val/test (asserted), resume after a kill,
+external test sets, re-scoring saved classifiers with one command."""
 import csv
 import json
 import shutil
@@ -12,7 +13,7 @@ from histodiffusion.config import EvaluateConfig
 from histodiffusion.evaluate import run
 from histodiffusion.runtime import HistoError
 
-ARMS = ["real", "classic", "selected@1", "unselected@1"]
+ARMS = ["real", "real_aa", "classic", "selected@1", "unselected@1"]
 
 
 @pytest.fixture(autouse=True)
@@ -29,7 +30,7 @@ def evaluated(tmp_path_factory):
     samples = make_class_samples(root / "samples", n_per_class=8)
     write_filtered(samples, keep_every=2)  # 4 kept per class, 6 real per class in frac0.5
     cfg = EvaluateConfig(data=str(data), subset="frac0.5", samples=str(samples), out=str(root / "eval"),
-                         ratios=(1.0,), seeds=(0, 1), backbone="small_cnn_w8", epochs=2, steps_per_epoch=2,
+                         ratios=(1.0,), seeds=(0, 1), backbone="small_cnn_w8", steps=4, val_every=2,
                          batch_size=8, external=(str(ext),))
     with one_thread():
         run(cfg)
@@ -53,15 +54,18 @@ def test_every_arm_and_seed_trained_with_one_budget(evaluated):
     # selected: the 4 kept per class (ratio 1 asks for 6); unselected: the same counts, drawn from all 8
     assert test["arms"]["selected@1"]["n_synthetic"] == {"aca": 4, "benign": 4, "scc": 4}
     assert test["arms"]["unselected@1"]["n_synthetic"] == {"aca": 4, "benign": 4, "scc": 4}
-    assert set(test["deltas_vs_real"]) == {"classic", "selected@1", "unselected@1"}
+    assert set(test["deltas_vs_real"]) == {"real_aa", "classic", "selected@1", "unselected@1"}
     assert m["arms"] == test["arms"] and m["deltas"] == test["deltas_vs_real"]  # top level: the test split
+    assert m["noise_floor"] == test["deltas_vs_real"]["real_aa"]  # the A/A delta, reported beside the others
+    assert test["arms"]["real_aa"]["n_synthetic"] == {"aca": 0, "benign": 0, "scc": 0}
+    assert m["budget"]["steps"] == 4 and m["budget"]["val_subset"] == "val" and m["budget"]["val_every"] == 2
     d = test["deltas_vs_real"]["classic"]["accuracy"]
     acc = {r["seed"]: float(r["accuracy"]) for r in csv.DictReader(open(out / "per_seed.csv"))
            if r["testset"] == "test" and r["arm"] == "classic"}
     real = {r["seed"]: float(r["accuracy"]) for r in csv.DictReader(open(out / "per_seed.csv"))
             if r["testset"] == "test" and r["arm"] == "real"}
     assert d["mean"] == pytest.approx(sum(acc[s] - real[s] for s in acc) / 2, abs=1e-5)
-    assert len(list((out / "confusion").glob("test__*.png"))) == 4
+    assert len(list((out / "confusion").glob("test__*.png"))) == 5
 
 
 def test_external_test_set_scored(evaluated):
@@ -70,7 +74,7 @@ def test_external_test_set_scored(evaluated):
     assert set(m["testsets"]) == {"test", "ext"}
     assert m["testsets"]["ext"]["arms"]["real"]["n_test"] == 72  # all tiles of the external set
     rows = list(csv.DictReader(open(root / "eval" / "per_seed.csv")))
-    assert sum(r["testset"] == "ext" for r in rows) == 8
+    assert sum(r["testset"] == "ext" for r in rows) == 10
     assert (root / "eval" / "confusion" / "ext__real.png").is_file()
 
 
@@ -89,13 +93,129 @@ def test_resume_skips_finished_classifiers(evaluated):
     assert (out / "_COMPLETE.json").is_file()
 
 
+def test_best_validation_checkpoint_is_the_one_scored(evaluated):
+    from histodiffusion.evaldata import load_real
+    from histodiffusion.evaluate import score, val_record
+    from histodiffusion.models.classifier import load_classifier
+
+    cfg, root = evaluated
+    out = root / "eval"
+    val, test = load_real(cfg.data, "val"), load_real(cfg.data, "test")
+    for arm in ("real", "selected@1"):
+        d = out / "classifiers" / f"{arm}_1"
+        sc = json.loads((d / "scores.json").read_text())
+        v = sc["validation"]
+        assert [r["step"] for r in v["curve"]] == [2, 4]  # every val_every steps and after the last
+        best = max(v["curve"], key=lambda r: (r["accuracy"], -r["loss"], -r["step"]))
+        assert v["best_step"] == best["step"] and v["best"] == best
+        model, info = load_classifier(d)
+        assert info["checkpoint"] == f"best val step {best['step']}"
+        # the saved weights are the best-validation ones, and the test scores are theirs
+        assert val_record(model, val)["accuracy"] == pytest.approx(best["accuracy"], abs=1e-9)
+        assert val_record(model, val)["loss"] == pytest.approx(best["loss"], abs=1e-5)
+        assert score(model, test)["accuracy"] == pytest.approx(sc["scores"]["test"]["accuracy"], abs=1e-9)
+
+
+def test_validation_curves_recorded_per_arm_and_seed(evaluated):
+    cfg, root = evaluated
+    out = root / "eval"
+    rows = list(csv.DictReader(open(out / "curves.csv")))
+    assert len(rows) == len(ARMS) * 2 * 2  # arms x seeds x validation points
+    for arm in ARMS:
+        for seed in ("0", "1"):
+            mine = [r for r in rows if r["arm"] == arm and r["seed"] == seed]
+            assert [r["step"] for r in mine] == ["2", "4"] and sum(r["best"] == "1" for r in mine) == 1
+    m = json.loads((out / "metrics.json").read_text())
+    v = m["validation"]["real"]
+    assert v["curve"]["step"] == [2, 4] and v["best_accuracy"]["n"] == 2
+    real = [float(r["val_accuracy"]) for r in rows if r["arm"] == "real" and r["step"] == "4"]
+    assert v["curve"]["accuracy"][-1] == pytest.approx(sum(real) / 2, abs=1e-5)
+    assert v["gain_second_half"] == pytest.approx(v["curve"]["accuracy"][1] - v["curve"]["accuracy"][0])
+
+
+def test_train_classifier_restores_the_best_validated_weights():
+    import torch
+
+    from histodiffusion.models.classifier import build_classifier, train_classifier
+
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (12, 16, 16, 3), dtype=torch.uint8)
+    y = torch.arange(12) % 3
+    script = iter([0.5, 0.9, 0.9, 0.7])  # best at step 2 (step 3 ties on accuracy with a higher loss)
+    snaps, history = {}, []
+
+    def validate(model):
+        step = len(snaps) + 1
+        snaps[step] = {k: v.clone() for k, v in model.state_dict().items()}
+        assert not model.training  # validated in eval mode
+        return {"accuracy": next(script), "loss": {2: 0.1, 3: 0.2}.get(step, 1.0)}
+
+    kw = dict(steps=4, batch_size=4, lr=1e-2, seed=3)
+    torch.manual_seed(0)
+    model = train_classifier(build_classifier("small_cnn_w8", 3, 16), x, y, validate=validate, val_every=1,
+                             history=history, **kw)
+    assert [h["step"] for h in history] == [1, 2, 3, 4]
+    state = model.state_dict()
+    assert all(torch.equal(state[k], snaps[2][k]) for k in state)
+    # validation draws no random numbers: without it, the last weights are those validated at step 4
+    torch.manual_seed(0)
+    plain = train_classifier(build_classifier("small_cnn_w8", 3, 16), x, y, **kw).state_dict()
+    assert all(torch.equal(plain[k], snaps[4][k]) for k in plain)
+
+
+def test_aa_arm_is_real_with_its_own_seed_stream(evaluated, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from histodiffusion import evaluate
+
+    cfg, root = evaluated
+    base = {**cfg.__dict__, "samples": "", "external": (), "seeds": (0, 1)}
+    # real_aa seed s is exactly real seed s + AA_SEED_OFFSET (nothing else differs)
+    run(EvaluateConfig(**{**base, "arms": ("real",), "seeds": (evaluate.AA_SEED_OFFSET,), "out": str(tmp_path / "r")}))
+    a = load_file(str(root / "eval" / "classifiers" / "real_aa_0" / "model.safetensors"))
+    b = load_file(str(tmp_path / "r" / "classifiers" / f"real_{evaluate.AA_SEED_OFFSET}" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    # the A/A logic: with no seed offset the two arms are identical, so the noise floor is exactly 0
+    monkeypatch.setattr(evaluate, "AA_SEED_OFFSET", 0)
+    run(EvaluateConfig(**{**base, "arms": ("real", "real_aa"), "out": str(tmp_path / "aa")}))
+    m = json.loads((tmp_path / "aa" / "metrics.json").read_text())
+    assert m["noise_floor"]["accuracy"]["mean"] == 0.0 and m["noise_floor"]["accuracy"]["ci95"] == [0.0, 0.0]
+    assert m["noise_floor"]["macro_f1"]["mean"] == 0.0
+
+
 def test_test_group_in_training_is_refused(tmp_path):
     data = make_dataset(tmp_path / "leaky", leak=True)
     cfg = EvaluateConfig(data=str(data), subset="frac0.5", out=str(tmp_path / "eval"), arms=("real",), seeds=(0,),
-                         backbone="small_cnn_w8", epochs=1, batch_size=8)
+                         backbone="small_cnn_w8", steps=2, batch_size=8)
     with pytest.raises(HistoError, match="leaks"):
         run(cfg)
     assert not (tmp_path / "eval" / "classifiers").exists()
+
+
+def test_validation_split_checked_and_optional(evaluated, tmp_path):
+    cfg, root = evaluated
+    base = {**cfg.__dict__, "samples": "", "external": (), "arms": ("real",), "seeds": (0,), "steps": 2}
+    # the validation split must share no group with the training subset, nor with test
+    with pytest.raises(HistoError, match="training subset are also in the validation split 'train'"):
+        run(EvaluateConfig(**{**base, "val_subset": "train", "out": str(tmp_path / "a")}))
+    with pytest.raises(HistoError, match="validation split 'test'.*leaks"):
+        run(EvaluateConfig(**{**base, "val_subset": "test", "out": str(tmp_path / "b")}))
+    no_val = make_dataset(tmp_path / "noval", groups=(4, 0, 2))
+    with pytest.raises(HistoError, match="val-every 0"):
+        run(EvaluateConfig(**{**base, "data": str(no_val), "out": str(tmp_path / "c")}))
+    assert not (tmp_path / "c" / "classifiers").exists()
+    run(EvaluateConfig(**{**base, "data": str(no_val), "val_every": 0, "out": str(tmp_path / "d")}))
+    m = json.loads((tmp_path / "d" / "metrics.json").read_text())
+    assert m["budget"]["checkpoint"] == "last step" and m["validation"] == {}
+    assert json.loads((tmp_path / "d" / "classifiers" / "real_0" / "scores.json").read_text())["validation"] is None
+
+
+def test_epochs_budget_still_works(evaluated, tmp_path):
+    cfg, root = evaluated
+    run(EvaluateConfig(**{**cfg.__dict__, "samples": "", "external": (), "arms": ("real",), "seeds": (0,),
+                          "epochs": 2, "steps_per_epoch": 0, "val_every": 0, "out": str(tmp_path / "e")}))
+    m = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert m["budget"]["steps"] == 2 * 3 and m["budget"]["steps_per_epoch"] == 3  # 18 real tiles, batch 8
 
 
 def test_bad_ratio_and_missing_filter(evaluated, tmp_path):
@@ -137,7 +257,7 @@ def test_two_processes_split_jobs_and_match_one_process(evaluated, tmp_path):
     out = tmp_path / "eval2"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "histodiffusion", "evaluate",
            "--data", cfg.data, "--subset", cfg.subset, "--samples", cfg.samples, "--out", str(out),
-           "--arms", "real,classic", "--seeds", "0,1", "--backbone", "small_cnn_w8", "--epochs", "2", "--steps-per-epoch", "2",
+           "--arms", "real,classic", "--seeds", "0,1", "--backbone", "small_cnn_w8", "--steps", "4", "--val-every", "2",
            "--batch-size", "8", "--external", cfg.external[0]]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -159,3 +279,11 @@ def test_two_processes_split_jobs_and_match_one_process(evaluated, tmp_path):
     assert proc.returncode != 0
     assert "real_1" in proc.stderr and "rank(s) [1] failed" in proc.stderr, proc.stderr[-2000:]
     assert not (out / "_COMPLETE.json").exists() and not (out / "metrics.json").exists()
+
+
+def test_help_shows_the_budget_and_seed_defaults(capsys):
+    with pytest.raises(SystemExit) as e:  # help texts with a literal % (e.g. "LC25000 5%") must format
+        main(["evaluate", "--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 500)" in text and "5%" in text and "real_aa" in text and "(default: 0,1,2,3,4)" in text

@@ -43,6 +43,18 @@ def test_ablation_keys_stack_on_the_stage_settings(tmp_path):
     assert nopre["steps"] == 50 and steps["pretrain LDM"]["steps"] == 900
 
 
+def test_selection_is_class_balanced_at_the_largest_ratio_and_aa_arm_evaluated(tmp_path):
+    steps = _steps(tmp_path, {"select-nopretrain": {"quota_ratio": 0.5}}, ratios=(0.5, 2.0), ablations=True)
+    assert steps["select"]["quota_ratio"] == 2.0  # selected@r gets r x real per class for every r evaluated
+    assert steps["select_nopretrain"]["quota_ratio"] == 0.5  # the user's setting wins
+    assert "real_aa" not in steps["evaluate"].get("arms", ())  # evaluate's default arms (with real_aa) apply
+    from histodiffusion.config import EvaluateConfig, config_from_dict
+
+    cfg = config_from_dict(EvaluateConfig, steps["evaluate"])
+    assert "real_aa" in cfg.arms and cfg.steps == 40 and cfg.val_every == 10  # the quick preset's small budget
+    assert config_from_dict(EvaluateConfig, {}).steps == 500  # the stage's (benchmark) default
+
+
 def test_quick_preset_uses_the_narrow_cnn_and_flags_win(tmp_path):
     steps = _steps(tmp_path)
     assert steps["select"]["backbone"] == steps["evaluate"]["backbone"] == "small_cnn_w16"

@@ -1,4 +1,5 @@
-"""select: centroid / confidence / memorization scores, caps, the stage on tiny data, bad inputs."""
+"""select: centroid / confidence / memorization scores, caps, class-balanced quotas and acceptance rates,
+the stage on tiny data, bad inputs."""
 import csv
 import json
 import shutil
@@ -11,7 +12,7 @@ from histodiffusion.artifacts import FILTERED_COLUMNS
 from histodiffusion.cli import main
 from histodiffusion.config import SelectConfig
 from histodiffusion.runtime import HistoError
-from histodiffusion.select import memorization_threshold, run, score_samples
+from histodiffusion.select import memorization_threshold, run, score_samples, selection_summary
 
 @pytest.fixture(autouse=True)
 def _one_thread():
@@ -75,6 +76,55 @@ def test_per_class_cap_keeps_best_ranked():
     assert sorted(r["rank"] for r in rows) == [1, 2, 3, 4, 5]
     assert all(r["reason"] == "cap" for i, r in enumerate(rows) if i not in kept)
     assert rows[3]["rank"] == 1
+
+
+# A crafted score table. Class a (4 real): two samples pass every filter, two miss the confidence
+# filter only, one misses two filters, one is a near-copy of a real tile; class b (4 real): one sample.
+CRAFTED = [([0.5, -1.5], 0, 0.9), ([0.5, -2.0], 0, 0.9), ([0.5, -1.2], 0, 0.4), ([0.5, -3.0], 0, 0.3),
+           ([1.0, 1.0], 0, 0.9), ([8.0, -2.0], 0, 0.2), ([10.5, -1.5], 1, 0.9)]
+
+
+def crafted(**kw):
+    syn = [f for f, _, _ in CRAFTED]
+    targets = [t for _, t, _ in CRAFTED]
+    probs = np.array([[c, 1 - c] if t == 0 else [1 - c, c] for _, t, c in CRAFTED])
+    return score(syn, targets, probs, memorization_quantile=0.0, drop_memorized=True, **kw)
+
+
+def test_class_quota_filled_from_each_ranked_list():
+    rows, _ = crafted(quota_ratio=1.0)  # quota: 1 x 4 real per class
+    assert [r["rank"] for r in rows] == [1, 2, 3, 4, 6, 5, 1]
+    assert rows[4]["memorized"] == 1 and "memorized" in rows[4]["reason"]
+    # class a: exactly 4 kept, the two passing samples first, then the best two that missed one filter
+    assert [r["keep"] for r in rows[:6]] == [1, 1, 1, 1, 0, 0]
+    assert rows[2]["reason"] == rows[3]["reason"] == "low_confidence"  # kept as quota fills, reason kept
+    # class b: only 1 candidate for a quota of 4: kept, and the class is short
+    assert rows[6]["keep"] == 1
+    summary = selection_summary(rows, ["a", "b"], {"a": 4, "b": 4}, 1.0)
+    a, b = summary["per_class"]["a"], summary["per_class"]["b"]
+    assert (a["samples"], a["passed"], a["kept"], a["filled"], a["quota"], a["short"]) == (6, 2, 4, 2, 4, 0)
+    assert (b["samples"], b["passed"], b["kept"], b["filled"], b["quota"], b["short"]) == (1, 1, 1, 0, 4, 3)
+    # acceptance = kept / generated per class
+    assert summary["acceptance"] == {"a": pytest.approx(4 / 6), "b": 1.0}
+    assert a["pass_rate"] == pytest.approx(2 / 6) and a["dropped_by"] == {
+        "memorized": 1, "not_nearest_centroid": 1, "low_confidence": 1}
+    assert summary["kept"] == 5 and summary["mode"] == "class-balanced quota"
+
+
+def test_class_quota_smaller_than_the_passing_samples_caps_them():
+    rows, _ = crafted(quota_ratio=0.25)  # quota 1 per class
+    assert [r["keep"] for r in rows] == [1, 0, 0, 0, 0, 0, 1]
+    assert rows[1]["reason"] == "cap"
+    summary = selection_summary(rows, ["a", "b"], {"a": 4, "b": 4}, 0.25)
+    assert summary["per_class"]["a"]["passed"] == 2 and summary["acceptance"]["a"] == pytest.approx(1 / 6)
+    # the threshold rule (no quota) keeps only the passing samples: class a 2, b 1
+    rows, _ = crafted()
+    assert [r["keep"] for r in rows] == [1, 1, 0, 0, 0, 0, 1]
+    summary = selection_summary(rows, ["a", "b"], {"a": 4, "b": 4})
+    assert summary["per_class"]["a"]["quota"] is None and summary["per_class"]["a"]["short"] == 0
+    assert summary["acceptance"] == {"a": pytest.approx(2 / 6), "b": 1.0}
+    with pytest.raises(HistoError, match="not both"):
+        crafted(quota_ratio=1.0, max_ratio=1.0)
 
 
 @pytest.fixture(scope="module")
@@ -173,3 +223,34 @@ def test_timm_backbone_with_local_weights(selected, tmp_path):
     assert not (samples / "selector" / "model" / "classifier.json").read_text().count("resnet10t")
     with pytest.raises(HistoError, match="backbone_weights"):
         run(SelectConfig(**{**cfg.__dict__, "backbone": "resnet10t", "out": str(out)}))
+
+
+def test_stage_class_quota_writes_acceptance_and_warns_when_short(selected, tmp_path):
+    import logging
+
+    cfg, samples, *_ = selected
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger = logging.getLogger("select")
+    logger.addHandler(handler)
+    try:  # 12 real tiles per class in train: quota 0.25 x 12 = 3 of the 4 (or 5) samples per class
+        run(SelectConfig(**{**cfg.__dict__, "quota_ratio": 0.25, "min_confidence": 0.99, "generative_metrics": False,
+                            "drop_memorized": False, "out": str(tmp_path / "q")}))
+        rows = read_rows(tmp_path / "q" / "filtered.csv")
+        for c in CLASSES:
+            assert sum(r["keep"] == "1" for r in rows if r["target"] == c) == 3  # filled to the quota exactly
+        summary = json.loads((tmp_path / "q" / "filtered.json").read_text())
+        for c in CLASSES:
+            v = summary["per_class"][c]
+            assert v["quota"] == 3 and v["short"] == 0 and v["acceptance"] == pytest.approx(3 / v["samples"])
+            assert summary["acceptance"][c] == v["acceptance"]
+        assert sum(v["filled"] for v in summary["per_class"].values()) > 0  # some kept below the filters
+        assert not any("short" in m or "quota of" in m for m in seen)
+        run(SelectConfig(**{**cfg.__dict__, "quota_ratio": 1.0, "generative_metrics": False,
+                            "drop_memorized": False, "out": str(tmp_path / "short")}))  # quota 12, at most 6 samples
+        summary = json.loads((tmp_path / "short" / "filtered.json").read_text())
+        assert all(v["short"] == 12 - v["kept"] > 0 for v in summary["per_class"].values())
+        assert sum("keeps" in m and "quota of 12" in m for m in seen) == 3
+    finally:
+        logger.removeHandler(handler)

@@ -53,7 +53,8 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
         metavar = "LIST" if typing.get_origin(tp) is tuple else ("BOOL" if tp is bool else tp.__name__.upper())
         parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=_flag_type(tp), default=None,
-                            metavar=metavar, help=f"{help_of(cls, f.name)} (default: {shown!s})")
+                            metavar=metavar,  # argparse formats help with %: a literal % is doubled
+                            help=f"{help_of(cls, f.name)} (default: {shown!s})".replace("%", "%%"))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,24 +1,30 @@
 """Stages `evaluate` and `score`: the downstream harness and the re-scoring of saved classifiers.
 
 `evaluate` trains one downstream classifier per (arm, seed) with the SAME budget and
-hyper-parameters (optimisation steps = epochs x steps_per_epoch, batch size, AdamW lr, cosine
-schedule, backbone) and differs only in the training images:
+hyper-parameters (cfg.steps optimisation steps, or epochs x steps_per_epoch; batch size, AdamW lr,
+cosine schedule, backbone, validation rule) and differs only in the training images:
   real            the real training subset (cfg.subset) only, no augmentation
+  real_aa         exactly `real` with another seed stream (training seed + AA_SEED_OFFSET): the
+                  paired delta real_aa - real is the harness's A/A noise floor ("noise_floor")
   classic         real + classic augmentation (flips, 90-degree rotations, colour jitter)
   selected@R      real + synthetic images kept in filtered.csv, best-ranked first, at most
                   quota(R, real count) per class; with classic augmentation
   unselected@R    real + synthetic images drawn at random (seeded by the training seed) from
                   samples.csv ignoring the filter, the same number per class as selected@R;
                   with classic augmentation
-The validation split is not used (fixed budget, no early stopping). Every classifier is scored on
-the test split, whose groups must be disjoint from the training subset's (checked: HistoError
-otherwise), and on every external labeled dataset (cfg.external: ALL its tiles, classes matched by
-name; a tile identical to a training tile is an error). Outputs (cfg.out): config.json first,
-classifiers/<arm>_<seed>/ (model.safetensors, classifier.json, scores.json, _COMPLETE.json),
-per_seed.csv, metrics.json ("testsets": {test, <external>...}: per arm mean, 95% t-CI, n and paired
-deltas vs the real arm; "arms" / "deltas": the test split's, at the top level),
-confusion/<testset>__<arm>.png (confusion summed over seeds, rows normalised), _COMPLETE.json last.
-A finished (arm, seed) is skipped on re-run, so a killed run resumes.
+Every classifier is scored on the validation split (cfg.val_subset) every cfg.val_every steps and
+after the last; its best-validation weights (highest accuracy, then lowest loss, then earliest step)
+are saved and scored, the same rule for every arm, and its validation curve is kept (scores.json,
+merged into curves.csv) to show whether real-only has plateaued. The training subset, validation
+and test splits must be pairwise group-disjoint (checked: HistoError otherwise). Every classifier is
+scored on the test split and on every external labeled dataset (cfg.external: ALL its tiles, classes
+matched by name; a tile identical to a training tile is an error). Outputs (cfg.out): config.json
+first, classifiers/<arm>_<seed>/ (model.safetensors, classifier.json, scores.json, _COMPLETE.json),
+per_seed.csv, curves.csv, metrics.json ("testsets": {test, <external>...}: per arm mean, 95% t-CI, n
+and paired deltas vs the real arm; "arms" / "deltas" / "noise_floor": the test split's, at the top
+level; "validation": per arm best step and mean curve), confusion/<testset>__<arm>.png (confusion
+summed over seeds, rows normalised), _COMPLETE.json last. A finished (arm, seed) is skipped on
+re-run, so a killed run resumes.
 
 Multi-process (torchrun / accelerate launch): rank r trains jobs r, r+W, ...; each job's folder is
 written by the rank that trained it (atomically); rank 0 waits for all and writes the merged outputs.
@@ -37,10 +43,14 @@ from . import metrics as M
 from .config import EvaluateConfig, ScoreConfig
 from .evaldata import (Tiles, dataset_classes, load_real, load_sample_images, quota, read_filtered,
                        read_samples)
+from .evalsummary import (CURVE_COLUMNS, confusion_name, curve_rows, per_seed_columns, per_seed_rows,
+                          plot_confusion, summarise, validation_summary)
 from .runtime import (HistoError, dist_info, get_logger, is_complete, mark_complete, raise_if_any_rank_failed,
                       read_json, seed_everything, start_run_dir, write_csv_atomic, write_json_atomic)
 
-ARM_KINDS = ("real", "classic", "selected", "unselected")
+ARM_KINDS = ("real", "real_aa", "classic", "selected", "unselected")
+REAL_KINDS = ("real", "real_aa", "classic")  # arms without synthetic images
+AA_SEED_OFFSET = 1_000_003  # real_aa with seed s trains exactly as real with seed s + AA_SEED_OFFSET
 TEST = "test"
 
 
@@ -53,7 +63,7 @@ def expand_arms(arms, ratios, has_samples: bool) -> list[tuple[str, str, float]]
     for a in arms:
         if a not in ARM_KINDS:
             raise HistoError(f"unknown arm {a!r}: use {', '.join(ARM_KINDS)}")
-        if a in ("real", "classic"):
+        if a in REAL_KINDS:
             out.append((a, a, 0.0))
             continue
         if not has_samples:
@@ -69,12 +79,17 @@ def expand_arms(arms, ratios, has_samples: bool) -> list[tuple[str, str, float]]
     return out
 
 
-def check_groups_disjoint(train: Tiles, test: Tiles, what: str) -> None:
-    """The harness's honesty check: no training group may appear in the test set."""
+def check_groups_disjoint(train: Tiles, test: Tiles, what: str, train_what: str = "the training subset") -> None:
+    """The harness's honesty check: no training (or validation) group may appear in the test set."""
     shared = sorted(set(train.groups) & set(test.groups))
     if shared:
-        raise HistoError(f"{len(shared)} group(s) of the training subset are also in {what}, e.g. {shared[0]!r}: "
+        raise HistoError(f"{len(shared)} group(s) of {train_what} are also in {what}, e.g. {shared[0]!r}: "
                          f"the split leaks; re-run prepare (splits must be by group)")
+
+
+def train_seed(kind: str, seed: int) -> int:
+    """The seed a job trains with: the seed itself, or the A/A arm's own stream."""
+    return seed + AA_SEED_OFFSET if kind == "real_aa" else seed
 
 
 def relabel(tiles: Tiles, classes: list[str], what: str) -> Tiles:
@@ -119,8 +134,11 @@ def synthetic_sets(cfg: EvaluateConfig, arms, real: Tiles) -> dict:
                                  f"{len(by_class[c])}: sample more or lower --ratios")
             n_sel = min(want, len(kept[c])) if "selected" in kinds else want
             if n_sel < want and kind == "selected":
-                get_logger("evaluate").warning("%s: only %d of the %d %r samples asked for passed selection; "
-                                               "the arm uses %d (unselected: the same count)", name, n_sel, want, c, n_sel)
+                get_logger("evaluate").warning("%s: selection kept only %d of the %d %r samples asked for; the arm "
+                                               "uses %d (unselected: the same count); select --quota-ratio %g fills "
+                                               "each class from its ranked list (filtered.json: short = too few "
+                                               "candidates, sample more)", name, n_sel, want, c, n_sel,
+                                               max(r for _, k, r in arms if k == "selected"))
             per_class[c] = kept[c][:n_sel] if kind == "selected" else n_sel
         chosen[name] = per_class
     return {"rows": rows, "images": images, "by_class": by_class, "chosen": chosen}
@@ -128,7 +146,7 @@ def synthetic_sets(cfg: EvaluateConfig, arms, real: Tiles) -> dict:
 
 def training_set(kind: str, name: str, seed: int, real: Tiles, syn: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """(uint8 images, labels, synthetic counts per class) of one arm and seed."""
-    if kind in ("real", "classic"):
+    if kind in REAL_KINDS:
         return real.images, real.labels, {c: 0 for c in real.classes}
     idx, counts = [], {}
     for ci, c in enumerate(real.classes):
@@ -152,6 +170,16 @@ def score(model, tiles: Tiles) -> dict:
 
     probs, _ = predict(model, tiles.images)
     return M.classification_metrics(tiles.labels.numpy(), probs.argmax(1).numpy(), tiles.classes)
+
+
+def val_record(model, tiles: Tiles) -> dict:
+    """Validation accuracy, macro-F1 and mean cross-entropy of a model on tiles (eval mode)."""
+    from .models.classifier import predict
+
+    probs, _ = predict(model, tiles.images)
+    m = M.classification_metrics(tiles.labels.numpy(), probs.argmax(1).numpy(), tiles.classes)
+    p_true = probs[torch.arange(len(tiles)), tiles.labels].clamp_min(1e-12)
+    return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "loss": float(-p_true.log().mean())}
 
 
 def load_external(paths, classes: list[str], train_hashes: set[str]) -> dict[str, Tiles]:
@@ -182,22 +210,25 @@ def run(cfg: EvaluateConfig) -> Path:
     out = start_run_dir(cfg.out, cfg, "evaluate", is_main=rank == 0)
     if not cfg.seeds:
         raise HistoError("evaluate needs at least one seed (--seeds)")
-    # 1. data: training subset, test split (group-disjoint, asserted), external sets, synthetic pools
+    # 1. data: training subset, validation and test splits (pairwise group-disjoint, asserted),
+    #    external sets, synthetic pools
     _, _, classes = dataset_classes(cfg.data)
     arms = expand_arms(cfg.arms, cfg.ratios, bool(cfg.samples))
     real = load_real(cfg.data, cfg.subset)
     test = load_real(cfg.data, TEST)
     check_groups_disjoint(real, test, f"the test split of {cfg.data}")
+    val = load_val(cfg, real, test) if cfg.val_every > 0 else None
     _, rows = read_dataset(cfg.data)
     train_ids = set(real.ids)
     externals = load_external(cfg.external, classes, {r["hash"] for r in rows if r["id"] in train_ids})
     syn = synthetic_sets(cfg, arms, real)
     size = int(real.images.shape[1])
-    steps_per_epoch = cfg.steps_per_epoch or math.ceil(len(real) / cfg.batch_size)
-    steps = cfg.epochs * steps_per_epoch
+    steps, steps_per_epoch = budget(cfg, len(real))
     jobs = [(a, s) for a in arms for s in cfg.seeds]
-    log.info("evaluate: %d arms x %d seeds, %d steps each (batch %d), %d real training tiles, %d test tiles",
-             len(arms), len(cfg.seeds), steps, cfg.batch_size, len(real), len(test))
+    log.info("evaluate: %d arms x %d seeds, %d steps each (batch %d), %d real training tiles, %s, %d test tiles",
+             len(arms), len(cfg.seeds), steps, cfg.batch_size, len(real),
+             f"best of {len(val)} {cfg.val_subset} tiles every {cfg.val_every} steps" if val else "last weights",
+             len(test))
     # 2. train and score the jobs of this rank (finished ones are skipped)
     sets = {TEST: test, **externals}
     if world > 1:
@@ -205,21 +236,42 @@ def run(cfg: EvaluateConfig) -> Path:
 
         make_accelerator(cpu=True)  # the process group, for the collective error check below
     try:
-        _train_jobs(cfg, out, jobs[rank::world], sets, classes, size, steps, real, syn, log)
+        _train_jobs(cfg, out, jobs[rank::world], sets, val, classes, size, steps, real, syn, log)
         error = None
     except Exception as e:  # reported collectively: the other ranks must not wait for this one
         error = e
     raise_if_any_rank_failed(error, "evaluate")
     if rank != 0:
         return out
-    # 3. merge (rank 0): per_seed.csv, metrics.json, confusion PNGs, completion marker last
-    _merge(cfg, out, arms, jobs, sets, classes, real, test, externals, steps, steps_per_epoch)
+    # 3. merge (rank 0): per_seed.csv, curves.csv, metrics.json, confusion PNGs, completion marker last
+    _merge(cfg, out, arms, jobs, sets, classes, real, val, test, externals, steps, steps_per_epoch)
     return out
 
 
-def _train_jobs(cfg: EvaluateConfig, out: Path, jobs, sets, classes, size: int, steps: int, real, syn, log) -> None:
+def budget(cfg: EvaluateConfig, n_real: int) -> tuple[int, int]:
+    """(optimisation steps, steps per epoch or 0) of every classifier: cfg.steps, or epochs x steps_per_epoch."""
+    if cfg.epochs > 0:
+        spe = cfg.steps_per_epoch or math.ceil(n_real / cfg.batch_size)
+        return cfg.epochs * spe, spe
+    return cfg.steps, 0
+
+
+def load_val(cfg: EvaluateConfig, real: Tiles, test: Tiles) -> Tiles:
+    """The validation split, checked group-disjoint from the training subset and from test."""
+    try:
+        val = load_real(cfg.data, cfg.val_subset)
+    except HistoError as e:
+        raise HistoError(f"validation split {cfg.val_subset!r}: {e}; prepare with --val-frac > 0, or evaluate "
+                         f"with --val-every 0 (score the last weights)") from None
+    check_groups_disjoint(real, val, f"the validation split {cfg.val_subset!r} of {cfg.data}")
+    check_groups_disjoint(val, test, f"the test split of {cfg.data}", f"the validation split {cfg.val_subset!r}")
+    return val
+
+
+def _train_jobs(cfg: EvaluateConfig, out: Path, jobs, sets, val, classes, size: int, steps: int, real, syn,
+                log) -> None:
     """Train, save and score one rank's (arm, seed) jobs; finished ones are skipped (or scored on new sets)."""
-    from .models.classifier import build_classifier, load_classifier, save_classifier, train_classifier
+    from .models.classifier import build_classifier, load_classifier, save_classifier, train_classifier, val_rank
 
     for (name, kind, ratio), seed in jobs:
         d = out / "classifiers" / f"{name}_{seed}"
@@ -233,40 +285,58 @@ def _train_jobs(cfg: EvaluateConfig, out: Path, jobs, sets, classes, size: int, 
             log.info("skip %s seed %d (finished)", name, seed)
             continue
         x, y, counts = training_set(kind, name, seed, real, syn)
-        seed_everything(seed)  # initial weights depend on the seed only, not on the job order
+        tseed = train_seed(kind, seed)
+        seed_everything(tseed)  # initial weights depend on the seed only, not on the job order
         model = build_classifier(cfg.backbone, len(classes), size, cfg.backbone_weights)
-        train_classifier(model, x, y, steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=seed,
-                         augment=kind != "real", desc=f"{name} seed {seed}")
+        curve: list[dict] = []
+        train_classifier(model, x, y, steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=tseed,
+                         augment=kind not in ("real", "real_aa"), desc=f"{name} seed {seed}",
+                         validate=(lambda m: val_record(m, val)) if val is not None else None,
+                         val_every=cfg.val_every, history=curve)
+        best = min(curve, key=val_rank) if curve else None  # the weights train_classifier restored
+        validation = {"split": cfg.val_subset, "every": cfg.val_every, "n": len(val), "best_step": best["step"],
+                      "best": best, "curve": curve} if best else None
         info = {"name": cfg.backbone, "classes": classes, "image_size": size, "arm": name, "kind": kind,
-                "ratio": ratio, "seed": seed, "steps": steps, "batch_size": cfg.batch_size, "lr": cfg.lr,
+                "ratio": ratio, "seed": seed, "train_seed": tseed, "steps": steps, "batch_size": cfg.batch_size,
+                "lr": cfg.lr, "checkpoint": f"best {cfg.val_subset} step {best['step']}" if best else "last",
                 "data": str(cfg.data), "subset": cfg.subset, "n_real": len(real), "n_synthetic": counts,
                 "backbone_weights": cfg.backbone_weights}
         save_classifier(model, d, info)
-        sc = {"arm": name, "seed": seed, "n_real": len(real), "n_synthetic": counts,
+        sc = {"arm": name, "seed": seed, "n_real": len(real), "n_synthetic": counts, "validation": validation,
               "scores": {k: score(model, t) for k, t in sets.items()}}
         write_json_atomic(d / "scores.json", sc)
         mark_complete(d)
-        log.info("%s seed %d: test accuracy %.3f", name, seed, sc["scores"][TEST]["accuracy"])
+        log.info("%s seed %d: test accuracy %.3f%s", name, seed, sc["scores"][TEST]["accuracy"],
+                 f" (best {cfg.val_subset} accuracy {best['accuracy']:.3f} at step {best['step']})" if best else "")
 
 
-def _merge(cfg, out: Path, arms, jobs, sets, classes, real, test, externals, steps, steps_per_epoch) -> None:
+def _merge(cfg, out: Path, arms, jobs, sets, classes, real, val, test, externals, steps, steps_per_epoch) -> None:
     results = {}
     for (name, kind, ratio), seed in jobs:
         d = out / "classifiers" / f"{name}_{seed}"
         if not is_complete(d):
             raise HistoError(f"classifier {d} did not finish (a rank failed?): re-run the same command")
         results[(name, seed)] = read_json(d / "scores.json", "classifier scores")
-    summary = summarise(results, [a[0] for a in arms], list(cfg.seeds), classes, list(sets))
+    names = [a[0] for a in arms]
+    summary = summarise(results, names, list(cfg.seeds), classes, list(sets))
+    deltas = summary["testsets"][TEST]["deltas_vs_real"]
     summary.update({"budget": {"steps": steps, "steps_per_epoch": steps_per_epoch, "epochs": cfg.epochs,
-                               "batch_size": cfg.batch_size, "lr": cfg.lr, "backbone": cfg.backbone},
+                               "batch_size": cfg.batch_size, "lr": cfg.lr, "backbone": cfg.backbone,
+                               "val_every": cfg.val_every, "val_subset": cfg.val_subset if val else "",
+                               "checkpoint": ("best validation accuracy (ties: lower loss, earlier step)" if val
+                                              else "last step")},
                     "data": {"dataset": str(cfg.data), "subset": cfg.subset, "n_train_real": len(real),
                              "train_counts": real.counts(), "test_counts": test.counts(),
+                             "val_counts": val.counts() if val else {},
                              "external": {k: {"n": len(t), "counts": t.counts()} for k, t in externals.items()},
                              "external_scope": "all tiles of each external dataset"},
                     "arm_specs": [{"arm": n, "kind": k, "ratio": r} for n, k, r in arms],
+                    "validation": validation_summary(results, names, list(cfg.seeds)),
                     # the test split's results also at the top level (pipeline / bench tables read these)
-                    "arms": summary["testsets"][TEST]["arms"], "deltas": summary["testsets"][TEST]["deltas_vs_real"]})
+                    "arms": summary["testsets"][TEST]["arms"], "deltas": deltas,
+                    "noise_floor": deltas.get("real_aa")})
     write_csv_atomic(out / "per_seed.csv", per_seed_rows(results, classes), per_seed_columns(classes))
+    write_csv_atomic(out / "curves.csv", curve_rows(results), CURVE_COLUMNS)
     write_json_atomic(out / "metrics.json", summary)
     for ts in sets:
         for name, _, _ in arms:
@@ -274,74 +344,6 @@ def _merge(cfg, out: Path, arms, jobs, sets, classes, real, test, externals, ste
             plot_confusion(cm, classes, f"{name} on {ts} ({len(cfg.seeds)} seeds)",
                            out / "confusion" / confusion_name(ts, name))
     mark_complete(out, arms=len(arms), seeds=len(cfg.seeds))
-
-
-def confusion_name(testset: str, arm: str) -> str:
-    """File name of an arm's confusion matrix PNG under confusion/."""
-    return f"{testset}__{arm.replace('@', '_at_').replace('/', '_')}.png"
-
-
-def per_seed_columns(classes: list[str]) -> list[str]:
-    return (["arm", "seed", "testset", "n", "accuracy", "macro_f1"] + [f"sens_{c}" for c in classes]
-            + [f"spec_{c}" for c in classes])
-
-
-def per_seed_rows(results: dict, classes: list[str]) -> list[dict]:
-    rows = []
-    for (name, seed), sc in results.items():
-        for ts, m in sc["scores"].items():
-            rows.append({"arm": name, "seed": seed, "testset": ts, "n": m["n"], "accuracy": round(m["accuracy"], 6),
-                         "macro_f1": round(m["macro_f1"], 6),
-                         **{f"sens_{c}": round(m["sensitivity"][c], 6) for c in classes},
-                         **{f"spec_{c}": round(m["specificity"][c], 6) for c in classes}})
-    return rows
-
-
-def summarise(results: dict, arm_names: list[str], seeds: list[int], classes: list[str], testsets: list[str]) -> dict:
-    """{"testsets": {ts: {"arms": {arm: {metric: mean_ci}}, "deltas_vs_real": {arm: {metric: paired_diff}}}}}."""
-    out = {"classes": classes, "seeds": seeds, "ci": "95% t-interval over seeds (n-1 dof)", "testsets": {}}
-    for ts in testsets:
-        arms, deltas = {}, {}
-        per = {a: {s: results[(a, s)]["scores"][ts] for s in seeds} for a in arm_names}
-        for a in arm_names:
-            arms[a] = {"accuracy": M.mean_ci([per[a][s]["accuracy"] for s in seeds]),
-                       "macro_f1": M.mean_ci([per[a][s]["macro_f1"] for s in seeds]),
-                       "sensitivity": {c: M.mean_ci([per[a][s]["sensitivity"][c] for s in seeds]) for c in classes},
-                       "specificity": {c: M.mean_ci([per[a][s]["specificity"][c] for s in seeds]) for c in classes},
-                       "n_synthetic": results[(a, seeds[0])].get("n_synthetic", {}), "n_test": per[a][seeds[0]]["n"]}
-        if "real" in arm_names:
-            for a in arm_names:
-                if a != "real":
-                    deltas[a] = {k: M.paired_diff({s: per[a][s][k] for s in seeds}, {s: per["real"][s][k] for s in seeds})
-                                 for k in ("accuracy", "macro_f1")}
-        out["testsets"][ts] = {"arms": arms, "deltas_vs_real": deltas}
-    return out
-
-
-def plot_confusion(cm: np.ndarray, classes: list[str], title: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .runtime import atomic_path
-
-    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(classes), 1.0 + 0.9 * len(classes)), dpi=100)
-    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    for i in range(len(classes)):
-        for j in range(len(classes)):
-            ax.text(j, i, f"{norm[i, j]:.2f}\n({int(cm[i, j])})", ha="center", va="center", fontsize=8,
-                    color="white" if norm[i, j] > 0.6 else "black")
-    ax.set_xticks(range(len(classes)), classes, rotation=30, fontsize=8)
-    ax.set_yticks(range(len(classes)), classes, fontsize=8)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
 
 
 # --------------------------------------------------------------------------------------------

@@ -129,8 +129,10 @@ def plan(cfg: C.RunConfig, base: dict | None | str = "verify") -> list[Step]:
                 "model": str(model), "classifier": str(root / "adapt" / "latent_classifier" / "model"), "vae": vae,
                 "out": str(s_dir), "ratio": n_sample, "real_counts": str(c_tgt), "real_subset": cfg.subset,
                 "seed": cfg.seeds[0] if cfg.seeds else 0}, "sample")),
+            # class-balanced selection: every class keeps the largest ratio's quota from its ranked list
             Step(f"select{suffix}", "select", s_dir, fields(f"select{key}", {
-                "samples": str(s_dir), "data": str(d_tgt), "subset": cfg.subset}, "select"),
+                "samples": str(s_dir), "data": str(d_tgt), "subset": cfg.subset,
+                "quota_ratio": max(evaluate["ratios"])}, "select"),
                 done=lambda p: (p / "filtered.csv").is_file()),
             Step(f"evaluate{suffix}", "evaluate", root / f"eval{suffix}", evaluate),
         ]
@@ -220,7 +222,7 @@ def _ablation_table(root: Path) -> None:
             continue
         m = json.loads(path.read_text())
         for arm, res in m.get("arms", {}).items():
-            if suffix and arm in ("real", "classic"):
+            if suffix and arm in ("real", "real_aa", "classic"):
                 continue
             acc, f1 = res.get("accuracy", {}), res.get("macro_f1", {})
             d = m.get("deltas", {}).get(arm, {}).get("accuracy", {})

@@ -22,7 +22,7 @@ import numpy as np
 
 from .config import ReportConfig
 from .runtime import HistoError, get_logger, mark_complete, read_json, start_run_dir, write_text_atomic
-from .report_figures import embedding_figure, grid_figure
+from .report_figures import curve_figure, embedding_figure, grid_figure
 
 
 class Doc:
@@ -224,19 +224,31 @@ def section_selection(doc: Doc, p: dict) -> None:
     reasons = sorted(f.get("dropped_by", {}))
     doc.h(2, "Selection")
     cfg = f.get("config", {})
-    doc.p(f"Feature space: {f.get('extractor')}; keep when the nearest centroid is the target "
+    q = cfg.get("quota_ratio") or 0
+    rule = (f"class-balanced: each class keeps the first {q:g} x its real count of its ranked list (samples passing "
+            f"every filter first, then the best of those that missed one: 'filled'; never a dropped near-copy)"
+            if q else f"cap {cfg.get('max_ratio')} x real per class (0: none)")
+    doc.p(f"Feature space: {f.get('extractor')}; filters: the nearest centroid is the target "
           f"({cfg.get('require_nearest_centroid')}), confidence >= {cfg.get('min_confidence')}, not memorized "
           f"(nearest real distance <= {_fmt(f.get('memorization_threshold'), 4)}, the "
           f"{cfg.get('memorization_quantile')} quantile of real-real nearest-neighbour distances across groups; "
-          f"dropped: {cfg.get('drop_memorized')}), cap {cfg.get('max_ratio')} x real per class (0: none). "
-          f"Kept {f['kept']} of {f['samples']}.")
+          f"dropped: {cfg.get('drop_memorized')}); {rule}. Kept {f['kept']} of {f['samples']}. "
+          f"Acceptance = kept / generated; pass rate = passing every filter / generated.")
+    pc = f["per_class"]
     rows = []
-    for c, v in f["per_class"].items():
-        rows.append([c, v["real"], v["samples"], v["kept"], v["memorized"]] + [v["dropped_by"].get(r, 0) for r in reasons])
-    rows.append(["all", sum(v["real"] for v in f["per_class"].values()), f["samples"], f["kept"],
-                 sum(v["memorized"] for v in f["per_class"].values())] + [f["dropped_by"][r] for r in reasons])
-    doc.table(["class", "real", "synthetic", "kept", "flagged memorized"] + [f"dropped: {r}" for r in reasons], rows,
-              "kept / dropped per class and reason (a sample can have several reasons)")
+    for c, v in pc.items():
+        rows.append([c, v["real"], v["samples"], v.get("passed", "–"), _fmt(v.get("pass_rate")), v["kept"],
+                     v.get("filled", 0), "–" if v.get("quota") is None else v["quota"], v.get("short", 0),
+                     _fmt(v.get("acceptance", v["kept"] / max(v["samples"], 1))), v["memorized"]]
+                    + [v["dropped_by"].get(r, 0) for r in reasons])
+    n = max(f["samples"], 1)
+    passed = sum(v.get("passed", 0) for v in pc.values())
+    rows.append(["all", sum(v["real"] for v in pc.values()), f["samples"], passed, _fmt(passed / n), f["kept"],
+                 sum(v.get("filled", 0) for v in pc.values()), "", sum(v.get("short", 0) for v in pc.values()),
+                 _fmt(f["kept"] / n), sum(v["memorized"] for v in pc.values())] + [f["dropped_by"][r] for r in reasons])
+    doc.table(["class", "real", "generated", "passed", "pass rate", "kept", "filled", "quota", "short", "acceptance",
+               "flagged memorized"] + [f"dropped: {r}" for r in reasons], rows,
+              "selection per class (a dropped sample can have several reasons)")
 
 
 def section_results(doc: Doc, p: dict, eval_dir: Path, title: str = "Downstream classification") -> None:
@@ -247,15 +259,23 @@ def section_results(doc: Doc, p: dict, eval_dir: Path, title: str = "Downstream 
     b = m.get("budget", {})
     doc.h(2, title)
     doc.p(f"Results of {eval_dir}.")
+    ckpt = (f"the checkpoint with the best accuracy on the {b['val_subset']!r} split (scored every "
+            f"{b.get('val_every')} steps)" if b.get("val_subset") else "the last weights")
     doc.p(f"Backbone {b.get('backbone')}, {b.get('steps')} optimisation steps per classifier (batch {b.get('batch_size')}, "
-          f"lr {b.get('lr')}, cosine schedule), identical for every arm; seeds {m['seeds']}. Values: mean "
+          f"lr {b.get('lr')}, cosine schedule) and {ckpt}, identical for every arm; seeds {m['seeds']}. Values: mean "
           f"[{m.get('ci')}]; deltas are paired differences against the real arm over the same seeds.")
+    aa = m.get("noise_floor")
+    if aa:
+        doc.p(f"Noise floor (A/A: real_aa is real-only with another seed stream): Δ accuracy {_ci(aa['accuracy'])}, "
+              f"Δ macro-F1 {_ci(aa['macro_f1'])}. A delta inside this interval is not distinguishable from seed "
+              f"noise.")
     classes = m["classes"]
     for ts, r in m["testsets"].items():
         rows = []
         for arm, v in r["arms"].items():
             d = r["deltas_vs_real"].get(arm)
-            rows.append([arm, sum(v.get("n_synthetic", {}).values()), _ci(v["accuracy"]), _ci(v["macro_f1"]),
+            rows.append([f"{arm} (A/A noise floor)" if arm == "real_aa" else arm,
+                         sum(v.get("n_synthetic", {}).values()), _ci(v["accuracy"]), _ci(v["macro_f1"]),
                          _ci(d["accuracy"]) if d else "–", _ci(d["macro_f1"]) if d else "–"])
         first = next(iter(r["arms"].values()))
         doc.table(["arm", "synthetic images", "accuracy", "macro-F1", "Δ accuracy vs real", "Δ macro-F1 vs real"],
@@ -263,7 +283,8 @@ def section_results(doc: Doc, p: dict, eval_dir: Path, title: str = "Downstream 
         rows = [[arm] + [f"{_fmt(v['sensitivity'][c]['mean'])} / {_fmt(v['specificity'][c]['mean'])}" for c in classes]
                 for arm, v in r["arms"].items()]
         doc.table(["arm"] + [f"{c} sens / spec" for c in classes], rows, f"per-class sensitivity / specificity ({ts}, mean over seeds)")
-    from .evaluate import confusion_name
+    section_validation(doc, m, eval_dir)
+    from .evalsummary import confusion_name
 
     pngs = [(ts, arm, eval_dir / "confusion" / confusion_name(ts, arm)) for ts, r in m["testsets"].items()
             for arm in r["arms"]]
@@ -275,6 +296,30 @@ def section_results(doc: Doc, p: dict, eval_dir: Path, title: str = "Downstream 
             for _, arm, png in (x for x in pngs if x[0] == ts):
                 doc.image(png.read_bytes(), f"confusion_{eval_dir.name}_{png.name}", f"{ts}: {arm}", 260)
             doc.close_row()
+
+
+def section_validation(doc: Doc, m: dict, eval_dir: Path) -> None:
+    """Validation curves of the downstream classifiers: has real-only plateaued within the budget?"""
+    v = m.get("validation") or {}
+    if not v:
+        return
+    b = m.get("budget", {})
+    doc.h(3, "Validation curves")
+    doc.p(f"Accuracy on the {b.get('val_subset')!r} split every {b.get('val_every')} steps (mean over seeds; "
+          f"per seed in {eval_dir / 'curves.csv'}). Gain in the second half: last point minus the point at half the "
+          f"budget; about 0 means the arm has plateaued.")
+    rows = [[arm, _steps(x), _ci(x["best_accuracy"]), _ci(x["last_accuracy"]),
+             f"{x['gain_second_half']:+.3f}"] for arm, x in v.items()]
+    doc.table(["arm", "best step: mean (min-max)", "best val accuracy", "last val accuracy",
+               "gain in the second half"], rows, "validation (checkpoint choice)")
+    if any(len(x["curve"]["step"]) > 1 for x in v.values()):
+        doc.image(curve_figure({a: x["curve"] for a, x in v.items()}, f"validation accuracy ({eval_dir.name})"),
+                  f"curves_{eval_dir.name}.png", f"validation accuracy against step ({eval_dir.name})", 640)
+
+
+def _steps(x: dict) -> str:
+    steps = x.get("best_steps") or [x["best_step"]["mean"]]
+    return f"{x['best_step']['mean']:.0f} ({min(steps):.0f}-{max(steps):.0f})"
 
 
 def section_generative(doc: Doc, p: dict) -> None:

@@ -1,4 +1,5 @@
-"""Figures of the report as PNG bytes: image grids and the 2-D embedding of real vs synthetic features.
+"""Figures of the report as PNG bytes: image grids, the 2-D embedding of real vs synthetic features and
+the downstream classifiers' validation curves.
 
 Embedding method: UMAP when umap-learn is installed (imported lazily), else t-SNE (scikit-learn),
 else PCA for fewer than 5 points; `method` forces one. The caller prints the method actually used.
@@ -93,3 +94,26 @@ def embedding_figure(feats: list, real_labels, syn_targets, syn_keep, classes: l
     fig.savefig(buf, format="png")
     plt.close(fig)
     return buf.getvalue(), used
+
+
+def curve_figure(curves: dict, title: str) -> bytes:
+    """Mean validation accuracy against training step, one line per arm ({arm: {"step", "accuracy"}})."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=100)
+    for i, (arm, c) in enumerate(curves.items()):
+        style = "-" if arm in ("real", "real_aa") else "--"
+        ax.plot(c["step"], c["accuracy"], style, marker=".", color=plt.get_cmap("tab10")(i % 10), label=arm)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("validation accuracy (mean over seeds)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right", ncol=2)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()

@@ -15,19 +15,27 @@ comes from a logistic regression fitted on the real features. Per sample:
   neighbours exclude its own group (tiles of one group are flips/rotations of one original, i.e.
   copies by construction). `memorized` = nn_real_dist <= threshold: by construction about that
   fraction of genuinely new tiles is flagged too (a false-positive rate chosen by the user);
-- keep = nearest centroid is the target (if require_nearest_centroid) and confidence >= min_confidence
-  and not memorized (if drop_memorized), then at most quota(max_ratio, real count) per class;
-- rank: 1-based order within the target class by (dropped by a filter, centroid_dist): kept
-  samples come first, best first. `reason` names why a sample was dropped (';'-joined).
+- filters: nearest centroid is the target (if require_nearest_centroid), confidence >=
+  min_confidence, not memorized (if drop_memorized); `reason` names the filters a sample missed
+  (';'-joined; "cap" when it passed but its class's quota was full);
+- rank: 1-based order within the target class by (memorized and dropped, number of filters missed,
+  centroid_dist): samples passing every filter first, best first; this is each class's ranked list;
+- keep (threshold rule, quota_ratio 0): every sample passing the filters, at most
+  quota(max_ratio, real count) per class (max_ratio 0: no cap);
+- keep (class-balanced, quota_ratio > 0): the first quota(quota_ratio, real count) samples of each
+  class's ranked list, never a dropped near-copy: passing samples first, then the best of those that
+  missed the confidence/centroid filters (kept with a non-empty `reason`: a quota fill), so every
+  class gets its quota when it has that many candidates (a warning, and "short" in filtered.json, when
+  not). `evaluate`'s selected@r takes the first quota(r, real count) kept samples by rank.
 
-Also writes filtered.json (config, threshold, counts per class and reason) and, with
+Also writes filtered.json (config, threshold, per class: samples generated, passed, kept, filled,
+quota, short and the acceptance rate kept / generated, counts per reason) and, with
 generative_metrics, generative_metrics.json (FD/KD in the domain feature space, FID/KID when
 inception_weights is given, precision/recall; real subset vs all and vs kept samples) plus the real
 reference statistics selector/reference_<extractor>.npz.
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -74,13 +82,18 @@ def memorization_threshold(real_feats: np.ndarray, real_groups: list[str], quant
 def score_samples(real_feats, real_labels, real_ids, real_groups, syn_feats, syn_targets, syn_probs,
                   classes: list[str], *, min_confidence: float = 0.5, require_nearest_centroid: bool = True,
                   memorization_quantile: float = 0.01, drop_memorized: bool = True,
-                  max_ratio: float = 0.0, syn_views: list | None = None,
+                  max_ratio: float = 0.0, quota_ratio: float = 0.0, syn_views: list | None = None,
                   real_views: list | None = None) -> tuple[list[dict], float]:
     """Score synthetic features against real ones; returns (rows with OUT_COLUMNS, memorization threshold).
 
     syn_views / real_views: features of transformed copies (e.g. the 8 dihedral transforms) over
-    which the memorization distances are minimised, so a rotated copy of a training tile is found."""
+    which the memorization distances are minimised, so a rotated copy of a training tile is found.
+    quota_ratio > 0: class-balanced keep (see the module docstring); max_ratio > 0: a cap only."""
     from scipy.spatial.distance import cdist
+
+    if max_ratio > 0 and quota_ratio > 0:
+        raise HistoError(f"give max_ratio ({max_ratio:g}, a cap on the filtered samples) or quota_ratio "
+                         f"({quota_ratio:g}, class-balanced quotas), not both")
 
     rf, sf = np.asarray(real_feats, np.float64), np.asarray(syn_feats, np.float64)
     rl, st = np.asarray(real_labels), np.asarray(syn_targets)
@@ -113,18 +126,21 @@ def score_samples(real_feats, real_labels, real_ids, real_groups, syn_feats, syn
                      "memorized": int(memorized), "reasons": reasons, "_t": t})
     real_counts = np.bincount(rl, minlength=len(classes))
     for t in range(len(classes)):
-        members = sorted((r for r in rows if r["_t"] == t), key=lambda r: (bool(r["reasons"]), r["centroid_dist"]))
-        cap = quota(max_ratio, int(real_counts[t])) if max_ratio > 0 else math.inf
-        kept = 0
+        members = sorted((r for r in rows if r["_t"] == t), key=lambda r: (
+            "memorized" in r["reasons"], len(r["reasons"]), r["centroid_dist"]))
+        if quota_ratio > 0:
+            want = quota(quota_ratio, int(real_counts[t]))
+            eligible = [r for r in members if "memorized" not in r["reasons"]]
+            chosen = {id(r) for r in eligible[:want]}
+        else:
+            cap = quota(max_ratio, int(real_counts[t])) if max_ratio > 0 else len(members)
+            chosen = {id(r) for r in [r for r in members if not r["reasons"]][:cap]}
         for rank, r in enumerate(members, 1):
             r["rank"] = rank
-            if not r["reasons"]:
-                if kept >= cap:
-                    r["reasons"].append("cap")
-                else:
-                    kept += 1
+            r["keep"] = int(id(r) in chosen)
+            if not r["reasons"] and not r["keep"]:
+                r["reasons"].append("cap")
     for r in rows:
-        r["keep"] = int(not r["reasons"])
         r["reason"] = ";".join(r.pop("reasons"))
         r.pop("_t")
     return rows, thr
@@ -215,11 +231,18 @@ def run(cfg: SelectConfig) -> Path:
                                 conf_fn(sf), real.classes, min_confidence=cfg.min_confidence,
                                 require_nearest_centroid=cfg.require_nearest_centroid,
                                 memorization_quantile=cfg.memorization_quantile, drop_memorized=cfg.drop_memorized,
-                                max_ratio=cfg.max_ratio, syn_views=syn_views, real_views=real_views)
+                                max_ratio=cfg.max_ratio, quota_ratio=cfg.quota_ratio, syn_views=syn_views,
+                                real_views=real_views)
     for r, s in zip(rows, scored):
         s["id"] = r["id"]
-    summary = _summary(scored, real.classes, real.counts())
-    log.info("select: kept %d of %d samples (memorization threshold %.4g)", summary["kept"], len(scored), thr)
+    summary = selection_summary(scored, real.classes, real.counts(), cfg.quota_ratio)
+    log.info("select: kept %d of %d samples (memorization threshold %.4g); acceptance per class: %s",
+             summary["kept"], len(scored), thr, ", ".join(f"{c} {a:.2f}" for c, a in summary["acceptance"].items()))
+    for c, v in summary["per_class"].items():
+        if v["short"]:
+            log.warning("select: class %r keeps %d of its quota of %d (%g x %d real): only %d of its %d samples "
+                        "are candidates (not memorized); sample more", c, v["kept"], v["quota"], cfg.quota_ratio,
+                        v["real"], v["kept"], v["samples"])
     if rank != 0:
         return out
     # 4. generative metrics (domain features; FID/KID only with Inception weights)
@@ -234,21 +257,33 @@ def run(cfg: SelectConfig) -> Path:
     return out
 
 
-def _summary(scored: list[dict], classes: list[str], real_counts: dict) -> dict:
+def selection_summary(scored: list[dict], classes: list[str], real_counts: dict, quota_ratio: float = 0.0) -> dict:
+    """Per class: samples generated, passed (every filter), kept, filled (kept by the quota although a
+    filter was missed), quota and short (class-balanced mode), acceptance = kept / generated,
+    pass_rate = passed / generated, memorized, and the dropped samples' counts per reason."""
     per_class = {}
     for c in classes:
         rs = [r for r in scored if r["target"] == c]
         reasons: dict[str, int] = {}
         for r in rs:
-            for why in filter(None, r["reason"].split(";")):
-                reasons[why] = reasons.get(why, 0) + 1
-        per_class[c] = {"samples": len(rs), "kept": sum(r["keep"] for r in rs), "real": real_counts[c],
-                        "memorized": sum(r["memorized"] for r in rs), "dropped_by": reasons}
+            if not r["keep"]:
+                for why in filter(None, r["reason"].split(";")):
+                    reasons[why] = reasons.get(why, 0) + 1
+        kept = sum(r["keep"] for r in rs)
+        passed = sum(not r["reason"] or r["reason"] == "cap" for r in rs)
+        want = quota(quota_ratio, real_counts[c]) if quota_ratio > 0 else None
+        per_class[c] = {"samples": len(rs), "passed": passed, "kept": kept,
+                        "filled": sum(bool(r["keep"] and r["reason"]) for r in rs), "quota": want,
+                        "short": max(0, want - kept) if want is not None else 0,
+                        "acceptance": kept / len(rs) if rs else 0.0, "pass_rate": passed / len(rs) if rs else 0.0,
+                        "real": real_counts[c], "memorized": sum(r["memorized"] for r in rs), "dropped_by": reasons}
     total: dict[str, int] = {}
     for v in per_class.values():
         for k, n in v["dropped_by"].items():
             total[k] = total.get(k, 0) + n
-    return {"samples": len(scored), "kept": sum(r["keep"] for r in scored), "dropped_by": total,
+    return {"samples": len(scored), "kept": sum(r["keep"] for r in scored),
+            "mode": "class-balanced quota" if quota_ratio > 0 else "filters",
+            "acceptance": {c: v["acceptance"] for c, v in per_class.items()}, "dropped_by": total,
             "per_class": per_class}
 
 

@@ -8,6 +8,7 @@ with weights_only=True). Nothing is ever downloaded.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -171,13 +172,26 @@ def classic_augment(x: torch.Tensor, generator: torch.Generator, jitter: float =
     return img.clamp(0, 1) * 2 - 1
 
 
+def val_rank(rec: dict) -> tuple:
+    """Order of validation records, best first: highest accuracy, then lowest loss, then earliest step."""
+    return -float(rec["accuracy"]), float(rec.get("loss", 0.0)), int(rec["step"])
+
+
 def train_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, steps: int, batch_size: int,
                      lr: float, seed: int, augment: bool = False, weight_decay: float = 0.05,
-                     desc: str = "train classifier", show_progress: bool = True) -> nn.Module:
+                     desc: str = "train classifier", show_progress: bool = True,
+                     validate: Callable[[nn.Module], dict] | None = None, val_every: int = 0,
+                     history: list | None = None) -> nn.Module:
     """Train `model` for exactly `steps` AdamW steps (cosine learning-rate schedule) on uint8 tiles.
 
     Batches are drawn epoch by epoch from a permutation seeded by `seed` (same budget for every
     caller that passes the same steps / batch_size / lr). `augment`: classic_augment on each batch.
+
+    `validate(model) -> {"accuracy", "loss", ...}` (with val_every > 0) is called in eval mode every
+    `val_every` steps and after the last one; the weights of the best call (highest accuracy, then
+    lowest loss, then earliest step) are restored at the end, and every call's record (with its
+    "step") is appended to `history`. Validation draws no random numbers, so the training trajectory
+    is the same with or without it.
     """
     from ..runtime import progress, seed_everything
 
@@ -193,7 +207,8 @@ def train_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     model.train()
     order = torch.randperm(n, generator=g)
     pos = 0
-    for _ in progress(range(steps), desc=desc, disable=not show_progress, leave=False):
+    best_key, best_state = None, None
+    for step in progress(range(1, steps + 1), desc=desc, disable=not show_progress, leave=False):
         if pos + bs > n:
             order, pos = torch.randperm(n, generator=g), 0
         idx = order[pos:pos + bs]
@@ -206,6 +221,18 @@ def train_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
         loss.backward()
         opt.step()
         sched.step()
+        if validate is not None and val_every > 0 and (step % val_every == 0 or step == steps):
+            model.eval()
+            rec = {"step": step, **validate(model)}
+            model.train()
+            if history is not None:
+                history.append(rec)
+            key = val_rank(rec)
+            if best_key is None or key < best_key:
+                best_key = key
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if best_state is not None:
+        model.load_state_dict(best_state)
     model.eval()
     return model
 
