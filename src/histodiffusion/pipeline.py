@@ -32,6 +32,7 @@ class Step:
     out: Path  # the stage's artifact directory (its completion marker says "done")
     fields: dict  # config fields (layout + preset + user overrides)
     done: Callable[[Path], bool] = is_complete
+    on_skip: Callable[[], list[str]] | None = None  # checks repeated when the stage is skipped: warnings
 
 
 def _run_stage(stage: str, cfg: Any) -> None:
@@ -68,13 +69,15 @@ def plan(cfg: C.RunConfig) -> list[Step]:
         merged.update(user.get(key, {}) if key != stage else {})
         return merged
 
+    target_fields = fields("prepare-target", {
+        "out": str(d_tgt), "kind": "labeled", "labels_csv": labels_csv, "tile_size": cfg.tile_size,
+        "exclude": (str(d_unl),), "seed": cfg.split_seed}, "prepare")
     steps = [
         Step("prepare unlabeled", "prepare", d_unl, fields("prepare-unlabeled", {
             "out": str(d_unl), "kind": "unlabeled", "sources": unlabeled_sources, "tile_size": cfg.tile_size,
             "fewshot_fracs": ()}, "prepare")),
-        Step("prepare target", "prepare", d_tgt, fields("prepare-target", {
-            "out": str(d_tgt), "kind": "labeled", "labels_csv": labels_csv, "tile_size": cfg.tile_size,
-            "exclude": (str(d_unl),), "seed": cfg.split_seed}, "prepare")),
+        Step("prepare target", "prepare", d_tgt, target_fields,
+             on_skip=lambda: _scale_warnings(d_tgt, d_unl, target_fields)),
         Step("train autoencoder", "train-autoencoder", root / "ae",
              fields("train-autoencoder", {"data": (str(d_unl),), "out": str(root / "ae")})),
         Step("encode unlabeled", "encode", c_unl,
@@ -123,6 +126,13 @@ def plan(cfg: C.RunConfig) -> list[Step]:
     return steps
 
 
+def _scale_warnings(target: Path, unlabeled: Path, target_fields: dict) -> list[str]:
+    from .data.prepare import check_scale
+
+    tolerance = target_fields.get("scale_tolerance", C.PrepareConfig.scale_tolerance)
+    return check_scale(target, [unlabeled], tolerance) if (unlabeled / "meta.json").is_file() else []
+
+
 def _sources(cfg: C.RunConfig) -> tuple[tuple[str, ...], str]:
     from .data import default
 
@@ -149,6 +159,8 @@ def run(cfg: C.RunConfig) -> Path:
         head = f"[{i}/{len(steps)}] {step.name}"
         if step.done(step.out):
             log.info(f"{head}: complete, skipped ({step.out})")
+            for warning in step.on_skip() if step.on_skip else []:
+                log.warning(warning)
             timings.append((step.name, 0.0, "skipped"))
             continue
         stage_cfg = C.config_from_dict(C.STAGE_CONFIGS[step.stage], step.fields)

@@ -120,7 +120,7 @@ def read_mpp(im) -> float | None:
 
 
 def read_rgb(path: str | Path, image_mode: str = "convert", draft: int = 0) -> tuple[np.ndarray, dict]:
-    """Decode a whole image to uint8 RGB. Returns (pixels, info{mode, mpp, width, height}).
+    """Decode a whole image to uint8 RGB. Returns (pixels, info{mode, mpp, width, height of the file}).
 
     `draft` > 0 lets JPEG decoding reduce the image by 1/2, 1/4 or 1/8 while staying >= draft pixels.
     Raises a HistoError naming the file for missing, non-image, corrupt or truncated files.
@@ -135,9 +135,10 @@ def read_rgb(path: str | Path, image_mode: str = "convert", draft: int = 0) -> t
             if im.width * im.height > MAX_ARRAY_PIXELS:
                 raise HistoError(f"{path} has {im.width}x{im.height} pixels, too large to load at once; "
                                  f"install the openslide extra to tile it region by region")
+            width, height = im.size  # the file's size (draft decoding may reduce the pixels returned)
             if draft and im.format == "JPEG":
                 im.draft("RGB", (draft, draft))
-            info = {"mode": im.mode, "mpp": read_mpp(im), "width": im.width, "height": im.height}
+            info = {"mode": im.mode, "mpp": read_mpp(im), "width": width, "height": height}
             bits = getattr(im, "tag_v2", {}).get(258)  # TIFF BitsPerSample: Pillow reads 16-bit RGB as RGB
             if bits and max(bits if isinstance(bits, tuple) else (bits,)) > 8 and im.mode == "RGB":
                 info["mode"] = "RGB;16"
