@@ -1,7 +1,6 @@
 """Scale of stored tiles (data/scale.py): nucleus width on synthetic tiles of known blob size, the
 deterministic tile sample, the mismatch check, and how `prepare` records and checks it."""
 import json
-import logging
 
 import numpy as np
 import pytest
@@ -15,24 +14,6 @@ from histodiffusion.data.scale import TileSample, mismatch, nucleus_size, tile_n
 from histodiffusion.data.slides import resize_tile
 
 EOSIN, NUCLEUS = (230, 150, 190), (70, 40, 120)  # pink stroma, haematoxylin-dark nucleus
-
-
-@pytest.fixture
-def warnings_logged():
-    """Messages of the warnings the package logs (its logger does not propagate to pytest's caplog)."""
-    class Keep(logging.Handler):
-        def __init__(self):
-            super().__init__(logging.WARNING)
-            self.messages: list[str] = []
-
-        def emit(self, record):
-            self.messages.append(record.getMessage())
-
-    keep = Keep()
-    logger = logging.getLogger("histodiffusion")
-    logger.addHandler(keep)
-    yield keep.messages
-    logger.removeHandler(keep)
 
 
 def disc_tile(diameter: float, size: int = 64, seed: int = 0) -> np.ndarray:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import config as C
-from .runtime import HistoError, get_logger, human_time, is_complete, start_run_dir, write_text_atomic
+from .runtime import HistoError, get_logger, human_time, is_complete, log_to, start_run_dir, write_text_atomic
 
 
 # stage_config keys besides the stage names: one stage run twice, or the no-pretraining ablation's own
@@ -56,6 +56,12 @@ def plan(cfg: C.RunConfig) -> list[Step]:
     unknown = sorted(set(user) - set(C.STAGE_CONFIGS) - set(EXTRA_KEYS))
     if unknown:
         raise HistoError(f"stage_config {cfg.stage_config}: unknown stage(s) {unknown}")
+    for key, values in user.items():  # every entry, also of stages this run does not reach (fields, types, ranges)
+        stage = key if key in C.STAGE_CONFIGS else key.rsplit("-", 1)[0]
+        try:
+            C.config_from_dict(C.STAGE_CONFIGS[stage], values)
+        except HistoError as e:
+            raise HistoError(f"stage_config {cfg.stage_config}, entry {key!r}: {e}") from None
 
     unlabeled_sources, labels_csv = _sources(cfg)
     d_unl, d_tgt = root / "data" / "unlabeled", root / "data" / "target"
@@ -123,7 +129,57 @@ def plan(cfg: C.RunConfig) -> list[Step]:
         ]
     steps.append(Step("report", "report", root / "report", fields("report", {"run": str(root),
                                                                              "out": str(root / "report")})))
+    of_dataset = {str(d_tgt): str(d_tgt), str(c_tgt): str(d_tgt), str(d_unl): str(d_unl), str(c_unl): str(d_unl)}
+    _check_steps(cfg, steps, of_dataset, str(d_tgt), labels_csv)
     return steps
+
+
+# config fields that name a subset of the dataset or cache the stage reads
+SUBSET_FIELDS = {"train-latent-classifier": ("subset", "val_subset"), "finetune-decoder": ("subset",),
+                 "sample": ("real_subset",), "select": ("subset",), "evaluate": ("subset",), "report": ("subset",),
+                 "pretrain": ("subset",)}
+
+
+def _check_steps(cfg: C.RunConfig, steps: list[Step], of_dataset: dict[str, str], target: str,
+                 labels_csv: str) -> None:
+    """Plan-time checks of what would otherwise fail only when a late stage starts: every stage's config
+    (fields, types, ranges), the subsets stages ask of the run's datasets and caches (`of_dataset`: path
+    -> the dataset it holds or encodes; prepare must make the subset), and a labels CSV of >= 2 classes."""
+    from .artifacts import HOLDOUT_SPLIT, SPLITS, UNLABELED_SPLIT
+    from .data.prepare import read_labels_csv
+
+    where = f"stage_config {cfg.stage_config}" if cfg.stage_config else "run"
+    configs = []
+    for step in steps:
+        try:
+            configs.append(C.config_from_dict(C.STAGE_CONFIGS[step.stage], step.fields))
+        except HistoError as e:
+            raise HistoError(f"{where}: stage {step.name!r}: {e}") from None
+    read_labels_csv(Path(labels_csv))
+    made = {}  # dataset -> the subsets its prepare step makes
+    for c in configs:
+        if isinstance(c, C.PrepareConfig) and c.out in of_dataset:
+            fewshot = {*(f"frac{f:g}" for f in c.fewshot_fracs), *(f"k{k}" for k in c.fewshot_k)}
+            made[c.out] = ({*SPLITS, "all", *fewshot} if c.labels_csv or c.class_folders else
+                           {"all", UNLABELED_SPLIT, *((HOLDOUT_SPLIT,) if c.holdout_frac else ())})
+    for step, sc in zip(steps, configs):
+        reads = {str(v) for k in ("data", "cache", "real_counts") for v in _as_tuple(getattr(sc, k, ()))}
+        if step.stage == "report" and not sc.data:
+            reads = {target}  # the report's default dataset
+        datasets = {of_dataset[r] for r in reads if r in of_dataset} & set(made)
+        for name in SUBSET_FIELDS.get(step.stage, ()):
+            value = getattr(sc, name)
+            for d in datasets:
+                if value and value not in made[d]:
+                    origin = "--subset" if value == cfg.subset else f"{step.stage}.{name}"
+                    raise HistoError(
+                        f"subset {value!r} ({origin}, stage {step.name!r}) is not made by prepare: dataset {d} will "
+                        f"have {sorted(made[d])}; use one of them, or make it with prepare's fewshot_fracs / "
+                        f"fewshot_k in --stage-config (e.g. {{\"prepare-target\": {{\"fewshot_fracs\": [0.2]}}}})")
+
+
+def _as_tuple(v) -> tuple:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,) if v else ()
 
 
 def _scale_warnings(target: Path, unlabeled: Path, target_fields: dict) -> list[str]:
@@ -144,7 +200,14 @@ def _sources(cfg: C.RunConfig) -> tuple[tuple[str, ...], str]:
 def run(cfg: C.RunConfig) -> Path:
     steps = plan(cfg)  # validates the run config and the stage overrides before anything is written
     root = start_run_dir(cfg.out, cfg, "run", neutral=("until",))
-    log = get_logger(log_file=root / "log.txt")
+    with log_to(root / "log.txt"):  # every stage's lines, with the pipeline's
+        return _run_steps(cfg, steps, root)
+
+
+def _run_steps(cfg: C.RunConfig, steps: list[Step], root: Path) -> Path:
+    log = get_logger("run")
+    timings = _read_timings(root / TIMINGS)  # a stage a re-run skips keeps the time measured when it ran
+    order = [s.name for s in steps]
     if cfg.until:
         stages = [s.stage for s in steps]
         if cfg.until not in stages:
@@ -154,24 +217,25 @@ def run(cfg: C.RunConfig) -> Path:
             last += 1
         steps = steps[:last + 1]
     t_all = time.time()
-    timings = []
     for i, step in enumerate(steps, 1):
         head = f"[{i}/{len(steps)}] {step.name}"
         if step.done(step.out):
             log.info(f"{head}: complete, skipped ({step.out})")
             for warning in step.on_skip() if step.on_skip else []:
                 log.warning(warning)
-            timings.append((step.name, 0.0, "skipped"))
+            seconds = timings.get(step.name, (None, ""))[0]
+            timings[step.name] = (seconds, "skipped (time of the run that made it)" if seconds is not None
+                                  else "skipped (made outside this run)")
+            _write_timings(root / TIMINGS, timings, order)
             continue
         stage_cfg = C.config_from_dict(C.STAGE_CONFIGS[step.stage], step.fields)
         log.info(f"{head} -> {step.out}")
         t0 = time.time()
         _run_stage(step.stage, stage_cfg)
         dt = time.time() - t0
-        timings.append((step.name, dt, "ran"))
+        timings[step.name] = (dt, "ran")
+        _write_timings(root / TIMINGS, timings, order)
         log.info(f"{head}: done in {human_time(dt)}")
-    lines = ["| stage | seconds | |", "|---|---:|---|"] + [f"| {n} | {t:.1f} | {s} |" for n, t, s in timings]
-    write_text_atomic(root / "timings.md", "\n".join(lines) + "\n")
     if cfg.until:
         log.info(f"stopped after stage {cfg.until!r} as asked ({human_time(time.time() - t_all)})")
         return root
@@ -180,6 +244,28 @@ def run(cfg: C.RunConfig) -> Path:
     report = root / "report" / "index.html"
     log.info(f"finished in {human_time(time.time() - t_all)}; report: {report.resolve()}")
     return report
+
+
+TIMINGS = "timings.md"
+
+
+def _read_timings(path: Path) -> dict[str, tuple[float | None, str]]:
+    """stage name -> (seconds or None, status) from the timings.md an earlier run wrote."""
+    out: dict[str, tuple[float | None, str]] = {}
+    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0] not in ("stage", "---"):
+            try:
+                out[cells[0]] = (float(cells[1]), cells[2])
+            except ValueError:
+                out[cells[0]] = (None, cells[2])
+    return out
+
+
+def _write_timings(path: Path, timings: dict[str, tuple[float | None, str]], order: list[str]) -> None:
+    names = [n for n in order if n in timings] + [n for n in timings if n not in order]
+    rows = [f"| {n} | {'—' if timings[n][0] is None else f'{timings[n][0]:.1f}'} | {timings[n][1]} |" for n in names]
+    write_text_atomic(path, "\n".join(["| stage | seconds | |", "|---|---:|---|"] + rows) + "\n")
 
 
 def _ablation_table(root: Path) -> None:

@@ -24,14 +24,15 @@ import numpy as np
 from .. import FORMAT_VERSION, __version__
 from ..artifacts import UNLABELED_SPLIT, read_meta
 from ..config import PrepareConfig, config_to_dict
-from ..runtime import (CONFIG_FILE, HistoError, ensure_writable, get_logger, is_complete, progress, read_csv,
-                       read_json, sha256_file, write_csv_atomic, write_json_atomic)
+from ..runtime import (CONFIG_FILE, HistoError, closes_stage_logs, ensure_writable, get_logger, is_complete, progress,
+                       read_csv, read_json, sha256_file, write_csv_atomic, write_json_atomic)
 from . import default, scale, slides
 from .leakage import SOURCES_COLUMNS, SOURCES_CSV, find_overlap
 from .splits import fewshot_groups, group_labels, holdout_groups, split_groups
 from .writer import DatasetWriter
 
 MAX_LISTED_SKIPS = 200  # meta.json lists this many skipped files (the count is always complete)
+SHOWN_SKIPS = 5  # the warning names this many
 
 
 class _Skips:
@@ -48,7 +49,10 @@ class _Skips:
     def summary(self) -> dict:
         if self.count:
             reasons = Counter(i["reason"].split(":")[0] for i in self.items)
-            self.log.warning(f"skipped {self.count} unreadable file(s): {dict(reasons)}; listed in meta.json")
+            names = ", ".join(Path(i["path"]).name for i in self.items[:SHOWN_SKIPS])
+            more = f" and {self.count - SHOWN_SKIPS} more" if self.count > SHOWN_SKIPS else ""
+            self.log.warning(f"skipped {self.count} unreadable file(s): {names}{more} ({dict(reasons)}); "
+                             f"listed in meta.json")
         return {"count": self.count, "files": self.items}
 
 
@@ -79,6 +83,9 @@ def _labeled_entries(cfg: PrepareConfig, skips: _Skips) -> tuple[Path, list[tupl
     dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not dirs:
         raise HistoError(f"class folder root {root} has no class sub-folders")
+    if len(dirs) == 1:
+        raise HistoError(f"class folder root {root} has a single class sub-folder ({dirs[0].name}): a classifier "
+                         f"needs at least two classes")
     out = []
     for d in dirs:
         files = sorted(p for p in d.rglob("*") if p.is_file() and not p.name.startswith("."))
@@ -95,10 +102,14 @@ def _labeled_entries(cfg: PrepareConfig, skips: _Skips) -> tuple[Path, list[tupl
 
 
 def read_labels_csv(csv_path: Path) -> list[dict]:
-    """Rows of a labels CSV (path,label[,group_id]); refused when it has no rows."""
+    """Rows of a labels CSV (path,label[,group_id]); refused when it has no rows or a single class."""
     rows = read_csv(csv_path, ["path", "label"], "labels CSV")
     if not rows:
         raise HistoError(f"labels CSV {csv_path} has no rows")
+    labels = {(r.get("label") or "").strip() for r in rows} - {""}
+    if len(labels) == 1:
+        raise HistoError(f"labels CSV {csv_path} has a single class ({labels.pop()!r}): a classifier needs at "
+                         f"least two classes")
     return rows
 
 
@@ -320,9 +331,10 @@ def _comparable(cfg_dict: dict) -> dict:
     return {k: v for k, v in {**config_to_dict(PrepareConfig()), **cfg_dict}.items() if k not in _NEUTRAL}
 
 
+@closes_stage_logs
 def run(cfg: PrepareConfig) -> Path:
     out = Path(cfg.out)
-    log = get_logger()
+    log = get_logger("prepare")
     cfg_dict = config_to_dict(cfg)
     if is_complete(out):
         old = read_json(out / "meta.json", "dataset meta").get("config", {})
@@ -336,6 +348,7 @@ def run(cfg: PrepareConfig) -> Path:
     skips = _Skips(cfg.strict, log)
     sample = scale.TileSample(cfg.scale_sample)
     writer = DatasetWriter(out, cfg.tile_size, cfg.shard_size)
+    log = get_logger("prepare", writer.tmp / "log.txt")  # renamed into place with the dataset
     try:
         if kind == "labeled":
             source_info, sources, geometry = _add_labeled(writer, cfg, skips, sample, log)
