@@ -76,7 +76,7 @@ def test_subset_not_made_by_prepare_fails_at_plan_time(tmp_path, capsys):
     with pytest.raises(HistoError) as e:
         _steps(tmp_path, subset="frac0.2")
     assert "'frac0.2'" in str(e.value) and "--subset" in str(e.value) and "frac0.25" in str(e.value)
-    assert main(["run", "--out", str(tmp_path / "r"), "--subset", "frac0.2"]) == 2
+    assert main(["run", "--out", str(tmp_path / "r"), "--base", "none", "--subset", "frac0.2"]) == 2
     assert "frac0.2" in capsys.readouterr().err and not (tmp_path / "r").exists()
     # made by prepare when asked for: accepted
     steps = _steps(tmp_path, {"prepare-target": {"fewshot_fracs": [0.2]}}, subset="frac0.2")
@@ -103,7 +103,7 @@ def test_bad_stage_config_of_a_later_stage_fails_at_plan_time(tmp_path, capsys, 
         _steps(tmp_path, entry)
     cfg = tmp_path / "stages.json"
     cfg.write_text(json.dumps(entry))
-    assert main(["run", "--out", str(tmp_path / "r"), "--stage-config", str(cfg)]) == 2
+    assert main(["run", "--out", str(tmp_path / "r"), "--base", "none", "--stage-config", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert culprit.split(".")[-1] in err and str(cfg) in err and not (tmp_path / "r").exists()
 

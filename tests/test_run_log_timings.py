@@ -65,7 +65,7 @@ def _rows(timings: str) -> dict[str, tuple[str, str]]:
 
 
 def test_rerun_keeps_the_measured_time_of_skipped_stages_and_logs_each_stage(tmp_path):
-    cfg = RunConfig(out=str(tmp_path / "r"), until="prepare")
+    cfg = RunConfig(out=str(tmp_path / "r"), base="none", until="prepare")
     root = tmp_path / "r"
     run(cfg)
     first = _rows((root / "timings.md").read_text())
