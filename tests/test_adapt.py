@@ -41,6 +41,8 @@ def test_latent_classifier_learns_and_reports_buckets(target, tmp_path):
     model, info, _ = load_latent_classifier(out / "model")
     meta = json.loads((target["cache"] / "meta.json").read_text())
     assert info["classes"] == ["dark", "pale"] and info["vae_hash"] == meta["vae_hash"]
+    assert model.config.class_names == ["dark", "pale"]  # in config.json: loads as a pipeline component
+    assert "Validation accuracy" in (out / "model" / "README.md").read_text()  # the model card
     assert info["scheduler"]["num_train_timesteps"] == 1000 and info["scaling_factor"] == meta["scaling_factor"]
     assert (out / "_COMPLETE.json").is_file()
 

@@ -26,9 +26,10 @@ import torch.nn.functional as F
 from .artifacts import MODEL_INFO, format_meta, read_meta
 from .config import FinetuneDecoderConfig, LatentClassifierConfig
 from .encode import DIHEDRAL, dihedral
+from .modelcards import CARD, latent_classifier_card
 from .runtime import (HistoError, MetricsLog, atomic_path, closes_stage_logs, get_logger, is_complete,
                       load_latest_checkpoint, make_accelerator, mark_complete, read_json, save_checkpoint,
-                      seed_everything, start_run_dir, write_json_atomic)
+                      seed_everything, start_run_dir, write_json_atomic, write_text_atomic)
 
 N_BUCKETS = 4  # validation accuracy per timestep bucket [k*T/4, (k+1)*T/4)
 
@@ -141,7 +142,7 @@ def run_latent_classifier(cfg: LatentClassifierConfig) -> Path:
     seed_everything(cfg.seed)
     c = int(ds[0][0].shape[0])
     model = LatentClassifier(in_channels=c, num_classes=len(classes), width=cfg.width, depth=cfg.depth,
-                             norm_num_groups=_groups(cfg.width))
+                             norm_num_groups=_groups(cfg.width), class_names=classes)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     model, opt = acc.prepare(model, opt)
     step, _ = load_latest_checkpoint(acc, out)
@@ -190,6 +191,7 @@ def run_latent_classifier(cfg: LatentClassifierConfig) -> Path:
                 scaling_factor=float(meta["scaling_factor"]), latent_shape=meta.get("latent_shape"),
                 cache=str(Path(cfg.cache).resolve()), subset=cfg.subset,
                 scheduler=dict(sched.config), max_timestep=max_t))
+            write_text_atomic(tmp / CARD, latent_classifier_card(tmp, str(out / "model"), result))
         mark_complete(out, stage="train-latent-classifier")
         log.info("latent classifier exported: %s", out / "model")
     acc.wait_for_everyone()

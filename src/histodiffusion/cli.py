@@ -1,4 +1,5 @@
-"""The `histodiffusion` command: one subcommand per stage, flags built from the stage's config class.
+"""The `histodiffusion` command: one subcommand per stage, flags built from the stage's config class,
+plus `info RUN_DIR` (info.py) and `--version`.
 
 A subcommand only parses flags (and an optional --config file) into the stage's frozen config and
 calls `<stage module>.run(config)`. Stage modules are imported only when their command runs, so
@@ -32,6 +33,10 @@ STAGES: dict[str, tuple[str, str]] = {
     "score": ("histodiffusion.evaluate", "re-score saved downstream classifiers on a labeled dataset"),
     "report": ("histodiffusion.report", "HTML + Markdown report of a run"),
     "run": ("histodiffusion.pipeline", "the whole chain in one run directory (resumable)"),
+}
+# commands that are not stages: name -> (module, function(RUN_DIR) -> exit code, description)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "info": ("histodiffusion.info", "show", "a run's stages, whether each is complete, and its key figures"),
 }
 # stages whose module has more than one entry point
 ENTRY: dict[str, str] = {"train-latent-classifier": "run_latent_classifier", "finetune-decoder": "run_finetune_decoder",
@@ -68,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--config", default=None, metavar="FILE",
                         help="JSON or TOML file of config fields (flags override it)")
         add_config_flags(sp, STAGE_CONFIGS[name])
+    for name, (_, _, desc) in COMMANDS.items():
+        sp = sub.add_parser(name, help=desc, description=desc)
+        sp.add_argument("run_dir", metavar="RUN_DIR", help="run directory (made by `histodiffusion run`)")
     return p
 
 
@@ -94,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download anything at run time
     try:
+        if args.command in COMMANDS:
+            module_name, fn, _ = COMMANDS[args.command]
+            return getattr(importlib.import_module(module_name), fn)(args.run_dir)
         cfg = config_from_args(args.command, args)
         module = importlib.import_module(STAGES[args.command][0])
         getattr(module, ENTRY.get(args.command, "run"))(cfg)

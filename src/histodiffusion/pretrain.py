@@ -21,10 +21,11 @@ from torch.nn import functional as F
 from .artifacts import LDM_SCHEDULER, LDM_UNET, LDM_VAE, MODEL_INFO, format_meta
 from .config import PretrainConfig
 from .data.mixture import EpochIndex, IdRecorder, MixtureDataset, make_loader
+from .modelcards import CARD, ldm_card
 from .runtime import (HistoError, MetricsLog, atomic_path, check_checkpoint_within, closes_stage_logs, get_logger,
                       human_time, load_latest_checkpoint, make_accelerator, mark_complete, progress, read_json,
                       reopen_for_steps, save_checkpoint, save_final_checkpoint, seed_everything, start_run_dir,
-                      write_json_atomic)
+                      write_json_atomic, write_text_atomic)
 from .train_autoencoder import check_finite, save_grid
 
 STAGE = "pretrain"
@@ -287,3 +288,4 @@ class _Trainer:
                 latent_shape=shared["latent_shape"], caches=[str(Path(c).resolve()) for c in cfg.cache],
                 sources=list(names), weights=[round(p, 6) for p in probs], steps=cfg.steps,
                 prediction_type=cfg.prediction_type, loss=cfg.loss, init_from=cfg.init_from))
+            write_text_atomic(tmp / CARD, ldm_card(tmp, str(model_dir)))

@@ -9,7 +9,12 @@ Sample i (its place in the plan: classes in order, then k = 0..count-1) uses its
 seeded from (run seed, i) for its initial noise and DDIM's per-step noise, so images do not depend on
 the batch size or on how ids are split over processes. Each process writes the PNGs of its share of
 pending ids and appends their rows to _progress/rank<r>.jsonl; a re-run skips ids listed there whose
-PNG exists. Rank 0 then writes grids/, samples.csv and _COMPLETE.json (last).
+PNG exists. Rank 0 then writes grids/, samples.csv, pipeline/ and _COMPLETE.json (last).
+
+The models are loaded and checked together (models/bundle.py) into a HistoDiffusionPipeline, whose
+call runs the one guided sampling loop (diffusers_pipeline.py). pipeline/ is that pipeline as a
+diffusers folder (model_index.json, vae/, unet/, scheduler/, latent_classifier/, model card):
+`DiffusionPipeline.from_pretrained` on it, given the same seeds, makes the same images.
 """
 from __future__ import annotations
 
@@ -23,102 +28,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .artifacts import (INDEX, LDM_SCHEDULER, LDM_UNET, LDM_VAE, MODEL_INFO, SAMPLES_COLUMNS, SAMPLES_CSV,
-                        read_dataset, read_meta, subset_ids)
+from .artifacts import INDEX, SAMPLES_COLUMNS, SAMPLES_CSV, read_dataset, read_meta, subset_ids
 from .config import SampleConfig
-from .guidance import classifier_grad, eps_from_output, guided_eps, in_window
-from .runtime import (HistoError, atomic_path, check_format_version, closes_stage_logs, get_logger, is_complete,
-                      make_accelerator, mark_complete, read_csv, read_json, sha256_dir, start_run_dir,
-                      write_csv_atomic)
+from .diffusers_pipeline import (MICRO_BATCH, SCHEDULERS, by_rows, decode_uint8, guided_sample,  # noqa: F401
+                                 make_scheduler, sample_seed, target_confidence)
+from .runtime import (HistoError, atomic_path, closes_stage_logs, get_logger, is_complete, make_accelerator,
+                      mark_complete, read_csv, start_run_dir, write_csv_atomic)
 
-SCHEDULERS = ("ddim", "dpmsolver++")
 PROGRESS_DIR = "_progress"
+PIPELINE_DIR = "pipeline"  # the diffusers pipeline that made the samples (model_index.json, model card)
 GRID_MAX = 64
-# Every model call runs on micro-batches of exactly this many rows (the last one zero-padded): CPU
-# kernels (MKL gemm, oneDNN conv) give results that differ in the last bits with the number of rows,
-# so a fixed shape is what makes the images independent of --batch-size and of the process split.
-MICRO_BATCH = 16
-
-
-# --------------------------------------------------------------------------------------------------
-# Pure helpers: seeds, schedulers, the guided sampling loop, decoding
-# --------------------------------------------------------------------------------------------------
-def sample_seed(seed: int, i: int) -> int:
-    """The seed of sample i of a run with seed `seed` (63-bit, stable across platforms)."""
-    s = np.random.SeedSequence([int(seed), int(i)]).generate_state(2, dtype=np.uint32)
-    return int(s[0]) << 31 | int(s[1]) >> 1
-
-
-def make_scheduler(name: str, config: dict):
-    """A sampling scheduler built from the training scheduler's config (predicting epsilon)."""
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
-
-    if name == "ddim":
-        return DDIMScheduler.from_config(config, clip_sample=False, thresholding=False, prediction_type="epsilon")
-    if name == "dpmsolver++":
-        return DPMSolverMultistepScheduler.from_config(
-            config, algorithm_type="dpmsolver++", solver_order=2, thresholding=False, prediction_type="epsilon",
-            timestep_spacing="linspace", lower_order_final=True)
-    raise HistoError(f"scheduler must be one of {', '.join(SCHEDULERS)}, not {name!r}")
-
-
-def by_rows(fn, x: torch.Tensor, *rows: torch.Tensor, micro_batch: int | None = MICRO_BATCH) -> torch.Tensor:
-    """fn(x, *rows) evaluated on micro-batches of exactly `micro_batch` rows (zero-padded); None: at once."""
-    if not micro_batch:
-        return fn(x, *rows)
-    outs = []
-    for s in range(0, len(x), micro_batch):
-        parts = [a[s:s + micro_batch] for a in (x, *rows)]
-        n = len(parts[0])
-        if n < micro_batch:
-            parts = [torch.cat([a, a.new_zeros((micro_batch - n, *a.shape[1:]))]) for a in parts]
-        outs.append(fn(*parts)[:n])
-    return torch.cat(outs)
-
-
-def guided_sample(unet, classifier, scheduler, noise: torch.Tensor, y: torch.Tensor, generators, *, steps: int,
-                  scale: float, window=(0, 0), eta: float = 0.0, prediction_type: str = "epsilon",
-                  micro_batch: int | None = MICRO_BATCH) -> torch.Tensor:
-    """Run the reverse process from unit-Gaussian `noise` [B, C, h, w] to latents z_0 (scaled space).
-
-    `generators`: one per sample (DDIM's eta noise). Model calls run on fixed-size micro-batches.
-    """
-    from diffusers import DDIMScheduler
-
-    # 1. timesteps of the sampling schedule
-    scheduler.set_timesteps(steps)
-    # 2. initial latents (unit noise scaled to the scheduler's initial sigma)
-    z = noise * scheduler.init_noise_sigma
-    extra = {"eta": eta, "generator": generators} if isinstance(scheduler, DDIMScheduler) else {}
-    for t in scheduler.timesteps:
-        # 3. scheduler-specific input scaling (identity for DDIM and DPM-Solver++)
-        z_in = scheduler.scale_model_input(z, t)
-        # 4. predict the noise eps(z_t, t) with the unconditional UNet
-        with torch.no_grad():
-            out = by_rows(lambda zz: unet(zz, t).sample, z_in, micro_batch=micro_batch)
-        alpha_bar = scheduler.alphas_cumprod[int(t)]
-        eps = eps_from_output(out, z_in, alpha_bar, prediction_type)
-        # 5. classifier guidance inside the window: eps' = eps - sqrt(1 - alpha_bar_t) * s * grad log p(y | z_t, t)
-        if scale != 0 and in_window(t, window):
-            grad = by_rows(lambda zz, yy: classifier_grad(classifier, zz, t, yy), z_in, y, micro_batch=micro_batch)
-            eps = guided_eps(eps, grad, alpha_bar, scale)
-        # 6. compute the previous latents z_{t-1} (DDIM draws its eta noise from each sample's generator)
-        z = scheduler.step(eps, t, z, **extra).prev_sample
-    return z
-
-
-@torch.no_grad()
-def decode_uint8(vae, z: torch.Tensor, scaling_factor: float, micro_batch: int | None = MICRO_BATCH) -> np.ndarray:
-    """Latents (scaled space) -> uint8 images [B, H, W, 3]."""
-    x = by_rows(lambda zz: vae.decode(zz).sample, z / scaling_factor, micro_batch=micro_batch)
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-
-
-@torch.no_grad()
-def target_confidence(classifier, z: torch.Tensor, y: torch.Tensor, micro_batch: int | None = MICRO_BATCH):
-    """p(y | z, t=0) of the final latents."""
-    probs = torch.softmax(by_rows(lambda zz: classifier(zz, 0), z, micro_batch=micro_batch).float(), dim=-1)
-    return probs[torch.arange(len(y)), y]
 
 
 def safe_name(name: str) -> str:
@@ -126,51 +45,16 @@ def safe_name(name: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-# Loading and checking the models
+# Loading the models into one pipeline
 # --------------------------------------------------------------------------------------------------
 def load_models(cfg: SampleConfig) -> dict:
-    from .models.autoencoder import load_vae
-    from .models.latent_classifier import load_latent_classifier, vae_latent_hash
-    from .models.unet import load_scheduler, load_unet
+    """The checked components (models/bundle.py) and "pipe": the HistoDiffusionPipeline that samples."""
+    from .diffusers_pipeline import HistoDiffusionPipeline
+    from .models.bundle import load_components
 
-    model_dir = Path(cfg.model)
-    if not (model_dir / LDM_UNET).is_dir():
-        raise HistoError(f"LDM folder not found or incomplete: {model_dir} (needs {LDM_UNET}/, {LDM_SCHEDULER}/; "
-                         f"run pretrain)")
-    if not Path(cfg.classifier).is_dir():
-        raise HistoError(f"latent classifier folder not found: {cfg.classifier} (run train-latent-classifier)")
-    vae_dir = Path(cfg.vae) if cfg.vae else model_dir / LDM_VAE
-    unet = load_unet(model_dir / LDM_UNET)
-    train_sched = load_scheduler(model_dir / LDM_SCHEDULER)
-    vae = load_vae(vae_dir)
-    clf, cinfo, clf_id = load_latent_classifier(cfg.classifier)
-    ldm_info = read_json(model_dir / MODEL_INFO, "LDM info") if (model_dir / MODEL_INFO).is_file() else {}
-    if ldm_info:
-        check_format_version(ldm_info, model_dir / MODEL_INFO)
-    # the classifier, the UNet and the decoder must share one latent space (same encoder, same scaling)
-    latent_hash = vae_latent_hash(vae_dir)
-    for what, h in (("autoencoder " + str(vae_dir), latent_hash), ("LDM " + str(model_dir), ldm_info.get("vae_hash"))):
-        if h and h != cinfo.get("vae_hash"):
-            raise HistoError(f"latent classifier {cfg.classifier} was trained on latents of autoencoder "
-                             f"{str(cinfo.get('vae_hash'))[:12]}, but {what} uses {h[:12]}: retrain the classifier "
-                             f"on a cache encoded with this autoencoder")
-    sf = float(cinfo["scaling_factor"])
-    if ldm_info.get("scaling_factor") and not math.isclose(float(ldm_info["scaling_factor"]), sf, rel_tol=1e-6):
-        raise HistoError(f"scaling factor of the LDM ({ldm_info['scaling_factor']}) differs from the latent "
-                         f"classifier's ({sf})")
-    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")
-    cs = cinfo.get("scheduler") or {}
-    diff = [k for k in keys if k in cs and cs[k] != train_sched.config.get(k)]
-    if diff:
-        raise HistoError(f"latent classifier {cfg.classifier} was trained with another noise schedule "
-                         f"({', '.join(f'{k}={cs[k]}' for k in diff)}) than the LDM {model_dir}")
-    if clf.config.in_channels != unet.config.in_channels:
-        raise HistoError(f"latent classifier expects {clf.config.in_channels} latent channels, the UNet "
-                         f"{unet.config.in_channels}")
-    return {"unet": unet, "vae": vae, "classifier": clf, "info": cinfo, "scheduler_config": dict(train_sched.config),
-            "scaling_factor": sf, "unet_id": sha256_dir(model_dir / LDM_UNET), "classifier_id": clf_id,
-            "vae_id": sha256_dir(vae_dir), "prediction_type": train_sched.config.get("prediction_type", "epsilon"),
-            "T": int(train_sched.config.num_train_timesteps)}
+    m = load_components(cfg.model, cfg.classifier, cfg.vae)
+    m["pipe"] = HistoDiffusionPipeline.from_components(m, cfg.scheduler)
+    return m
 
 
 def resolve_classes(wanted, classes: list[str]) -> list[int]:
@@ -306,23 +190,33 @@ def write_grids(out: Path, rows: list[dict]) -> None:
 
 
 def generate(items: list[dict], m: dict, cfg: SampleConfig, window: tuple[int, int]) -> tuple[list[dict], np.ndarray]:
-    """Images and samples.csv rows of plan entries `items` (one batch)."""
-    unet = m["unet"]
-    shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    """Images and samples.csv rows of plan entries `items` (one batch), through the pipeline."""
+    pipe = m["pipe"]
+    pipe.scheduler = make_scheduler(cfg.scheduler, m["scheduler_config"])  # fresh solver state per batch
     gens = [torch.Generator().manual_seed(sample_seed(cfg.seed, it["i"])) for it in items]
-    noise = torch.cat([torch.randn((1, *shape), generator=g) for g in gens])
-    y = torch.tensor([it["target_index"] for it in items])
-    sched = make_scheduler(cfg.scheduler, m["scheduler_config"])
-    z0 = guided_sample(unet, m["classifier"], sched, noise, y, gens, steps=cfg.steps, scale=cfg.scale,
-                       window=window, eta=cfg.eta, prediction_type=m["prediction_type"])
-    conf = target_confidence(m["classifier"], z0, y)
-    images = decode_uint8(m["vae"], z0, m["scaling_factor"])
+    out = pipe(class_labels=[it["target_index"] for it in items], guidance_scale=cfg.scale,
+               num_inference_steps=cfg.steps, generator=gens, guidance_window=window, eta=cfg.eta,
+               output_type="latent")
+    images = pipe.decode_uint8(out.images)
     rows = [{"id": it["id"], "file": f"images/{it['id']}.png", "seed": sample_seed(cfg.seed, it["i"]),
              "target": it["target"], "target_index": it["target_index"], "scale": cfg.scale,
              "scheduler": cfg.scheduler, "steps": cfg.steps, "eta": cfg.eta, "window_lo": window[0],
              "window_hi": window[1], "confidence": f"{float(c):.6f}", "unet_id": m["unet_id"],
-             "classifier_id": m["classifier_id"], "vae_id": m["vae_id"]} for it, c in zip(items, conf)]
+             "classifier_id": m["classifier_id"], "vae_id": m["vae_id"]} for it, c in zip(items, out.confidence)]
     return rows, images
+
+
+def write_pipeline(folder: Path, m: dict, cfg: SampleConfig, window: tuple[int, int]) -> Path:
+    """The pipeline that made the samples, as a diffusers folder (DiffusionPipeline.from_pretrained)."""
+    from .diffusers_pipeline import export_pipeline
+
+    m["pipe"].scheduler = make_scheduler(cfg.scheduler, m["scheduler_config"])
+    record = {**{k: str(Path(m[f"{k}_dir"]).resolve()) for k in ("model", "classifier", "vae")},
+              "unet_id": m["unet_id"], "classifier_id": m["classifier_id"], "vae_id": m["vae_id"],
+              "classifier_cache": m["info"].get("cache"), "classifier_subset": m["info"].get("subset"),
+              "sampling": {"scheduler": cfg.scheduler, "steps": cfg.steps, "scale": cfg.scale,
+                           "guidance_window": list(window), "eta": cfg.eta, "seed": cfg.seed}}
+    return export_pipeline(m["pipe"], folder, record)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -365,6 +259,7 @@ def run(cfg: SampleConfig) -> Path:
         if cfg.grid:
             write_grids(out, rows)
         write_csv_atomic(out / SAMPLES_CSV, rows, SAMPLES_COLUMNS)
+        write_pipeline(out / PIPELINE_DIR, m, cfg, window)
         mark_complete(out, stage="sample", count=len(rows))
         shutil.rmtree(out / PROGRESS_DIR, ignore_errors=True)
         log.info("wrote %d samples to %s", len(rows), out)

@@ -6,8 +6,10 @@ downsample -> a middle ResNet block -> GroupNorm/SiLU, global average pool, line
 Only GroupNorm (per sample, no batch statistics), so each sample's output and gradient depend on
 that sample alone: the guidance gradient of one sample does not change with the batch.
 
-The exported folder also holds histodiffusion.json (artifacts.MODEL_INFO): classes, vae_hash of the
-autoencoder whose latents it was trained on, scaling_factor, cache path and the noise scheduler config.
+Its config (config.json) names the classes (`class_names`), so it loads as a pipeline component on
+its own. The exported folder also holds histodiffusion.json (artifacts.MODEL_INFO): classes, vae_hash
+of the autoencoder whose latents it was trained on, scaling_factor, cache path and the noise scheduler
+config. A folder exported before class names were in the config reads them from histodiffusion.json.
 """
 from __future__ import annotations
 
@@ -27,10 +29,13 @@ from ..runtime import HistoError, check_format_version, sha256_dir
 class LatentClassifier(ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(self, in_channels: int = 4, num_classes: int = 2, width: int = 64, depth: int = 2,
-                 norm_num_groups: int = 8, dropout: float = 0.0):
+                 norm_num_groups: int = 8, dropout: float = 0.0, class_names: list[str] | None = None):
         super().__init__()
         if num_classes < 2:
             raise HistoError(f"a latent classifier needs at least 2 classes, got {num_classes}")
+        if class_names is not None and len(class_names) != num_classes:
+            raise HistoError(f"latent classifier: {len(class_names)} class names {list(class_names)} for "
+                             f"num_classes={num_classes}")
         temb = width * 4
         self.time_proj = Timesteps(width, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.time_embedding = TimestepEmbedding(width, temb)
@@ -77,6 +82,16 @@ def load_latent_classifier(directory: str | Path) -> tuple[LatentClassifier, dic
         model = LatentClassifier.from_pretrained(str(directory))
     except (OSError, ValueError, RuntimeError) as e:  # missing or truncated weights
         raise HistoError(f"cannot load latent classifier from {directory}: {type(e).__name__}: {e}") from None
+    classes = list(info.get("classes") or [])
+    names = model.config.class_names
+    if names is None:  # exported before the class names were in the config
+        model.register_to_config(class_names=classes)
+    elif list(names) != classes:
+        raise HistoError(f"{directory}: config.json class_names {list(names)} differ from {MODEL_INFO} "
+                         f"classes {classes}")
+    if len(classes) != model.config.num_classes:
+        raise HistoError(f"{directory}: {MODEL_INFO} names {len(classes)} classes, the model has "
+                         f"{model.config.num_classes} outputs")
     model.eval().requires_grad_(False)
     return model, info, sha256_dir(directory)
 

@@ -1,0 +1,315 @@
+"""HistoDiffusionPipeline: class-conditional synthesis by classifier guidance in latent space, as a
+diffusers `DiffusionPipeline`; and `guided_sample`, the one guided sampling loop (the `sample` stage
+runs it through this pipeline).
+
+    eps'(z_t, t) = eps(z_t, t) - sqrt(1 - alpha_bar_t) * s * grad_z log p(y | z_t, t)      (guidance.py)
+
+at the steps whose t lies in the guidance window, with diffusers' DDIM (eta configurable, no clipping)
+or DPM-Solver++ (multistep, order 2). Components: `vae` (AutoencoderKL; its config holds the latent
+scaling factor), `unet` (unconditional UNet2DModel), `scheduler` (the sampling scheduler, fed epsilon),
+`latent_classifier` (the noise-aware p(y | z_t, t), class names in its config). The UNet's own output
+type (epsilon or v_prediction) is the pipeline config's `prediction_type`.
+
+    import histodiffusion.diffusers_pipeline          # makes the pipeline class known to diffusers
+    pipe = DiffusionPipeline.from_pretrained("runs/default/samples/pipeline")
+    out = pipe(class_labels=["lung_aca"] * 4, guidance_scale=10, generator=[torch.Generator().manual_seed(s)
+                                                                             for s in range(4)])
+
+Reproducibility: with one generator per sample (a list), each image depends on its own generator only,
+not on the batch it is in; every model call runs on micro-batches of exactly MICRO_BATCH rows
+(zero-padded), because CPU kernels give results that differ in the last bits with the number of rows.
+"""
+from __future__ import annotations
+
+import inspect
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.utils import BaseOutput
+
+from .guidance import classifier_grad, eps_from_output, guided_eps, in_window
+from .models.latent_classifier import LatentClassifier  # noqa: F401  (diffusers resolves the component here)
+from .runtime import HistoError
+
+SCHEDULERS = ("ddim", "dpmsolver++")
+MICRO_BATCH = 16
+OUTPUT_TYPES = ("pil", "np", "latent")
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure helpers: seeds, schedulers, micro-batches
+# --------------------------------------------------------------------------------------------------
+def sample_seed(seed: int, i: int) -> int:
+    """The seed of sample i of a run with seed `seed` (63-bit, stable across platforms)."""
+    s = np.random.SeedSequence([int(seed), int(i)]).generate_state(2, dtype=np.uint32)
+    return int(s[0]) << 31 | int(s[1]) >> 1
+
+
+def make_scheduler(name: str, config: dict):
+    """A sampling scheduler built from the training scheduler's config (fed epsilon by the loop)."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    if name == "ddim":
+        return DDIMScheduler.from_config(config, clip_sample=False, thresholding=False, prediction_type="epsilon")
+    if name == "dpmsolver++":
+        return DPMSolverMultistepScheduler.from_config(
+            config, algorithm_type="dpmsolver++", solver_order=2, thresholding=False, prediction_type="epsilon",
+            timestep_spacing="linspace", lower_order_final=True)
+    raise HistoError(f"scheduler must be one of {', '.join(SCHEDULERS)}, not {name!r}")
+
+
+def by_rows(fn, x: torch.Tensor, *rows: torch.Tensor, micro_batch: int | None = MICRO_BATCH) -> torch.Tensor:
+    """fn(x, *rows) evaluated on micro-batches of exactly `micro_batch` rows (zero-padded); None: at once."""
+    if not micro_batch:
+        return fn(x, *rows)
+    outs = []
+    for s in range(0, len(x), micro_batch):
+        parts = [a[s:s + micro_batch] for a in (x, *rows)]
+        n = len(parts[0])
+        if n < micro_batch:
+            parts = [torch.cat([a, a.new_zeros((micro_batch - n, *a.shape[1:]))]) for a in parts]
+        outs.append(fn(*parts)[:n])
+    return torch.cat(outs)
+
+
+def step_kwargs(scheduler, eta: float, generators) -> dict:
+    """eta and the generator(s), passed to scheduler.step only when its signature takes them."""
+    params = inspect.signature(scheduler.step).parameters
+    extra = {}
+    if "eta" in params:
+        extra["eta"] = eta
+    elif eta:
+        raise HistoError(f"eta={eta} is given but {type(scheduler).__name__}.step takes no eta (DDIM does)")
+    if "generator" in params:
+        extra["generator"] = generators
+    return extra
+
+
+# --------------------------------------------------------------------------------------------------
+# The guided sampling loop
+# --------------------------------------------------------------------------------------------------
+def guided_sample(unet, classifier, scheduler, noise: torch.Tensor, y: torch.Tensor, generators, *, steps: int,
+                  scale: float, window=(0, 0), eta: float = 0.0, prediction_type: str = "epsilon",
+                  micro_batch: int | None = MICRO_BATCH) -> torch.Tensor:
+    """Run the reverse process from unit-Gaussian `noise` [B, C, h, w] to latents z_0 (scaled space).
+
+    `generators`: one per sample (DDIM's eta noise), one for the batch, or None. Model calls run on
+    fixed-size micro-batches. `classifier` may be None when `scale` is 0.
+    """
+    # 1. timesteps of the sampling schedule
+    scheduler.set_timesteps(steps)
+    # 2. initial latents (unit noise scaled to the scheduler's initial sigma)
+    z = noise * scheduler.init_noise_sigma
+    extra = step_kwargs(scheduler, eta, generators)
+    for t in scheduler.timesteps:
+        # 3. scheduler-specific input scaling (identity for DDIM and DPM-Solver++)
+        z_in = scheduler.scale_model_input(z, t)
+        # 4. predict the noise eps(z_t, t) with the unconditional UNet
+        with torch.no_grad():
+            out = by_rows(lambda zz: unet(zz, t).sample, z_in, micro_batch=micro_batch)
+        alpha_bar = scheduler.alphas_cumprod[int(t)]
+        eps = eps_from_output(out, z_in, alpha_bar, prediction_type)
+        # 5. classifier guidance inside the window: eps' = eps - sqrt(1 - alpha_bar_t) * s * grad log p(y | z_t, t)
+        if scale != 0 and in_window(t, window):
+            grad = by_rows(lambda zz, yy: classifier_grad(classifier, zz, t, yy), z_in, y, micro_batch=micro_batch)
+            eps = guided_eps(eps, grad, alpha_bar, scale)
+        # 6. compute the previous latents z_{t-1} (DDIM draws its eta noise from each sample's generator)
+        z = scheduler.step(eps, t, z, **extra).prev_sample
+    return z
+
+
+@torch.no_grad()
+def decode_uint8(vae, z: torch.Tensor, scaling_factor: float, micro_batch: int | None = MICRO_BATCH) -> np.ndarray:
+    """Latents (scaled space) -> uint8 images [B, H, W, 3]."""
+    x = by_rows(lambda zz: vae.decode(zz).sample, z / scaling_factor, micro_batch=micro_batch)
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+@torch.no_grad()
+def target_confidence(classifier, z: torch.Tensor, y: torch.Tensor, micro_batch: int | None = MICRO_BATCH):
+    """p(y | z, t=0) of the final latents."""
+    probs = torch.softmax(by_rows(lambda zz: classifier(zz, 0), z, micro_batch=micro_batch).float(), dim=-1)
+    return probs[torch.arange(len(y)), y.to(probs.device)]
+
+
+# --------------------------------------------------------------------------------------------------
+# The pipeline
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class HistoDiffusionPipelineOutput(BaseOutput):
+    """images: PIL images, float32 [B, H, W, 3] in [0, 1] (np: the PNGs' uint8 values / 255) or the final
+    latents [B, C, h, w] (latent); class_labels: the target class of each; confidence: p(y | z_0, t=0)."""
+
+    images: list | np.ndarray | torch.Tensor
+    class_labels: list[str]
+    confidence: np.ndarray
+
+
+class HistoDiffusionPipeline(DiffusionPipeline):
+    """Classifier-guided latent diffusion for histopathology tiles (HistoDiffusion, Ye et al. 2023)."""
+
+    model_cpu_offload_seq = "latent_classifier->unet->vae"
+
+    def __init__(self, vae, unet, scheduler, latent_classifier, prediction_type: str = "epsilon"):
+        super().__init__()
+        if prediction_type not in ("epsilon", "v_prediction"):
+            raise HistoError(f"prediction_type must be epsilon or v_prediction, not {prediction_type!r}")
+        latent_classifier.eval().requires_grad_(False)  # guidance differentiates wrt the latents only
+        self.register_modules(vae=vae, unet=unet, scheduler=scheduler, latent_classifier=latent_classifier)
+        self.register_to_config(prediction_type=prediction_type)
+
+    @classmethod
+    def from_components(cls, m: dict, scheduler: str = "dpmsolver++") -> "HistoDiffusionPipeline":
+        """From models/bundle.py's checked components, with sampling scheduler `scheduler` (ddim | dpmsolver++)."""
+        return cls(vae=m["vae"], unet=m["unet"], scheduler=make_scheduler(scheduler, m["scheduler_config"]),
+                   latent_classifier=m["classifier"], prediction_type=m["prediction_type"])
+
+    @classmethod
+    def from_models(cls, model: str | Path, classifier: str | Path, vae: str | Path = "",
+                    scheduler: str = "dpmsolver++") -> "HistoDiffusionPipeline":
+        """From histodiffusion folders: an LDM or base (`model`), a latent classifier, optionally another
+        autoencoder (e.g. the fine-tuned decoder), checked to share one latent space."""
+        from .models.bundle import load_components
+
+        return cls.from_components(load_components(model, classifier, vae), scheduler)
+
+    @property
+    def class_names(self) -> list[str]:
+        names = getattr(self.latent_classifier.config, "class_names", None)
+        return list(names) if names else [str(i) for i in range(self.latent_classifier.config.num_classes)]
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    def class_indices(self, class_labels) -> list[int]:
+        """Class names or indices (ints, or digit strings that are not a class name) -> indices."""
+        names = self.class_names
+        if isinstance(class_labels, (str, int, np.integer)) or torch.is_tensor(class_labels) and class_labels.ndim == 0:
+            class_labels = [class_labels]
+        out = []
+        for c in (class_labels.tolist() if torch.is_tensor(class_labels) else class_labels):
+            if isinstance(c, str) and c in names:
+                out.append(names.index(c))
+            elif str(c).isdigit() and int(c) < len(names):
+                out.append(int(c))
+            else:
+                raise HistoError(f"class {c!r} is not one of the latent classifier's classes {names} "
+                                 f"(or an index 0..{len(names) - 1})")
+        if not out:
+            raise HistoError("class_labels is empty: give one class name or index per image")
+        return out
+
+    def initial_noise(self, n: int, generator=None) -> torch.Tensor:
+        """Unit Gaussian latents [n, C, h, w]: one draw per generator when `generator` is a list."""
+        cfg = self.unet.config
+        shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+        if isinstance(generator, (list, tuple)):
+            if len(generator) != n:
+                raise HistoError(f"{len(generator)} generators for {n} class labels: give one per image")
+            return torch.cat([torch.randn((1, *shape), generator=g, device=g.device) for g in generator])
+        return torch.randn((n, *shape), generator=generator,
+                           device=generator.device if generator is not None else "cpu")
+
+    def decode_uint8(self, latents: torch.Tensor, micro_batch: int | None = MICRO_BATCH) -> np.ndarray:
+        """Final latents -> uint8 images [B, H, W, 3], with the scaling factor of the autoencoder's config."""
+        return decode_uint8(self.vae, latents.to(self.vae.device, self.vae.dtype), self.scaling_factor, micro_batch)
+
+    def check_window(self, guidance_window) -> tuple[int, int]:
+        T = int(self.scheduler.config.num_train_timesteps)
+        lo, hi = (0, 0) if guidance_window is None else (int(v) for v in guidance_window)
+        if not 0 <= lo <= hi <= T:
+            raise HistoError(f"guidance_window {lo},{hi} must satisfy 0 <= lo <= hi <= T={T}")
+        return lo, hi
+
+    @torch.no_grad()
+    def __call__(self, class_labels, guidance_scale: float = 10.0, num_inference_steps: int = 20, generator=None,
+                 guidance_window: tuple[int, int] | None = None, eta: float = 0.0, latents: torch.Tensor | None = None,
+                 output_type: str = "pil", return_dict: bool = True, micro_batch: int | None = MICRO_BATCH):
+        """Synthesise one tile per entry of `class_labels` (class names or indices).
+
+        guidance_scale: s (0: unguided); guidance_window: guide only for t in [lo, hi] (None: every step);
+        generator: one torch.Generator per image (images then do not depend on the batch), one for the
+        batch, or None; eta: DDIM's noise (schedulers without eta refuse a non-zero one); latents: unit
+        Gaussian starting latents instead of drawing them; output_type: "pil", "np" or "latent".
+        """
+        # 1. check the arguments; class labels (names or indices) -> indices
+        if output_type not in OUTPUT_TYPES:
+            raise HistoError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, not {output_type!r}")
+        if self.scheduler.config.get("prediction_type", "epsilon") != "epsilon":
+            raise HistoError(f"the loop feeds the scheduler epsilon: build {type(self.scheduler).__name__} with "
+                             f"prediction_type='epsilon' (the UNet's own type is the pipeline's prediction_type)")
+        if guidance_scale < 0 or num_inference_steps < 1:
+            raise HistoError(f"need guidance_scale >= 0 and num_inference_steps >= 1, got {guidance_scale}, "
+                             f"{num_inference_steps}")
+        window = self.check_window(guidance_window)
+        y = torch.tensor(self.class_indices(class_labels), dtype=torch.long)
+        # 2. initial unit-Gaussian latents (one draw per generator when given a list)
+        noise = self.initial_noise(len(y), generator) if latents is None else latents
+        if noise.shape[0] != len(y):
+            raise HistoError(f"latents hold {noise.shape[0]} samples for {len(y)} class labels")
+        device = self._execution_device
+        noise, y = noise.to(device, self.unet.dtype), y.to(device)
+        # 3. the guided reverse process: the one loop, shared with the sample stage
+        z0 = guided_sample(self.unet, self.latent_classifier, self.scheduler, noise, y, generator,
+                           steps=num_inference_steps, scale=guidance_scale, window=window, eta=eta,
+                           prediction_type=self.config.prediction_type, micro_batch=micro_batch)
+        # 4. how confidently the latent classifier sees the target class in the final latents
+        conf = target_confidence(self.latent_classifier, z0, y, micro_batch).cpu().numpy()
+        # 5. decode with the autoencoder (scaling factor from its config), quantise as the PNGs are
+        if output_type == "latent":
+            images = z0
+        else:
+            uint8 = self.decode_uint8(z0, micro_batch)
+            images = _to_pil(uint8) if output_type == "pil" else uint8.astype(np.float32) / 255.0
+        self.maybe_free_model_hooks()
+        labels = [self.class_names[int(i)] for i in y.tolist()]
+        if not return_dict:
+            return images, labels, conf
+        return HistoDiffusionPipelineOutput(images=images, class_labels=labels, confidence=conf)
+
+
+def export_pipeline(pipe: HistoDiffusionPipeline, folder: str | Path, record: dict) -> Path:
+    """Write `pipe` as a diffusers pipeline folder, atomically: model_index.json, vae/, unet/, scheduler/,
+    latent_classifier/ (save_pretrained, safetensors), the histodiffusion.json records of the autoencoder
+    and the latent classifier beside their weights (so each sub-folder also loads as a histodiffusion model
+    folder), histodiffusion.json (kind "pipeline": where the models came from, how they were used) and the
+    model card README.md. `record` names the source folders "vae" and "classifier" (records copied)."""
+    from .artifacts import MODEL_INFO, format_meta
+    from .modelcards import CARD, pipeline_card
+    from .runtime import atomic_path, write_json_atomic, write_text_atomic
+
+    folder = Path(folder)
+    record = {**record, "scheduler_class": type(pipe.scheduler).__name__,
+              "prediction_type": pipe.config.prediction_type, "class_names": pipe.class_names}
+    with atomic_path(folder) as tmp:
+        pipe.save_pretrained(str(tmp), safe_serialization=True)
+        for sub, key in (("vae", "vae"), ("latent_classifier", "classifier")):
+            src = Path(record.get(key) or "") / MODEL_INFO
+            if record.get(key) and src.is_file():
+                shutil.copy2(src, tmp / sub / MODEL_INFO)
+        write_json_atomic(tmp / MODEL_INFO, format_meta(kind="pipeline", **record))
+        write_text_atomic(tmp / CARD, pipeline_card(tmp, folder.name, record))
+    return folder
+
+
+def _to_pil(images: np.ndarray) -> list:
+    from PIL import Image
+
+    return [Image.fromarray(im) for im in images]
+
+
+def register_with_diffusers() -> None:
+    """Make `DiffusionPipeline.from_pretrained` find this class by the name in model_index.json
+    (diffusers looks `_class_name` up in its own namespace); done when this module is imported."""
+    import diffusers
+
+    if getattr(diffusers, HistoDiffusionPipeline.__name__, None) is not HistoDiffusionPipeline:
+        setattr(diffusers, HistoDiffusionPipeline.__name__, HistoDiffusionPipeline)
+
+
+register_with_diffusers()

@@ -1,0 +1,99 @@
+"""`histodiffusion info RUN_DIR`: stages of a complete, a partial and a based run (laid out from the run's
+own plan, wherever the directory now is), their key figures, and a clear error for what is not a run."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from histodiffusion import api
+from histodiffusion.cli import main
+from histodiffusion.config import RunConfig
+from histodiffusion.info import COMPLETE, NOT_STARTED, STARTED, run_plan
+from histodiffusion.runtime import HistoError, mark_complete, start_run_dir, write_json_atomic
+
+DELTA = {"mean": 0.02, "ci95": [0.005, 0.035], "half_width": 0.015, "std": 0.01, "n": 5}
+
+
+def make_run(tmp_path: Path, n_complete: int | None = None, **kw) -> Path:
+    """A run directory whose config was recorded elsewhere (it was moved), and the first n_complete
+    stages marked complete with their figure files (all when None); the next one only started."""
+    root = tmp_path / "run"
+    cfg = RunConfig(out=str(tmp_path / "was_here"), base="none", ratios=(1.0,), seeds=(0, 1, 2, 3, 4), **kw)
+    start_run_dir(root, cfg, "run")
+    _, steps = run_plan(root)
+    n_complete = len(steps) if n_complete is None else n_complete
+    for i, s in enumerate(steps):
+        if i > n_complete:
+            break
+        if s.stage != "select":  # select writes beside the samples, into the sample stage's directory
+            write_json_atomic(s.out / "config.json", {"format_version": 1, "stage": s.stage, "config": {}})
+        if i == n_complete:
+            continue  # started, not finished
+        if s.stage == "prepare":
+            write_json_atomic(s.out / "meta.json", {"count": 30, "counts": {"train": {"a": 10, "b": 10},
+                                                                          "test": {"a": 5, "b": 5}},
+                                                    "classes": ["a", "b"]})
+        if s.stage == "select":
+            (s.out / "filtered.csv").write_text("id\n")
+            write_json_atomic(s.out / "filtered.json", {"samples": 40, "kept": 30, "mode": "filters"})
+            continue
+        if s.stage == "evaluate":
+            write_json_atomic(s.out / "metrics.json", {
+                "seeds": [0, 1, 2, 3, 4], "arms": {"real": {"accuracy": {"mean": 0.8}}},
+                "deltas": {"selected@1": {"accuracy": DELTA}, "real_aa": {"accuracy": DELTA}},
+                "noise_floor": {"accuracy": DELTA}})
+        if s.stage == "train-latent-classifier":
+            write_json_atomic(s.out / "metrics.json", {"steps": 400, "val_accuracy": 0.9, "chance": 0.5})
+        mark_complete(s.out, **({"count": 40} if s.stage == "sample" else {}))
+    return root
+
+
+def test_complete_run(tmp_path, capsys):
+    root = make_run(tmp_path)
+    assert main(["info", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "12/12 stages complete (finished)" in out
+    assert "[x] 11. evaluate" in out and "delta selected@1 +0.020 [+0.005, +0.035]" in out
+    assert "noise floor +0.020" in out and "(5 seeds)" in out and "real accuracy 0.800" in out
+    assert "30 tiles (train 20, test 10), 2 classes" in out and "kept 30 of 40 (75%, filters)" in out
+    assert "val accuracy 0.900" in out and "40 synthetic tiles" in out
+    assert "was_here" not in out  # laid out under the directory given, not where the config was written
+    info = api.info(root)
+    assert info["complete"] and [s["status"] for s in info["stages"]] == [COMPLETE] * 12
+
+
+def test_partial_run(tmp_path, capsys):
+    root = make_run(tmp_path, n_complete=3)
+    assert main(["info", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "3/12 stages complete" in out and "(finished)" not in out
+    assert "[~]  4. encode unlabeled" in out and "started, not finished" in out
+    assert "[ ] 12. report" in out
+    statuses = [s["status"] for s in api.info(root)["stages"]]
+    assert statuses == [COMPLETE] * 3 + [STARTED] + [NOT_STARTED] * 8
+
+
+def test_run_adapting_a_base_has_no_pretraining_stages(tmp_path):
+    root = tmp_path / "run"
+    start_run_dir(root, RunConfig(out=str(root), base=str(tmp_path / "somebase")), "run")
+    write_json_atomic(root / "base.json", {"path": str(tmp_path / "somebase"), "name": "b", "version": "1"})
+    stages = [s["stage"] for s in api.info(root)["stages"]]
+    assert "pretrain" not in stages and "train-autoencoder" not in stages and stages[0] == "prepare"
+
+
+def test_not_a_run_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["info", str(tmp_path / "empty")]) == 2
+    assert "is not a run directory (no config.json" in capsys.readouterr().err
+    stage_dir = tmp_path / "samples"
+    start_run_dir(stage_dir, RunConfig(), "sample")
+    assert main(["info", str(stage_dir)]) == 2
+    assert "output directory of stage 'sample', not a run directory" in capsys.readouterr().err
+    assert main(["info", str(tmp_path / "missing")]) == 2
+    assert "run directory not found" in capsys.readouterr().err
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "config.json").write_text(json.dumps({"format_version": 999, "stage": "run"}))
+    with pytest.raises(HistoError, match="format_version 999"):
+        api.info(tmp_path / "odd")
