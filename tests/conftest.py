@@ -32,3 +32,24 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def warnings_logged():
+    """Messages of the warnings the package logs, as a list (the `histodiffusion` logger does not
+    propagate to the root logger, so pytest's caplog does not see them)."""
+    import logging
+
+    class Keep(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.WARNING)
+            self.messages: list[str] = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    keep = Keep()
+    logger = logging.getLogger("histodiffusion")
+    logger.addHandler(keep)
+    yield keep.messages
+    logger.removeHandler(keep)

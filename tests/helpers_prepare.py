@@ -14,6 +14,16 @@ def lung_rows() -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def balanced_rows(n: int) -> list[dict]:
+    """n rows of the default labels CSV taken in turn from each class (lung_rows()[0] first): a labels
+    CSV needs at least two classes."""
+    by_class: dict[str, list[dict]] = {}
+    for r in lung_rows():
+        by_class.setdefault(r["label"], []).append(r)
+    turns = [r for group in zip(*by_class.values()) for r in group]
+    return turns[:n]
+
+
 def class_folders(root: Path, per_class: int = 6, suffix: str = ".tif") -> Path:
     """<root>/<class>/*.tif (NCT-CRC-HE layout) from the default lung tiles."""
     src = default.labels_csv().parent
@@ -30,9 +40,9 @@ def class_folders(root: Path, per_class: int = 6, suffix: str = ".tif") -> Path:
 
 def labels_csv(root: Path, rows: list[dict] | None = None, columns=("path", "label", "group_id"),
                n: int | None = None) -> Path:
-    """A labels CSV beside copies of default lung tiles (paths relative to the CSV)."""
+    """A labels CSV beside copies of default lung tiles (paths relative to the CSV); `n`: balanced_rows(n)."""
     src = default.labels_csv().parent
-    rows = lung_rows()[:n] if rows is None else rows
+    rows = (balanced_rows(n) if n else lung_rows()) if rows is None else rows
     root.mkdir(parents=True, exist_ok=True)
     for r in rows:
         p = root / r["path"]

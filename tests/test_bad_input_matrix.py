@@ -273,9 +273,9 @@ def test_run_directory_of_another_format_version(capsys, tmp_path, world):
 # --------------------------------------------------------------------------------------------
 def test_same_image_in_two_groups_refused(capsys, tmp_path):
     """A file listed twice under two groups would land in two splits: a train/test leak."""
-    from helpers_prepare import labels_csv, lung_rows
+    from helpers_prepare import balanced_rows, labels_csv
 
-    rows = lung_rows()[:9]
+    rows = balanced_rows(9)
     root = tmp_path / "src"
     csv_path = labels_csv(root, rows)
     dup = root / "copy_of_first.jpg"

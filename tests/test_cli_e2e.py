@@ -77,12 +77,23 @@ def test_run_end_to_end_and_skip(tmp_path):
     for stage_dir in ("ae", "ldm", "adapt/latent_classifier", "samples", "eval"):
         assert (out / stage_dir / "config.json").is_file()
     assert "report:" in r.stderr
+    # the run's log.txt holds every stage's lines and the pipeline's to the end; each stage dir its own log
+    run_log = (out / "log.txt").read_text()
+    for stage in ("prepare", "train-autoencoder", "encode", "pretrain", "train-latent-classifier",
+                  "finetune-decoder", "sample", "select", "evaluate", "report"):
+        assert f" [{stage}] " in run_log, stage
+    assert "[run] [12/12] report: done" in run_log and "[run] finished in" in run_log
+    for stage_dir in ("data/target", "ae", "cache/target", "ldm", "adapt/latent_classifier", "adapt/decoder",
+                      "samples", "eval", "report"):
+        assert (out / stage_dir / "log.txt").stat().st_size > 0, stage_dir
+    timings_first = (out / "timings.md").read_text()
 
-    # 2. a second invocation skips every finished stage
+    # 2. a second invocation skips every finished stage, and keeps their measured times
     r2 = _run(out, cfg)
     assert r2.returncode == 0, r2.stderr[-3000:]
     timings = (out / "timings.md").read_text()
-    assert "| ran |" not in timings and timings.count("| skipped |") >= 12
+    assert "| ran |" not in timings and timings.count("| skipped (time of the run that made it) |") >= 12
+    assert [ln.split("|")[2] for ln in timings.splitlines()] == [ln.split("|")[2] for ln in timings_first.splitlines()]
     assert r2.stderr.count("complete, skipped") >= 12
 
     # 3. pretrain once, adapt again: export the run's LDM as a base, and a new run adapts it (no pretraining)

@@ -69,3 +69,48 @@ def test_unknown_stage_key_and_bad_oversample_are_refused(tmp_path):
         _steps(tmp_path, oversample=0.5)
     assert main(["run", "--out", str(tmp_path / "r"), "--base", "none", "--oversample", "0.5"]) == 2
     assert not (tmp_path / "r").exists()
+
+
+def test_subset_not_made_by_prepare_fails_at_plan_time(tmp_path, capsys):
+    """`run --subset frac0.2` used to fail at stage 7, after pretraining; now before anything is written."""
+    with pytest.raises(HistoError) as e:
+        _steps(tmp_path, subset="frac0.2")
+    assert "'frac0.2'" in str(e.value) and "--subset" in str(e.value) and "frac0.25" in str(e.value)
+    assert main(["run", "--out", str(tmp_path / "r"), "--base", "none", "--subset", "frac0.2"]) == 2
+    assert "frac0.2" in capsys.readouterr().err and not (tmp_path / "r").exists()
+    # made by prepare when asked for: accepted
+    steps = _steps(tmp_path, {"prepare-target": {"fewshot_fracs": [0.2]}}, subset="frac0.2")
+    assert steps["latent classifier"]["subset"] == "frac0.2"
+    assert _steps(tmp_path, subset="train")["evaluate"]["subset"] == "train"  # a split is always there
+    # a stage's own subset field, also of the ablation's stages
+    with pytest.raises(HistoError, match=r"'k5' \(evaluate.subset"):
+        _steps(tmp_path, {"evaluate": {"subset": "k5"}})
+    with pytest.raises(HistoError, match=r"'frac0.3' \(pretrain.subset"):
+        _steps(tmp_path, {"pretrain-nopretrain": {"subset": "frac0.3"}}, ablations=True)
+    with pytest.raises(HistoError, match=r"'holdout' \(pretrain.subset"):  # no holdout_frac: no holdout split
+        _steps(tmp_path, {"pretrain": {"subset": "holdout"}})
+
+
+@pytest.mark.parametrize("entry, culprit", [
+    ({"train-latent-classifier": {"steps": -5}}, "LatentClassifierConfig.steps"),
+    ({"evaluate": {"epochz": 3}}, "epochz"),
+    ({"sample": {"scheduler": "euler"}}, "SampleConfig.scheduler"),
+    ({"evaluate-nopretrain": {"bogus": 1}}, "bogus"),  # a stage this run (no ablations) does not reach
+    ({"score": {"subset": 3}}, "ScoreConfig.subset"),
+])
+def test_bad_stage_config_of_a_later_stage_fails_at_plan_time(tmp_path, capsys, entry, culprit):
+    with pytest.raises(HistoError, match=culprit.replace(".", r"\.")):
+        _steps(tmp_path, entry)
+    cfg = tmp_path / "stages.json"
+    cfg.write_text(json.dumps(entry))
+    assert main(["run", "--out", str(tmp_path / "r"), "--base", "none", "--stage-config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert culprit.split(".")[-1] in err and str(cfg) in err and not (tmp_path / "r").exists()
+
+
+def test_single_class_labels_csv_fails_at_plan_time(tmp_path):
+    from helpers_prepare import labels_csv, lung_rows
+
+    csv = labels_csv(tmp_path / "t", rows=lung_rows()[:20])  # all lung_aca
+    with pytest.raises(HistoError, match="single class.*lung_aca"):
+        _steps(tmp_path, labels_csv=str(csv))

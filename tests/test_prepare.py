@@ -166,14 +166,20 @@ def test_leakage_guard(tmp_path, lung, unlabeled):
         check_no_overlap(ok, target)
 
 
-def test_folder_with_unreadable_tiles_skipped_and_counted(tmp_path):
+def test_folder_with_unreadable_tiles_skipped_and_counted(tmp_path, warnings_logged):
     root = class_folders(tmp_path / "nct", per_class=5)
     (root / "LUNG_N" / "broken.tif").write_bytes(b"II*\x00garbage")
     (root / "LUNG_N" / "notes.txt").write_text("hello")
+    for i in range(6):
+        (root / "LUNG_SCC" / f"readme{i}.md").write_text("x")
     meta, rows = read_dataset(run(PrepareConfig(out=str(tmp_path / "ds"), class_folders=str(root),
                                                 val_frac=0.2, test_frac=0.2)))
-    assert len(rows) == 15 and meta["skipped"]["count"] == 2
-    assert {Path(s["path"]).name for s in meta["skipped"]["files"]} == {"broken.tif", "notes.txt"}
+    assert len(rows) == 15 and meta["skipped"]["count"] == 8
+    assert {Path(s["path"]).name for s in meta["skipped"]["files"]} == {"broken.tif", "notes.txt"} | {
+        f"readme{i}.md" for i in range(6)}
+    # the warning names the first few files, not only a count
+    warning = next(m for m in warnings_logged if m.startswith("skipped 8 unreadable"))
+    assert "notes.txt, readme0.md, readme1.md" in warning and "and 3 more" in warning, warning
 
 
 @pytest.mark.slow

@@ -1,11 +1,12 @@
 """Every bad input of `prepare`: exit code 2, the culprit named on stderr, no output directory left."""
 import logging
+import shutil
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from helpers_prepare import class_folders, labels_csv, lung_rows, tissue_crop
+from helpers_prepare import balanced_rows, class_folders, labels_csv, lung_rows, tissue_crop
 from histodiffusion.cli import main
 
 
@@ -76,7 +77,7 @@ def test_empty_class_folder(capsys, tmp_path):
 
 
 def test_label_not_a_class(capsys, tmp_path):
-    rows = lung_rows()[:30]
+    rows = balanced_rows(30)
     rows[7] = {**rows[7], "label": "lung_typo"}
     csv = labels_csv(tmp_path / "t", rows=rows)
     _fails(capsys, tmp_path, ["--labels-csv", str(csv), "--classes", "lung_aca,lung_n,lung_scc"],
@@ -84,7 +85,7 @@ def test_label_not_a_class(capsys, tmp_path):
 
 
 def test_missing_file(capsys, tmp_path):
-    rows = lung_rows()[:20] + [{"path": "lung_n/gone.jpg", "label": "lung_n", "group_id": "g"}]
+    rows = balanced_rows(20) + [{"path": "lung_n/gone.jpg", "label": "lung_n", "group_id": "g"}]
     _fails(capsys, tmp_path, ["--labels-csv", str(labels_csv(tmp_path / "t", rows=rows))], "missing file", "gone.jpg")
     _fails(capsys, tmp_path, ["--sources", str(tmp_path / "nowhere.svs")], "missing source", "nowhere.svs")
 
@@ -122,3 +123,21 @@ def test_same_source_twice(capsys, tmp_path):
     a = _good_image(tmp_path, "a.png")
     (tmp_path / "b.png").write_bytes(a.read_bytes())
     _fails(capsys, tmp_path, ["--sources", f"{a},{tmp_path / 'b.png'}"], "b.png", "a.png", "same content")
+
+
+def test_single_class_refused(capsys, tmp_path):
+    csv = labels_csv(tmp_path / "t", rows=lung_rows()[:20])  # all lung_aca
+    _fails(capsys, tmp_path, ["--labels-csv", str(csv)], "single class", "'lung_aca'", "labels.csv")
+    root = class_folders(tmp_path / "nct", per_class=3)
+    for d in ("LUNG_N", "LUNG_SCC"):
+        shutil.rmtree(root / d)
+    _fails(capsys, tmp_path, ["--class-folders", str(root)], "single class", "LUNG_ACA", str(root))
+
+
+def test_image_over_pillows_pixel_limit_is_too_large_not_corrupt(capsys, tmp_path, monkeypatch):
+    from PIL import Image as PILImage
+
+    p = _good_image(tmp_path, "big.png")  # 200 x 200 = 40,000 pixels
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 10_000)  # Pillow refuses images over twice its limit
+    err = _fails(capsys, tmp_path, ["--sources", str(p)], "too large to load at once", "big.png")
+    assert "corrupt" not in err

@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from .artifacts import MODEL_INFO, format_meta, read_meta
 from .config import FinetuneDecoderConfig, LatentClassifierConfig
 from .encode import DIHEDRAL, dihedral
-from .runtime import (HistoError, MetricsLog, atomic_path, get_logger, is_complete, load_latest_checkpoint,
-                      make_accelerator, mark_complete, read_json, save_checkpoint, seed_everything,
-                      start_run_dir, write_json_atomic)
+from .runtime import (HistoError, MetricsLog, atomic_path, closes_stage_logs, get_logger, is_complete,
+                      load_latest_checkpoint, make_accelerator, mark_complete, read_json, save_checkpoint,
+                      seed_everything, start_run_dir, write_json_atomic)
 
 N_BUCKETS = 4  # validation accuracy per timestep bucket [k*T/4, (k+1)*T/4)
 
@@ -61,7 +61,7 @@ def _start(cfg, stage: str):
     acc = make_accelerator()
     out = start_run_dir(cfg.out, cfg, stage, acc.is_main_process)
     acc.wait_for_everyone()
-    log = get_logger(log_file=out / "log.txt", is_main=acc.is_main_process)
+    log = get_logger(stage, out / "log.txt", is_main=acc.is_main_process)
     return acc, out, log
 
 
@@ -114,6 +114,7 @@ def bucket_accuracy(model, ds, sched, seed: int = 1234, batch: int = 256) -> dic
     return out
 
 
+@closes_stage_logs
 def run_latent_classifier(cfg: LatentClassifierConfig) -> Path:
     from .data.datasets import LatentDataset
     from .models.latent_classifier import LatentClassifier
@@ -296,6 +297,7 @@ def _eval_decoder(vae, clf, ds, idx) -> dict:
     return res
 
 
+@closes_stage_logs
 def run_finetune_decoder(cfg: FinetuneDecoderConfig) -> Path:
     from .data.datasets import PixelDataset
     from .models.autoencoder import load_vae, measured_scaling_factor, save_vae

@@ -57,6 +57,8 @@ class PrepareConfig:
     exclude: tuple[str, ...] = F((), "prepared datasets that must share no image with this one (leakage guard)")
     holdout_frac: float = F(0.0, "unlabeled: fraction of groups held out for measurement only (split 'holdout', never trained on)")
     group_px: int = F(0, "unlabeled: group tiles by square regions of this many source pixels (0: one group per image)")
+    scale_sample: int = F(256, "tiles sampled (by content hash) to measure the scale: the width of nuclei in px (0: off)")
+    scale_tolerance: float = F(1.5, "warn when nuclei of this dataset and of an --exclude dataset differ in width by more than this ratio (0: off)")
 
 
 @dataclass(frozen=True)
@@ -438,6 +440,10 @@ def _within(lo, hi, hi_open: bool = False):
         f"in [{lo}, {hi}{')' if hi_open else ']'}"
 
 
+def _zero_or_at_least(lo):
+    return lambda v: v == 0 or v >= lo, f"0 (off) or >= {lo}"
+
+
 def _one_of(*choices):
     return lambda v: v in choices, f"one of {', '.join(choices)}"
 
@@ -457,7 +463,8 @@ VALUE_RULES: dict[str, dict] = {
                       "min_tissue": _within(0, 1), "min_saturation": _within(0, 1), "max_ink": _within(0, 1),
                       "image_mode": _one_of("convert", "refuse"), "tissue_method": _one_of("fixed", "otsu"),
                       "fewshot_fracs": _each(_within(0, 1)), "fewshot_k": _each(_at_least(1)),
-                      "holdout_frac": _within(0, 1, True), "group_px": _at_least(0)},
+                      "holdout_frac": _within(0, 1, True), "group_px": _at_least(0),
+                      "scale_sample": _at_least(0), "scale_tolerance": _zero_or_at_least(1)},
     "AutoencoderConfig": {"latent_channels": _at_least(1), "layers_per_block": _at_least(1), "crop": _at_least(0),
                           "kl_weight": _at_least(0), "adv_weight": _at_least(0), "lpips_weight": _at_least(0),
                           "holdout": _at_least(0), "eval_every": _at_least(0),

@@ -17,8 +17,9 @@ from pathlib import Path
 
 from .artifacts import INDEX, INDEX_COLUMNS, META, SUBSETS_DIR, format_meta, latent_shard_name, read_dataset
 from .config import EncodeConfig, config_to_dict
-from .runtime import (CONFIG_FILE, HistoError, _remove, get_logger, is_complete, make_accelerator, mark_complete,
-                      progress, raise_if_any_rank_failed, read_csv, read_json, write_csv_atomic, write_json_atomic)
+from .runtime import (CONFIG_FILE, HistoError, _remove, closes_stage_logs, get_logger, is_complete, make_accelerator,
+                      mark_complete, progress, raise_if_any_rank_failed, read_csv, read_json, write_csv_atomic,
+                      write_json_atomic)
 
 DIHEDRAL = 8  # identity, 3 rotations, and the 4 flipped versions
 
@@ -54,6 +55,7 @@ def _check_existing(out: Path, vae_hash: str, scaling: float, data: Path, flips:
     return True
 
 
+@closes_stage_logs
 def run(cfg: EncodeConfig) -> Path:
     import torch
     from safetensors.torch import save_file
@@ -65,7 +67,7 @@ def run(cfg: EncodeConfig) -> Path:
         raise HistoError(f"batch_size and shard_size must be >= 1, got {cfg.batch_size}, {cfg.shard_size}")
     acc = make_accelerator("no")
     rank, world, main = acc.process_index, acc.num_processes, acc.is_main_process
-    log = get_logger("histodiffusion.encode", is_main=main)
+    log = get_logger("encode", is_main=main)
     data, out = Path(cfg.data).resolve(), Path(cfg.out)
     ds_meta, _ = read_dataset(data)
     vae_dir = Path(cfg.vae).resolve()
@@ -86,6 +88,7 @@ def run(cfg: EncodeConfig) -> Path:
         _remove(tmp)
         tmp.mkdir(parents=True)
         write_json_atomic(tmp / CONFIG_FILE, {**format_meta(), "stage": "encode", "config": config_to_dict(cfg)})
+        log = get_logger("encode", tmp / "log.txt")  # renamed into place with the cache
     acc.wait_for_everyone()
     log.info("encoding %d latents of %s in %d shard(s) with %d process(es)", len(items), data, len(shards), world)
 

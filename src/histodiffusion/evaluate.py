@@ -46,8 +46,9 @@ from .evaldata import (Tiles, dataset_classes, load_real, load_sample_images, qu
                        read_samples)
 from .evalsummary import (CURVE_COLUMNS, confusion_name, curve_rows, per_seed_columns, per_seed_rows,
                           plot_confusion, summarise, validation_summary)
-from .runtime import (HistoError, dist_info, get_logger, is_complete, mark_complete, raise_if_any_rank_failed,
-                      read_json, seed_everything, start_run_dir, write_csv_atomic, write_json_atomic)
+from .runtime import (HistoError, closes_stage_logs, dist_info, get_logger, is_complete, mark_complete,
+                      raise_if_any_rank_failed, read_json, seed_everything, start_run_dir, write_csv_atomic,
+                      write_json_atomic)
 
 ARM_KINDS = ("real", "real_aa", "classic", "selected", "unselected")
 REAL_KINDS = ("real", "real_aa", "classic")  # arms without synthetic images
@@ -203,12 +204,13 @@ def load_external(paths, classes: list[str], train_hashes: set[str]) -> dict[str
 # --------------------------------------------------------------------------------------------
 # Stage: evaluate
 # --------------------------------------------------------------------------------------------
+@closes_stage_logs
 def run(cfg: EvaluateConfig) -> Path:
     from .artifacts import read_dataset
 
-    log = get_logger("evaluate")
     rank, world = dist_info()
     out = start_run_dir(cfg.out, cfg, "evaluate", is_main=rank == 0)
+    log = get_logger("evaluate", out / "log.txt", is_main=rank == 0)
     if not cfg.seeds:
         raise HistoError("evaluate needs at least one seed (--seeds)")
     # 1. data: training subset, validation and test splits (pairwise group-disjoint, asserted),
@@ -360,6 +362,7 @@ def find_classifiers(path: str | Path) -> list[Path]:
     return found
 
 
+@closes_stage_logs
 def run_score(cfg: ScoreConfig) -> Path:
     from .judge import score_fidelity
     from .models.classifier import load_classifier

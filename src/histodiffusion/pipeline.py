@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import config as C
-from .runtime import (HistoError, get_logger, human_time, is_complete, start_run_dir, write_json_atomic,
+from .runtime import (HistoError, get_logger, human_time, is_complete, log_to, start_run_dir, write_json_atomic,
                       write_text_atomic)
 
 
@@ -33,6 +33,7 @@ class Step:
     out: Path  # the stage's artifact directory (its completion marker says "done")
     fields: dict  # config fields (layout + preset + user overrides)
     done: Callable[[Path], bool] = is_complete
+    on_skip: Callable[[], list[str]] | None = None  # checks repeated when the stage is skipped: warnings
 
 
 def _run_stage(stage: str, cfg: Any) -> None:
@@ -57,6 +58,12 @@ def plan(cfg: C.RunConfig, base: dict | None | str = "verify") -> list[Step]:
     unknown = sorted(set(user) - set(C.STAGE_CONFIGS) - set(EXTRA_KEYS))
     if unknown:
         raise HistoError(f"stage_config {cfg.stage_config}: unknown stage(s) {unknown}")
+    for key, values in user.items():  # every entry, also of stages this run does not reach (fields, types, ranges)
+        stage = key if key in C.STAGE_CONFIGS else key.rsplit("-", 1)[0]
+        try:
+            C.config_from_dict(C.STAGE_CONFIGS[stage], values)
+        except HistoError as e:
+            raise HistoError(f"stage_config {cfg.stage_config}, entry {key!r}: {e}") from None
 
     base = _base(cfg) if base == "verify" else base
     unlabeled_sources, labels_csv = _sources(cfg)
@@ -72,9 +79,11 @@ def plan(cfg: C.RunConfig, base: dict | None | str = "verify") -> list[Step]:
         merged.update(user.get(key, {}) if key != stage else {})
         return merged
 
-    prepare_target = Step("prepare target", "prepare", d_tgt, fields("prepare-target", {
+    target_fields = fields("prepare-target", {
         "out": str(d_tgt), "kind": "labeled", "labels_csv": labels_csv, "tile_size": cfg.tile_size,
-        "exclude": (str(ldm_model if base else d_unl),), "seed": cfg.split_seed}, "prepare"))
+        "exclude": (str(ldm_model if base else d_unl),), "seed": cfg.split_seed}, "prepare")
+    prepare_target = Step("prepare target", "prepare", d_tgt, target_fields,
+                          on_skip=None if base else lambda: _scale_warnings(d_tgt, d_unl, target_fields))
     encode_target = Step("encode target", "encode", c_tgt, fields("encode-target", {
         "data": str(d_tgt), "vae": str(ae_vae), "out": str(c_tgt)}, "encode"))
     if base:  # pretrain once, adapt many times: the base replaces the pretraining stages
@@ -138,6 +147,8 @@ def plan(cfg: C.RunConfig, base: dict | None | str = "verify") -> list[Step]:
         ]
     steps.append(Step("report", "report", root / "report", fields("report", {"run": str(root),
                                                                              "out": str(root / "report")})))
+    of_dataset = {str(d_tgt): str(d_tgt), str(c_tgt): str(d_tgt), str(d_unl): str(d_unl), str(c_unl): str(d_unl)}
+    _check_steps(cfg, steps, of_dataset, str(d_tgt), labels_csv)
     return steps
 
 
@@ -157,6 +168,61 @@ def _base(cfg: C.RunConfig) -> dict | None:
     return info
 
 
+# config fields that name a subset of the dataset or cache the stage reads
+SUBSET_FIELDS = {"train-latent-classifier": ("subset", "val_subset"), "finetune-decoder": ("subset",),
+                 "sample": ("real_subset",), "select": ("subset",), "evaluate": ("subset",), "report": ("subset",),
+                 "pretrain": ("subset",)}
+
+
+def _check_steps(cfg: C.RunConfig, steps: list[Step], of_dataset: dict[str, str], target: str,
+                 labels_csv: str) -> None:
+    """Plan-time checks of what would otherwise fail only when a late stage starts: every stage's config
+    (fields, types, ranges), the subsets stages ask of the run's datasets and caches (`of_dataset`: path
+    -> the dataset it holds or encodes; prepare must make the subset), and a labels CSV of >= 2 classes."""
+    from .artifacts import HOLDOUT_SPLIT, SPLITS, UNLABELED_SPLIT
+    from .data.prepare import read_labels_csv
+
+    where = f"stage_config {cfg.stage_config}" if cfg.stage_config else "run"
+    configs = []
+    for step in steps:
+        try:
+            configs.append(C.config_from_dict(C.STAGE_CONFIGS[step.stage], step.fields))
+        except HistoError as e:
+            raise HistoError(f"{where}: stage {step.name!r}: {e}") from None
+    read_labels_csv(Path(labels_csv))
+    made = {}  # dataset -> the subsets its prepare step makes
+    for c in configs:
+        if isinstance(c, C.PrepareConfig) and c.out in of_dataset:
+            fewshot = {*(f"frac{f:g}" for f in c.fewshot_fracs), *(f"k{k}" for k in c.fewshot_k)}
+            made[c.out] = ({*SPLITS, "all", *fewshot} if c.labels_csv or c.class_folders else
+                           {"all", UNLABELED_SPLIT, *((HOLDOUT_SPLIT,) if c.holdout_frac else ())})
+    for step, sc in zip(steps, configs):
+        reads = {str(v) for k in ("data", "cache", "real_counts") for v in _as_tuple(getattr(sc, k, ()))}
+        if step.stage == "report" and not sc.data:
+            reads = {target}  # the report's default dataset
+        datasets = {of_dataset[r] for r in reads if r in of_dataset} & set(made)
+        for name in SUBSET_FIELDS.get(step.stage, ()):
+            value = getattr(sc, name)
+            for d in datasets:
+                if value and value not in made[d]:
+                    origin = "--subset" if value == cfg.subset else f"{step.stage}.{name}"
+                    raise HistoError(
+                        f"subset {value!r} ({origin}, stage {step.name!r}) is not made by prepare: dataset {d} will "
+                        f"have {sorted(made[d])}; use one of them, or make it with prepare's fewshot_fracs / "
+                        f"fewshot_k in --stage-config (e.g. {{\"prepare-target\": {{\"fewshot_fracs\": [0.2]}}}})")
+
+
+def _as_tuple(v) -> tuple:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,) if v else ()
+
+
+def _scale_warnings(target: Path, unlabeled: Path, target_fields: dict) -> list[str]:
+    from .data.prepare import check_scale
+
+    tolerance = target_fields.get("scale_tolerance", C.PrepareConfig.scale_tolerance)
+    return check_scale(target, [unlabeled], tolerance) if (unlabeled / "meta.json").is_file() else []
+
+
 def _sources(cfg: C.RunConfig) -> tuple[tuple[str, ...], str]:
     from .data import default
 
@@ -169,13 +235,20 @@ def run(cfg: C.RunConfig) -> Path:
     base = _base(cfg)
     steps = plan(cfg, base)  # validates the run config and the stage overrides before anything is written
     root = start_run_dir(cfg.out, cfg, "run", neutral=("until",))
-    log = get_logger(log_file=root / "log.txt")
-    if base:
-        from .basemodel import base_summary
+    with log_to(root / "log.txt"):  # every stage's lines, with the pipeline's
+        if base:
+            from .basemodel import base_summary
 
-        write_json_atomic(root / "base.json", {k: base[k] for k in ("id", "path")} | {
-            k: base["base"][k] for k in ("name", "version", "tile_size")} | {"vae_hash": base["vae_hash"]})
-        log.info(f"adapting base {base_summary(base)}: pretraining stages skipped")
+            write_json_atomic(root / "base.json", {k: base[k] for k in ("id", "path")} | {
+                k: base["base"][k] for k in ("name", "version", "tile_size")} | {"vae_hash": base["vae_hash"]})
+            get_logger("run").info(f"adapting base {base_summary(base)}: pretraining stages skipped")
+        return _run_steps(cfg, steps, root)
+
+
+def _run_steps(cfg: C.RunConfig, steps: list[Step], root: Path) -> Path:
+    log = get_logger("run")
+    timings = _read_timings(root / TIMINGS)  # a stage a re-run skips keeps the time measured when it ran
+    order = [s.name for s in steps]
     if cfg.until:
         stages = [s.stage for s in steps]
         if cfg.until not in stages:
@@ -185,22 +258,25 @@ def run(cfg: C.RunConfig) -> Path:
             last += 1
         steps = steps[:last + 1]
     t_all = time.time()
-    timings = []
     for i, step in enumerate(steps, 1):
         head = f"[{i}/{len(steps)}] {step.name}"
         if step.done(step.out):
             log.info(f"{head}: complete, skipped ({step.out})")
-            timings.append((step.name, 0.0, "skipped"))
+            for warning in step.on_skip() if step.on_skip else []:
+                log.warning(warning)
+            seconds = timings.get(step.name, (None, ""))[0]
+            timings[step.name] = (seconds, "skipped (time of the run that made it)" if seconds is not None
+                                  else "skipped (made outside this run)")
+            _write_timings(root / TIMINGS, timings, order)
             continue
         stage_cfg = C.config_from_dict(C.STAGE_CONFIGS[step.stage], step.fields)
         log.info(f"{head} -> {step.out}")
         t0 = time.time()
         _run_stage(step.stage, stage_cfg)
         dt = time.time() - t0
-        timings.append((step.name, dt, "ran"))
+        timings[step.name] = (dt, "ran")
+        _write_timings(root / TIMINGS, timings, order)
         log.info(f"{head}: done in {human_time(dt)}")
-    lines = ["| stage | seconds | |", "|---|---:|---|"] + [f"| {n} | {t:.1f} | {s} |" for n, t, s in timings]
-    write_text_atomic(root / "timings.md", "\n".join(lines) + "\n")
     if cfg.until:
         log.info(f"stopped after stage {cfg.until!r} as asked ({human_time(time.time() - t_all)})")
         return root
@@ -209,6 +285,28 @@ def run(cfg: C.RunConfig) -> Path:
     report = root / "report" / "index.html"
     log.info(f"finished in {human_time(time.time() - t_all)}; report: {report.resolve()}")
     return report
+
+
+TIMINGS = "timings.md"
+
+
+def _read_timings(path: Path) -> dict[str, tuple[float | None, str]]:
+    """stage name -> (seconds or None, status) from the timings.md an earlier run wrote."""
+    out: dict[str, tuple[float | None, str]] = {}
+    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0] not in ("stage", "---"):
+            try:
+                out[cells[0]] = (float(cells[1]), cells[2])
+            except ValueError:
+                out[cells[0]] = (None, cells[2])
+    return out
+
+
+def _write_timings(path: Path, timings: dict[str, tuple[float | None, str]], order: list[str]) -> None:
+    names = [n for n in order if n in timings] + [n for n in timings if n not in order]
+    rows = [f"| {n} | {'—' if timings[n][0] is None else f'{timings[n][0]:.1f}'} | {timings[n][1]} |" for n in names]
+    write_text_atomic(path, "\n".join(["| stage | seconds | |", "|---|---:|---|"] + rows) + "\n")
 
 
 def _ablation_table(root: Path) -> None:

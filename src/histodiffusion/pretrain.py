@@ -21,9 +21,10 @@ from torch.nn import functional as F
 from .artifacts import LDM_SCHEDULER, LDM_UNET, LDM_VAE, MODEL_INFO, format_meta
 from .config import PretrainConfig
 from .data.mixture import EpochIndex, IdRecorder, MixtureDataset, make_loader
-from .runtime import (HistoError, MetricsLog, atomic_path, check_checkpoint_within, get_logger, human_time,
-                      load_latest_checkpoint, make_accelerator, mark_complete, progress, read_json, reopen_for_steps,
-                      save_checkpoint, save_final_checkpoint, seed_everything, start_run_dir, write_json_atomic)
+from .runtime import (HistoError, MetricsLog, atomic_path, check_checkpoint_within, closes_stage_logs, get_logger,
+                      human_time, load_latest_checkpoint, make_accelerator, mark_complete, progress, read_json,
+                      reopen_for_steps, save_checkpoint, save_final_checkpoint, seed_everything, start_run_dir,
+                      write_json_atomic)
 from .train_autoencoder import check_finite, save_grid
 
 STAGE = "pretrain"
@@ -147,13 +148,14 @@ def sample_grid(unet, scheduler, vae, scaling_factor: float, path: Path, n: int 
     save_grid(images, path, nrow=4)
 
 
+@closes_stage_logs
 def run(cfg: PretrainConfig) -> Path:
     _check_config(cfg)
     acc = make_accelerator(cfg.mixed_precision, cfg.grad_accum)
     main = acc.is_main_process
     out = start_run_dir(cfg.out, cfg, STAGE, is_main=main, neutral=("steps",))
     acc.wait_for_everyone()
-    log = get_logger("histodiffusion.pretrain", out / "log.txt", is_main=main)
+    log = get_logger("pretrain", out / "log.txt", is_main=main)
     model_dir = out / "model"
     if reopen_for_steps(out, cfg.steps, acc, log):
         log.info("%s is complete: skipped (model: %s)", out, model_dir)

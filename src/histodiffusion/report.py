@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from .config import ReportConfig
-from .runtime import HistoError, get_logger, mark_complete, read_json, start_run_dir, write_text_atomic
+from .runtime import (HistoError, closes_stage_logs, get_logger, mark_complete, read_json, start_run_dir,
+                      write_text_atomic)
 from .report_figures import curve_figure, embedding_figure, grid_figure
 
 
@@ -348,12 +349,13 @@ def section_generative(doc: Doc, p: dict) -> None:
 # --------------------------------------------------------------------------------------------
 # Stage
 # --------------------------------------------------------------------------------------------
+@closes_stage_logs
 def run(cfg: ReportConfig) -> Path:
-    log = get_logger("report")
     p = _paths(cfg)
     if not p["run"].is_dir() and not any(Path(x).is_dir() for x in (cfg.data, cfg.samples, cfg.eval) if x):
         raise HistoError(f"run directory not found: {p['run']}")
     out = start_run_dir(Path(cfg.out) if cfg.out else p["run"] / "report", cfg, "report")
+    log = get_logger("report", out / "log.txt")
     subset = cfg.subset
     if not subset and (p["eval"] / "config.json").is_file():
         subset = read_json(p["eval"] / "config.json").get("config", {}).get("subset", "")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import hashlib
 import json
 import logging
@@ -18,7 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from . import FORMAT_VERSION, __version__
 
@@ -261,28 +262,89 @@ def _comparable(cfg: dict | None, neutral: tuple[str, ...] = ()) -> dict:
 # --------------------------------------------------------------------------------------------
 # Logging
 # --------------------------------------------------------------------------------------------
-def get_logger(name: str = "histodiffusion", log_file: str | os.PathLike | None = None,
-               is_main: bool = True) -> logging.Logger:
-    """A logger that writes on the main process only: to stderr and, if given, to `log_file`."""
+PACKAGE_LOGGER = "histodiffusion"  # parent of every stage's logger, histodiffusion.<stage>
+_LINE = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+
+
+class _RunLine(logging.Formatter):
+    """A line of a run's log.txt: the stage it comes from, then the message."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        stage = record.name[len(PACKAGE_LOGGER) + 1:] or "run"
+        return f"{self.formatTime(record, '%H:%M:%S')} {record.levelname} [{stage}] {record.getMessage()}" + (
+            f"\n{self.formatException(record.exc_info)}" if record.exc_info else "")
+
+
+def _package_logger() -> logging.Logger:
+    """The `histodiffusion` logger: its handlers are stderr and, during `run`, the run's log.txt."""
+    logger = logging.getLogger(PACKAGE_LOGGER)
+    logger.propagate = False
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO)
+    if not any(type(h) is logging.StreamHandler for h in logger.handlers):
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(_LINE)
+        logger.addHandler(h)
+    return logger
+
+
+def get_logger(stage: str = "", log_file: str | os.PathLike | None = None, is_main: bool = True) -> logging.Logger:
+    """The logger of one stage, `histodiffusion.<stage>` (e.g. get_logger("sample", out / "log.txt")).
+
+    Its lines go up to the package logger, which writes them to stderr and, while `run` is running, to the
+    run's log.txt (see `log_to`); with `log_file` (in the stage's own output directory) they also go to
+    that file, on the main process only, until the stage's entry point returns (see `closes_stage_logs`).
+    No handler is ever swapped. Processes other than the main one log warnings only.
+    """
+    _package_logger()
+    name = stage if stage == PACKAGE_LOGGER or stage.startswith(PACKAGE_LOGGER + ".") else \
+        f"{PACKAGE_LOGGER}.{stage or 'run'}"
     logger = logging.getLogger(name)
     logger.setLevel(logging.INFO if is_main else logging.WARNING)
-    logger.propagate = False
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
-    if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
-               for h in logger.handlers):
-        h = logging.StreamHandler(sys.stderr)
-        h.setFormatter(fmt)
-        logger.addHandler(h)
-    if log_file is not None and is_main:
-        log_file = str(Path(log_file).resolve())
-        if not any(isinstance(h, logging.FileHandler) and h.baseFilename == log_file for h in logger.handlers):
-            for h in [h for h in logger.handlers if isinstance(h, logging.FileHandler)]:
-                logger.removeHandler(h)
-                h.close()
-            fh = logging.FileHandler(log_file)
-            fh.setFormatter(fmt)
+    if log_file is not None and is_main and name != PACKAGE_LOGGER:
+        path = str(Path(log_file).resolve())
+        if not any(isinstance(h, logging.FileHandler) and h.baseFilename == path for h in logger.handlers):
+            fh = logging.FileHandler(path)
+            fh.setFormatter(_LINE)
             logger.addHandler(fh)
     return logger
+
+
+def _stage_log_files() -> set[tuple[logging.Logger, logging.Handler]]:
+    loggers = [logging.getLogger(n) for n in list(logging.root.manager.loggerDict)
+               if n.startswith(PACKAGE_LOGGER + ".")]
+    return {(lg, h) for lg in loggers for h in lg.handlers if isinstance(h, logging.FileHandler)}
+
+
+def closes_stage_logs(entry: Callable) -> Callable:
+    """Decorator of a stage's entry point: the stage log files opened during the call are closed when it
+    returns or fails, so the next stage run in this process (e.g. the pipeline's second `encode`)
+    starts without them."""
+    @functools.wraps(entry)
+    def wrapper(*args, **kwargs):
+        before = _stage_log_files()
+        try:
+            return entry(*args, **kwargs)
+        finally:
+            for logger, h in _stage_log_files() - before:
+                logger.removeHandler(h)
+                h.close()
+    return wrapper
+
+
+@contextlib.contextmanager
+def log_to(log_file: str | os.PathLike) -> Iterator[None]:
+    """While the block runs, every histodiffusion logger's lines (the pipeline's and every stage's) also
+    go to `log_file`, each with the name of its stage: the run's log.txt."""
+    logger = _package_logger()
+    fh = logging.FileHandler(str(Path(log_file).resolve()))
+    fh.setFormatter(_RunLine())
+    logger.addHandler(fh)
+    try:
+        yield
+    finally:
+        logger.removeHandler(fh)
+        fh.close()
 
 
 class MetricsLog:

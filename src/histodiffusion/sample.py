@@ -27,8 +27,9 @@ from .artifacts import (INDEX, LDM_SCHEDULER, LDM_UNET, LDM_VAE, MODEL_INFO, SAM
                         read_dataset, read_meta, subset_ids)
 from .config import SampleConfig
 from .guidance import classifier_grad, eps_from_output, guided_eps, in_window
-from .runtime import (HistoError, atomic_path, check_format_version, get_logger, is_complete, make_accelerator, mark_complete, read_csv,
-                      read_json, sha256_dir, start_run_dir, write_csv_atomic)
+from .runtime import (HistoError, atomic_path, check_format_version, closes_stage_logs, get_logger, is_complete,
+                      make_accelerator, mark_complete, read_csv, read_json, sha256_dir, start_run_dir,
+                      write_csv_atomic)
 
 SCHEDULERS = ("ddim", "dpmsolver++")
 PROGRESS_DIR = "_progress"
@@ -327,11 +328,12 @@ def generate(items: list[dict], m: dict, cfg: SampleConfig, window: tuple[int, i
 # --------------------------------------------------------------------------------------------------
 # The stage
 # --------------------------------------------------------------------------------------------------
+@closes_stage_logs
 def run(cfg: SampleConfig) -> Path:
     acc = make_accelerator()
     out = start_run_dir(cfg.out, cfg, "sample", acc.is_main_process, neutral=("batch_size",))
     acc.wait_for_everyone()
-    log = get_logger(log_file=out / "log.txt", is_main=acc.is_main_process)
+    log = get_logger("sample", out / "log.txt", is_main=acc.is_main_process)
     if is_complete(out):
         if acc.is_main_process:  # a run killed after its completion marker: drop the progress files
             shutil.rmtree(out / PROGRESS_DIR, ignore_errors=True)

@@ -44,7 +44,8 @@ import torch
 from .artifacts import FILTERED_COLUMNS, FILTERED_CSV
 from .config import SelectConfig, config_to_dict
 from .evaldata import load_real, load_sample_images, quota, read_samples, subset_fingerprint
-from .runtime import HistoError, ensure_writable, get_logger, seed_everything, write_csv_atomic, write_json_atomic
+from .runtime import (HistoError, closes_stage_logs, ensure_writable, get_logger, seed_everything, write_csv_atomic,
+                      write_json_atomic)
 
 FILTERED_JSON = "filtered.json"
 GENERATIVE_JSON = "generative_metrics.json"
@@ -203,15 +204,16 @@ def _softmax_head(model):
 # --------------------------------------------------------------------------------------------
 # Stage
 # --------------------------------------------------------------------------------------------
+@closes_stage_logs
 def run(cfg: SelectConfig) -> Path:
     from .models.classifier import predict
     from .runtime import dist_info
 
-    log = get_logger("select")
     rank, _ = dist_info()
     samples_dir = Path(cfg.samples)
     out = Path(cfg.out or cfg.samples)
     ensure_writable(out)
+    log = get_logger("select", out / "log.txt", is_main=rank == 0)
     # 1. inputs: real subset, samples (checked: files exist, classes match)
     real = load_real(cfg.data, cfg.subset)
     rows = read_samples(samples_dir, real.classes)

@@ -21,7 +21,7 @@ from torch import nn
 
 from .config import AutoencoderConfig
 from .data.mixture import EpochIndex, IdRecorder, MixtureDataset, make_loader
-from .runtime import (HistoError, MetricsLog, check_checkpoint_within, get_logger, human_time,
+from .runtime import (HistoError, MetricsLog, check_checkpoint_within, closes_stage_logs, get_logger, human_time,
                       load_latest_checkpoint, make_accelerator, mark_complete, progress, reopen_for_steps,
                       save_checkpoint, save_final_checkpoint, seed_everything, start_run_dir, write_csv_atomic)
 
@@ -238,6 +238,7 @@ def train_step(cfg, acc, model, opt, disc, opt_d, lpips, x, step: int, out: Path
             "d_loss": d_loss.item()}
 
 
+@closes_stage_logs
 def run(cfg: AutoencoderConfig) -> Path:
     from .models.autoencoder import build_vae_from_config
     from .models.discriminator import build_discriminator
@@ -247,7 +248,7 @@ def run(cfg: AutoencoderConfig) -> Path:
     main = acc.is_main_process
     out = start_run_dir(cfg.out, cfg, STAGE, is_main=main, neutral=("steps",))
     acc.wait_for_everyone()
-    log = get_logger("histodiffusion.ae", out / "log.txt", is_main=main)
+    log = get_logger("train-autoencoder", out / "log.txt", is_main=main)
     model_dir = out / "model" / "vae"
     if reopen_for_steps(out, cfg.steps, acc, log):
         log.info("%s is complete: skipped (model: %s)", out, model_dir)

@@ -22,16 +22,17 @@ from pathlib import Path
 import numpy as np
 
 from .. import FORMAT_VERSION, __version__
-from ..artifacts import UNLABELED_SPLIT
+from ..artifacts import UNLABELED_SPLIT, read_meta
 from ..config import PrepareConfig, config_to_dict
-from ..runtime import (CONFIG_FILE, HistoError, ensure_writable, get_logger, is_complete, progress, read_csv,
-                       read_json, sha256_file, write_csv_atomic, write_json_atomic)
-from . import default, slides
+from ..runtime import (CONFIG_FILE, HistoError, closes_stage_logs, ensure_writable, get_logger, is_complete, progress,
+                       read_csv, read_json, sha256_file, write_csv_atomic, write_json_atomic)
+from . import default, scale, slides
 from .leakage import SOURCES_COLUMNS, SOURCES_CSV, find_overlap
 from .splits import fewshot_groups, group_labels, holdout_groups, split_groups
 from .writer import DatasetWriter
 
 MAX_LISTED_SKIPS = 200  # meta.json lists this many skipped files (the count is always complete)
+SHOWN_SKIPS = 5  # the warning names this many
 
 
 class _Skips:
@@ -48,7 +49,10 @@ class _Skips:
     def summary(self) -> dict:
         if self.count:
             reasons = Counter(i["reason"].split(":")[0] for i in self.items)
-            self.log.warning(f"skipped {self.count} unreadable file(s): {dict(reasons)}; listed in meta.json")
+            names = ", ".join(Path(i["path"]).name for i in self.items[:SHOWN_SKIPS])
+            more = f" and {self.count - SHOWN_SKIPS} more" if self.count > SHOWN_SKIPS else ""
+            self.log.warning(f"skipped {self.count} unreadable file(s): {names}{more} ({dict(reasons)}); "
+                             f"listed in meta.json")
         return {"count": self.count, "files": self.items}
 
 
@@ -59,9 +63,7 @@ def _labeled_entries(cfg: PrepareConfig, skips: _Skips) -> tuple[Path, list[tupl
     """(root, [(file, relative path, label, group)]) from labels_csv or class_folders."""
     if cfg.labels_csv:
         csv_path = default.labels_csv() if cfg.labels_csv == "default" else Path(cfg.labels_csv)
-        rows = read_csv(csv_path, ["path", "label"], "labels CSV")
-        if not rows:
-            raise HistoError(f"labels CSV {csv_path} has no rows")
+        rows = read_labels_csv(csv_path)
         root, allowed, out = csv_path.parent, set(cfg.classes), []
         for i, r in enumerate(rows, start=2):
             rel, label = (r.get("path") or "").strip(), (r.get("label") or "").strip()
@@ -81,6 +83,9 @@ def _labeled_entries(cfg: PrepareConfig, skips: _Skips) -> tuple[Path, list[tupl
     dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not dirs:
         raise HistoError(f"class folder root {root} has no class sub-folders")
+    if len(dirs) == 1:
+        raise HistoError(f"class folder root {root} has a single class sub-folder ({dirs[0].name}): a classifier "
+                         f"needs at least two classes")
     out = []
     for d in dirs:
         files = sorted(p for p in d.rglob("*") if p.is_file() and not p.name.startswith("."))
@@ -94,6 +99,18 @@ def _labeled_entries(cfg: PrepareConfig, skips: _Skips) -> tuple[Path, list[tupl
             else:
                 skips.add(p, f"not an image file (suffix {p.suffix or 'none'}): {p}")
     return root, out
+
+
+def read_labels_csv(csv_path: Path) -> list[dict]:
+    """Rows of a labels CSV (path,label[,group_id]); refused when it has no rows or a single class."""
+    rows = read_csv(csv_path, ["path", "label"], "labels CSV")
+    if not rows:
+        raise HistoError(f"labels CSV {csv_path} has no rows")
+    labels = {(r.get("label") or "").strip() for r in rows} - {""}
+    if len(labels) == 1:
+        raise HistoError(f"labels CSV {csv_path} has a single class ({labels.pop()!r}): a classifier needs at "
+                         f"least two classes")
+    return rows
 
 
 def _source_files(cfg: PrepareConfig, skips: _Skips) -> list[tuple[Path, bool]]:
@@ -123,19 +140,22 @@ def _source_files(cfg: PrepareConfig, skips: _Skips) -> list[tuple[Path, bool]]:
 # --------------------------------------------------------------------------------------------
 # Tiles
 # --------------------------------------------------------------------------------------------
-def _square_tile(path: Path, tile_size: int, image_mode: str) -> np.ndarray:
-    pix, _ = slides.read_rgb(path, image_mode, draft=tile_size)
-    h, w = pix.shape[:2]
+def _square_tile(path: Path, tile_size: int, image_mode: str) -> tuple[np.ndarray, int, float | None]:
+    """(tile, source pixels of its edge, the file's microns per pixel or None): the centred square, resized."""
+    pix, info = slides.read_rgb(path, image_mode, draft=tile_size)
+    h, w = pix.shape[:2]  # may be reduced by JPEG draft decoding; info has the file's size
     side = min(h, w)
     if side < tile_size:
         raise slides.ImageTooSmall(f"image {path} ({w}x{h}) is smaller than the tile size {tile_size}x{tile_size}")
     y, x = (h - side) // 2, (w - side) // 2
-    return slides.resize_tile(pix[y:y + side, x:x + side], tile_size)
+    return (slides.resize_tile(pix[y:y + side, x:x + side], tile_size), min(info["width"], info["height"]),
+            info["mpp"])
 
 
-def _add_labeled(w: DatasetWriter, cfg: PrepareConfig, skips: _Skips, log) -> tuple[dict, list[dict]]:
+def _add_labeled(w: DatasetWriter, cfg: PrepareConfig, skips: _Skips, sample: scale.TileSample, log
+                 ) -> tuple[dict, list[dict], list[tuple]]:
     root, entries = _labeled_entries(cfg, skips)
-    sources = []
+    sources, geometry = [], []
     seen: dict[str, tuple[str, str]] = {}  # sha256 -> (path, group): one image in two groups could leak across splits
     for f, rel, label, group in progress(entries, desc="prepare", mininterval=2.0):
         sha = sha256_file(f)
@@ -145,20 +165,23 @@ def _add_labeled(w: DatasetWriter, cfg: PrepareConfig, skips: _Skips, log) -> tu
                              f"leak): remove one, or give both one group_id")
         seen.setdefault(sha, (rel, group))
         try:
-            tile = _square_tile(f, cfg.tile_size, cfg.image_mode)
+            tile, side, mpp = _square_tile(f, cfg.tile_size, cfg.image_mode)
         except slides.UnreadableImage as e:  # ImageTooSmall is always an error (no upscaling)
             skips.add(f, str(e))
             continue
-        w.add(tile, id=Path(rel).with_suffix("").as_posix(), source=rel, path=rel, label=label, group=group)
+        row = w.add(tile, id=Path(rel).with_suffix("").as_posix(), source=rel, path=rel, label=label, group=group)
+        sample.offer(row["hash"], tile)
         sources.append({"path": rel, "sha256": sha})
+        geometry.append((side, mpp, 1))
     present = Counter(r["label"] for r in w.iter_rows())
     lost = sorted({e[2] for e in entries} - set(present))
     if lost:
         raise HistoError(f"class(es) {lost} have no readable image (see skipped files); nothing written")
-    return {"root": str(root.resolve()), "files": len(sources), "list": SOURCES_CSV}, sources
+    return {"root": str(root.resolve()), "files": len(sources), "list": SOURCES_CSV}, sources, geometry
 
 
-def _add_unlabeled(w: DatasetWriter, cfg: PrepareConfig, skips: _Skips, log) -> tuple[list, list[dict]]:
+def _add_unlabeled(w: DatasetWriter, cfg: PrepareConfig, skips: _Skips, sample: scale.TileSample, log
+                   ) -> tuple[list, list[dict], dict]:
     params = slides.TileParams(cfg.tile_size, cfg.patch_size, cfg.stride, cfg.downscale, cfg.target_mpp,
                                cfg.min_tissue, cfg.max_gray_mean, cfg.min_saturation, cfg.tissue_method,
                                cfg.max_ink)
@@ -181,8 +204,9 @@ def _add_unlabeled(w: DatasetWriter, cfg: PrepareConfig, skips: _Skips, log) -> 
             stems[f.stem] += 1
             for x, y, patch, tile in slides.iter_tiles(slide, params, stats):
                 group = f"{stem}_r{y // cfg.group_px}c{x // cfg.group_px}" if cfg.group_px else stem
-                w.add(tile, id=f"{stem}_x{x}_y{y}", source=str(f), x=x, y=y, width=patch, height=patch,
-                      group=group, split=UNLABELED_SPLIT)
+                row = w.add(tile, id=f"{stem}_x{x}_y{y}", source=str(f), x=x, y=y, width=patch, height=patch,
+                            group=group, split=UNLABELED_SPLIT)
+                sample.offer(row["hash"], tile)
         except (slides.UnreadableImage, slides.ImageTooSmall) as e:
             if explicit:
                 raise
@@ -250,23 +274,71 @@ def _counts(rows: list[dict]) -> tuple[dict, dict]:
             {s: {c: len(g) for c, g in sorted(d.items())} for s, d in groups.items()})
 
 
-def _resolution(cfg: PrepareConfig, source_info) -> dict:
-    """Working resolution: microns per pixel of the stored tiles, per source when the source states it."""
-    res = {"tile_size": cfg.tile_size, "target_mpp": cfg.target_mpp or None, "downscale": cfg.downscale,
-           "patch_size": cfg.patch_size or None}
+def _weighted_median(values: list[float], weights: list[float]) -> float:
+    order = np.argsort(values)
+    cum = np.cumsum(np.asarray(weights, dtype=np.float64)[order])
+    return float(np.asarray(values, dtype=np.float64)[order][np.searchsorted(cum, cum[-1] / 2.0)])
+
+
+def _resolution(cfg: PrepareConfig, source_info, geometry: list[tuple], measured: dict) -> dict:
+    """Scale of the stored tiles: geometry (source pixels per tile edge, downscale, microns per pixel
+    where the source states it) and the measured width of nuclei in px (data/scale.py).
+
+    `geometry`: (source pixels of a tile edge, source microns per pixel or None, tiles) per source image
+    (unlabeled) or per tile (labeled: the centred square of the file, resized to tile_size)."""
+    px = [g[0] for g in geometry]
+    weights = [g[2] for g in geometry]
+    source_px = _weighted_median(px, weights) if geometry and sum(weights) else None
+    with_mpp = [g for g in geometry if g[1] and g[2]]
+    mpp = (_weighted_median([g[1] * g[0] / cfg.tile_size for g in with_mpp], [g[2] for g in with_mpp])
+           if with_mpp else None)
+    res = {"tile_size": cfg.tile_size,
+           "source_px": source_px, "source_px_range": [min(px), max(px)] if px else None,
+           "downscale": round(source_px / cfg.tile_size, 4) if source_px else None,
+           "target_mpp": cfg.target_mpp or None, "mpp": round(mpp, 4) if mpp else None,
+           "nucleus_px": measured.get("nucleus_px"),
+           "nucleus": {k: v for k, v in measured.items() if k != "nucleus_px"}}
     if isinstance(source_info, list):  # unlabeled: per-source level-0 mpp and tile mpp
         res["tile_mpp"] = {Path(s["path"]).name: (round(s["mpp"] * s["patch"] / cfg.tile_size, 4) if s["mpp"]
                                                   else None) for s in source_info}
     return res
 
 
+def scale_warnings(name: str, nucleus_px: float | None, others, tolerance: float) -> list[dict]:
+    """Compare the nucleus width of dataset `name` with that of each prepared dataset in `others`:
+    [{"dataset", "nucleus_px", "ratio", "warning"}], where "warning" is the message (or None)."""
+    out = []
+    for other in others:
+        px = read_meta(other, "dataset").get("resolution", {}).get("nucleus_px")
+        ratio = round(max(nucleus_px, px) / min(nucleus_px, px), 2) if nucleus_px and px else None
+        out.append({"dataset": str(other), "nucleus_px": px, "ratio": ratio,
+                    "warning": scale.mismatch(str(name), nucleus_px, str(other), px, tolerance)})
+    return out
+
+
+def check_scale(dataset, others, tolerance: float) -> list[str]:
+    """The scale-mismatch warnings of prepared `dataset` against prepared `others` (those prepare
+    --exclude gives when it writes `dataset`; `run` repeats them when it skips the finished prepare)."""
+    px = read_meta(dataset, "dataset").get("resolution", {}).get("nucleus_px")
+    return [c["warning"] for c in scale_warnings(dataset, px, others, tolerance) if c["warning"]]
+
+
+_NEUTRAL = {"out", "scale_tolerance"}  # fields that do not change the dataset
+
+
+def _comparable(cfg_dict: dict) -> dict:
+    """A dataset's config for "same config?": fields added since it was prepared count at their default."""
+    return {k: v for k, v in {**config_to_dict(PrepareConfig()), **cfg_dict}.items() if k not in _NEUTRAL}
+
+
+@closes_stage_logs
 def run(cfg: PrepareConfig) -> Path:
     out = Path(cfg.out)
-    log = get_logger()
+    log = get_logger("prepare")
     cfg_dict = config_to_dict(cfg)
     if is_complete(out):
         old = read_json(out / "meta.json", "dataset meta").get("config", {})
-        if {k: v for k, v in old.items() if k != "out"} == {k: v for k, v in cfg_dict.items() if k != "out"}:
+        if _comparable(old) == _comparable(cfg_dict):
             log.info(f"dataset {out} is complete with the same config: skipped")
             return out
         raise HistoError(f"{out} holds a dataset prepared with a different config; use another --out or delete it")
@@ -274,10 +346,12 @@ def run(cfg: PrepareConfig) -> Path:
     ensure_writable(out.parent)
     t0 = time.time()
     skips = _Skips(cfg.strict, log)
+    sample = scale.TileSample(cfg.scale_sample)
     writer = DatasetWriter(out, cfg.tile_size, cfg.shard_size)
+    log = get_logger("prepare", writer.tmp / "log.txt")  # renamed into place with the dataset
     try:
         if kind == "labeled":
-            source_info, sources = _add_labeled(writer, cfg, skips, log)
+            source_info, sources, geometry = _add_labeled(writer, cfg, skips, sample, log)
             dropped = {}
             groups = group_labels(writer.iter_rows())
             split = split_groups(groups, cfg.val_frac, cfg.test_frac, cfg.seed)  # applied by finish()
@@ -290,7 +364,8 @@ def run(cfg: PrepareConfig) -> Path:
                         subsets[name].append(r["id"])
             classes = sorted(set(groups.values()))
         else:
-            source_info, sources, dropped = _add_unlabeled(writer, cfg, skips, log)
+            source_info, sources, dropped = _add_unlabeled(writer, cfg, skips, sample, log)
+            geometry = [(s["patch"], s["mpp"], s["tiles"]) for s in source_info]
             subsets, classes = {}, []
             split = holdout_groups(writer.iter_rows(), cfg.holdout_frac, cfg.seed) if cfg.holdout_frac else None
         if not writer.count:
@@ -301,9 +376,20 @@ def run(cfg: PrepareConfig) -> Path:
             example = find_overlap(source_hashes, tile_hashes, ex)
             if example:
                 raise HistoError(f"new dataset {out} shares images with excluded dataset {ex} (leakage): {example}")
+        measured = scale.nucleus_size(sample.tiles()) if cfg.scale_sample else {}
+        if measured:
+            px = measured["nucleus_px"]
+            log.info(f"scale: nuclei {f'{px:g} px wide' if px else 'too few to measure'} (area-weighted median "
+                     f"of {measured['nuclei']} nuclei in {measured['tiles_measured']} of {measured['tiles']} "
+                     f"sampled tiles)")
+        checks = scale_warnings(out, measured.get("nucleus_px"), cfg.exclude, cfg.scale_tolerance)
+        for c in checks:
+            if c["warning"]:
+                log.warning(c["warning"])
         tiles, groups_count = _counts(writer.iter_rows(split))
         meta = {"name": cfg.name or out.name, "kind": kind, "classes": classes, "tile_size": cfg.tile_size,
-                "resolution": _resolution(cfg, source_info),
+                "resolution": _resolution(cfg, source_info, geometry, measured),
+                **({"scale_checks": checks} if checks else {}),
                 "count": writer.count, "counts": tiles, "group_counts": groups_count,
                 "subsets": {k: len(v) for k, v in subsets.items()}, "sources": source_info,
                 "skipped": skips.summary(), **({"dropped": dropped} if dropped else {}),

@@ -120,7 +120,7 @@ def read_mpp(im) -> float | None:
 
 
 def read_rgb(path: str | Path, image_mode: str = "convert", draft: int = 0) -> tuple[np.ndarray, dict]:
-    """Decode a whole image to uint8 RGB. Returns (pixels, info{mode, mpp, width, height}).
+    """Decode a whole image to uint8 RGB. Returns (pixels, info{mode, mpp, width, height of the file}).
 
     `draft` > 0 lets JPEG decoding reduce the image by 1/2, 1/4 or 1/8 while staying >= draft pixels.
     Raises a HistoError naming the file for missing, non-image, corrupt or truncated files.
@@ -133,11 +133,11 @@ def read_rgb(path: str | Path, image_mode: str = "convert", draft: int = 0) -> t
     try:
         with Image.open(path) as im:
             if im.width * im.height > MAX_ARRAY_PIXELS:
-                raise HistoError(f"{path} has {im.width}x{im.height} pixels, too large to load at once; "
-                                 f"install the openslide extra to tile it region by region")
+                raise _too_large(path, f"{im.width}x{im.height} pixels")
+            width, height = im.size  # the file's size (draft decoding may reduce the pixels returned)
             if draft and im.format == "JPEG":
                 im.draft("RGB", (draft, draft))
-            info = {"mode": im.mode, "mpp": read_mpp(im), "width": im.width, "height": im.height}
+            info = {"mode": im.mode, "mpp": read_mpp(im), "width": width, "height": height}
             bits = getattr(im, "tag_v2", {}).get(258)  # TIFF BitsPerSample: Pillow reads 16-bit RGB as RGB
             if bits and max(bits if isinstance(bits, tuple) else (bits,)) > 8 and im.mode == "RGB":
                 info["mode"] = "RGB;16"
@@ -153,9 +153,18 @@ def read_rgb(path: str | Path, image_mode: str = "convert", draft: int = 0) -> t
             arr, info = _read_tifffile(path)
         else:
             raise UnreadableImage(f"not an image file (cannot identify its format): {path}") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:  # over Pillow's pixel limit (PIL.Image.MAX_IMAGE_PIXELS x 2)
+        raise _too_large(path, f"more pixels than Pillow opens: {e}") from None
+    except (OSError, SyntaxError, ValueError) as e:
         raise UnreadableImage(f"corrupt or truncated image: {path} ({e})") from None
     return _to_rgb8(arr, info["mode"], path, image_mode), info
+
+
+def _too_large(path: Path, what: str) -> HistoError:
+    formats = ", ".join(sorted(OPENSLIDE_SUFFIXES))
+    return HistoError(f"{path} is too large to load at once ({what}); cut it into smaller images, or give it in a "
+                      f"whole-slide format that OpenSlide reads region by region ({formats}; pip install "
+                      f"'histodiffusion[openslide]')")
 
 
 def _read_tifffile(path: Path) -> tuple[np.ndarray, dict]:
