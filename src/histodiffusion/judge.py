@@ -34,8 +34,8 @@ import numpy as np
 from .artifacts import FILTERED_CSV, SAMPLES_CSV
 from .config import JudgeConfig
 from .evaldata import dataset_classes, load_real, load_sample_images, read_filtered, read_samples, subset_fingerprint
-from .runtime import (HistoError, dist_info, get_logger, is_complete, mark_complete, read_json, sha256_file,
-                      start_run_dir, write_csv_atomic, write_json_atomic)
+from .runtime import (HistoError, closes_stage_logs, dist_info, get_logger, is_complete, mark_complete, read_json,
+                      sha256_file, start_run_dir, write_csv_atomic, write_json_atomic)
 
 FIDELITY_JSON = "fidelity.json"
 FIDELITY_CSV = "fidelity.csv"
@@ -293,6 +293,7 @@ def summary_line(record: dict) -> str:
 # --------------------------------------------------------------------------------------------
 # Stage
 # --------------------------------------------------------------------------------------------
+@closes_stage_logs
 def run(cfg: JudgeConfig) -> Path:
     from .artifacts import subset_ids
 
