@@ -5,7 +5,9 @@ For one run directory (e.g. a bench/efficacy fraction) this prints
    augmentation of train-latent-classifier assumes they are close),
 2. the ceiling: a logistic regression on clean posterior-mean latents of the few-shot subset, and
 3. validation accuracy per timestep bucket for latent-classifier variants (steps, width, augmentation),
-   each trained by the real stage (`run_latent_classifier`) into <out>/<variant>.
+   each trained by the real stage (`run_latent_classifier`) into <out>/<variant>, next to the stage's
+   image-space classifier trained on the same tiles with the same budget, and the ratio latent / image
+   in the lowest-noise bucket (goal of issue 12: >= 0.9 at t < 250).
 
     .venv/bin/python bench/latent_classifier_probe.py --run bench/out/efficacy/frac0.05
 """
@@ -92,13 +94,18 @@ def main() -> None:
         t0 = time.time()
         run_latent_classifier(cfg)
         m = read_json(out / name / "metrics.json")
-        rows.append((name, cfg.steps, cfg.width, cfg.augment, m["val_accuracy_by_t"], time.time() - t0))
+        rows.append((name, cfg.steps, cfg.width, cfg.augment, m["val_accuracy_by_t"], m.get("image_classifier"),
+                     m.get("goal"), time.time() - t0))
     buckets = list(rows[0][4]) if rows else []
-    print("| variant | steps | width | augment | " + " | ".join(f"val acc t in {b}" for b in buckets) + " | s |")
-    print("|---|---:|---:|---|" + "---:|" * (len(buckets) + 1))
-    for name, steps, width, aug, by_t, sec in rows:
+    print("| variant | steps | width | augment | " + " | ".join(f"val acc t in {b}" for b in buckets)
+          + " | image classifier val acc | ratio (lowest t) | s |")
+    print("|---|---:|---:|---|" + "---:|" * (len(buckets) + 3))
+    for name, steps, width, aug, by_t, image, goal, sec in rows:
+        img = f"{image['val_accuracy']:.3f}" if image else "–"
+        ratio = f"{goal['ratio']:.2f} ({'met' if goal['met'] else 'missed'})" if goal and goal["ratio"] is not None \
+            else "–"
         print(f"| {name} | {steps} | {width} | {aug} | " + " | ".join(f"{by_t[b]:.3f}" for b in buckets)
-              + f" | {sec:.0f} |")
+              + f" | {img} | {ratio} | {sec:.0f} |")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ def target(tmp_path_factory):
 
 def lc_cfg(target, out, **kw):
     kw = {"steps": 60, "batch_size": 16, "width": 16, "depth": 2, "lr": 3e-3, "checkpoint_every": 30,
-          "subset": "train", "val_subset": "val", "scheduler": str(target["ldm"] / "scheduler"), **kw}
+          "subset": "train", "val_subset": "val", "scheduler": str(target["ldm"] / "scheduler"),
+          "image_backbone": "small_cnn_w8", **kw}
     return LatentClassifierConfig(cache=str(target["cache"]), out=str(out), **kw)
 
 
@@ -38,6 +39,18 @@ def test_latent_classifier_learns_and_reports_buckets(target, tmp_path):
     assert list(by_t) == ["[0,250)", "[250,500)", "[500,750)", "[750,1000)"]
     assert by_t["[0,250)"] >= 0.85, by_t  # separable classes: well above chance (0.5) at low noise
     assert m["n_val"] == 8 and m["chance"] == 0.5
+    # next to an image-space classifier trained on the same tiles with the same budget: ratio per bucket
+    img = m["image_classifier"]
+    assert img["steps"] == 60 and img["batch_size"] == 16 and img["lr"] == 3e-3 and img["backbone"] == "small_cnn_w8"
+    assert img["n_train"] == m["n_train"] == 24 and img["n_val"] == 8 and 0 <= img["val_accuracy"] <= 1
+    ratios = m["ratio_to_image_by_t"]
+    assert list(ratios) == list(by_t)
+    if img["val_accuracy"] > 0:
+        assert all(ratios[b] == pytest.approx(by_t[b] / img["val_accuracy"]) for b in by_t)
+    assert m["goal"]["bucket"] == "[0,250)" and m["goal"]["target"] == 0.9
+    assert m["goal"]["met"] == (ratios["[0,250)"] >= 0.9 - 1e-9)
+    assert (out / "image_baseline" / "classifier.json").is_file()
+    assert "latent vs image classifier: t in [0,250)" in (out / "log.txt").read_text()
     model, info, _ = load_latent_classifier(out / "model")
     meta = json.loads((target["cache"] / "meta.json").read_text())
     assert info["classes"] == ["dark", "pale"] and info["vae_hash"] == meta["vae_hash"]
@@ -45,6 +58,23 @@ def test_latent_classifier_learns_and_reports_buckets(target, tmp_path):
     assert "Validation accuracy" in (out / "model" / "README.md").read_text()  # the model card
     assert info["scheduler"]["num_train_timesteps"] == 1000 and info["scaling_factor"] == meta["scaling_factor"]
     assert (out / "_COMPLETE.json").is_file()
+
+
+def test_strength_summary_ratios_and_goal():
+    from histodiffusion.latent_strength import strength_summary
+
+    s = strength_summary({"[0,250)": 0.72, "[250,500)": 0.4}, 0.8)
+    assert s["ratio_to_image_by_t"] == {"[0,250)": pytest.approx(0.9), "[250,500)": pytest.approx(0.5)}
+    assert s["goal"]["bucket"] == "[0,250)" and s["goal"]["met"] is True
+    assert strength_summary({"[0,250)": 0.7}, 0.8)["goal"]["met"] is False
+    none = strength_summary({"[0,250)": 0.7}, 0.0)
+    assert none["ratio_to_image_by_t"] == {"[0,250)": None} and none["goal"]["met"] is None
+
+
+def test_image_baseline_needs_a_readable_dataset(target, tmp_path):
+    with pytest.raises(HistoError, match="image baseline.*--image-baseline false"):
+        adapt.run_latent_classifier(lc_cfg(target, tmp_path / "a", data=str(tmp_path / "moved")))
+    assert not (tmp_path / "a" / "checkpoints").exists()  # refused before training
 
 
 def test_latent_augmentation_draws_dihedral_transforms(target):

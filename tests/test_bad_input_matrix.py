@@ -306,6 +306,28 @@ def test_select_with_corrupt_sample_png(capsys, tmp_path, world):
     assert not (samples / "filtered.csv").exists() and not (samples / "selector").exists()
 
 
+@pytest.mark.parametrize("subset,where", [("test", "test"), ("all", "test, val")])
+def test_judge_on_validation_or_test_tiles(capsys, tmp_path, world, subset, where):
+    check_refused(capsys, ["judge", "--data", world["target"], "--subset", subset, "--out", tmp_path / "j",
+                           "--samples", world["samples"]], [f"subset {subset!r}", f"outside the train split ({where}"],
+                  [tmp_path / "j"])
+    assert not (tmp_path / "j").exists() and not (world["samples"] / "fidelity.json").exists()
+
+
+def test_judge_bad_steps_and_score_without_judge(capsys, tmp_path, world):
+    check_refused(capsys, ["judge", "--data", world["target"], "--steps", "0", "--out", tmp_path / "j"], "steps",
+                  [tmp_path / "j"])
+    check_refused(capsys, ["score", "--samples", world["samples"], "--out", tmp_path / "s"], "--judge", [tmp_path / "s"])
+    check_refused(capsys, ["score", "--samples", world["samples"], "--judge", tmp_path / "nojudge", "--out",
+                           tmp_path / "s"], str(tmp_path / "nojudge"), [tmp_path / "s"])
+
+
+def test_latent_classifier_image_baseline_without_its_dataset(capsys, tmp_path, world):
+    check_refused(capsys, ["train-latent-classifier", "--cache", world["cache32"], "--scheduler",
+                           world["ldm"] / "scheduler", "--data", tmp_path / "gone", "--out", tmp_path / "lc"],
+                  ["image baseline", str(tmp_path / "gone"), "--image-baseline false"], [tmp_path / "lc"])
+
+
 def test_nan_loss_from_a_huge_learning_rate(capsys, tmp_path, world):
     out = tmp_path / "ae"
     code = main(["train-autoencoder", "--data", str(world["data16"]), "--out", str(out), "--block-out-channels", "8,16",

@@ -4,8 +4,11 @@ import re
 import pytest
 
 from helpers_eval import make_class_samples, make_dataset, one_thread
-from histodiffusion import evaluate, select
-from histodiffusion.config import EvaluateConfig, ReportConfig, SelectConfig
+import json
+
+from histodiffusion import evaluate, judge, select
+from histodiffusion.config import EvaluateConfig, JudgeConfig, ReportConfig, SelectConfig
+from histodiffusion.latent_strength import strength_summary
 from histodiffusion.report import run
 from histodiffusion.runtime import HistoError
 
@@ -27,6 +30,19 @@ def full_run(tmp_path_factory):
         evaluate.run(EvaluateConfig(data=str(data), subset="frac0.5", samples=str(samples), out=str(root / "eval"),
                                     arms=("real", "real_aa", "unselected"), seeds=(0, 1), backbone="small_cnn_w8",
                                     epochs=1, steps_per_epoch=2, val_every=1, batch_size=8))
+        # the independent judge's fidelity.json, and a latent classifier's metrics (bucket accuracies + image baseline)
+        judge.run(JudgeConfig(data=str(data), out=str(root / "judge"), samples=(str(samples),),
+                              backbone="small_cnn_w8", steps=5, batch_size=8))
+        by_t = {"[0,250)": 0.75, "[250,500)": 0.5}
+        lc = root / "adapt" / "latent_classifier"
+        lc.mkdir(parents=True)
+        (lc / "metrics.json").write_text(json.dumps({
+            "steps": 60, "classes": ["aca", "benign", "scc"], "train_subset": "frac0.5", "n_train": 18,
+            "chance": 1 / 3, "val_subset": "val", "n_val": 18, "val_accuracy_by_t": by_t,
+            "image_classifier": {"backbone": "small_cnn_w8", "steps": 60, "batch_size": 16, "lr": 3e-4,
+                                 "weight_decay": 0.05, "augment": False, "n_train": 18, "n_val": 18,
+                                 "val_accuracy": 0.8, "seconds": 1.0},
+            **strength_summary(by_t, 0.8)}))
         run(ReportConfig(run=str(root), embedding="pca"))
     return root
 
@@ -56,6 +72,20 @@ def test_report_files_and_sections(full_run):
     for name in re.findall(r"\]\((figures/[^)]+)\)", md):
         assert (out / name).is_file()
     assert "| real |" in md
+    # class fidelity by the independent judge: per target class, all and kept samples, with intervals
+    assert "Class fidelity (independent judge)" in html and "Class fidelity (independent judge)" in md
+    f = json.loads((full_run / "samples" / "fidelity.json").read_text())
+    a, k = f["all"]["per_class"]["aca"], f["kept"]["per_class"]["aca"]
+    row = next(line for line in md.splitlines() if line.startswith("| aca | 8 |"))
+    cells = row.strip("|").split(" | ")
+    assert cells[2] == str(a["hits"]) and cells[3].startswith(f"{a['fidelity']:.3f} [")
+    assert cells[4] == str(k["n"]) == "6" and cells[6].strip().startswith(f"{k['fidelity']:.3f} [")
+    assert "| all classes | 24 |" in md and "never a validation or test tile" in html
+    assert "filtered.csv changed" not in md
+    # the latent classifier per timestep bucket next to the image classifier, the ratio and the goal
+    assert "latent classifier strength per timestep bucket" in md
+    assert "| [0,250) | 0.750 | 0.800 | 0.94 |" in md and "| [250,500) | 0.500 | 0.800 | 0.62 |" in md
+    assert "0.94, met" in md
 
 
 def test_report_with_only_data(tmp_path):
@@ -65,5 +95,6 @@ def test_report_with_only_data(tmp_path):
     assert "Data" in html and "Real images per class" in html
     assert "synthetic" not in html.split("<h2>Embedding")[0].lower()
     assert "Downstream classification" not in html and "Selection" not in html
+    assert "Class fidelity" not in html and "Latent classifier" not in html
     with pytest.raises(HistoError, match="not found"):
         run(ReportConfig(run=str(tmp_path / "nope")))

@@ -4,7 +4,9 @@ Two entry points (CLI `train-latent-classifier` and `finetune-decoder`):
 
 * run_latent_classifier: a noise-aware classifier p(y | z_t, t) on latents of the labeled few-shot
   subset, noised at random timesteps with the LDM's own noise schedule (`add_noise`), class-balanced
-  batches, AdamW. Reports validation accuracy per timestep bucket (metrics.json). Exports <out>/model/.
+  batches, AdamW. Reports validation accuracy per timestep bucket (metrics.json) next to an image-space
+  classifier trained on the same subset with the same budget (latent_strength.py; the ratio per
+  bucket and the goal, >= 0.9 at the lowest noise, are in metrics.json). Exports <out>/model/.
 * run_finetune_decoder: fine-tune the autoencoder's decoder on the labeled subset with an L1
   reconstruction loss plus aux_weight * cross-entropy of an auxiliary image classifier (trained on the
   real labeled subset first, then frozen) on decoded images. The encoder is frozen, so latents of the
@@ -138,6 +140,10 @@ def run_latent_classifier(cfg: LatentClassifierConfig) -> Path:
     if not 0 < max_t <= T:
         raise HistoError(f"max_timestep must be in [1, {T}] (or 0 for all), got {cfg.max_timestep}")
     val = LatentDataset(cfg.cache, cfg.val_subset, sample=False) if cfg.val_subset else None
+    if val is not None and cfg.image_baseline:  # checked before training: its dataset must be readable
+        from .latent_strength import baseline_data
+
+        image_data = baseline_data(cfg, meta)
     # 2. model and optimiser, resumed from the newest checkpoint
     seed_everything(cfg.seed)
     c = int(ds[0][0].shape[0])
@@ -183,6 +189,13 @@ def run_latent_classifier(cfg: LatentClassifierConfig) -> Path:
             result.update(val_subset=cfg.val_subset, n_val=len(val), val_accuracy_by_t=by_t,
                           val_accuracy=float(np.mean(list(by_t.values()))))
             log.info("validation accuracy by timestep: %s", ", ".join(f"t in {k}: {v:.3f}" for k, v in by_t.items()))
+            if cfg.image_baseline:
+                from .latent_strength import image_baseline, strength_lines, strength_summary
+
+                image = image_baseline(cfg, image_data, _base_ids(ds), _base_ids(val), classes, out, log)
+                result.update(image_classifier=image, **strength_summary(by_t, image["val_accuracy"]))
+                for line in strength_lines(by_t, image, result):
+                    log.info("latent vs image classifier: %s", line)
         write_json_atomic(out / "metrics.json", result)
         with atomic_path(out / "model") as tmp:
             model.save_pretrained(str(tmp), safe_serialization=True)
@@ -196,6 +209,11 @@ def run_latent_classifier(cfg: LatentClassifierConfig) -> Path:
         log.info("latent classifier exported: %s", out / "model")
     acc.wait_for_everyone()
     return out
+
+
+def _base_ids(ds) -> list[str]:
+    """Tile ids of a latent dataset without the dihedral copies' suffix (<id>~d1..d7), in order."""
+    return list(dict.fromkeys(r["id"].split("~")[0] for r in ds.rows))
 
 
 def _groups(width: int) -> int:

@@ -30,7 +30,8 @@ STAGES: dict[str, tuple[str, str]] = {
     "sample": ("histodiffusion.sample", "classifier-guided synthesis in latent space"),
     "select": ("histodiffusion.select", "score synthetic samples and write filtered.csv"),
     "evaluate": ("histodiffusion.evaluate", "downstream classifiers: real vs real + synthetic, seeds, CIs"),
-    "score": ("histodiffusion.evaluate", "re-score saved downstream classifiers on a labeled dataset"),
+    "score": ("histodiffusion.evaluate", "re-score saved downstream classifiers on a labeled dataset; class fidelity of samples"),
+    "judge": ("histodiffusion.judge", "independent class-fidelity judge (train split only) -> fidelity.json of sample dirs"),
     "report": ("histodiffusion.report", "HTML + Markdown report of a run"),
     "run": ("histodiffusion.pipeline", "the whole chain in one run directory (resumable)"),
 }

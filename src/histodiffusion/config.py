@@ -158,6 +158,9 @@ class LatentClassifierConfig:
     augment: bool = F(False, "random flips/rotations of the latents (approximate: encoders are not equivariant)")
     checkpoint_every: int = F(500, "save resumable state every N steps")
     keep_checkpoints: int = F(2, "resumable checkpoints to keep")
+    image_baseline: bool = F(True, "also train an image-space classifier on the same subset with the same budget (steps, batch, lr, weight decay, balanced batches, augment) and report the latent accuracy per timestep bucket as a ratio of its validation accuracy (goal: >= 0.9 in the lowest-noise bucket)")
+    image_backbone: str = F("small_cnn", "that image-space classifier: small_cnn[_w<width>] or a timm model name (from scratch)")
+    data: str = F("", "prepared dataset of the cache's tiles, for the image baseline (default: the one named in the cache's meta.json)")
     num_workers: int = F(0, "data loader workers")
     seed: int = F(0, "random seed")
 
@@ -244,10 +247,27 @@ class EvaluateConfig:
 
 @dataclass(frozen=True)
 class ScoreConfig:
-    classifiers: str = F("eval/run/classifiers", "a saved classifier folder or a folder of them (evaluate's classifiers/)")
-    data: str = F("data/external", "prepared labeled dataset to score on")
+    classifiers: str = F("", "a saved classifier folder or a folder of them (evaluate's classifiers/); empty: none")
+    data: str = F("data/external", "prepared labeled dataset the classifiers are scored on")
     subset: str = F("all", "split or subset of that dataset (all, test, ...)")
-    out: str = F("eval/run/score", "output directory (scores.csv, scores.json)")
+    samples: str = F("", "sample directory whose class fidelity --judge measures (fidelity.json, fidelity.csv in out)")
+    judge: str = F("", "judge folder written by `histodiffusion judge` (needed with --samples)")
+    out: str = F("eval/run/score", "output directory (scores.csv, scores.json, fidelity.json)")
+
+
+@dataclass(frozen=True)
+class JudgeConfig:
+    data: str = F("data/target", "prepared labeled target dataset: the judge trains on tiles of its train split only")
+    subset: str = F("train", "tiles the judge trains on: the train split (all its labels) or a subset of it; any validation or test tile is refused")
+    out: str = F("judge", "judge folder, trained once per dataset and reused (model/, judge.json)")
+    samples: tuple[str, ...] = F((), "sample directories to judge: each gets fidelity.json and fidelity.csv (per class, all and kept samples)")
+    backbone: str = F("small_cnn", "judge architecture: small_cnn[_w<width>] or a timm model name (from scratch)")
+    steps: int = F(600, "optimisation steps (AdamW, cosine schedule, classic augmentation); the last weights are kept")
+    batch_size: int = F(64, "batch size")
+    lr: float = F(1e-3, "AdamW learning rate")
+    val_subset: str = F("val", "split the judge's accuracy is measured on after training, to show it can be trusted (never used to choose its weights; empty: not measured)")
+    realism: bool = F(True, "also FD/KD and precision/recall of the samples against the judge's training tiles, in its feature space")
+    seed: int = F(0, "random seed")
 
 
 @dataclass(frozen=True)
@@ -260,6 +280,7 @@ class ReportConfig:
     subset: str = F("", "real subset shown in grids and the embedding (default: evaluate's subset, else train)")
     grid_per_class: int = F(8, "images per class in the sample grids")
     embedding: str = F("auto", "auto (UMAP if installed, else t-SNE) | umap | tsne | pca")
+    latent_classifier: str = F("", "latent classifier run directory (default: <run>/adapt/latent_classifier)")
 
 
 @dataclass(frozen=True)
@@ -294,6 +315,7 @@ STAGE_CONFIGS: dict[str, type] = {
     "select": SelectConfig,
     "evaluate": EvaluateConfig,
     "score": ScoreConfig,
+    "judge": JudgeConfig,
     "report": ReportConfig,
     "run": RunConfig,
 }
@@ -463,6 +485,7 @@ VALUE_RULES: dict[str, dict] = {
     "SelectConfig": {"feature_steps": _at_least(1), "min_confidence": _within(0, 1),
                      "memorization_quantile": _within(0, 1), "max_ratio": _at_least(0), "quota_ratio": _at_least(0)},
     "RunConfig": {"oversample": _at_least(1), "ratios": _each(_above(0)), "adapt_unlabeled_steps": _at_least(0)},
+    "JudgeConfig": {},  # the common rules (steps, batch_size, lr)
     "EvaluateConfig": {"arms": _each(_one_of("real", "real_aa", "classic", "selected", "unselected")),
                        "epochs": _at_least(0), "steps_per_epoch": _at_least(0), "val_every": _at_least(0),
                        "ratios": _each(_above(0))},

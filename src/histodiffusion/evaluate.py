@@ -29,7 +29,8 @@ re-run, so a killed run resumes.
 Multi-process (torchrun / accelerate launch): rank r trains jobs r, r+W, ...; each job's folder is
 written by the rank that trained it (atomically); rank 0 waits for all and writes the merged outputs.
 
-`score` re-scores saved classifiers (one folder or a folder of them) on any labeled dataset.
+`score` re-scores saved classifiers (one folder or a folder of them) on any labeled dataset, and
+with --samples and --judge writes the class fidelity of a sample directory (judge.py) beside them.
 """
 from __future__ import annotations
 
@@ -363,12 +364,16 @@ def find_classifiers(path: str | Path) -> list[Path]:
 
 @closes_stage_logs
 def run_score(cfg: ScoreConfig) -> Path:
+    from .judge import score_fidelity
     from .models.classifier import load_classifier
 
+    if not cfg.classifiers and not cfg.samples:
+        raise HistoError("score needs --classifiers (saved classifiers) and/or --samples with --judge")
+    fidelity = score_fidelity(cfg.samples, cfg.judge) if cfg.samples else None  # checked before writing
+    dirs = find_classifiers(cfg.classifiers) if cfg.classifiers else []
+    data = load_real(cfg.data, cfg.subset) if dirs else None
     out = start_run_dir(cfg.out, cfg, "score")
-    dirs = find_classifiers(cfg.classifiers)
-    data = load_real(cfg.data, cfg.subset)
-    rows, by_arm = [], {}
+    rows, by_arm, tiles = [], {}, data
     for d in dirs:
         model, info = load_classifier(d)
         tiles = relabel(data, list(info["classes"]), f"dataset {cfg.data}")
@@ -382,11 +387,14 @@ def run_score(cfg: ScoreConfig) -> Path:
                      **{f"sens_{c}": round(m["sensitivity"][c], 6) for c in tiles.classes},
                      **{f"spec_{c}": round(m["specificity"][c], 6) for c in tiles.classes}})
         by_arm.setdefault(arm, []).append(m)
-    cols = ["classifier"] + per_seed_columns(tiles.classes)
-    write_csv_atomic(out / "scores.csv", rows, cols)
+    if dirs:
+        write_csv_atomic(out / "scores.csv", rows, ["classifier"] + per_seed_columns(tiles.classes))
+    if fidelity:
+        fidelity.write(out)
     write_json_atomic(out / "scores.json", {
-        "data": str(cfg.data), "subset": cfg.subset, "classifiers": [str(d) for d in dirs],
+        "data": str(cfg.data) if dirs else "", "subset": cfg.subset, "classifiers": [str(d) for d in dirs],
         "arms": {a: {"accuracy": M.mean_ci([m["accuracy"] for m in ms]),
-                     "macro_f1": M.mean_ci([m["macro_f1"] for m in ms])} for a, ms in by_arm.items()}})
-    mark_complete(out, classifiers=len(dirs))
+                     "macro_f1": M.mean_ci([m["macro_f1"] for m in ms])} for a, ms in by_arm.items()},
+        "fidelity": fidelity.record if fidelity else None})
+    mark_complete(out, classifiers=len(dirs), fidelity=bool(fidelity))
     return out

@@ -6,7 +6,7 @@ stage's config class in config.py). A preset only changes defaults; flags still 
   autoencoder (32, 64, 128), f=4, 4 latent channels, trained on random 32 px crops (400 steps of
   16); UNet (64, 128, 128) on 16x16x4 latents (300 steps of 32); the only overrides are the
   narrower small CNN (`small_cnn_w16`, ~3x faster than `small_cnn` on this CPU) as the selection
-  feature extractor and the evaluation classifier, and the default run's evaluation budget as it
+  feature extractor, the evaluation classifier and the latent classifier's image-space baseline, and the default run's evaluation budget as it
   was before the fixed-step harness (40 steps: 20 epochs of 2 batches over its 95 labeled tiles;
   validated every 10) instead of evaluate's default 500, which is sized for the benchmark.
 - "paper": the scale of HistoDiffusion (Ye et al., MICCAI 2023; LDM-style KL-f4 first stage), for
@@ -22,6 +22,7 @@ from __future__ import annotations
 PRESETS: dict[str, dict[str, dict]] = {
     "quick": {
         "select": {"backbone": "small_cnn_w16"},
+        "train-latent-classifier": {"image_backbone": "small_cnn_w16"},
         "evaluate": {"backbone": "small_cnn_w16", "steps": 40, "val_every": 10},
     },
     "paper": {

@@ -7,9 +7,10 @@ Run directory layout (each part optional; explicit ReportConfig paths override):
     <run>/eval          evaluate output (metrics.json, per_seed.csv, confusion/*.png)
     <run>/ae, <run>/ldm, <run>/adapt   training runs (their config.json files are shown)
 Sections appear only when their inputs exist: resolved configs, data counts per split and class,
-real vs synthetic grids per class, a 2-D embedding of real vs synthetic features, selection
-statistics, results with 95% CIs and paired deltas vs the real arm, confusion matrices, generative
-metrics.
+real vs synthetic grids per class, a 2-D embedding of real vs synthetic features, the latent
+classifier's accuracy per timestep bucket against an image classifier, selection statistics, class
+fidelity by the independent judge (<samples>/fidelity.json), results with 95% CIs and paired deltas
+vs the real arm, confusion matrices, generative metrics.
 """
 from __future__ import annotations
 
@@ -87,7 +88,9 @@ def _paths(cfg: ReportConfig) -> dict[str, Path]:
     run = Path(cfg.run)
     return {"run": run, "data": Path(cfg.data) if cfg.data else run / "data" / "target",
             "samples": Path(cfg.samples) if cfg.samples else run / "samples",
-            "eval": Path(cfg.eval) if cfg.eval else run / "eval"}
+            "eval": Path(cfg.eval) if cfg.eval else run / "eval",
+            "latent_classifier": Path(cfg.latent_classifier) if cfg.latent_classifier
+            else run / "adapt" / "latent_classifier"}
 
 
 def _fmt(x, nd: int = 3) -> str:
@@ -372,7 +375,11 @@ def run(cfg: ReportConfig) -> Path:
         except HistoError as e:  # e.g. samples made for other classes: say so, keep the other sections
             log.warning("report: image sections skipped: %s", e)
             doc.p(f"Image and embedding sections skipped: {e}")
+    from .report_quality import section_fidelity, section_latent_classifier
+
+    section_latent_classifier(doc, p)
     section_selection(doc, p)
+    section_fidelity(doc, p)
     section_results(doc, p, p["eval"])
     for extra in sorted(p["run"].glob("eval_*")):  # e.g. eval_nopretrain (the no-pretraining ablation)
         if extra.resolve() != p["eval"].resolve():
