@@ -308,12 +308,21 @@ def scale_warnings(name: str, nucleus_px: float | None, others, tolerance: float
     """Compare the nucleus width of dataset `name` with that of each prepared dataset in `others`:
     [{"dataset", "nucleus_px", "ratio", "warning"}], where "warning" is the message (or None)."""
     out = []
-    for other in others:
-        px = read_meta(other, "dataset").get("resolution", {}).get("nucleus_px")
+    for other, px in (pair for o in others for pair in _nucleus_px_of(Path(o))):
         ratio = round(max(nucleus_px, px) / min(nucleus_px, px), 2) if nucleus_px and px else None
-        out.append({"dataset": str(other), "nucleus_px": px, "ratio": ratio,
-                    "warning": scale.mismatch(str(name), nucleus_px, str(other), px, tolerance)})
+        out.append({"dataset": other, "nucleus_px": px, "ratio": ratio,
+                    "warning": scale.mismatch(str(name), nucleus_px, other, px, tolerance)})
     return out
+
+
+def _nucleus_px_of(other: Path) -> list[tuple[str, float | None]]:
+    """[(name, nucleus width)] of a prepared dataset, or of each dataset a pretrained base was trained on."""
+    from ..artifacts import MODEL_INFO
+
+    if not (other / "meta.json").is_file() and (other / MODEL_INFO).is_file():  # a base folder
+        data = (read_json(other / MODEL_INFO, "base record").get("base") or {}).get("data") or []
+        return [(f"{other}:{d.get('name')}", (d.get("resolution") or {}).get("nucleus_px")) for d in data]
+    return [(str(other), read_meta(other, "dataset").get("resolution", {}).get("nucleus_px"))]
 
 
 def check_scale(dataset, others, tolerance: float) -> list[str]:
