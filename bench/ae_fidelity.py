@@ -52,7 +52,7 @@ def judge(out: Path, target: Path, steps: int, backbone: str):
         model = build_classifier(backbone, len(train.classes), 64)
         train_classifier(model, train.images, train.labels, steps=steps, batch_size=64, lr=1e-3, seed=0,
                          augment=True, desc="judge")
-        save_classifier(model, d, {"backbone": backbone, "classes": train.classes, "num_classes": len(train.classes),
+        save_classifier(model, d, {"name": backbone, "classes": train.classes, "num_classes": len(train.classes),
                                    "image_size": 64, "trained_on": f"{target} train ({len(train)} tiles)",
                                    "steps": steps, "seconds": round(time.time() - t0, 1)})
     probs, _ = predict(model, test.images)

@@ -45,7 +45,7 @@ def source_classifier(dirs: list[str], out: Path, steps: int):
     x, y = load_tiles(dirs, "all")
     model = build_classifier("small_cnn_w16", len(dirs), x.shape[1])
     train_classifier(model, x, y, steps=steps, batch_size=64, lr=1e-3, seed=0, augment=True, desc="source classifier")
-    save_classifier(model, d, {"backbone": "small_cnn_w16", "classes": [Path(p).name for p in dirs],
+    save_classifier(model, d, {"name": "small_cnn_w16", "classes": [Path(p).name for p in dirs],
                                "num_classes": len(dirs), "image_size": int(x.shape[1]), "steps": steps})
     return model
 

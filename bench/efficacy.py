@@ -1,11 +1,14 @@
 """Efficacy benchmark on real data (run by hand; not part of CI).
 
-Pretrain on ../shared/data/unlabeled_he, target ../shared/data/lc25000_lung at 64 px, few-shot 5% and
+Adapt the shipped pretrained base (--base; `--base none` pretrains from scratch on
+../shared/data/unlabeled_he as before), target ../shared/data/lc25000_lung at 64 px, few-shot 5% and
 10% of the train groups, 5 seeds; arms real / real_aa (A/A: the noise floor) / classic / selected /
 unselected at the given ratios and the no-pretraining ablation; every classifier 500 steps with its
 best-validation checkpoint (bench/efficacy_stages.json), selection class-balanced at the largest
-ratio. The unlabeled preparation, autoencoder, latent caches and pretrained UNet are made once (in the
-first fraction's run directory) and reused by the other fractions.
+ratio. With --base none, the unlabeled preparation, autoencoder, latent caches and pretrained UNet are
+made once (in the first fraction's run directory) and reused by the other fractions.
+--adapt-unlabeled-steps N adds continued unconditional training of the base on the target's train tiles
+(labels unused) before guidance: run it into another --out to compare with the plain base.
 
     .venv/bin/python bench/efficacy.py --out bench/out/efficacy
 
@@ -36,6 +39,9 @@ def main() -> None:
     p.add_argument("--oversample", type=float, default=4.0,
                    help="samples made per the largest ratio's count (selection keeps a fraction of them)")
     p.add_argument("--preset", default="quick")
+    p.add_argument("--base", default="default", help="pretrained base to adapt (default: the shipped one; none: "
+                   "pretrain from scratch on unlabeled_he)")
+    p.add_argument("--adapt-unlabeled-steps", type=int, default=0)
     p.add_argument("--stage-config", default=str(REPO / "bench" / "efficacy_stages.json"),
                    help="per-stage overrides (JSON)")
     p.add_argument("--until", default="", help="stop every fraction after this stage (e.g. pretrain)")
@@ -66,7 +72,8 @@ def main() -> None:
                     shutil.copytree(src, dst, symlinks=True)
         cfg = RunConfig(
             out=str(rd), preset=args.preset,
-            unlabeled=tuple(str(p) for p in sorted((SHARED / "unlabeled_he").iterdir())),
+            base=args.base, adapt_unlabeled_steps=args.adapt_unlabeled_steps,
+            unlabeled=tuple(str(p) for p in sorted((SHARED / "unlabeled_he").iterdir())) if args.base == "none" else (),
             labels_csv=str(SHARED / "lc25000_lung" / "labels.csv"),
             subset=f"frac{frac:g}", seeds=tuple(int(s) for s in args.seeds.split(",")),
             ratios=tuple(float(r) for r in args.ratios.split(",")), oversample=args.oversample,

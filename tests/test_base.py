@@ -175,3 +175,19 @@ def test_adapting_the_base_on_unlabeled_target_tiles(base, tmp_path):
         pretrain(PretrainConfig(out=str(tmp_path / "bad"), subset="all", **common))
     model = pretrain(PretrainConfig(out=str(tmp_path / "ok"), subset="train", **common))
     assert (model / "unet_ema" / "config.json").is_file()
+
+
+def test_scale_check_against_a_base_uses_its_pretraining_mixture(tmp_path):
+    """A target is compared with the mixture-weighted nucleus width of the base's datasets."""
+    from histodiffusion.data.prepare import scale_warnings
+
+    base = tmp_path / "b"
+    base.mkdir()
+    record = {"format_version": 1, "sources": ["colon", "bone"], "weights": [0.75, 0.25],
+              "base": {"data": [{"name": "colon", "resolution": {"nucleus_px": 4.0}},
+                                {"name": "bone", "resolution": {"nucleus_px": 20.0}}]}}
+    (base / "histodiffusion.json").write_text(json.dumps(record))
+    (c,) = scale_warnings("target", 8.0, [base], 1.5)
+    assert c["nucleus_px"] == 8.0 and c["ratio"] == 1.0 and c["warning"] is None  # 0.75 * 4 + 0.25 * 20
+    (c,) = scale_warnings("target", 4.0, [base], 1.5)
+    assert c["ratio"] == 2.0 and "target" in c["warning"] and str(base) in c["warning"]

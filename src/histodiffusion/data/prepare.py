@@ -316,12 +316,18 @@ def scale_warnings(name: str, nucleus_px: float | None, others, tolerance: float
 
 
 def _nucleus_px_of(other: Path) -> list[tuple[str, float | None]]:
-    """[(name, nucleus width)] of a prepared dataset, or of each dataset a pretrained base was trained on."""
+    """[(name, nucleus width)] of a prepared dataset, or of a pretrained base: the mean of its datasets'
+    widths weighted by their share of the pretraining mixture (what the UNet saw)."""
     from ..artifacts import MODEL_INFO
 
     if not (other / "meta.json").is_file() and (other / MODEL_INFO).is_file():  # a base folder
-        data = (read_json(other / MODEL_INFO, "base record").get("base") or {}).get("data") or []
-        return [(f"{other}:{d.get('name')}", (d.get("resolution") or {}).get("nucleus_px")) for d in data]
+        record = read_json(other / MODEL_INFO, "base record")
+        px = {d.get("name"): (d.get("resolution") or {}).get("nucleus_px")
+              for d in (record.get("base") or {}).get("data") or []}
+        mix = [(px.get(n), w) for n, w in zip(record.get("sources") or [], record.get("weights") or [])]
+        if not mix or any(p is None for p, _ in mix):
+            return [(str(other), None)]
+        return [(f"{other} (pretraining mixture)", round(sum(p * w for p, w in mix) / sum(w for _, w in mix), 2))]
     return [(str(other), read_meta(other, "dataset").get("resolution", {}).get("nucleus_px"))]
 
 
