@@ -160,7 +160,8 @@ def _dataset_summary(d: Path) -> dict:
     """Name, tile counts per split, scale and source files (name, sha256) of a prepared unlabeled dataset."""
     meta = read_json(d / "meta.json", "dataset meta")
     rows = read_csv(d / SOURCES_CSV, SOURCES_COLUMNS, "sources list")
-    return {"name": meta.get("name") or d.name, "tiles": meta.get("counts"), "resolution": meta.get("resolution"),
+    resolution = {k: v for k, v in (meta.get("resolution") or {}).items() if not isinstance(v, (dict, list))}
+    return {"name": meta.get("name") or d.name, "tiles": meta.get("counts"), "resolution": resolution,
             "source_files": len(rows), "sources": rows}
 
 
@@ -192,7 +193,8 @@ def model_card(record: dict, folder: Path, notes: Path | None) -> str:
         t = {k: sum(v.values()) for k, v in (d.get("tiles") or {}).items()}
         r = d.get("resolution") or {}
         lines.append(f"| {d['name']} | {t.get('unlabeled', 0)} / {t.get('holdout', 0)} | {d['source_files']} "
-                     f"| {r.get('patch_size') or '-'} px patches -> {r.get('tile_size')} px |")
+                     f"| {r.get('source_px') or r.get('patch_size') or '-'} px patches -> {r.get('tile_size')} px "
+                     f"(nuclei {r.get('nucleus_px') or '?'} px) |")
     lines += ["", f"Mixture weights: {mix or 'proportional to size'}. Held-out groups were never trained on. "
               f"Every source file's sha256 is in `{SOURCES_CSV}` (the leakage guard refuses a target that shares one).",
               "", "## Training", "",
