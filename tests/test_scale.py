@@ -174,7 +174,7 @@ def test_run_checks_scale_of_unlabeled_and_target_also_when_prepare_is_skipped(t
     from histodiffusion.config import RunConfig
     from histodiffusion.pipeline import run as run_pipeline
 
-    cfg = RunConfig(out=str(tmp_path / "run"), until="prepare")
+    cfg = RunConfig(out=str(tmp_path / "run"), base="none", until="prepare")
     run_pipeline(cfg)
     first = [m for m in warnings_logged if "scale mismatch" in m]
     d_unl, d_tgt = str(tmp_path / "run" / "data" / "unlabeled"), str(tmp_path / "run" / "data" / "target")

@@ -232,7 +232,7 @@ def test_stage_class_quota_writes_acceptance_and_warns_when_short(selected, tmp_
     seen = []
     handler = logging.Handler()
     handler.emit = lambda record: seen.append(record.getMessage())
-    logger = logging.getLogger("select")
+    logger = logging.getLogger("histodiffusion.select")
     logger.addHandler(handler)
     try:  # 12 real tiles per class in train: quota 0.25 x 12 = 3 of the 4 (or 5) samples per class
         run(SelectConfig(**{**cfg.__dict__, "quota_ratio": 0.25, "min_confidence": 0.99, "generative_metrics": False,
