@@ -5,7 +5,8 @@ peak memory of reading the cache at 1x and 10x corpus size.
 
 1. Data: the unlabeled H&E images of ../shared/data/unlabeled_he tiled to 64 px without overlap
    (tiles at least half tissue), or, when absent, synthetic H&E-like tiles (said so in the output).
-2. Autoencoder: the default AutoencoderConfig architecture (f=4, 4 latent channels; untrained: speed
+2. Autoencoder: the default AutoencoderConfig architecture (f=4, --latent-channels, default 8 as the shipped
+   base; untrained: speed
    does not depend on the weights), exported with a measured scaling factor; the corpus is encoded.
 3. Throughput, same UNet (default PretrainConfig), same loop, same machine:
    a) cache: z sampled from the cached (mean, std) -- this package's design;
@@ -66,7 +67,7 @@ def tile_images(out: Path, size: int = 64) -> tuple[Path, str]:
     return out, what
 
 
-def make_vae_and_cache(work: Path, data: Path) -> Path:
+def make_vae_and_cache(work: Path, data: Path, latent_channels: int = 8) -> Path:
     from histodiffusion.config import AutoencoderConfig, EncodeConfig
     from histodiffusion.data.datasets import PixelDataset
     from histodiffusion.encode import run as encode
@@ -77,7 +78,7 @@ def make_vae_and_cache(work: Path, data: Path) -> Path:
     if (cache / "_COMPLETE.json").is_file():
         return cache
     torch.manual_seed(0)
-    vae = build_vae_from_config(AutoencoderConfig(), 64)
+    vae = build_vae_from_config(AutoencoderConfig(latent_channels=latent_channels), 64)
     sf = measure_scaling_factor(vae, PixelDataset(data), "cpu", max_items=256)
     save_vae(vae, work / "vae", sf, trained_on=["bench (untrained)"])
     t = time.time()
@@ -179,6 +180,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", default="/tmp/bench_pretrain")
     p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--latent-channels", type=int, default=8, help="autoencoder latent channels (the base: 8)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default); 1 gives the "
@@ -193,7 +195,7 @@ def main() -> None:
     work = Path(a.work)
     data, what = tile_images(work / "data")
     print(f"data: {what}; torch threads: {torch.get_num_threads()}")
-    cache = make_vae_and_cache(work, data)
+    cache = make_vae_and_cache(work, data, a.latent_channels)
     shape = json.loads((cache / "meta.json").read_text())["latent_shape"]
     print(f"latents {shape}, UNet = PretrainConfig defaults, batch {a.batch}, {a.steps} timed steps each")
     res: dict[str, list[float]] = {"cache": [], "pixels": []}
