@@ -20,16 +20,7 @@ from .config import EncodeConfig, config_to_dict
 from .runtime import (CONFIG_FILE, HistoError, _remove, closes_stage_logs, get_logger, is_complete, make_accelerator,
                       mark_complete, progress, raise_if_any_rank_failed, read_csv, read_json, write_csv_atomic,
                       write_json_atomic)
-
-DIHEDRAL = 8  # identity, 3 rotations, and the 4 flipped versions
-
-
-def dihedral(img, k: int):
-    """The k-th of the 8 dihedral transforms of a [..., H, W] tensor (k=0: identity)."""
-    import torch
-
-    out = torch.rot90(img, k % 4, dims=(-2, -1))
-    return torch.flip(out, dims=(-1,)) if k >= 4 else out
+from .transforms import DIHEDRAL, dihedral  # noqa: F401  (adapt imports them from here)
 
 
 def variant_id(tile_id: str, k: int) -> str:
