@@ -242,6 +242,8 @@ class EvaluateConfig:
     val_subset: str = F("val", "split used for validation and checkpoint choice (groups disjoint from the training subset and test)")
     batch_size: int = F(64, "batch size")
     lr: float = F(1e-3, "AdamW learning rate")
+    ema_decay: float = F(0.0, "exponential moving average of the weights (0: off); validation and test score the average")
+    tta: bool = F(False, "test-time augmentation: test probabilities averaged over the 8 flips/rotations of each tile")
     external: tuple[str, ...] = F((), "external labeled test sets (prepared dataset directories; all their tiles are scored)")
 
 
@@ -488,7 +490,7 @@ VALUE_RULES: dict[str, dict] = {
     "JudgeConfig": {},  # the common rules (steps, batch_size, lr)
     "EvaluateConfig": {"arms": _each(_one_of("real", "real_aa", "classic", "selected", "unselected")),
                        "epochs": _at_least(0), "steps_per_epoch": _at_least(0), "val_every": _at_least(0),
-                       "ratios": _each(_above(0))},
+                       "ratios": _each(_above(0)), "ema_decay": _within(0, 1, True)},
 }
 
 

@@ -167,10 +167,11 @@ def training_set(kind: str, name: str, seed: int, real: Tiles, syn: dict) -> tup
 # --------------------------------------------------------------------------------------------
 # Scoring
 # --------------------------------------------------------------------------------------------
-def score(model, tiles: Tiles) -> dict:
+def score(model, tiles: Tiles, tta: bool = False) -> dict:
+    """Test metrics of a model on tiles; `tta`: probabilities averaged over the 8 dihedral views."""
     from .models.classifier import predict
 
-    probs, _ = predict(model, tiles.images)
+    probs, _ = predict(model, tiles.images, tta=tta)
     return M.classification_metrics(tiles.labels.numpy(), probs.argmax(1).numpy(), tiles.classes)
 
 
@@ -282,8 +283,8 @@ def _train_jobs(cfg: EvaluateConfig, out: Path, jobs, sets, val, classes, size: 
             sc = read_json(d / "scores.json", "classifier scores")
             missing = [k for k in sets if k not in sc["scores"]]
             if missing:  # a new external set: score the saved classifier on it
-                model, _ = load_classifier(d)
-                sc["scores"].update({k: score(model, sets[k]) for k in missing})
+                model, saved = load_classifier(d)
+                sc["scores"].update({k: score(model, sets[k], bool(saved.get("tta"))) for k in missing})
                 write_json_atomic(d / "scores.json", sc)
             log.info("skip %s seed %d (finished)", name, seed)
             continue
@@ -295,18 +296,19 @@ def _train_jobs(cfg: EvaluateConfig, out: Path, jobs, sets, val, classes, size: 
         train_classifier(model, x, y, steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=tseed,
                          augment=kind not in ("real", "real_aa"), desc=f"{name} seed {seed}",
                          validate=(lambda m: val_record(m, val)) if val is not None else None,
-                         val_every=cfg.val_every, history=curve)
+                         val_every=cfg.val_every, history=curve, ema_decay=cfg.ema_decay)
         best = min(curve, key=val_rank) if curve else None  # the weights train_classifier restored
         validation = {"split": cfg.val_subset, "every": cfg.val_every, "n": len(val), "best_step": best["step"],
                       "best": best, "curve": curve} if best else None
         info = {"name": cfg.backbone, "classes": classes, "image_size": size, "arm": name, "kind": kind,
                 "ratio": ratio, "seed": seed, "train_seed": tseed, "steps": steps, "batch_size": cfg.batch_size,
                 "lr": cfg.lr, "checkpoint": f"best {cfg.val_subset} step {best['step']}" if best else "last",
+                "ema_decay": cfg.ema_decay, "tta": cfg.tta,
                 "data": str(cfg.data), "subset": cfg.subset, "n_real": len(real), "n_synthetic": counts,
                 "backbone_weights": cfg.backbone_weights}
         save_classifier(model, d, info)
         sc = {"arm": name, "seed": seed, "n_real": len(real), "n_synthetic": counts, "validation": validation,
-              "scores": {k: score(model, t) for k, t in sets.items()}}
+              "scores": {k: score(model, t, cfg.tta) for k, t in sets.items()}}
         write_json_atomic(d / "scores.json", sc)
         mark_complete(d)
         log.info("%s seed %d: test accuracy %.3f%s", name, seed, sc["scores"][TEST]["accuracy"],
@@ -380,7 +382,7 @@ def run_score(cfg: ScoreConfig) -> Path:
         if int(info["image_size"]) != int(tiles.images.shape[1]):
             raise HistoError(f"classifier {d} expects {info['image_size']} px tiles, {cfg.data} has "
                              f"{tiles.images.shape[1]} px")
-        m = score(model, tiles)
+        m = score(model, tiles, bool(info.get("tta")))
         arm, seed = info.get("arm", d.name), info.get("seed", "")
         rows.append({"classifier": d.name, "arm": arm, "seed": seed, "testset": cfg.subset, "n": m["n"],
                      "accuracy": round(m["accuracy"], 6), "macro_f1": round(m["macro_f1"], 6),
