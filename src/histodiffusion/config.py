@@ -51,6 +51,7 @@ class PrepareConfig:
     test_frac: float = F(0.15, "fraction of groups in the test split (stratified by class)")
     fewshot_fracs: tuple[float, ...] = F((0.05, 0.1, 0.25), "few-shot subsets of train: fractions of groups")
     fewshot_k: tuple[int, ...] = F((), "few-shot subsets of train: k groups per class")
+    fewshot_draws: int = F(1, "draws of every few-shot subset from other groups: >1 adds <name>_d1.. (a second level of repetition for benchmarks)")
     seed: int = F(0, "seed for splits and few-shot subsets")
     shard_size: int = F(1024, "tiles per pixel shard")
     strict: bool = F(False, "stop at the first unreadable image instead of skipping and counting")
@@ -464,7 +465,7 @@ VALUE_RULES: dict[str, dict] = {
                       "val_frac": _within(0, 1, True), "test_frac": _within(0, 1, True),
                       "min_tissue": _within(0, 1), "min_saturation": _within(0, 1), "max_ink": _within(0, 1),
                       "image_mode": _one_of("convert", "refuse"), "tissue_method": _one_of("fixed", "otsu"),
-                      "fewshot_fracs": _each(_within(0, 1)), "fewshot_k": _each(_at_least(1)),
+                      "fewshot_fracs": _each(_within(0, 1)), "fewshot_k": _each(_at_least(1)), "fewshot_draws": _at_least(1),
                       "holdout_frac": _within(0, 1, True), "group_px": _at_least(0),
                       "scale_sample": _at_least(0), "scale_tolerance": _zero_or_at_least(1)},
     "AutoencoderConfig": {"latent_channels": _at_least(1), "layers_per_block": _at_least(1), "crop": _at_least(0),

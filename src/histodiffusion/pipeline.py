@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import config as C
+from .data.splits import fewshot_names
 from .runtime import (HistoError, get_logger, human_time, is_complete, log_to, start_run_dir, write_json_atomic,
                       write_text_atomic)
 
@@ -193,7 +194,7 @@ def _check_steps(cfg: C.RunConfig, steps: list[Step], of_dataset: dict[str, str]
     made = {}  # dataset -> the subsets its prepare step makes
     for c in configs:
         if isinstance(c, C.PrepareConfig) and c.out in of_dataset:
-            fewshot = {*(f"frac{f:g}" for f in c.fewshot_fracs), *(f"k{k}" for k in c.fewshot_k)}
+            fewshot = set(fewshot_names(c.fewshot_fracs, c.fewshot_k, c.fewshot_draws))
             made[c.out] = ({*SPLITS, "all", *fewshot} if c.labels_csv or c.class_folders else
                            {"all", UNLABELED_SPLIT, *((HOLDOUT_SPLIT,) if c.holdout_frac else ())})
     for step, sc in zip(steps, configs):

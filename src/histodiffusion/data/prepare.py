@@ -370,7 +370,7 @@ def run(cfg: PrepareConfig) -> Path:
             dropped = {}
             groups = group_labels(writer.iter_rows())
             split = split_groups(groups, cfg.val_frac, cfg.test_frac, cfg.seed)  # applied by finish()
-            fs = fewshot_groups(groups, split, cfg.fewshot_fracs, cfg.fewshot_k, cfg.seed)
+            fs = fewshot_groups(groups, split, cfg.fewshot_fracs, cfg.fewshot_k, cfg.seed, cfg.fewshot_draws)
             fs_sets = {name: set(gs) for name, gs in fs.items()}
             subsets = {name: [] for name in fs_sets}
             for r in writer.iter_rows():
