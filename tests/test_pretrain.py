@@ -232,12 +232,13 @@ def test_epoch_index_weights_resume_and_bad_input():
 
 
 def test_paper_preset_is_valid_and_paper_scale():
-    from histodiffusion.config import STAGE_CONFIGS, config_from_dict
+    from histodiffusion.config import config_from_dict
     from histodiffusion.presets import PRESETS, preset_overrides
+    from histodiffusion.registry import build
 
     for name, stages in PRESETS.items():
         for stage, fields in stages.items():
-            config_from_dict(STAGE_CONFIGS[stage], fields)  # known fields of the right types
+            build(stage, fields)  # known fields of the right types
     ae = config_from_dict(AutoencoderConfig, preset_overrides("paper", "train-autoencoder"))
     tile = preset_overrides("paper", "prepare")["tile_size"]
     assert tile // 2 ** (len(ae.block_out_channels) - 1) == 64 and ae.latent_channels == 3

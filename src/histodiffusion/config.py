@@ -303,24 +303,6 @@ class RunConfig:
     until: str = F("", "stop after this stage (e.g. pretrain); empty: the whole chain")
 
 
-STAGE_CONFIGS: dict[str, type] = {
-    "prepare": PrepareConfig,
-    "train-autoencoder": AutoencoderConfig,
-    "encode": EncodeConfig,
-    "pretrain": PretrainConfig,
-    "export-base": ExportBaseConfig,
-    "train-latent-classifier": LatentClassifierConfig,
-    "finetune-decoder": FinetuneDecoderConfig,
-    "sample": SampleConfig,
-    "select": SelectConfig,
-    "evaluate": EvaluateConfig,
-    "score": ScoreConfig,
-    "judge": JudgeConfig,
-    "report": ReportConfig,
-    "run": RunConfig,
-}
-
-
 # --------------------------------------------------------------------------------------------
 # (De)serialisation with type checks
 # --------------------------------------------------------------------------------------------

@@ -13,9 +13,10 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from . import config as C
+from .registry import STAGES, build
 from .runtime import (HistoError, get_logger, human_time, is_complete, log_to, start_run_dir, write_json_atomic,
                       write_text_atomic)
 
@@ -29,20 +30,11 @@ EXTRA_KEYS = ("prepare-unlabeled", "prepare-target", "encode-target", "pretrain-
 @dataclasses.dataclass
 class Step:
     name: str  # shown in progress lines
-    stage: str  # CLI stage name (selects the config class)
+    stage: str  # the stage registry's name (registry.STAGES: config class, run function)
     out: Path  # the stage's artifact directory (its completion marker says "done")
     fields: dict  # config fields (layout + preset + user overrides)
     done: Callable[[Path], bool] = is_complete
     on_skip: Callable[[], list[str]] | None = None  # checks repeated when the stage is skipped: warnings
-
-
-def _run_stage(stage: str, cfg: Any) -> None:
-    import importlib
-
-    from .cli import ENTRY, STAGES
-
-    module = importlib.import_module(STAGES[stage][0])
-    getattr(module, ENTRY.get(stage, "run"))(cfg)
 
 
 def plan(cfg: C.RunConfig, base: dict | None | str = "verify") -> list[Step]:
@@ -55,13 +47,13 @@ def plan(cfg: C.RunConfig, base: dict | None | str = "verify") -> list[Step]:
     preset_overrides(cfg.preset, "run")  # validates the name
     preset = PRESETS[cfg.preset]
     user = C.load_config_file(cfg.stage_config) if cfg.stage_config else {}
-    unknown = sorted(set(user) - set(C.STAGE_CONFIGS) - set(EXTRA_KEYS))
+    unknown = sorted(set(user) - set(STAGES) - set(EXTRA_KEYS))
     if unknown:
         raise HistoError(f"stage_config {cfg.stage_config}: unknown stage(s) {unknown}")
     for key, values in user.items():  # every entry, also of stages this run does not reach (fields, types, ranges)
-        stage = key if key in C.STAGE_CONFIGS else key.rsplit("-", 1)[0]
+        stage = key if key in STAGES else key.rsplit("-", 1)[0]
         try:
-            C.config_from_dict(C.STAGE_CONFIGS[stage], values)
+            build(stage, values)
         except HistoError as e:
             raise HistoError(f"stage_config {cfg.stage_config}, entry {key!r}: {e}") from None
 
@@ -186,7 +178,7 @@ def _check_steps(cfg: C.RunConfig, steps: list[Step], of_dataset: dict[str, str]
     configs = []
     for step in steps:
         try:
-            configs.append(C.config_from_dict(C.STAGE_CONFIGS[step.stage], step.fields))
+            configs.append(build(step.stage, step.fields))
         except HistoError as e:
             raise HistoError(f"{where}: stage {step.name!r}: {e}") from None
     read_labels_csv(Path(labels_csv))
@@ -269,10 +261,10 @@ def _run_steps(cfg: C.RunConfig, steps: list[Step], root: Path) -> Path:
                                   else "skipped (made outside this run)")
             _write_timings(root / TIMINGS, timings, order)
             continue
-        stage_cfg = C.config_from_dict(C.STAGE_CONFIGS[step.stage], step.fields)
+        stage_cfg = build(step.stage, step.fields)
         log.info(f"{head} -> {step.out}")
         t0 = time.time()
-        _run_stage(step.stage, stage_cfg)
+        STAGES[step.stage].run(stage_cfg)
         dt = time.time() - t0
         timings[step.name] = (dt, "ran")
         _write_timings(root / TIMINGS, timings, order)
