@@ -134,3 +134,20 @@ def test_one_stage_registry_serves_the_cli_and_the_pipeline(tmp_path):
     code = "import sys, histodiffusion.pipeline; print('histodiffusion.cli' in sys.modules, 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"]
+
+
+def test_stage_config_cannot_move_the_run_layout(tmp_path, capsys):
+    from histodiffusion.layout import RunLayout
+
+    L = RunLayout(tmp_path / "run")
+    steps = {s.name: s for s in plan(RunConfig(out=str(L.root), base="none"))}
+    assert steps["sample"].out == L.samples() and steps["sample"].fields["out"] == str(L.samples())
+    assert steps["latent classifier"].fields["cache"] == str(L.cache_target)
+    for entry in ({"sample": {"out": str(tmp_path / "elsewhere")}}, {"encode-target": {"vae": "x"}},
+                  {"evaluate-nopretrain": {"samples": "y"}}):
+        with pytest.raises(HistoError, match="part of the run layout"):
+            _steps(tmp_path, entry, ablations=True)
+    path = tmp_path / "moved.json"
+    path.write_text(json.dumps({"sample": {"out": str(tmp_path / "elsewhere")}}))
+    assert main(["run", "--out", str(L.root), "--base", "none", "--stage-config", str(path)]) == 2
+    assert "part of the run layout" in capsys.readouterr().err and not L.root.exists()

@@ -12,6 +12,8 @@ import dataclasses
 import json
 from pathlib import Path
 
+from .layout import RunLayout
+from .registry import STAGES
 from .runtime import COMPLETE_MARKER, CONFIG_FILE, HistoError, check_format_version, read_json
 
 COMPLETE, STARTED, NOT_STARTED = "complete", "started", "not started"
@@ -25,7 +27,7 @@ def run_plan(run_dir: str | Path):
     root = Path(run_dir)
     if not root.is_dir():
         raise HistoError(f"run directory not found: {root}")
-    path = root / CONFIG_FILE
+    path = RunLayout(root).config
     if not path.is_file():
         raise HistoError(f"{root} is not a run directory (no {CONFIG_FILE}; `histodiffusion run --out DIR` makes one)")
     rec = read_json(path, "run config")
@@ -38,7 +40,7 @@ def run_plan(run_dir: str | Path):
                               until="")
     base = None
     if cfg.base != "none":
-        base_json = root / "base.json"
+        base_json = RunLayout(root).base_record
         recorded = read_json(base_json, "base record") if base_json.is_file() else {}
         base = {"path": recorded.get("path") or cfg.base}
     return cfg, plan(cfg, base)
@@ -59,8 +61,9 @@ def run_info(run_dir: str | Path) -> dict:
     for s in steps:
         st = status(s)
         figures = _figures(s.stage, s.out) if st == COMPLETE else ""
-        stages.append({"name": s.name, "stage": s.stage, "dir": _rel(s.out, root), "status": st, "figures": figures})
-    base = _load(root / "base.json")
+        stages.append({"name": s.name, "stage": s.stage, "what": STAGES[s.stage].help, "dir": _rel(s.out, root),
+                       "status": st, "figures": figures})
+    base = _load(RunLayout(root).base_record)
     return {"run": str(root), "config": dataclasses.asdict(cfg), "base": base, "stages": stages,
             "complete": all(s["status"] == COMPLETE for s in stages)}
 

@@ -85,12 +85,14 @@ pre{background:#f6f6f8;padding:8px;font-size:12px;overflow-x:auto}details{margin
 
 
 def _paths(cfg: ReportConfig) -> dict[str, Path]:
-    run = Path(cfg.run)
-    return {"run": run, "data": Path(cfg.data) if cfg.data else run / "data" / "target",
-            "samples": Path(cfg.samples) if cfg.samples else run / "samples",
-            "eval": Path(cfg.eval) if cfg.eval else run / "eval",
-            "latent_classifier": Path(cfg.latent_classifier) if cfg.latent_classifier
-            else run / "adapt" / "latent_classifier"}
+    """The directories the report reads: the config's, else the run layout's (layout.py)."""
+    from .layout import RunLayout
+
+    L = RunLayout(cfg.run)
+    return {"run": L.root, "layout": L, "data": Path(cfg.data) if cfg.data else L.data_target,
+            "samples": Path(cfg.samples) if cfg.samples else L.samples(),
+            "eval": Path(cfg.eval) if cfg.eval else L.eval(),
+            "latent_classifier": Path(cfg.latent_classifier) if cfg.latent_classifier else L.latent_classifier}
 
 
 def _fmt(x, nd: int = 3) -> str:
@@ -109,8 +111,8 @@ def _ci(m: dict, nd: int = 3) -> str:
 def section_configs(doc: Doc, p: dict) -> None:
     found = []
     cands = [("dataset meta.json", p["data"] / "meta.json")]
-    for stage in ("ae", "ldm", "adapt"):
-        cands += [(f"{stage}: {c.parent.relative_to(p['run'])}", c) for c in sorted((p["run"] / stage).rglob("config.json"))
+    for stage_dir in p["layout"].training_dirs():
+        cands += [(f"{stage_dir.name}: {c.parent.relative_to(p['run'])}", c) for c in sorted(stage_dir.rglob("config.json"))
                   if "checkpoints" not in c.parts and "model" not in c.parts]
     cands += [("sample", p["samples"] / "config.json"), ("select", p["samples"] / "selector" / "config.json"),
               ("evaluate", p["eval"] / "config.json")]
@@ -354,7 +356,7 @@ def run(cfg: ReportConfig) -> Path:
     p = _paths(cfg)
     if not p["run"].is_dir() and not any(Path(x).is_dir() for x in (cfg.data, cfg.samples, cfg.eval) if x):
         raise HistoError(f"run directory not found: {p['run']}")
-    out = start_run_dir(Path(cfg.out) if cfg.out else p["run"] / "report", cfg, "report")
+    out = start_run_dir(Path(cfg.out) if cfg.out else p["layout"].report, cfg, "report")
     log = get_logger("report", out / "log.txt")
     subset = cfg.subset
     if not subset and (p["eval"] / "config.json").is_file():
@@ -381,8 +383,10 @@ def run(cfg: ReportConfig) -> Path:
     section_selection(doc, p)
     section_fidelity(doc, p)
     section_results(doc, p, p["eval"])
-    for extra in sorted(p["run"].glob("eval_*")):  # e.g. eval_nopretrain (the no-pretraining ablation)
-        if extra.resolve() != p["eval"].resolve():
+    from .layout import ARMS
+
+    for extra in (p["layout"].eval(a) for a in ARMS if a):  # e.g. eval_nopretrain (the no-pretraining ablation)
+        if extra.is_dir() and extra.resolve() != p["eval"].resolve():
             section_results(doc, p, extra, f"Downstream classification: {extra.name[len('eval_'):]}")
     section_generative(doc, p)
     title = html.escape(f"histodiffusion report: {p['run'].resolve().name}")
