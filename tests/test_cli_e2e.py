@@ -109,7 +109,7 @@ def test_run_end_to_end_and_skip(tmp_path):
     assert not L2.ae.exists() and not L2.ldm.exists() and not L2.data_unlabeled.exists()
     recorded = json.loads(L2.base_record.read_text())
     assert recorded["id"] == hashlib.sha256((base / "checksums.json").read_bytes()).hexdigest()
-    assert json.loads((L2.cache_target / "meta.json").read_text())["vae_hash"] == recorded["vae_hash"]
+    assert json.loads((L2.cache_target / "latent_space.json").read_text())["vae_hash"] == recorded["vae_hash"]
     assert (L2.eval() / "metrics.json").is_file() and L2.report_index.is_file()
 
 

@@ -201,9 +201,9 @@ def test_bad_input(models, tmp_path, change, match):
 def test_classifier_of_another_autoencoder_refused(models, tmp_path, capsys):
     other = make_latent_classifier(tmp_path / "clf_other", models["cache"], models["ldm"] / "scheduler",
                                    vae_hash="0" * 64)
-    with pytest.raises(HistoError, match="trained on latents of autoencoder 000000000000"):
+    with pytest.raises(HistoError, match="latent classifier .* holds latents of autoencoder 000000000000"):
         run(dataclasses.replace(base_cfg(models, tmp_path / "s"), classifier=str(other)))
     # through the CLI: one clear message, exit code 2
     code = cli_main(["sample", "--model", str(models["ldm"]), "--classifier", str(other), "--out",
                      str(tmp_path / "s2"), "--n-per-class", "1"])
-    assert code == 2 and "trained on latents of autoencoder" in capsys.readouterr().err
+    assert code == 2 and "latents of autoencoder 000000000000" in capsys.readouterr().err

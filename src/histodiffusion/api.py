@@ -100,7 +100,7 @@ def load_pipeline(path: str | Path = "", *, model: str | Path = "", classifier: 
     - model= (an LDM folder or a base), classifier= (a latent classifier folder), optionally vae=.
     scheduler: ddim | dpmsolver++ (default: the one the folder or run used)."""
     from .diffusers_pipeline import HistoDiffusionPipeline, make_scheduler
-    from .models.bundle import SCHEDULE_KEYS
+    from .latent_space import SCHEDULE_KEYS
 
     if model or classifier:
         if path or not (model and classifier):

@@ -11,11 +11,13 @@ Latent cache (`encode`):
     index.csv               INDEX_COLUMNS (same ids as the manifest)
     latents_00000.safetensors  "mean", "std": float32 [N, C, h, w] (posterior of the autoencoder)
     subsets/                copied from the dataset
-    meta.json               format_version, dataset, classes, vae, vae_hash, scaling_factor, latent_shape, count
+    meta.json               format_version, dataset, classes, count
+    latent_space.json       the latent-space record (latent_space.py): vae, vae_hash, scaling_factor, latent_shape
     _COMPLETE.json
 
 Model folders: diffusers/ModelMixin `save_pretrained` folders (config.json + *.safetensors) plus, for
-our own models, `histodiffusion.json` (MODEL_INFO) naming classes, autoencoder hash and scaling factor.
+our own models, `histodiffusion.json` (MODEL_INFO) naming classes and the latent-space record they were
+trained in (autoencoder hash, scaling factor, latent shape: latent_space.LatentSpace.fields).
 
 Samples (`sample`): images/<id>.png, samples.csv (SAMPLES_COLUMNS), grids/<class>.png, config.json.
 Selection (`select`): filtered.csv (FILTERED_COLUMNS) beside samples.csv: a keep-list, no copies.

@@ -143,8 +143,10 @@ def _autoencoder(out: Path) -> str:
 
 
 def _encode(out: Path) -> str:
-    m = _load(out / "meta.json")
-    return f"{m.get('count')} latents of shape {m.get('latent_shape')}"
+    from .latent_space import LATENT_SPACE
+
+    m, space = _load(out / "meta.json"), _load(out / LATENT_SPACE)
+    return f"{m.get('count')} latents of shape {space.get('latent_shape')}"
 
 
 def _pretrain(out: Path) -> str:
