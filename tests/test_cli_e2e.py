@@ -70,14 +70,18 @@ def test_run_end_to_end_and_skip(tmp_path):
     for c in classes:  # the largest ratio (0.5) x oversample (default 2) x the real count of every class
         assert sum(r["target"] == c for r in samples) == real.count(c)
     assert sorted(p.name for p in (L.samples() / "images").glob("*.png")) == sorted(Path(r["file"]).name for r in samples)
-    with open(L.samples() / "filtered.csv") as f:
+    with open(L.select() / "filtered.csv") as f:  # select's own directory and completion marker
         assert sorted(r["id"] for r in csv.DictReader(f)) == sorted(r["id"] for r in samples)
+    assert complete(L.select()) and (L.select() / "config.json").is_file()
+    assert json.loads((L.eval() / "keep_list.json").read_text())["filtered_csv"] == str((L.select() / "filtered.csv").resolve())
     metrics = json.loads((L.eval() / "metrics.json").read_text())
     assert {"real", "classic"} <= set(metrics["arms"])
     assert (L.eval() / "per_seed.csv").is_file()
     assert L.report_index.is_file() and (L.report / "report.md").is_file()
-    for stage_dir in (L.ae, L.ldm, L.latent_classifier, L.samples(), L.eval()):
+    for stage_dir in (L.ae, L.ldm, L.latent_classifier, L.samples(), L.select(), L.eval()):
         assert (stage_dir / "config.json").is_file()
+        marker = json.loads((stage_dir / "_COMPLETE.json").read_text())  # the completion contract
+        assert marker["format_version"] == 2 and marker["config"] and marker["inputs"], stage_dir
     assert "report:" in r.stderr
     # the run's log.txt holds every stage's lines and the pipeline's to the end; each stage dir its own log
     run_log = L.log.read_text()
@@ -86,7 +90,7 @@ def test_run_end_to_end_and_skip(tmp_path):
         assert f" [{stage}] " in run_log, stage
     assert "[run] [12/12] report: done" in run_log and "[run] finished in" in run_log
     for stage_dir in (L.data_target, L.ae, L.cache_target, L.ldm, L.latent_classifier, L.decoder,
-                      L.samples(), L.eval(), L.report):
+                      L.samples(), L.select(), L.eval(), L.report):
         assert (stage_dir / "log.txt").stat().st_size > 0, stage_dir
     timings_first = L.timings.read_text()
 

@@ -288,7 +288,7 @@ def _eval_inputs(tmp: Path):
 
 def test_select(tmp_path):
     data, samples, _ = _eval_inputs(tmp_path)
-    # select writes beside the samples by default; the reference and the killed run get their own copies
+    # select writes into <samples>/select by default; the reference and the killed run get their own copies
     import shutil
 
     for d in ("ref", "kill"):
@@ -298,13 +298,13 @@ def test_select(tmp_path):
     ref_out, out = tmp_path / "samples_ref", tmp_path / "samples_kill"
     assert cli_main(_cmd("select", {**base, "samples": ref_out})) == 0
     argv = _cmd("select", {**base, "samples": out})
-    info = kill_when(argv, first_file(out, "selector/config.json"), "select", 1.5)
+    info = kill_when(argv, first_file(out, "select/config.json"), "select", 1.5)
     assert info["killed"], "select finished before the kill"
-    assert not (out / "filtered.csv").exists()
+    assert not (out / "select" / "_COMPLETE.json").exists()
     rerun(argv)
     assert temp_leftovers(out) == []
     for name in ("filtered.csv", "filtered.json", "generative_metrics.json"):
-        a, b = (ref_out / name).read_bytes(), (out / name).read_bytes()
+        a, b = (ref_out / "select" / name).read_bytes(), (out / "select" / name).read_bytes()
         if name == "filtered.json":
             a, b = (json.loads(x) for x in (a, b))
             a["config"].pop("samples"), b["config"].pop("samples")

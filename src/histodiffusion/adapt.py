@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from .artifacts import MODEL_INFO, format_meta, read_meta
 from .config import FinetuneDecoderConfig, LatentClassifierConfig
+from .contract import completion_record
 from .encode import DIHEDRAL, dihedral
 from .modelcards import CARD, latent_classifier_card
 from .runtime import (HistoError, MetricsLog, atomic_path, closes_stage_logs, get_logger, is_complete,
@@ -206,7 +207,7 @@ def run_latent_classifier(cfg: LatentClassifierConfig) -> Path:
                 cache=str(Path(cfg.cache).resolve()), subset=cfg.subset,
                 scheduler=dict(sched.config), max_timestep=max_t))
             write_text_atomic(tmp / CARD, latent_classifier_card(tmp, str(out / "model"), result))
-        mark_complete(out, stage="train-latent-classifier")
+        mark_complete(out, **completion_record(cfg))
         log.info("latent classifier exported: %s", out / "model")
     acc.wait_for_everyone()
     return out
@@ -378,6 +379,6 @@ def run_finetune_decoder(cfg: FinetuneDecoderConfig) -> Path:
         save_vae(vae, out / "model" / "vae", scaling, base_vae_hash=base_hash, base_vae=str(Path(cfg.vae).resolve()),
                  finetuned="decoder", aux_weight=cfg.aux_weight, classes=classes, data=str(cfg.data),
                  subset=cfg.subset)
-        mark_complete(out, stage="finetune-decoder")
+        mark_complete(out, **completion_record(cfg))
     acc.wait_for_everyone()
     return out

@@ -41,7 +41,7 @@ def run_stage(stage: str, **fields: Any):
     """Run CLI stage `stage` with these config fields; returns what the stage returns (its output)."""
     from .registry import stage as record
 
-    return record(stage).run(config(stage, **fields))
+    return record(stage)(config(stage, **fields))
 
 
 def prepare(**fields: Any) -> Path:

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in COMMANDS:
             return COMMANDS[args.command][0](args.run_dir)
-        STAGES[args.command].run(config_from_args(args.command, args))
+        STAGES[args.command](config_from_args(args.command, args))
     except HistoError as e:
         _close_progress_bars()
         print(f"histodiffusion {args.command}: error: {e}", file=sys.stderr)

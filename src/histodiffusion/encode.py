@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .artifacts import INDEX, INDEX_COLUMNS, META, SUBSETS_DIR, format_meta, latent_shard_name, read_dataset
 from .config import EncodeConfig, config_to_dict
+from .contract import completion_record
 from .runtime import (CONFIG_FILE, HistoError, _remove, closes_stage_logs, get_logger, is_complete, make_accelerator,
                       mark_complete, progress, raise_if_any_rank_failed, read_csv, read_json, write_csv_atomic,
                       write_json_atomic)
@@ -167,7 +168,7 @@ def _finish(cfg, ds, ds_meta, data, space, shards, tmp: Path, out: Path):
                        tile_size=ds_meta.get("tile_size"), count=len(rows), shards=len(shards), flips=bool(cfg.flips))
     write_json_atomic(tmp / META, meta)
     write_cache_record(tmp, space.with_shape(latent_shape))  # the latent-space record, written once
-    mark_complete(tmp, count=len(rows))
+    mark_complete(tmp, **completion_record(cfg), count=len(rows))
     if out.exists():
         shutil.rmtree(out)
     out.parent.mkdir(parents=True, exist_ok=True)

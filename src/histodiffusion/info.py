@@ -48,7 +48,7 @@ def run_plan(run_dir: str | Path):
 
 def status(step) -> str:
     """complete, started (its own config.json is there: killed or running) or not started."""
-    if step.done(step.out):
+    if (step.out / COMPLETE_MARKER).is_file():
         return COMPLETE
     return STARTED if _load(step.out / CONFIG_FILE).get("stage") == step.stage else NOT_STARTED
 
@@ -178,7 +178,7 @@ def _sample(out: Path) -> str:
     return f"{c.get('count')} synthetic tiles{pipe}"
 
 
-def _select(out: Path) -> str:
+def _select(out: Path) -> str:  # out: the selection directory
     f = _load(out / "filtered.json")
     kept, total = f.get("kept", 0), f.get("samples", 0)
     return f"kept {kept} of {total} ({kept / total:.0%}, {f.get('mode')})" if total else ""

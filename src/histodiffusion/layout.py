@@ -9,7 +9,7 @@ tests read it).
     R/adapt/latent_classifier/           train-latent-classifier (model/)
     R/adapt/decoder/                     finetune-decoder (model/vae)
     R/samples<arm>/                      sample
-    R/select<arm>/                       select (filtered.csv, its own marker)
+    R/samples<arm>/select/               select (filtered.csv; its own config.json and marker)
     R/eval<arm>/                         evaluate
     R/report/                            report (index.html)
 An arm is "" (the main chain) or "_nopretrain" (the no-pretraining ablation).
@@ -110,7 +110,9 @@ class RunLayout:
         return self.root / f"samples{arm}"
 
     def select(self, arm: str = "") -> Path:
-        return self.root / f"select{arm}"
+        from .artifacts import selection_dir
+
+        return selection_dir(self.samples(arm))
 
     def eval(self, arm: str = "") -> Path:
         return self.root / f"eval{arm}"

@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Callable
 
 from . import config as C
+from .contract import check_complete
 from .layout import RunLayout
 from .registry import STAGES, build
-from .runtime import (HistoError, get_logger, human_time, is_complete, log_to, start_run_dir, write_json_atomic,
+from .runtime import (HistoError, get_logger, human_time, log_to, start_run_dir, write_json_atomic,
                       write_text_atomic)
 
 
@@ -34,7 +35,6 @@ class Step:
     stage: str  # the stage registry's name (registry.STAGES: config class, run function)
     out: Path  # the stage's artifact directory (its completion marker says "done")
     fields: dict  # config fields (layout + preset + user overrides)
-    done: Callable[[Path], bool] = is_complete
     on_skip: Callable[[], list[str]] | None = None  # checks repeated when the stage is skipped: warnings
 
 
@@ -125,7 +125,8 @@ def plan(cfg: C.RunConfig, base: dict | None | str = "verify") -> list[Step]:
     for suffix, model in arms:
         key = suffix.replace("_", "-")  # stage_config key of the ablation's stages, e.g. "sample-nopretrain"
         s_dir = L.samples(suffix)
-        evaluate = fields(f"evaluate{key}", {"data": str(d_tgt), "samples": str(s_dir), "out": str(L.eval(suffix))}, {
+        evaluate = fields(f"evaluate{key}", {"data": str(d_tgt), "samples": str(s_dir), "selection": str(L.select(suffix)),
+                                             "out": str(L.eval(suffix))}, {
             "subset": cfg.subset, "ratios": cfg.ratios, "seeds": cfg.seeds,
             **({"arms": ("real", "selected")} if suffix else {})}, "evaluate")
         # selection drops samples: make oversample x as many as the largest ratio evaluated needs
@@ -136,13 +137,14 @@ def plan(cfg: C.RunConfig, base: dict | None | str = "verify") -> list[Step]:
                 "out": str(s_dir), "real_counts": str(c_tgt)}, {
                 "ratio": n_sample, "real_subset": cfg.subset, "seed": cfg.seeds[0] if cfg.seeds else 0}, "sample")),
             # class-balanced selection: every class keeps the largest ratio's quota from its ranked list
-            Step(f"select{suffix}", "select", s_dir, fields(f"select{key}", {
-                "samples": str(s_dir), "data": str(d_tgt)}, {
-                "subset": cfg.subset, "quota_ratio": max(evaluate["ratios"])}, "select"),
-                done=lambda p: (p / "filtered.csv").is_file()),
+            Step(f"select{suffix}", "select", L.select(suffix), fields(f"select{key}", {
+                "samples": str(s_dir), "data": str(d_tgt), "out": str(L.select(suffix))}, {
+                "subset": cfg.subset, "quota_ratio": max(evaluate["ratios"])}, "select")),
             Step(f"evaluate{suffix}", "evaluate", L.eval(suffix), evaluate),
         ]
-    steps.append(Step("report", "report", L.report, fields("report", {"run": str(root), "out": str(L.report)}, {})))
+    steps.append(Step("report", "report", L.report, fields("report", {
+        "run": str(root), "out": str(L.report), "data": str(d_tgt), "samples": str(L.samples()), "eval": str(L.eval()),
+        "latent_classifier": str(L.latent_classifier)}, {})))
     of_dataset = {str(d_tgt): str(d_tgt), str(c_tgt): str(d_tgt), str(d_unl): str(d_unl), str(c_unl): str(d_unl)}
     _check_steps(cfg, steps, of_dataset, str(d_tgt), labels_csv)
     return steps
@@ -257,7 +259,8 @@ def _run_steps(cfg: C.RunConfig, steps: list[Step], root: Path) -> Path:
     t_all = time.time()
     for i, step in enumerate(steps, 1):
         head = f"[{i}/{len(steps)}] {step.name}"
-        if step.done(step.out):
+        stage_cfg = build(step.stage, step.fields)
+        if check_complete(step.out, stage_cfg):  # same config, same inputs (a changed input: a clear error)
             log.info(f"{head}: complete, skipped ({step.out})")
             for warning in step.on_skip() if step.on_skip else []:
                 log.warning(warning)
@@ -266,10 +269,9 @@ def _run_steps(cfg: C.RunConfig, steps: list[Step], root: Path) -> Path:
                                   else "skipped (made outside this run)")
             _write_timings(layout.timings, timings, order)
             continue
-        stage_cfg = build(step.stage, step.fields)
         log.info(f"{head} -> {step.out}")
         t0 = time.time()
-        STAGES[step.stage].run(stage_cfg)
+        STAGES[step.stage](stage_cfg)
         dt = time.time() - t0
         timings[step.name] = (dt, "ran")
         _write_timings(layout.timings, timings, order)

@@ -20,6 +20,7 @@ from torch.nn import functional as F
 
 from .artifacts import LDM_SCHEDULER, LDM_UNET, LDM_VAE, MODEL_INFO, format_meta
 from .config import PretrainConfig
+from .contract import completion_record
 from .data.mixture import EpochIndex, IdRecorder, MixtureDataset, make_loader
 from .modelcards import CARD, ldm_card
 from .runtime import (HistoError, MetricsLog, atomic_path, check_checkpoint_within, closes_stage_logs, get_logger,
@@ -186,7 +187,7 @@ def run(cfg: PretrainConfig) -> Path:
         trainer.export(model_dir, vae_dir, shared, names, index.probs)
         sample_grid(trainer.ema_unet(), trainer.noise, vae, shared.scaling_factor,
                     out / "samples" / f"step_{cfg.steps}.png", seed=cfg.seed)
-        mark_complete(out, model=str(model_dir), steps=cfg.steps)
+        mark_complete(out, **completion_record(cfg), model=str(model_dir), steps=cfg.steps)
         log.info("pretrain finished in %s: exported %s", human_time(time.time() - t0), model_dir)
     acc.wait_for_everyone()
     return model_dir

@@ -19,7 +19,19 @@ class Stage:
     run: Callable[[Any], Any]  # run(config) -> the stage's output (a directory, mostly)
     help: str  # one line: what it does
     outputs: tuple[str, ...] = ()  # files/folders it writes into its output directory (besides config.json, _COMPLETE.json)
-    inputs: tuple[str, ...] = ()  # config fields naming the artifacts it reads (their completion records are hashed)
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """The config fields naming the artifacts it reads (hashed into its _COMPLETE.json; contract.py)."""
+        return C.input_fields(self.config)
+
+    def __call__(self, cfg: Any) -> Any:
+        """Run the stage (CLI, `run` and the API call stages this way). An output complete from other
+        inputs is refused first, with the inputs that changed (the completion contract, contract.py)."""
+        from .contract import check_complete, output_dir
+
+        check_complete(output_dir(cfg), cfg)
+        return self.run(cfg)
 
 
 # run functions: each imports its stage module on call (no module-name strings)
@@ -95,39 +107,37 @@ def _run(cfg):
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("prepare", C.PrepareConfig, _prepare, "slides / patch folders / labels CSV -> dataset directory",
-          ("manifest.csv", "shards/", "subsets/", "meta.json"), ("exclude",)),
+          ("manifest.csv", "shards/", "subsets/", "meta.json")),
     Stage("train-autoencoder", C.AutoencoderConfig, _train_autoencoder, "train the KL autoencoder on unlabeled tiles",
-          ("model/vae/", "metrics.jsonl", "checkpoints/"), ("data",)),
+          ("model/vae/", "metrics.jsonl", "checkpoints/")),
     Stage("encode", C.EncodeConfig, _encode, "cache latents (posterior mean, std) of a dataset",
-          ("index.csv", "latents_*.safetensors", "subsets/", "meta.json"), ("data", "vae")),
+          ("index.csv", "latents_*.safetensors", "subsets/", "meta.json", "latent_space.json")),
     Stage("pretrain", C.PretrainConfig, _pretrain, "train the unconditional latent diffusion UNet",
-          ("model/", "metrics.jsonl", "checkpoints/"), ("cache", "init_from")),
+          ("model/", "metrics.jsonl", "checkpoints/")),
     Stage("export-base", C.ExportBaseConfig, _export_base,
-          "pretrain's model -> a shippable base (fp16, checksums, model card)", (), ("model", "data")),
+          "pretrain's model -> a shippable base (fp16, checksums, model card)",
+          ("unet_ema/", "scheduler/", "vae/", "histodiffusion.json", "checksums.json", "README.md")),
     Stage("train-latent-classifier", C.LatentClassifierConfig, _latent_classifier,
-          "noise-aware latent classifier p(y | z_t, t)", ("model/", "metrics.json", "checkpoints/"),
-          ("cache", "scheduler", "data")),
+          "noise-aware latent classifier p(y | z_t, t)", ("model/", "metrics.json", "checkpoints/")),
     Stage("finetune-decoder", C.FinetuneDecoderConfig, _finetune_decoder,
-          "fine-tune the decoder with an auxiliary classifier", ("model/vae/", "metrics.json", "checkpoints/"),
-          ("data", "vae")),
+          "fine-tune the decoder with an auxiliary classifier", ("model/vae/", "metrics.json", "checkpoints/")),
     Stage("sample", C.SampleConfig, _sample, "classifier-guided synthesis in latent space",
-          ("images/", "samples.csv", "grids/", "pipeline/"), ("model", "classifier", "vae", "real_counts")),
+          ("images/", "samples.csv", "grids/", "pipeline/")),
     Stage("select", C.SelectConfig, _select, "score synthetic samples and write the keep-list filtered.csv",
-          ("filtered.csv", "filtered.json", "generative_metrics.json", "selector/"), ("samples", "data")),
+          ("filtered.csv", "filtered.json", "generative_metrics.json", "selector/")),
     Stage("evaluate", C.EvaluateConfig, _evaluate,
           "downstream classifiers: real vs real + synthetic, seeds, CIs",
-          ("classifiers/", "per_seed.csv", "curves.csv", "metrics.json", "confusion/"),
-          ("data", "samples", "external")),
+          ("keep_list.json", "classifiers/", "per_seed.csv", "curves.csv", "metrics.json", "confusion/")),
     Stage("score", C.ScoreConfig, _score,
           "re-score saved downstream classifiers on a labeled dataset; class fidelity of samples",
-          ("scores.csv", "scores.json", "fidelity.json"), ("classifiers", "data", "samples", "judge")),
+          ("scores.csv", "scores.json", "fidelity.json")),
     Stage("judge", C.JudgeConfig, _judge,
           "independent class-fidelity judge (train split only) -> fidelity.json of sample dirs",
-          ("model/", "judge.json"), ("data",)),
+          ("model/", "judge.json")),
     Stage("report", C.ReportConfig, _report, "HTML + Markdown report of a run",
-          ("index.html", "report.md", "figures/"), ()),
+          ("index.html", "report.md", "figures/")),
     Stage("run", C.RunConfig, _run, "the whole chain in one run directory (resumable)",
-          ("log.txt", "timings.md", "base.json"), ()),
+          ("log.txt", "timings.md", "base.json")),
 )}
 
 

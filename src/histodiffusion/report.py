@@ -3,7 +3,7 @@ and its Markdown twin (report.md, images in figures/) for a run directory.
 
 Run directory layout (each part optional; explicit ReportConfig paths override):
     <run>/data/target   prepared labeled target dataset
-    <run>/samples       sample directory (samples.csv, filtered.csv, filtered.json, generative_metrics.json)
+    <run>/samples       sample directory (samples.csv; select/: filtered.csv, filtered.json, generative_metrics.json)
     <run>/eval          evaluate output (metrics.json, per_seed.csv, confusion/*.png)
     <run>/ae, <run>/ldm, <run>/adapt   training runs (their config.json files are shown)
 Sections appear only when their inputs exist: resolved configs, data counts per split and class,
@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import ReportConfig
+from .contract import completion_record
 from .runtime import (HistoError, closes_stage_logs, get_logger, mark_complete, read_json, start_run_dir,
                       write_text_atomic)
 from .report_figures import curve_figure, embedding_figure, grid_figure
@@ -88,9 +89,12 @@ def _paths(cfg: ReportConfig) -> dict[str, Path]:
     """The directories the report reads: the config's, else the run layout's (layout.py)."""
     from .layout import RunLayout
 
+    from .artifacts import selection_dir
+
     L = RunLayout(cfg.run)
+    samples = Path(cfg.samples) if cfg.samples else L.samples()
     return {"run": L.root, "layout": L, "data": Path(cfg.data) if cfg.data else L.data_target,
-            "samples": Path(cfg.samples) if cfg.samples else L.samples(),
+            "samples": samples, "select": selection_dir(samples),
             "eval": Path(cfg.eval) if cfg.eval else L.eval(),
             "latent_classifier": Path(cfg.latent_classifier) if cfg.latent_classifier else L.latent_classifier}
 
@@ -114,7 +118,7 @@ def section_configs(doc: Doc, p: dict) -> None:
     for stage_dir in p["layout"].training_dirs():
         cands += [(f"{stage_dir.name}: {c.parent.relative_to(p['run'])}", c) for c in sorted(stage_dir.rglob("config.json"))
                   if "checkpoints" not in c.parts and "model" not in c.parts]
-    cands += [("sample", p["samples"] / "config.json"), ("select", p["samples"] / "selector" / "config.json"),
+    cands += [("sample", p["samples"] / "config.json"), ("select", p["select"] / "config.json"),
               ("evaluate", p["eval"] / "config.json")]
     for name, path in cands:
         if path.is_file():
@@ -170,10 +174,10 @@ def section_grids(doc: Doc, p: dict, subset: str, classes: list[str], n: int) ->
         return real, None, None, None
     rows = read_samples(p["samples"], classes)
     filt = {}
-    if (p["samples"] / "filtered.csv").is_file():
+    if (p["select"] / "filtered.csv").is_file():
         from .evaldata import read_filtered
 
-        filt = {f["id"]: f for f in read_filtered(p["samples"])}
+        filt = {f["id"]: f for f in read_filtered(p["select"])}
     syn = load_sample_images(p["samples"], rows, int(real.images.shape[1]))
     targets = np.array([classes.index(r["target"]) for r in rows])
     keep = np.array([int(filt[r["id"]]["keep"]) if r["id"] in filt else -1 for r in rows])
@@ -223,7 +227,7 @@ def section_embedding(doc: Doc, p: dict, real, syn, targets, keep, classes, meth
 
 
 def section_selection(doc: Doc, p: dict) -> None:
-    path = p["samples"] / "filtered.json"
+    path = p["select"] / "filtered.json"
     if not path.is_file():
         return
     f = read_json(path, "selection summary")
@@ -329,7 +333,7 @@ def _steps(x: dict) -> str:
 
 
 def section_generative(doc: Doc, p: dict) -> None:
-    path = p["samples"] / "generative_metrics.json"
+    path = p["select"] / "generative_metrics.json"
     if not path.is_file():
         return
     g = read_json(path, "generative metrics")
@@ -394,6 +398,6 @@ def run(cfg: ReportConfig) -> Path:
             f"<style>{CSS}</style></head><body>\n" + "\n".join(doc.html) + "\n</body></html>\n")
     write_text_atomic(out / "index.html", page)
     write_text_atomic(out / "report.md", "\n".join(doc.md) + "\n")
-    mark_complete(out)
+    mark_complete(out, **completion_record(cfg))
     log.info("report written to %s", out / "index.html")
     return out
