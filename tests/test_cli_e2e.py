@@ -122,7 +122,7 @@ def test_run_refuses_other_config_in_same_dir(tmp_path):
     out.mkdir()
     (out / "config.json").write_text(json.dumps({"format_version": 1, "version": "0", "stage": "run",
                                                  "config": {"out": str(out), "preset": "paper"}}))
-    (out / "data").mkdir()  # the other run had started producing artifacts
+    RunLayout(out).data_target.mkdir(parents=True)  # the other run had started producing artifacts
     from histodiffusion.cli import main
 
     assert main(["run", "--out", str(out), "--base", "none"]) == 2
