@@ -71,15 +71,13 @@ def _start(cfg, stage: str):
 # Noise-aware latent classifier
 # --------------------------------------------------------------------------------------------------
 def _load_training_scheduler(path: str, space):
-    from .latent_space import LatentSpace, check_compatible, of_model
+    from .latent_space import check_compatible, of_model
     from .models.unet import load_scheduler
 
     sched = load_scheduler(path)
     if (Path(path).parent / MODEL_INFO).is_file():  # scheduler of an exported LDM: its latents must be the cache's
-        ldm = of_model(Path(path).parent, "LDM")
         try:
-            check_compatible(LatentSpace(space.vae_hash, space.scaling_factor), LatentSpace(ldm.vae_hash, ldm.scaling_factor),
-                             "the latent cache", f"the LDM of {path}")
+            check_compatible(space, of_model(Path(path).parent, "LDM"), "the latent cache", f"the LDM of {path}")
         except HistoError as e:
             raise HistoError(f"{e}; encode the target data with the LDM's autoencoder") from None
     return sched

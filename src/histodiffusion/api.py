@@ -65,7 +65,8 @@ def sample(**fields: Any) -> Path:
 
 
 def select(**fields: Any) -> Path:
-    """`histodiffusion select`: writes filtered.csv (keep-list) and filtered.json beside samples.csv."""
+    """`histodiffusion select`: writes filtered.csv (keep-list) and filtered.json into its own directory
+    (default <samples>/select, with config.json and _COMPLETE.json); returns that directory."""
     return Path(run_stage("select", **fields))
 
 

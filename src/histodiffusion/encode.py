@@ -2,7 +2,8 @@
 
 Layout (artifacts.py): index.csv, latents_NNNNN.safetensors ("mean", "std" float32 [N, C, h, w]),
 subsets/ (from the dataset), meta.json (dataset, classes, count), latent_space.json (the latent-space
-record: autoencoder hash, scaling factor, latent shape; latent_space.py), _COMPLETE.json last. z is sampled from (mean, std) at load time (data/datasets.LatentDataset).
+record: autoencoder hash, scaling factor, latent shape; latent_space.py), _COMPLETE.json last. z is
+sampled from (mean, std) at load time (data/datasets.LatentDataset).
 
 Streaming: one shard of latents is held in memory at a time. Atomic: everything goes into a
 temporary directory renamed over the destination after the completion marker. Several processes
@@ -54,7 +55,8 @@ def _check_existing(out: Path, space, data: Path, flips: bool, log) -> bool:
     if not same:
         raise HistoError(f"latent cache {out} was made from {meta.get('dataset')} with autoencoder "
                          f"{old.vae_hash[:12]} (scaling {old.scaling_factor}); this run uses "
-                         f"{data} with {space.vae_hash[:12]} (scaling {space.scaling_factor}). Use another --out or delete it")
+                         f"{data} with {space.vae_hash[:12]} (scaling {space.scaling_factor}). Use another --out or "
+                         f"delete it")
     log.info("latent cache %s is complete and matches: skipped", out)
     return True
 

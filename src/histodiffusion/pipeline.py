@@ -125,8 +125,8 @@ def plan(cfg: C.RunConfig, base: dict | None | str = "verify") -> list[Step]:
     for suffix, model in arms:
         key = suffix.replace("_", "-")  # stage_config key of the ablation's stages, e.g. "sample-nopretrain"
         s_dir = L.samples(suffix)
-        evaluate = fields(f"evaluate{key}", {"data": str(d_tgt), "samples": str(s_dir), "selection": str(L.select(suffix)),
-                                             "out": str(L.eval(suffix))}, {
+        evaluate = fields(f"evaluate{key}", {"data": str(d_tgt), "samples": str(s_dir),
+                                             "selection": str(L.select(suffix)), "out": str(L.eval(suffix))}, {
             "subset": cfg.subset, "ratios": cfg.ratios, "seeds": cfg.seeds,
             **({"arms": ("real", "selected")} if suffix else {})}, "evaluate")
         # selection drops samples: make oversample x as many as the largest ratio evaluated needs

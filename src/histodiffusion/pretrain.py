@@ -75,7 +75,8 @@ def check_vae(vae_dir: str | Path, vae_hash: str, where: str) -> Path:
     vae_dir = Path(vae_dir)
     if latent_hash(vae_dir) != vae_hash:
         raise HistoError(f"autoencoder {vae_dir} does not match latent cache {where} (content hash "
-                         f"{latent_hash(vae_dir)[:12]} != {vae_hash[:12]}): it was retrained or replaced; re-run encode")
+                         f"{latent_hash(vae_dir)[:12]} != {vae_hash[:12]}): it was retrained or replaced; "
+                         f"re-run encode")
     return vae_dir
 
 
@@ -85,15 +86,13 @@ def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch
 
 def build_model(cfg: PretrainConfig, shared, log):
     """A fresh UNet from cfg, or the UNet of an exported model (init_from) after checking it fits."""
-    from .latent_space import LatentSpace, check_compatible, of_model
+    from .latent_space import check_compatible, of_model
     from .models.unet import build_unet_from_config, load_unet
 
     if not cfg.init_from:
         return build_unet_from_config(cfg, shared.latent_shape)
     src = Path(cfg.init_from)
-    init = of_model(src, "init_from")
-    check_compatible(LatentSpace(init.vae_hash, init.scaling_factor), LatentSpace(shared.vae_hash, shared.scaling_factor),
-                     f"init_from {src}", "the latent caches")
+    check_compatible(of_model(src, "init_from"), shared, f"init_from {src}", "the latent caches")
     unet = load_unet(src / LDM_UNET)
     c, h, _ = shared.latent_shape
     if unet.config.in_channels != c or unet.config.sample_size != h:

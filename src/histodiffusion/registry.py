@@ -18,7 +18,7 @@ class Stage:
     config: type  # its frozen config dataclass
     run: Callable[[Any], Any]  # run(config) -> the stage's output (a directory, mostly)
     help: str  # one line: what it does
-    outputs: tuple[str, ...] = ()  # files/folders it writes into its output directory (besides config.json, _COMPLETE.json)
+    outputs: tuple[str, ...] = ()  # what it writes into its output directory (besides config.json, _COMPLETE.json)
 
     @property
     def inputs(self) -> tuple[str, ...]:

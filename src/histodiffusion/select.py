@@ -48,8 +48,8 @@ from .artifacts import FILTERED_COLUMNS, FILTERED_CSV, selection_dir
 from .config import SelectConfig, config_to_dict
 from .contract import check_complete, completion_record
 from .evaldata import load_real, load_sample_images, quota, read_samples, subset_fingerprint
-from .runtime import (COMPLETE_MARKER, HistoError, closes_stage_logs, ensure_writable, get_logger, mark_complete, seed_everything,
-                      start_run_dir, write_csv_atomic, write_json_atomic)
+from .runtime import (COMPLETE_MARKER, HistoError, closes_stage_logs, ensure_writable, get_logger, mark_complete,
+                      seed_everything, start_run_dir, write_csv_atomic, write_json_atomic)
 
 FILTERED_JSON = "filtered.json"
 GENERATIVE_JSON = "generative_metrics.json"
