@@ -103,10 +103,16 @@ def test_fingerprint_follows_the_stage_that_made_an_input(tmp_path):
     from histodiffusion.runtime import mark_complete
 
     stage = tmp_path / "ldm"
-    (stage / "model" / "scheduler").mkdir(parents=True)
-    assert fingerprint(stage / "model" / "scheduler") == "missing"  # not made yet
+    (stage / "model" / "unet_ema").mkdir(parents=True)
+    assert fingerprint(stage / "model" / "unet_ema") == "missing"  # not made yet
     mark_complete(stage, steps=10)
-    a = fingerprint(stage / "model" / "scheduler")
-    assert a != fingerprint(stage / "model") and a == fingerprint(stage / "model" / "scheduler")
-    mark_complete(stage, steps=20)  # trained longer: every input inside it has another hash
-    assert fingerprint(stage / "model" / "scheduler") != a
+    a = fingerprint(stage / "model" / "unet_ema")
+    assert a != fingerprint(stage / "model") and a == fingerprint(stage / "model" / "unet_ema")
+    (stage / "model" / "scheduler").mkdir()
+    (stage / "model" / "scheduler" / "scheduler_config.json").write_text('{"beta_end": 0.0155}')
+    sched = fingerprint(stage / "model" / "scheduler")
+    mark_complete(stage, steps=20)  # trained longer: the weights inside it have another hash ...
+    assert fingerprint(stage / "model" / "unet_ema") != a
+    assert fingerprint(stage / "model" / "scheduler") == sched  # ... its noise schedule (config files only) not
+    (stage / "model" / "scheduler" / "scheduler_config.json").write_text('{"beta_end": 0.02}')
+    assert fingerprint(stage / "model" / "scheduler") != sched

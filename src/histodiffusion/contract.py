@@ -25,9 +25,16 @@ _UP = 3  # an input inside a stage's directory (e.g. ldm/model/scheduler) is has
 
 
 def fingerprint(path: str | Path) -> str:
-    """A hash of one input artifact: the completion marker of the stage directory that holds it, a base's
-    checksums.json, the file itself, or "missing"."""
+    """A hash of one input artifact: its own completion marker; for a folder of config files only (a
+    noise scheduler), their content (training a model longer does not change its schedule); else the
+    marker of the stage directory that holds it, a base's checksums.json, the file itself, or "missing"."""
     p = Path(path)
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() and not (p / COMPLETE_MARKER).is_file() else []
+    if files and all(f.suffix == ".json" for f in files):
+        h = hashlib.sha256()
+        for f in files:
+            h.update(f"{f.relative_to(p).as_posix()}:{sha256_file(f)};".encode())
+        return h.hexdigest()
     for d in [p, *list(p.parents)[:_UP]]:
         for name in (COMPLETE_MARKER, "checksums.json"):
             if (d / name).is_file():
