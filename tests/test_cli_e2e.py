@@ -73,12 +73,13 @@ def test_run_end_to_end_and_skip(tmp_path):
     with open(L.select() / "filtered.csv") as f:  # select's own directory and completion marker
         assert sorted(r["id"] for r in csv.DictReader(f)) == sorted(r["id"] for r in samples)
     assert complete(L.select()) and (L.select() / "config.json").is_file()
-    assert json.loads((L.eval() / "keep_list.json").read_text())["filtered_csv"] == str((L.select() / "filtered.csv").resolve())
-    metrics = json.loads((L.eval() / "metrics.json").read_text())
+    keep_list = json.loads((L.evaluation() / "keep_list.json").read_text())  # the keep-list evaluate used
+    assert keep_list["filtered_csv"] == str((L.select() / "filtered.csv").resolve())
+    metrics = json.loads((L.evaluation() / "metrics.json").read_text())
     assert {"real", "classic"} <= set(metrics["arms"])
-    assert (L.eval() / "per_seed.csv").is_file()
+    assert (L.evaluation() / "per_seed.csv").is_file()
     assert L.report_index.is_file() and (L.report / "report.md").is_file()
-    for stage_dir in (L.ae, L.ldm, L.latent_classifier, L.samples(), L.select(), L.eval()):
+    for stage_dir in (L.ae, L.ldm, L.latent_classifier, L.samples(), L.select(), L.evaluation()):
         assert (stage_dir / "config.json").is_file()
         marker = json.loads((stage_dir / "_COMPLETE.json").read_text())  # the completion contract
         assert marker["format_version"] == 2 and marker["config"] and marker["inputs"], stage_dir
@@ -90,7 +91,7 @@ def test_run_end_to_end_and_skip(tmp_path):
         assert f" [{stage}] " in run_log, stage
     assert "[run] [12/12] report: done" in run_log and "[run] finished in" in run_log
     for stage_dir in (L.data_target, L.ae, L.cache_target, L.ldm, L.latent_classifier, L.decoder,
-                      L.samples(), L.select(), L.eval(), L.report):
+                      L.samples(), L.select(), L.evaluation(), L.report):
         assert (stage_dir / "log.txt").stat().st_size > 0, stage_dir
     timings_first = L.timings.read_text()
 
@@ -114,7 +115,7 @@ def test_run_end_to_end_and_skip(tmp_path):
     recorded = json.loads(L2.base_record.read_text())
     assert recorded["id"] == hashlib.sha256((base / "checksums.json").read_bytes()).hexdigest()
     assert json.loads((L2.cache_target / "latent_space.json").read_text())["vae_hash"] == recorded["vae_hash"]
-    assert (L2.eval() / "metrics.json").is_file() and L2.report_index.is_file()
+    assert (L2.evaluation() / "metrics.json").is_file() and L2.report_index.is_file()
 
 
 def test_run_refuses_other_config_in_same_dir(tmp_path):

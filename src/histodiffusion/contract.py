@@ -18,7 +18,8 @@ from typing import Any
 from . import config as C
 from .artifacts import selection_dir
 from .config import config_to_dict, input_fields
-from .runtime import COMPLETE_MARKER, MARKER_FORMAT, HistoError, comparable_config, read_json, sha256_file
+from .runtime import (COMPLETE_MARKER, MARKER_FORMAT, HistoError, comparable_config, dist_info, read_json,
+                      sha256_file)
 
 REMADE = (C.ReportConfig, C.SelectConfig)  # cheap stages re-made (not refused) when their inputs changed
 _UP = 3  # an input inside a stage's directory (e.g. ldm/model/scheduler) is hashed by that stage's marker
@@ -97,7 +98,8 @@ def check_complete(out: str | Path | None, cfg: Any) -> bool:
     now = input_hashes(cfg)
     changed = sorted(k for k in set(now) | set(rec["inputs"]) if now.get(k) != rec["inputs"].get(k))
     if changed and isinstance(cfg, REMADE):  # cheap, a pure function of its inputs: made again
-        (Path(out) / COMPLETE_MARKER).unlink()
+        if dist_info()[0] == 0:  # only rank 0 writes
+            (Path(out) / COMPLETE_MARKER).unlink(missing_ok=True)
         return False
     if changed:
         raise HistoError(f"{out} is complete but was made from other inputs: {', '.join(changed)} changed since "

@@ -114,7 +114,7 @@ class RunLayout:
 
         return selection_dir(self.samples(arm))
 
-    def eval(self, arm: str = "") -> Path:
+    def evaluation(self, arm: str = "") -> Path:
         return self.root / f"eval{arm}"
 
     @property

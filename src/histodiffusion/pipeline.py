@@ -98,7 +98,8 @@ def plan(cfg: C.RunConfig, base: dict | None | str = "verify") -> list[Step]:
             Step("encode unlabeled", "encode", c_unl,
                  fields("encode", {"data": str(d_unl), "vae": str(ae_vae), "out": str(c_unl)}, {})),
             encode_target,
-            Step("pretrain LDM", "pretrain", L.ldm, fields("pretrain", {"cache": (str(c_unl),), "out": str(L.ldm)}, {})),
+            Step("pretrain LDM", "pretrain", L.ldm,
+                 fields("pretrain", {"cache": (str(c_unl),), "out": str(L.ldm)}, {})),
         ]
     if cfg.adapt_unlabeled_steps:  # beyond the paper: the target's own train tiles, labels unused
         steps.append(Step("adapt LDM to target tiles (unlabeled)", "pretrain", L.ldm_target, fields(
@@ -126,7 +127,7 @@ def plan(cfg: C.RunConfig, base: dict | None | str = "verify") -> list[Step]:
         key = suffix.replace("_", "-")  # stage_config key of the ablation's stages, e.g. "sample-nopretrain"
         s_dir = L.samples(suffix)
         evaluate = fields(f"evaluate{key}", {"data": str(d_tgt), "samples": str(s_dir),
-                                             "selection": str(L.select(suffix)), "out": str(L.eval(suffix))}, {
+                                             "selection": str(L.select(suffix)), "out": str(L.evaluation(suffix))}, {
             "subset": cfg.subset, "ratios": cfg.ratios, "seeds": cfg.seeds,
             **({"arms": ("real", "selected")} if suffix else {})}, "evaluate")
         # selection drops samples: make oversample x as many as the largest ratio evaluated needs
@@ -140,11 +141,11 @@ def plan(cfg: C.RunConfig, base: dict | None | str = "verify") -> list[Step]:
             Step(f"select{suffix}", "select", L.select(suffix), fields(f"select{key}", {
                 "samples": str(s_dir), "data": str(d_tgt), "out": str(L.select(suffix))}, {
                 "subset": cfg.subset, "quota_ratio": max(evaluate["ratios"])}, "select")),
-            Step(f"evaluate{suffix}", "evaluate", L.eval(suffix), evaluate),
+            Step(f"evaluate{suffix}", "evaluate", L.evaluation(suffix), evaluate),
         ]
     steps.append(Step("report", "report", L.report, fields("report", {
-        "run": str(root), "out": str(L.report), "data": str(d_tgt), "samples": str(L.samples()), "eval": str(L.eval()),
-        "latent_classifier": str(L.latent_classifier)}, {})))
+        "run": str(root), "out": str(L.report), "data": str(d_tgt), "samples": str(L.samples()),
+        "eval": str(L.evaluation()), "latent_classifier": str(L.latent_classifier)}, {})))
     of_dataset = {str(d_tgt): str(d_tgt), str(c_tgt): str(d_tgt), str(d_unl): str(d_unl), str(c_unl): str(d_unl)}
     _check_steps(cfg, steps, of_dataset, str(d_tgt), labels_csv)
     return steps
@@ -312,7 +313,7 @@ def _ablation_table(root: Path) -> None:
     rows = ["| arm | accuracy (mean, 95% CI) | macro-F1 (mean, 95% CI) | delta acc vs real |", "|---|---|---|---|"]
     layout = RunLayout(root)
     for suffix, label in (("", ""), ("_nopretrain", " (no pretraining)")):
-        path = layout.eval(suffix) / "metrics.json"
+        path = layout.evaluation(suffix) / "metrics.json"
         if not path.is_file():
             continue
         m = json.loads(path.read_text())

@@ -95,7 +95,7 @@ def _paths(cfg: ReportConfig) -> dict[str, Path]:
     samples = Path(cfg.samples) if cfg.samples else L.samples()
     return {"run": L.root, "layout": L, "data": Path(cfg.data) if cfg.data else L.data_target,
             "samples": samples, "select": selection_dir(samples),
-            "eval": Path(cfg.eval) if cfg.eval else L.eval(),
+            "eval": Path(cfg.eval) if cfg.eval else L.evaluation(),
             "latent_classifier": Path(cfg.latent_classifier) if cfg.latent_classifier else L.latent_classifier}
 
 
@@ -389,7 +389,7 @@ def run(cfg: ReportConfig) -> Path:
     section_results(doc, p, p["eval"])
     from .layout import ARMS
 
-    for extra in (p["layout"].eval(a) for a in ARMS if a):  # e.g. eval_nopretrain (the no-pretraining ablation)
+    for extra in (p["layout"].evaluation(a) for a in ARMS if a):  # e.g. eval_nopretrain (the no-pretraining ablation)
         if extra.is_dir() and extra.resolve() != p["eval"].resolve():
             section_results(doc, p, extra, f"Downstream classification: {extra.name[len('eval_'):]}")
     section_generative(doc, p)
