@@ -282,7 +282,7 @@ def test_bad_ratio_and_missing_filter(evaluated, tmp_path):
         run(EvaluateConfig(**{**cfg.__dict__, "ratios": (3.0,), "out": str(tmp_path / "a"), "external": ()}))
     bare = tmp_path / "bare"
     shutil.copytree(cfg.samples, bare)
-    (bare / "filtered.csv").unlink()
+    shutil.rmtree(bare / "select")
     with pytest.raises(HistoError, match="select"):
         run(EvaluateConfig(**{**cfg.__dict__, "samples": str(bare), "out": str(tmp_path / "b"), "external": ()}))
     with pytest.raises(HistoError, match="samples"):

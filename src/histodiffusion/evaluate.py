@@ -41,7 +41,9 @@ import numpy as np
 import torch
 
 from . import metrics as M
+from .artifacts import FILTERED_CSV, selection_dir
 from .config import EvaluateConfig, ScoreConfig
+from .contract import completion_record
 from .evaldata import (Tiles, dataset_classes, load_real, load_sample_images, quota, read_filtered,
                        read_samples)
 from .evalsummary import (CURVE_COLUMNS, confusion_name, curve_rows, per_seed_columns, per_seed_rows,
@@ -114,11 +116,11 @@ def synthetic_sets(cfg: EvaluateConfig, arms, real: Tiles) -> dict:
     by_class = {c: [i for i, r in enumerate(rows) if r["target"] == c] for c in real.classes}
     kept: dict[str, list[int]] = {}
     if "selected" in kinds:
-        filt = read_filtered(cfg.samples)
+        filt = read_filtered(selection_dir(cfg.samples, cfg.selection))
         unknown = [f["id"] for f in filt if f["id"] not in index]
         if unknown:
-            raise HistoError(f"filtered.csv in {cfg.samples} lists sample {unknown[0]!r} that samples.csv lacks: "
-                             f"re-run select")
+            raise HistoError(f"filtered.csv in {selection_dir(cfg.samples, cfg.selection)} lists sample {unknown[0]!r} "
+                             f"that {cfg.samples}/samples.csv lacks: re-run select")
         for c in real.classes:
             ks = sorted((f for f in filt if f["target"] == c and int(f["keep"]) == 1), key=lambda f: int(f["rank"]))
             kept[c] = [index[f["id"]] for f in ks]
@@ -226,6 +228,7 @@ def run(cfg: EvaluateConfig) -> Path:
     train_ids = set(real.ids)
     externals = load_external(cfg.external, classes, {r["hash"] for r in rows if r["id"] in train_ids})
     syn = synthetic_sets(cfg, arms, real)
+    check_keep_list(cfg, out, arms, rank == 0)
     size = int(real.images.shape[1])
     steps, steps_per_epoch = budget(cfg, len(real))
     jobs = [(a, s) for a in arms for s in cfg.seeds]
@@ -250,6 +253,27 @@ def run(cfg: EvaluateConfig) -> Path:
     # 3. merge (rank 0): per_seed.csv, curves.csv, metrics.json, confusion PNGs, completion marker last
     _merge(cfg, out, arms, jobs, sets, classes, real, val, test, externals, steps, steps_per_epoch)
     return out
+
+
+KEEP_LIST = "keep_list.json"  # the keep-list an evaluation uses, recorded when it starts
+
+
+def check_keep_list(cfg: EvaluateConfig, out: Path, arms, is_main: bool) -> None:
+    """Record the keep-list (filtered.csv hash) the selected arms train on; on resume, refuse another one,
+    so classifiers of an old and a new selection never mix in one evaluation."""
+    from .runtime import sha256_file
+
+    if not any(kind == "selected" for _, kind, _ in arms):
+        return
+    path = selection_dir(cfg.samples, cfg.selection) / FILTERED_CSV
+    now = {"filtered_csv": str(path.resolve()), "sha256": sha256_file(path)}
+    old = read_json(out / KEEP_LIST, "keep-list record") if (out / KEEP_LIST).is_file() else None
+    if old and old.get("sha256") != now["sha256"]:
+        raise HistoError(f"evaluation {out} was started with another keep-list ({old.get('filtered_csv')}, sha256 "
+                         f"{str(old.get('sha256'))[:12]}; now {now['sha256'][:12]}): select was re-run since; delete "
+                         f"{out} (or use another --out) to evaluate the new selection")
+    if is_main and not old:
+        write_json_atomic(out / KEEP_LIST, now)
 
 
 def budget(cfg: EvaluateConfig, n_real: int) -> tuple[int, int]:
@@ -348,7 +372,7 @@ def _merge(cfg, out: Path, arms, jobs, sets, classes, real, val, test, externals
             cm = sum(np.asarray(results[(name, s)]["scores"][ts]["confusion"]) for s in cfg.seeds)
             plot_confusion(cm, classes, f"{name} on {ts} ({len(cfg.seeds)} seeds)",
                            out / "confusion" / confusion_name(ts, name))
-    mark_complete(out, arms=len(arms), seeds=len(cfg.seeds))
+    mark_complete(out, **completion_record(cfg), arms=len(arms), seeds=len(cfg.seeds))
 
 
 # --------------------------------------------------------------------------------------------
@@ -398,5 +422,5 @@ def run_score(cfg: ScoreConfig) -> Path:
         "arms": {a: {"accuracy": M.mean_ci([m["accuracy"] for m in ms]),
                      "macro_f1": M.mean_ci([m["macro_f1"] for m in ms])} for a, ms in by_arm.items()},
         "fidelity": fidelity.record if fidelity else None})
-    mark_complete(out, classifiers=len(dirs), fidelity=bool(fidelity))
+    mark_complete(out, **completion_record(cfg), classifiers=len(dirs), fidelity=bool(fidelity))
     return out
