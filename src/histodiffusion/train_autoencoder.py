@@ -282,7 +282,7 @@ def run(cfg: AutoencoderConfig) -> Path:
     log.info("autoencoder: %d train + %d held-out tiles of %d px, f=%d, %.2fM params, %d process(es)",
              len(train_ds), len(held), tile, 2 ** (len(cfg.block_out_channels) - 1),
              sum(p.numel() for p in vae.parameters()) / 1e6, acc.num_processes)
-    bar = progress(total=cfg.steps, initial=step, desc="autoencoder", disable=not main)
+    bar = progress(total=cfg.steps, initial=step, desc="autoencoder", disable=not main, log=log)
     t0, n_img = time.time(), 0
     model.train()
     while step < cfg.steps:
