@@ -114,3 +114,15 @@ def test_progress_lines_and_verbosity_in_process():
         apply_log_config(LogConfig(quiet=True, verbose=True))
     assert progress_line("x", 30, 120, 2.0, 15.0, "loss=0.5") == "x: 30/120 (25%), loss=0.5, 2 it/s, elapsed 15s, ETA 45s"
     assert progress_line("x", 3, 3, 0.5, 6.0) == "x: 3/3 (100%), 2 s/it, elapsed 6s"
+
+
+def test_version_flag_prints_the_package_version():
+    from importlib.metadata import version
+
+    import histodiffusion
+
+    r = subprocess.run([sys.executable, "-m", "histodiffusion", "--version"], capture_output=True, text=True,
+                       env=_env(), timeout=60)
+    assert r.returncode == 0 and r.stdout == f"histodiffusion {histodiffusion.__version__}\n"
+    assert re.fullmatch(r"\d+\.\d+\.\d+\S*", histodiffusion.__version__)
+    assert version("histodiffusion") == histodiffusion.__version__  # the installed metadata: the same one fact
