@@ -61,9 +61,9 @@ class Doc:
     def table(self, header: list[str], rows: list[list], caption: str = "") -> None:
         cells = "".join(f"<th>{html.escape(str(c))}</th>" for c in header)
         body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
-        cap = f"<caption>{html.escape(caption)}</caption>" if caption else ""
-        self.html.append(f'<div class="scroll"><table>{cap}<thead><tr>{cells}</tr></thead><tbody>{body}</tbody>'
-                         f'</table></div>')
+        cap = f'<p class="caption">{html.escape(caption)}</p>' if caption else ""  # wraps to the window, not the table
+        self.html.append(f'<div class="table">{cap}<div class="scroll"><table><thead><tr>{cells}</tr></thead>'
+                         f'<tbody>{body}</tbody></table></div></div>')
         if caption:
             self.md.append(f"*{caption}*\n")
         self.md.append("| " + " | ".join(map(str, header)) + " |")
@@ -94,10 +94,11 @@ class Doc:
 CSS = """*{box-sizing:border-box}body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;
 margin:16px auto;max-width:1180px;color:#222;line-height:1.4;padding:0 16px}h1{border-bottom:2px solid #446;
 padding-bottom:6px;font-size:1.6em;margin:8px 0 10px;overflow-wrap:anywhere}h2{margin-top:30px;border-bottom:1px solid #ccc;
-padding-bottom:3px}#verdict h2{margin-top:10px}p.verdict{font-size:17px;background:#f3f5fb;border-left:4px solid #446;
-padding:8px 12px;margin:8px 0}.scroll{overflow-x:auto;max-width:100%}table{border-collapse:collapse;margin:8px 0 16px;
-font-size:13px}th,td{border:1px solid #bbb;padding:4px 8px;text-align:right}th{background:#eef}
-td:first-child,th:first-child{text-align:left}caption{caption-side:top;text-align:left;font-weight:600;padding:4px 0}
+padding-bottom:3px}#verdict h2{margin-top:10px}#details>h2:first-child{border:0;margin:40px 0 0;color:#446;font-size:1em;
+text-transform:uppercase;letter-spacing:.08em}p.verdict{font-size:17px;background:#f3f5fb;border-left:4px solid #446;
+padding:8px 12px;margin:8px 0}.scroll{overflow-x:auto;max-width:100%}table{border-collapse:collapse;margin:2px 0 14px;
+font-size:13px}th,td{border:1px solid #bbb;padding:4px 8px;text-align:right}td{white-space:nowrap}th{background:#eef}
+td:first-child,th:first-child{text-align:left}p.caption{font-weight:600;font-size:13px;margin:10px 0 2px}
 figure{display:inline-block;margin:6px 10px 12px 0;vertical-align:top;max-width:100%}figcaption{font-size:12px;color:#555;
 max-width:520px}img{border:1px solid #ddd;max-width:100%;height:auto}img.tiles{image-rendering:pixelated}
 pre{background:#f6f6f8;padding:8px;font-size:12px;overflow-x:auto}details{margin:4px 0}summary{cursor:pointer}
