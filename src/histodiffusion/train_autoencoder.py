@@ -21,9 +21,11 @@ from torch import nn
 
 from .config import AutoencoderConfig
 from .data.mixture import EpochIndex, IdRecorder, MixtureDataset, make_loader
+from .modelcards import CARD, autoencoder_card
 from .runtime import (HistoError, MetricsLog, check_checkpoint_within, closes_stage_logs, get_logger, human_time,
                       load_latest_checkpoint, make_accelerator, mark_complete, progress, reopen_for_steps,
-                      save_checkpoint, save_final_checkpoint, seed_everything, start_run_dir, write_csv_atomic)
+                      save_checkpoint, save_final_checkpoint, seed_everything, start_run_dir, write_csv_atomic,
+                      write_text_atomic)
 
 STAGE = "train-autoencoder"
 
@@ -319,6 +321,7 @@ def _finish(cfg, vae, train_ds, sources, held, device, out, model_dir, metrics, 
     sf = measure_scaling_factor(vae, train_ds, device, seed=cfg.seed)
     save_vae(vae, model_dir, sf, trained_on=[str(Path(d).resolve()) for d in cfg.data], steps=cfg.steps,
              holdout_metrics=final)
+    write_text_atomic(model_dir / CARD, autoencoder_card(model_dir, str(model_dir)))
     metrics.log(step=cfg.steps, scaling_factor=sf, **final)
     mark_complete(out, model=str(model_dir), scaling_factor=sf, steps=cfg.steps, **final)
     log.info("autoencoder exported to %s in %s: held-out PSNR %s dB, SSIM %s, scaling factor %.5f", model_dir,
