@@ -206,7 +206,7 @@ def section_grids(doc: Doc, p: dict, subset: str, classes: list[str], n: int, sc
 
     if not (p["samples"] / "samples.csv").is_file():
         doc.h(2, "Real images per class")
-        doc.p(f"{n} tiles per class of {subset!r}, {tile} px shown at {k}x.")
+        doc.p(f"Up to {n} tiles per class of {subset!r}, {tile} px shown at {k}x.")
         doc.open_row()
         for ci, c in enumerate(classes):
             doc.image(grid(real.images[real.labels == ci][:n], None, c), f"grid_{ci}.png", f"{c}: real", cls="tiles")
@@ -222,7 +222,7 @@ def section_grids(doc: Doc, p: dict, subset: str, classes: list[str], n: int, sc
     targets = np.array([classes.index(r["target"]) for r in rows])
     keep = np.array([int(filt[r["id"]]["keep"]) if r["id"] in filt else -1 for r in rows])
     doc.h(2, "Real and synthetic images per class")
-    doc.p(f"Left: {n} real tiles of {subset!r} per class. Right: {n} synthetic samples" +
+    doc.p(f"Left: up to {n} real tiles of {subset!r} per class. Right: up to {n} synthetic samples" +
           (", kept ones first in rank order (dropped ones are framed red)" if filt else " (not yet selected)") +
           f". {tile} px tiles shown at {k}x.")
     for ci, c in enumerate(classes):
@@ -325,16 +325,10 @@ def section_results(doc: Doc, p: dict, eval_dir: Path, title: str = "Downstream 
               f"noise.")
     classes = m["classes"]
     for ts, r in m["testsets"].items():
-        rows = []
-        for arm, v in r["arms"].items():
-            d = r["deltas_vs_real"].get(arm)
-            rows.append([f"{arm} (A/A noise floor)" if arm == "real_aa" else arm,
-                         sum(v.get("n_synthetic", {}).values()), _ci(v["accuracy"]), _ci(v["macro_f1"]),
-                         _ci(d["accuracy"]) if d else "–", _ci(d["macro_f1"]) if d else "–"])
         first = next(iter(r["arms"].values()))
         if test_table or ts != "test":
-            doc.table(["arm", "synthetic images", "accuracy", "macro-F1", "Δ accuracy vs real", "Δ macro-F1 vs real"],
-                      rows, f"{'test split' if ts == 'test' else 'external test set ' + ts} ({first['n_test']} tiles)")
+            doc.table(ARM_HEADER, arm_rows(r),
+                      f"{'test split' if ts == 'test' else 'external test set ' + ts} ({first['n_test']} tiles)")
         rows = [[arm] + [f"{_fmt(v['sensitivity'][c]['mean'])} / {_fmt(v['specificity'][c]['mean'])}" for c in classes]
                 for arm, v in r["arms"].items()]
         doc.table(["arm"] + [f"{c} sens / spec" for c in classes], rows, f"per-class sensitivity / specificity ({ts}, mean over seeds)")
@@ -351,6 +345,20 @@ def section_results(doc: Doc, p: dict, eval_dir: Path, title: str = "Downstream 
             for _, arm, png in (x for x in pngs if x[0] == ts):
                 doc.image(png.read_bytes(), f"confusion_{eval_dir.name}_{png.name}", f"{ts}: {arm}", 260)
             doc.close_row()
+
+
+ARM_HEADER = ["arm", "synthetic images", "accuracy", "macro-F1", "Δ accuracy vs real", "Δ macro-F1 vs real"]
+
+
+def arm_rows(r: dict) -> list[list]:
+    """Rows of ARM_HEADER for one test set of metrics.json (mean [95% CI]; deltas paired against real)."""
+    rows = []
+    for arm, v in r["arms"].items():
+        d = r["deltas_vs_real"].get(arm)
+        rows.append([f"{arm} (A/A noise floor)" if arm == "real_aa" else arm,
+                     sum(v.get("n_synthetic", {}).values()), _ci(v["accuracy"]), _ci(v["macro_f1"]),
+                     _ci(d["accuracy"]) if d else "–", _ci(d["macro_f1"]) if d else "–"])
+    return rows
 
 
 def section_validation(doc: Doc, m: dict, eval_dir: Path) -> None:

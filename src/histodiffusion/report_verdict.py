@@ -7,7 +7,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .report import Doc, _ci, _fmt
+from .report import ARM_HEADER, Doc, _fmt, arm_rows
+from .report_quality import _rate
 from .runtime import read_json
 
 TEST = "test"
@@ -83,24 +84,10 @@ def section_verdict(doc: Doc, eval_dir: Path) -> dict | None:
     for s in sentences:
         doc.p(s, cls="verdict")
     r = m["testsets"][TEST]
-    rows = []
-    for arm, v in r["arms"].items():
-        d = r["deltas_vs_real"].get(arm)
-        rows.append([f"{arm} (A/A noise floor)" if arm == "real_aa" else arm,
-                     sum(v.get("n_synthetic", {}).values()), _ci(v["accuracy"]), _ci(v["macro_f1"]),
-                     _ci(d["accuracy"]) if d else "–", _ci(d["macro_f1"]) if d else "–"])
     first = next(iter(r["arms"].values()))
-    doc.table(["arm", "synthetic images", "accuracy", "macro-F1", "Δ accuracy vs real", "Δ macro-F1 vs real"],
-              rows, f"efficacy on the test split ({first['n_test']} tiles; mean [95% CI] over seeds {m['seeds']}; "
+    doc.table(ARM_HEADER, arm_rows(r), f"efficacy on the test split ({first['n_test']} tiles; mean [95% CI] over seeds {m['seeds']}; "
                     f"Δ: paired differences against real)")
     return m
-
-
-def _rate(block: dict | None) -> str:
-    if not block or block.get("fidelity") is None:
-        return "–"
-    lo, hi = block["ci95"]
-    return f"{block['fidelity']:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
 def section_fidelity_summary(doc: Doc, samples: Path) -> None:
