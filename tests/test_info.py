@@ -115,3 +115,8 @@ def test_dataset_line_names_the_licence_where_known(tmp_path):
     (d / "meta.json").write_text(json.dumps({**meta, "licence": "CC0"}))
     assert dataset_line(d).endswith("Licence: CC0.")
     assert "not described" in dataset_line(tmp_path / "nothing")
+    # an unlabeled dataset lists its source images: the licence file next to them counts
+    (d / "meta.json").write_text(json.dumps({"name": "unl", "tile_size": 64, "counts": {"unlabeled": 7},
+                                             "sources": [{"path": str(src / "a.svs")}, {"path": str(src / "b.png")}]}))
+    line = dataset_line(d)
+    assert line.startswith(f"`unl` ({d}): 7 tiles of 64 px, unlabeled; sources {src}.") and "CC BY 4.0" in line

@@ -138,10 +138,14 @@ def dataset_line(data: str | Path) -> str:
                                      for c in (meta.get("counts") or {}).values()) or "?"
     text = (f"`{meta.get('name') or d.name}` ({d}): {count} tiles of {meta.get('tile_size')} px"
             + (f", classes {', '.join(classes)}" if classes else ", unlabeled"))
-    root = Path((meta.get("sources") or {}).get("root") or d)
+    src = meta.get("sources") or {}  # labeled: {"root": ...}; unlabeled: [{"path": ...}] per source image
+    roots = list(dict.fromkeys(Path(x["path"]).parent for x in src if isinstance(x, dict) and x.get("path"))) \
+        if isinstance(src, list) else [Path(src.get("root") or d)]
+    roots = roots or [d]
+    root = roots[0] if len(roots) == 1 else f"{len(roots)} folders, e.g. {roots[0]}"
     licence = meta.get("licence")
     if not licence:
-        for folder in (root, root.parent):
+        for folder in (roots[0], roots[0].parent):
             found = [folder / n for n in LICENCE_FILES if (folder / n).is_file()]
             if found:
                 paras = [p.strip() for p in found[0].read_text(errors="replace").split("\n\n")]
