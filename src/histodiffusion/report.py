@@ -230,6 +230,7 @@ def section_grids(doc: Doc, p: dict, subset: str, classes: list[str], n: int, sc
         if filt:
             idx.sort(key=lambda i: (-int(filt[rows[i]["id"]]["keep"]), int(filt[rows[i]["id"]]["rank"])))
         idx = idx[:n]
+        doc.p(f"{c}: real (left), synthetic (right)", cls="caption")
         doc.open_row()
         doc.image(grid(real.images[real.labels == ci][:n], None, f"{c}: real"), f"grid_real_{ci}.png",
                   f"{c}: real", cls="tiles")
