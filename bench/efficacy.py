@@ -18,6 +18,7 @@ the full report.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import shutil
@@ -47,6 +48,9 @@ def main() -> None:
     p.add_argument("--until", default="", help="stop every fraction after this stage (e.g. pretrain)")
     p.add_argument("--pretrained-from", default="",
                    help="run directory whose data/, ae/, cache/ and ldm/ are reused (default: the first fraction's)")
+    p.add_argument("--draws", type=int, default=1,
+                   help="draws of the labeled subset (other groups, same size): draw d > 0 runs in frac<f>_d<d>/ "
+                        "with subset frac<f>_d<d>; the table pools (draw, seed) pairs")
     p.add_argument("--table-only", action="store_true", help="only (re)write results.md from finished runs")
     p.add_argument("--no-ablations", action="store_true")
     args = p.parse_args()
@@ -59,11 +63,13 @@ def main() -> None:
     out = Path(args.out)
     fracs = [float(f) for f in args.fractions.split(",")]
     if args.table_only:
-        return write_table(out, fracs)
+        return write_table(out, fracs, args.draws)
+    stage_config = subset_stage_config(args.stage_config, fracs, args.draws, out)
     first = Path(args.pretrained_from) if args.pretrained_from else out / f"frac{fracs[0]:g}"
     t0 = time.time()
-    for frac in fracs:
-        rd = out / f"frac{frac:g}"
+    for frac, draw in [(f, d) for d in range(args.draws) for f in fracs]:
+        name = f"frac{frac:g}" + (f"_d{draw}" if draw else "")
+        rd = out / name
         if first != rd:  # reuse the pretraining stages (and the identical target preparation)
             for rel in SHARED_STAGES:
                 src, dst = first / rel, rd / rel
@@ -75,27 +81,92 @@ def main() -> None:
             base=args.base, adapt_unlabeled_steps=args.adapt_unlabeled_steps,
             unlabeled=tuple(str(p) for p in sorted((SHARED / "unlabeled_he").iterdir())) if args.base == "none" else (),
             labels_csv=str(SHARED / "lc25000_lung" / "labels.csv"),
-            subset=f"frac{frac:g}", seeds=tuple(int(s) for s in args.seeds.split(",")),
+            subset=name, seeds=tuple(int(s) for s in args.seeds.split(",")),
             ratios=tuple(float(r) for r in args.ratios.split(",")), oversample=args.oversample,
             ablations=not args.no_ablations,
-            stage_config=args.stage_config, until=args.until)
+            stage_config=stage_config, until=args.until)
         run(cfg)
         if args.until:
             break
     if not args.until:
-        write_table(out, fracs)
+        write_table(out, fracs, args.draws)
     print(f"total {time.time() - t0:.0f} s")
 
 
-def write_table(out: Path, fracs: list[float]) -> None:
+def subset_stage_config(path: str, fracs: list[float], draws: int, out: Path) -> str:
+    """The --stage-config file, or (when it does not make every fraction or draw) a copy in <out> whose
+    prepare-target also makes them; an existing run keeps its config when nothing has to change."""
+    from histodiffusion.config import load_config_file
+
+    cfg = load_config_file(path) if path else {}
+    tgt = dict(cfg.get("prepare-target", {}))
+    have = [float(f) for f in tgt.get("fewshot_fracs", (0.05, 0.1, 0.25))]
+    if all(f in have for f in fracs) and int(tgt.get("fewshot_draws", 1)) >= draws:
+        return path
+    tgt["fewshot_fracs"] = sorted(set(have) | set(fracs))
+    tgt["fewshot_draws"] = max(draws, int(tgt.get("fewshot_draws", 1)))
+    merged = out / "stage_config.json"
+    merged.parent.mkdir(parents=True, exist_ok=True)
+    merged.write_text(json.dumps({**cfg, "prepare-target": tgt}, indent=1))
+    return str(merged)
+
+
+def write_table(out: Path, fracs: list[float], draws: int = 1) -> None:
     table = results_table(out, fracs)
+    if draws > 1:
+        table += "\n" + pooled_table(out, fracs, draws)
     (out / "results.md").write_text(table)
     print(table)
 
 
+def pooled_table(out: Path, fracs: list[float], draws: int) -> str:
+    """Per fraction and arm: the paired delta vs real over every (draw, seed) pair, draws pooled."""
+    import numpy as np
+
+    from histodiffusion.metrics import mean_ci
+
+    lines = [f"Pooled over {draws} draws of the labeled subset (paired by draw and seed):", "",
+             "| labels | arm | pairs | accuracy mean | delta acc vs real [95% CI] |", "|---|---|---:|---|---|"]
+    for frac in fracs:
+        acc: dict[str, dict[tuple, float]] = {}
+        for d in range(draws):
+            f = out / (f"frac{frac:g}" + (f"_d{d}" if d else "")) / "eval" / "per_seed.csv"
+            if not f.is_file():
+                continue
+            for r in csv.DictReader(f.open()):
+                if r["testset"] != "test":
+                    continue
+                acc.setdefault(r["arm"], {})[(d, r["seed"])] = float(r["accuracy"])
+        real = acc.get("real", {})
+        for arm, vals in acc.items():
+            keys = sorted(set(vals) & set(real))
+            if arm == "real" or not keys:
+                continue
+            ci = mean_ci([vals[k] - real[k] for k in keys])
+            lines.append(f"| {frac:.0%} | {arm} | {len(keys)} | {np.mean([vals[k] for k in keys]):.3f} | {fmt(ci)} |")
+    return "\n".join(lines) + "\n"
+
+
+def paired_vs(eval_dir: Path, arm: str, baseline: str) -> str:
+    """Paired delta of test accuracy arm - baseline over their common seeds (per_seed.csv), formatted."""
+    from histodiffusion.metrics import mean_ci
+
+    f = eval_dir / "per_seed.csv"
+    if arm == baseline or not f.is_file():
+        return "—"
+    acc: dict[str, dict[str, float]] = {}
+    for r in csv.DictReader(f.open()):
+        if r["testset"] == "test":
+            acc.setdefault(r["arm"], {})[r["seed"]] = float(r["accuracy"])
+    keys = sorted(set(acc.get(arm, {})) & set(acc.get(baseline, {})))
+    return fmt(mean_ci([acc[arm][k] - acc[baseline][k] for k in keys])) if len(keys) > 1 else "—"
+
+
 def results_table(out: Path, fracs: list[float]) -> str:
+    """One row per fraction and arm; deltas paired by seed, vs real (no augmentation) and vs classic
+    (real with classic augmentation: the baseline every synthetic arm, trained with it, has to beat)."""
     lines = ["| labels | arm | synthetic used | accuracy mean [95% CI] | macro-F1 mean [95% CI] "
-             "| delta acc vs real [95% CI] |", "|---|---|---:|---|---|---|"]
+             "| delta acc vs real [95% CI] | delta acc vs classic [95% CI] |", "|---|---|---:|---|---|---|---|"]
     for frac in fracs:
         for suffix, tag in (("", ""), ("_nopretrain", " (no pretraining)")):
             path = out / f"frac{frac:g}" / f"eval{suffix}" / "metrics.json"
@@ -107,8 +178,9 @@ def results_table(out: Path, fracs: list[float]) -> str:
                     continue
                 d = m.get("deltas", {}).get(arm, {}).get("accuracy")
                 label = "real_aa (A/A noise floor)" if arm == "real_aa" else arm
+                vs_classic = paired_vs(path.parent, arm, "classic") if arm not in ("real", "real_aa") else "—"
                 lines.append(f"| {frac:.0%} | {label}{tag} | {synthetic_used(path.parent, arm)} | {fmt(res['accuracy'])} "
-                             f"| {fmt(res['macro_f1'])} | {fmt(d) if d else '—'} |")
+                             f"| {fmt(res['macro_f1'])} | {fmt(d) if d else '—'} | {vs_classic} |")
     return "\n".join(lines) + "\n"
 
 

@@ -99,7 +99,7 @@ def throughput(mode: str, data: Path, cache: Path, work: Path, steps: int, batch
     cfg = PretrainConfig()
     lat = LatentDataset(cache)
     torch.manual_seed(0)
-    unet = build_unet_from_config(cfg, lat.meta["latent_shape"]).train()
+    unet = build_unet_from_config(cfg, lat.space.latent_shape).train()
     noise_s = build_scheduler_from_config(cfg)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr)
     src = lat if mode == "cache" else PixelDataset(data)
@@ -196,7 +196,7 @@ def main() -> None:
     data, what = tile_images(work / "data")
     print(f"data: {what}; torch threads: {torch.get_num_threads()}")
     cache = make_vae_and_cache(work, data, a.latent_channels)
-    shape = json.loads((cache / "meta.json").read_text())["latent_shape"]
+    shape = json.loads((cache / "latent_space.json").read_text())["latent_shape"]
     print(f"latents {shape}, UNet = PretrainConfig defaults, batch {a.batch}, {a.steps} timed steps each")
     res: dict[str, list[float]] = {"cache": [], "pixels": []}
     cpu: dict[str, list[float]] = {"cache": [], "pixels": []}

@@ -105,11 +105,12 @@ def main() -> None:
             ds, idx = pick_tiles(run, ev["subset"], variant)
             n = write_samples(ds, idx, classes, vae if variant.startswith("recon") else None, samples)
             print(f"{variant}: {n} images -> {samples}")
-        select.run(config_from_dict(SelectConfig, {**sel, "samples": str(samples), "out": ""}))
-        keep = json.loads((samples / "filtered.json").read_text())
-        gm = json.loads((samples / "generative_metrics.json").read_text())["results"][0]["overall"]
+        selection = select.run(config_from_dict(SelectConfig, {**sel, "samples": str(samples), "out": ""}))
+        keep = json.loads((selection / "filtered.json").read_text())  # select's own directory: <samples>/select
+        gm = json.loads((selection / "generative_metrics.json").read_text())["results"][0]["overall"]
         fd = next(v for k, v in gm.items() if k.startswith("FD_"))
-        evaluate.run(config_from_dict(EvaluateConfig, {**ev, "samples": str(samples), "out": str(out / variant / "eval"),
+        evaluate.run(config_from_dict(EvaluateConfig, {**ev, "samples": str(samples), "selection": str(selection),
+                                                       "out": str(out / variant / "eval"),
                                                        "arms": ["real", "selected", "unselected"], "ratios": [1.0]}))
         m = json.loads((out / variant / "eval" / "metrics.json").read_text())
         for arm, res in m["arms"].items():

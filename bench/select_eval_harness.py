@@ -120,9 +120,9 @@ def main() -> None:
     samples = out / "samples"
     kinds = standins(data, samples, args.subset) if not (samples / "samples.csv").is_file() else None
     t = time.time()
-    select.run(SelectConfig(samples=str(samples), data=str(data), subset=args.subset))
+    selection = select.run(SelectConfig(samples=str(samples), data=str(data), subset=args.subset))  # <samples>/select
     print(f"select: {time.time() - t:.0f} s")
-    flt = {r["id"]: r for r in csv.DictReader(open(samples / "filtered.csv"))}
+    flt = {r["id"]: r for r in csv.DictReader(open(selection / "filtered.csv"))}
     kinds = kinds or {k: [i for i in flt if i.startswith(k + "_")] for k in ("heldout", "copy", "rot90", "wrong_label")}
     print("| stand-in kind | n | kept | flagged memorized | nearest centroid = target | median confidence |")
     print("|---|---:|---:|---:|---:|---:|")

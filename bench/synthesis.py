@@ -43,6 +43,20 @@ SETTINGS = {  # name: scheduler, steps, eta, windowed
 }
 
 
+def run_model(run: Path) -> Path:
+    """The LDM a run samples from: its target-adapted model, else the base it adapted (base.json), else its own."""
+    from histodiffusion.basemodel import resolve_base
+    from histodiffusion.layout import RunLayout
+
+    lay = RunLayout(run)
+    if lay.model(lay.ldm_target).is_dir():
+        return lay.model(lay.ldm_target)
+    if lay.base_record.is_file():
+        rec = json.loads(lay.base_record.read_text())
+        return Path(rec["path"]) if Path(rec["path"]).is_dir() else resolve_base(rec.get("name", "default"))
+    return lay.model(lay.ldm)
+
+
 def floats(text: str) -> list[float]:
     return [float(v) for v in text.split(",") if v.strip()]
 
@@ -196,7 +210,7 @@ def main() -> None:
     if set(wanted) - set(SETTINGS):
         p.error(f"unknown setting(s) {sorted(set(wanted) - set(SETTINGS))}; known: {', '.join(SETTINGS)}")
     run = Path(args.run) if args.run else None
-    model = args.model or (str(run / "ldm" / "model") if run else "")
+    model = args.model or (str(run_model(run)) if run else "")
     classifier = args.classifier or (str(run / "adapt" / "latent_classifier" / "model") if run else "")
     vae = args.vae or (str(run / "adapt" / "decoder" / "model" / "vae")
                        if run and (run / "adapt" / "decoder" / "model" / "vae").is_dir() else "")

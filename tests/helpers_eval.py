@@ -81,10 +81,12 @@ def make_class_samples(out: str | Path, n_per_class: int = 6, size: int = 16, se
 
 
 def write_filtered(sample_dir: str | Path, keep_every: int = 2) -> Path:
-    """A hand-made filtered.csv: every keep_every-th sample of each class kept, ranked in file order."""
+    """A hand-made complete selection in <sample_dir>/select: filtered.csv with every keep_every-th sample
+    of each class kept, ranked in file order, and its completion marker."""
     import csv
 
-    from histodiffusion.artifacts import FILTERED_COLUMNS
+    from histodiffusion.artifacts import FILTERED_COLUMNS, selection_dir
+    from histodiffusion.runtime import mark_complete
 
     sample_dir = Path(sample_dir)
     with open(sample_dir / "samples.csv", newline="") as f:
@@ -98,8 +100,10 @@ def write_filtered(sample_dir: str | Path, keep_every: int = 2) -> Path:
                     "nearest_centroid": r["target"], "centroid_dist": float(k), "nn_real_id": "x",
                     "nn_real_dist": 1.0, "memorized": 0, "keep": keep, "rank": k + 1,
                     "reason": "" if keep else "low_confidence"})
-    write_csv_atomic(sample_dir / "filtered.csv", out, FILTERED_COLUMNS)
-    return sample_dir / "filtered.csv"
+    selection = selection_dir(sample_dir)
+    write_csv_atomic(selection / "filtered.csv", out, FILTERED_COLUMNS)
+    mark_complete(selection, inputs={})
+    return selection / "filtered.csv"
 
 
 class one_thread:

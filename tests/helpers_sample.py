@@ -73,7 +73,8 @@ def make_ldm(folder: str | Path, vae: str | Path, seed: int = 0, prediction_type
     import torch
 
     from histodiffusion.artifacts import MODEL_INFO
-    from histodiffusion.models.autoencoder import measured_scaling_factor, vae_id
+    from histodiffusion.latent_space import measured_factor
+    from histodiffusion.models.autoencoder import vae_id
     from histodiffusion.models.unet import build_scheduler, build_unet
 
     folder = Path(folder)
@@ -82,7 +83,7 @@ def make_ldm(folder: str | Path, vae: str | Path, seed: int = 0, prediction_type
     unet.save_pretrained(folder / "unet_ema")
     build_scheduler(prediction_type=prediction_type).save_pretrained(folder / "scheduler")
     shutil.copytree(vae, folder / "vae")
-    info = {"format_version": 1, "kind": "ldm", "vae_hash": vae_id(vae), "scaling_factor": measured_scaling_factor(vae),
+    info = {"format_version": 1, "kind": "ldm", "vae_hash": vae_id(vae), "scaling_factor": measured_factor(vae),
             "latent_shape": [4, SIZE // 4, SIZE // 4]}
     (folder / MODEL_INFO).write_text(json.dumps(info))
     return folder
@@ -94,6 +95,7 @@ def make_latent_classifier(folder: str | Path, cache: str | Path, scheduler_dir:
     import torch
 
     from histodiffusion.artifacts import MODEL_INFO
+    from histodiffusion.latent_space import of_cache
     from histodiffusion.models.latent_classifier import LatentClassifier
 
     meta = json.loads((Path(cache) / "meta.json").read_text())
@@ -102,7 +104,7 @@ def make_latent_classifier(folder: str | Path, cache: str | Path, scheduler_dir:
     model = model or LatentClassifier(in_channels=4, num_classes=len(meta["classes"]), width=16, depth=2)
     model.save_pretrained(folder)
     info = {"format_version": 1, "kind": "latent_classifier", "classes": meta["classes"],
-            "vae_hash": meta["vae_hash"], "scaling_factor": meta["scaling_factor"], "cache": str(cache),
+            **of_cache(cache).fields(), "cache": str(cache),
             "subset": "train", "scheduler": sched_cfg}
     info.update(overrides)
     (Path(folder) / MODEL_INFO).write_text(json.dumps(info))

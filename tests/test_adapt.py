@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 from histodiffusion import adapt
 from histodiffusion.config import FinetuneDecoderConfig, LatentClassifierConfig, SampleConfig
 from histodiffusion.models.autoencoder import vae_id
-from histodiffusion.models.latent_classifier import load_latent_classifier, vae_latent_hash
+from histodiffusion.latent_space import latent_hash
+from histodiffusion.models.latent_classifier import load_latent_classifier
 from histodiffusion.runtime import HistoError
 
 from helpers_sample import make_labeled_cache, make_ldm
@@ -52,7 +53,7 @@ def test_latent_classifier_learns_and_reports_buckets(target, tmp_path):
     assert (out / "image_baseline" / "classifier.json").is_file()
     assert "latent vs image classifier: t in [0,250)" in (out / "log.txt").read_text()
     model, info, _ = load_latent_classifier(out / "model")
-    meta = json.loads((target["cache"] / "meta.json").read_text())
+    meta = json.loads((target["cache"] / "latent_space.json").read_text())  # the cache's latent-space record
     assert info["classes"] == ["dark", "pale"] and info["vae_hash"] == meta["vae_hash"]
     assert model.config.class_names == ["dark", "pale"]  # in config.json: loads as a pipeline component
     assert "Validation accuracy" in (out / "model" / "README.md").read_text()  # the model card
@@ -148,7 +149,7 @@ def test_finetune_decoder_changes_decoder_only(target, tmp_path):
     assert any(not torch.equal(new[k], old[k]) for k in dec)
     # the exported autoencoder names its base: latents of the base autoencoder stay valid
     info = json.loads((out / "model" / "vae" / "histodiffusion.json").read_text())
-    assert info["base_vae_hash"] == vae_id(target["vae"]) == vae_latent_hash(out / "model" / "vae")
+    assert info["base_vae_hash"] == vae_id(target["vae"]) == latent_hash(out / "model" / "vae")
     assert vae_id(out / "model" / "vae") != info["base_vae_hash"]
     m = json.loads((out / "metrics.json").read_text())
     assert {"recon_l1", "aux_accuracy_on_recon"} <= set(m["before"]) and m["aux_weight"] == 0.5

@@ -149,7 +149,7 @@ def test_config_value_out_of_range(capsys, tmp_path, world, stage, flag, value, 
     check_refused(capsys, [stage, *inputs, *out_flag, f"--{flag}", value], field,
                   [] if stage == "select" else [out])
     if stage == "select":
-        assert not (out / "filtered.csv").exists() and not (out / "selector").exists()
+        assert not (out / "select").exists()
 
 
 def test_val_and_test_fractions_too_large(capsys, tmp_path):
@@ -295,7 +295,7 @@ def test_select_without_samples_csv(capsys, tmp_path, world):
     empty = tmp_path / "samples"
     (empty / "images").mkdir(parents=True)
     check_refused(capsys, ["select", "--samples", empty, "--data", world["target"]], str(empty / "samples.csv"))
-    assert not (empty / "filtered.csv").exists() and not (empty / "selector").exists()
+    assert not (empty / "select").exists()
 
 
 def test_select_with_corrupt_sample_png(capsys, tmp_path, world):
@@ -303,7 +303,7 @@ def test_select_with_corrupt_sample_png(capsys, tmp_path, world):
     truncate(samples / "images" / "s00001.png", 30)
     check_refused(capsys, ["select", "--samples", samples, "--data", world["target"], "--backbone", "small_cnn_w8"],
                   "s00001.png")
-    assert not (samples / "filtered.csv").exists() and not (samples / "selector").exists()
+    assert not (samples / "select").exists()
 
 
 @pytest.mark.parametrize("subset,where", [("test", "test"), ("all", "test, val")])

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from histodiffusion.data import default
+from histodiffusion.layout import RunLayout
 
 TINY = {
     "prepare-unlabeled": {"stride": 16},
@@ -45,69 +46,76 @@ def test_run_end_to_end_and_skip(tmp_path):
     r = _run(out, cfg)
     assert r.returncode == 0, r.stderr[-3000:]
 
-    complete = lambda p: (out / p / "_COMPLETE.json").is_file()  # noqa: E731
+    L = RunLayout(out)
+    complete = lambda p: (p / "_COMPLETE.json").is_file()  # noqa: E731
     # 1. every stage's artifacts
-    for d in ("data/unlabeled", "data/target"):
-        assert complete(d) and (out / d / "manifest.csv").is_file() and (out / d / "meta.json").is_file()
-        assert list((out / d / "shards").glob("pixels_*.safetensors"))
-    assert (out / "data/target/subsets/frac0.1.csv").is_file()
-    assert complete("ae") and (out / "ae/model/vae/config.json").is_file()
-    assert list((out / "ae/model/vae").glob("*.safetensors"))
-    for c in ("cache/unlabeled", "cache/target"):
-        assert complete(c) and (out / c / "index.csv").is_file() and list((out / c).glob("latents_*.safetensors"))
-    assert complete("ldm")
+    for d in (L.data_unlabeled, L.data_target):
+        assert complete(d) and (d / "manifest.csv").is_file() and (d / "meta.json").is_file()
+        assert list((d / "shards").glob("pixels_*.safetensors"))
+    assert (L.data_target / "subsets/frac0.1.csv").is_file()
+    assert complete(L.ae) and (L.ae_vae / "config.json").is_file()
+    assert list(L.ae_vae.glob("*.safetensors"))
+    for c in (L.cache_unlabeled, L.cache_target):
+        assert complete(c) and (c / "index.csv").is_file() and list(c.glob("latents_*.safetensors"))
+    assert complete(L.ldm)
     for sub in ("unet_ema", "scheduler", "vae"):
-        assert (out / "ldm/model" / sub).is_dir()
-    assert complete("adapt/latent_classifier") and (out / "adapt/latent_classifier/model/config.json").is_file()
-    assert complete("adapt/decoder") and (out / "adapt/decoder/model/vae/config.json").is_file()
-    with open(out / "samples/samples.csv") as f:
+        assert (L.model(L.ldm) / sub).is_dir()
+    assert complete(L.latent_classifier) and (L.model(L.latent_classifier) / "config.json").is_file()
+    assert complete(L.decoder) and (L.model(L.decoder) / "vae/config.json").is_file()
+    with open(L.samples() / "samples.csv") as f:
         samples = list(csv.DictReader(f))
-    classes = json.loads((out / "data/target/meta.json").read_text())["classes"]
-    real = [r["label"] for r in csv.DictReader(open(out / "cache/target/index.csv"))
-            if r["id"] in {x["id"] for x in csv.DictReader(open(out / "data/target/subsets/frac0.1.csv"))}]
+    classes = json.loads((L.data_target / "meta.json").read_text())["classes"]
+    real = [r["label"] for r in csv.DictReader(open(L.cache_target / "index.csv"))
+            if r["id"] in {x["id"] for x in csv.DictReader(open(L.data_target / "subsets/frac0.1.csv"))}]
     for c in classes:  # the largest ratio (0.5) x oversample (default 2) x the real count of every class
         assert sum(r["target"] == c for r in samples) == real.count(c)
-    assert sorted(p.name for p in (out / "samples/images").glob("*.png")) == sorted(Path(r["file"]).name for r in samples)
-    with open(out / "samples/filtered.csv") as f:
+    assert sorted(p.name for p in (L.samples() / "images").glob("*.png")) == sorted(Path(r["file"]).name for r in samples)
+    with open(L.select() / "filtered.csv") as f:  # select's own directory and completion marker
         assert sorted(r["id"] for r in csv.DictReader(f)) == sorted(r["id"] for r in samples)
-    metrics = json.loads((out / "eval/metrics.json").read_text())
+    assert complete(L.select()) and (L.select() / "config.json").is_file()
+    keep_list = json.loads((L.evaluation() / "keep_list.json").read_text())  # the keep-list evaluate used
+    assert keep_list["filtered_csv"] == str((L.select() / "filtered.csv").resolve())
+    metrics = json.loads((L.evaluation() / "metrics.json").read_text())
     assert {"real", "classic"} <= set(metrics["arms"])
-    assert (out / "eval/per_seed.csv").is_file()
-    assert (out / "report/index.html").is_file() and (out / "report/report.md").is_file()
-    for stage_dir in ("ae", "ldm", "adapt/latent_classifier", "samples", "eval"):
-        assert (out / stage_dir / "config.json").is_file()
+    assert (L.evaluation() / "per_seed.csv").is_file()
+    assert L.report_index.is_file() and (L.report / "report.md").is_file()
+    for stage_dir in (L.ae, L.ldm, L.latent_classifier, L.samples(), L.select(), L.evaluation()):
+        assert (stage_dir / "config.json").is_file()
+        marker = json.loads((stage_dir / "_COMPLETE.json").read_text())  # the completion contract
+        assert marker["format_version"] == 2 and marker["config"] and marker["inputs"], stage_dir
     assert "report:" in r.stderr
     # the run's log.txt holds every stage's lines and the pipeline's to the end; each stage dir its own log
-    run_log = (out / "log.txt").read_text()
+    run_log = L.log.read_text()
     for stage in ("prepare", "train-autoencoder", "encode", "pretrain", "train-latent-classifier",
                   "finetune-decoder", "sample", "select", "evaluate", "report"):
         assert f" [{stage}] " in run_log, stage
     assert "[run] [12/12] report: done" in run_log and "[run] finished in" in run_log
-    for stage_dir in ("data/target", "ae", "cache/target", "ldm", "adapt/latent_classifier", "adapt/decoder",
-                      "samples", "eval", "report"):
-        assert (out / stage_dir / "log.txt").stat().st_size > 0, stage_dir
-    timings_first = (out / "timings.md").read_text()
+    for stage_dir in (L.data_target, L.ae, L.cache_target, L.ldm, L.latent_classifier, L.decoder,
+                      L.samples(), L.select(), L.evaluation(), L.report):
+        assert (stage_dir / "log.txt").stat().st_size > 0, stage_dir
+    timings_first = L.timings.read_text()
 
     # 2. a second invocation skips every finished stage, and keeps their measured times
     r2 = _run(out, cfg)
     assert r2.returncode == 0, r2.stderr[-3000:]
-    timings = (out / "timings.md").read_text()
+    timings = L.timings.read_text()
     assert "| ran |" not in timings and timings.count("| skipped (time of the run that made it) |") >= 12
     assert [ln.split("|")[2] for ln in timings.splitlines()] == [ln.split("|")[2] for ln in timings_first.splitlines()]
     assert r2.stderr.count("complete, skipped") >= 12
 
     # 3. pretrain once, adapt again: export the run's LDM as a base, and a new run adapts it (no pretraining)
     base = tmp_path / "base"
-    r3 = _cli("export-base", "--model", out / "ldm/model", "--out", base, "--data", out / "data/unlabeled")
+    r3 = _cli("export-base", "--model", L.model(L.ldm), "--out", base, "--data", L.data_unlabeled)
     assert r3.returncode == 0, r3.stderr[-3000:]
     out2 = tmp_path / "run2"
     r4 = _run(out2, cfg, base)
     assert r4.returncode == 0, r4.stderr[-3000:]
-    assert not (out2 / "ae").exists() and not (out2 / "ldm").exists() and not (out2 / "data/unlabeled").exists()
-    recorded = json.loads((out2 / "base.json").read_text())
+    L2 = RunLayout(out2)
+    assert not L2.ae.exists() and not L2.ldm.exists() and not L2.data_unlabeled.exists()
+    recorded = json.loads(L2.base_record.read_text())
     assert recorded["id"] == hashlib.sha256((base / "checksums.json").read_bytes()).hexdigest()
-    assert json.loads((out2 / "cache/target/meta.json").read_text())["vae_hash"] == recorded["vae_hash"]
-    assert (out2 / "eval/metrics.json").is_file() and (out2 / "report/index.html").is_file()
+    assert json.loads((L2.cache_target / "latent_space.json").read_text())["vae_hash"] == recorded["vae_hash"]
+    assert (L2.evaluation() / "metrics.json").is_file() and L2.report_index.is_file()
 
 
 def test_run_refuses_other_config_in_same_dir(tmp_path):
@@ -115,7 +123,7 @@ def test_run_refuses_other_config_in_same_dir(tmp_path):
     out.mkdir()
     (out / "config.json").write_text(json.dumps({"format_version": 1, "version": "0", "stage": "run",
                                                  "config": {"out": str(out), "preset": "paper"}}))
-    (out / "data").mkdir()  # the other run had started producing artifacts
+    RunLayout(out).data_target.mkdir(parents=True)  # the other run had started producing artifacts
     from histodiffusion.cli import main
 
     assert main(["run", "--out", str(out), "--base", "none"]) == 2

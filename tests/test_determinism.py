@@ -70,7 +70,7 @@ def test_select_repeatable(eval_inputs, tmp_path):
         assert main(["select", "--samples", str(s), "--data", str(data), "--backbone", "small_cnn_w8",
                      "--feature-steps", "20", "--min-confidence", "0.3", "--seed", "3"]) == 0
         outs.append(s)
-    a, b = outs
+    a, b = (s / "select" for s in outs)
     assert (a / "filtered.csv").read_bytes() == (b / "filtered.csv").read_bytes()
     assert (a / "generative_metrics.json").read_bytes() == (b / "generative_metrics.json").read_bytes()
     fa, fb = (json.loads((d / "filtered.json").read_text()) for d in (a, b))

@@ -180,6 +180,64 @@ def test_train_classifier_restores_the_best_validated_weights():
     assert all(torch.equal(plain[k], snaps[4][k]) for k in plain)
 
 
+def test_ema_returns_the_weight_average_and_validates_it():
+    import torch
+
+    from histodiffusion.models.classifier import build_classifier, train_classifier
+
+    x = torch.randint(0, 256, (12, 16, 16, 3), dtype=torch.uint8)
+    y = torch.arange(12) % 3
+    kw = dict(steps=5, batch_size=4, lr=1e-2, seed=3)
+    # the average, rebuilt by hand from the raw weights after every step (decay 0.5: visibly different)
+    raw_steps = []
+
+    def record(model):
+        raw_steps.append({k: v.clone() for k, v in model.state_dict().items()})
+        return {"accuracy": 0.0}
+
+    torch.manual_seed(0)
+    train_classifier(build_classifier("small_cnn_w8", 3, 16), x, y, validate=record, val_every=1, **kw)
+    expected = None
+    for st in raw_steps:
+        expected = {k: v.float().clone() for k, v in st.items()} if expected is None else \
+            {k: 0.5 * expected[k] + 0.5 * st[k].float() if st[k].is_floating_point() else st[k] for k in st}
+    scored = []
+    torch.manual_seed(0)
+    model = train_classifier(build_classifier("small_cnn_w8", 3, 16), x, y, ema_decay=0.5, val_every=1,
+                             validate=lambda m: scored.append({k: v.clone() for k, v in m.state_dict().items()})
+                             or {"accuracy": 0.0}, **kw)
+    state = model.state_dict()
+    # the first average is the first step's weights; the returned model is the average (all calls tie:
+    # the earliest validated average would win, so compare against it), never the raw last weights
+    first = scored[0]
+    assert all(torch.allclose(first[k].float(), raw_steps[0][k].float()) for k in first)
+    assert all(torch.allclose(state[k].float(), first[k].float()) for k in state)
+    last = scored[-1]
+    assert any(not torch.allclose(last[k].float(), raw_steps[-1][k].float()) for k in last if last[k].is_floating_point())
+    assert all(torch.allclose(last[k].float(), expected[k].float(), atol=1e-5) for k in last
+               if last[k].is_floating_point() and "num_batches" not in k)
+    with pytest.raises(Exception, match="ema_decay"):
+        train_classifier(build_classifier("small_cnn_w8", 3, 16), x, y, ema_decay=1.0, **kw)
+
+
+def test_tta_prediction_does_not_depend_on_the_tile_orientation():
+    import torch
+
+    from histodiffusion.models.classifier import build_classifier, predict, train_classifier
+    from histodiffusion.transforms import dihedral
+
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (6, 16, 16, 3), dtype=torch.uint8)
+    model = train_classifier(build_classifier("small_cnn_w8", 3, 16), x, torch.arange(6) % 3, steps=6, batch_size=6,
+                             lr=3e-2, seed=0)
+    turned = dihedral(x.permute(0, 3, 1, 2), 5).permute(0, 2, 3, 1).contiguous()  # a rotation and a flip
+    plain, plain_turned = predict(model, x)[0], predict(model, turned)[0]
+    assert not torch.allclose(plain, plain_turned, atol=1e-4)  # an untrained CNN is not rotation-invariant
+    tta, tta_turned = predict(model, x, tta=True)[0], predict(model, turned, tta=True)[0]
+    torch.testing.assert_close(tta, tta_turned, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(tta.sum(1), torch.ones(6))
+
+
 def test_aa_arm_is_real_with_its_own_seed_stream(evaluated, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
@@ -241,7 +299,7 @@ def test_bad_ratio_and_missing_filter(evaluated, tmp_path):
         run(EvaluateConfig(**{**cfg.__dict__, "ratios": (3.0,), "out": str(tmp_path / "a"), "external": ()}))
     bare = tmp_path / "bare"
     shutil.copytree(cfg.samples, bare)
-    (bare / "filtered.csv").unlink()
+    shutil.rmtree(bare / "select")
     with pytest.raises(HistoError, match="select"):
         run(EvaluateConfig(**{**cfg.__dict__, "samples": str(bare), "out": str(tmp_path / "b"), "external": ()}))
     with pytest.raises(HistoError, match="samples"):

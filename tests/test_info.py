@@ -27,8 +27,7 @@ def make_run(tmp_path: Path, n_complete: int | None = None, **kw) -> Path:
     for i, s in enumerate(steps):
         if i > n_complete:
             break
-        if s.stage != "select":  # select writes beside the samples, into the sample stage's directory
-            write_json_atomic(s.out / "config.json", {"format_version": 1, "stage": s.stage, "config": {}})
+        write_json_atomic(s.out / "config.json", {"format_version": 1, "stage": s.stage, "config": {}})
         if i == n_complete:
             continue  # started, not finished
         if s.stage == "prepare":
@@ -38,7 +37,6 @@ def make_run(tmp_path: Path, n_complete: int | None = None, **kw) -> Path:
         if s.stage == "select":
             (s.out / "filtered.csv").write_text("id\n")
             write_json_atomic(s.out / "filtered.json", {"samples": 40, "kept": 30, "mode": "filters"})
-            continue
         if s.stage == "evaluate":
             write_json_atomic(s.out / "metrics.json", {
                 "seeds": [0, 1, 2, 3, 4], "arms": {"real": {"accuracy": {"mean": 0.8}}},

@@ -114,3 +114,40 @@ def test_single_class_labels_csv_fails_at_plan_time(tmp_path):
     csv = labels_csv(tmp_path / "t", rows=lung_rows()[:20])  # all lung_aca
     with pytest.raises(HistoError, match="single class.*lung_aca"):
         _steps(tmp_path, labels_csv=str(csv))
+
+
+def test_one_stage_registry_serves_the_cli_and_the_pipeline(tmp_path):
+    import subprocess
+    import sys
+
+    from histodiffusion.cli import build_parser
+    from histodiffusion.registry import STAGES
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert set(STAGES) <= set(sub.choices)  # every registered stage is a subcommand (plus `info`)
+    assert set(sub.choices) - set(STAGES) == {"info"}
+    for s in STAGES.values():  # what a stage reads is a field of its config
+        assert set(s.inputs) <= {f for f in s.config.__dataclass_fields__}, s.name
+    steps = plan(RunConfig(out=str(tmp_path / "run"), base="none"))
+    assert {s.stage for s in steps} <= set(STAGES)
+    # the pipeline calls stages through the registry: importing it loads neither the CLI nor torch
+    code = "import sys, histodiffusion.pipeline; print('histodiffusion.cli' in sys.modules, 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False"]
+
+
+def test_stage_config_cannot_move_the_run_layout(tmp_path, capsys):
+    from histodiffusion.layout import RunLayout
+
+    L = RunLayout(tmp_path / "run")
+    steps = {s.name: s for s in plan(RunConfig(out=str(L.root), base="none"))}
+    assert steps["sample"].out == L.samples() and steps["sample"].fields["out"] == str(L.samples())
+    assert steps["latent classifier"].fields["cache"] == str(L.cache_target)
+    for entry in ({"sample": {"out": str(tmp_path / "elsewhere")}}, {"encode-target": {"vae": "x"}},
+                  {"evaluate-nopretrain": {"samples": "y"}}):
+        with pytest.raises(HistoError, match="part of the run layout"):
+            _steps(tmp_path, entry, ablations=True)
+    path = tmp_path / "moved.json"
+    path.write_text(json.dumps({"sample": {"out": str(tmp_path / "elsewhere")}}))
+    assert main(["run", "--out", str(L.root), "--base", "none", "--stage-config", str(path)]) == 2
+    assert "part of the run layout" in capsys.readouterr().err and not L.root.exists()

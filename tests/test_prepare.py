@@ -106,6 +106,21 @@ def test_fewshot_subsets_are_whole_train_groups_with_every_class(lung):
         fewshot_groups(g, split, (), (1000,), 0)
 
 
+def test_fewshot_draws_are_other_groups_of_the_same_size():
+    groups = {f"g{c}{i}": c for c in "abc" for i in range(20)}
+    split = {g: "train" for g in groups}
+    one = fewshot_groups(groups, split, (0.2,), (2,), 0)
+    three = fewshot_groups(groups, split, (0.2,), (2,), 0, draws=3)
+    assert set(three) == {"frac0.2", "k2", "frac0.2_d1", "k2_d1", "frac0.2_d2", "k2_d2"}
+    assert three["frac0.2"] == one["frac0.2"] and three["k2"] == one["k2"]  # draw 0 is the historical subset
+    draws = [set(three[n]) for n in ("frac0.2", "frac0.2_d1", "frac0.2_d2")]
+    assert all(len(d) == 12 for d in draws) and len({frozenset(d) for d in draws}) == 3
+    assert all({groups[g] for g in d} == set("abc") for d in draws)  # every class, 4 groups each
+    assert set(three["k2_d1"]) <= set(three["frac0.2_d1"])  # nested within a draw
+    with pytest.raises(HistoError, match="draws"):
+        fewshot_groups(groups, split, (0.2,), (), 0, draws=0)
+
+
 def test_labeled_from_class_folders(tmp_path):
     root = class_folders(tmp_path / "nct", per_class=7)
     out = run(PrepareConfig(out=str(tmp_path / "ds"), class_folders=str(root), val_frac=0.15, test_frac=0.15))

@@ -80,8 +80,10 @@ def test_encode_writes_cache_read_by_latent_dataset(tmp_path):
 
     cache = make_cache(tmp_path, "lab", n=20, classes=("x", "y"), shard_size=8)
     meta = json.loads((cache / "meta.json").read_text())
-    assert meta["count"] == 20 and meta["latent_shape"] == [4, 8, 8] and meta["classes"] == ["x", "y"]
-    assert meta["scaling_factor"] == 1.0 and meta["scaling_source"] == "vae" and len(meta["vae_hash"]) == 64
+    space = json.loads((cache / "latent_space.json").read_text())  # the latent-space record, written once
+    assert meta["count"] == 20 and space["latent_shape"] == [4, 8, 8] and meta["classes"] == ["x", "y"]
+    assert space["scaling_factor"] == 1.0 and space["scaling_source"] == "vae" and len(space["vae_hash"]) == 64
+    assert not {"scaling_factor", "vae_hash", "latent_shape"} & set(meta)  # one place
     assert sorted(p.name for p in cache.glob("latents_*.safetensors")) == [
         "latents_00000.safetensors", "latents_00001.safetensors", "latents_00002.safetensors"]
     with safe_open(str(cache / "latents_00002.safetensors"), framework="pt") as f:
@@ -95,7 +97,8 @@ def test_encode_writes_cache_read_by_latent_dataset(tmp_path):
     flipped = run(EncodeConfig(data=str(tmp_path / "data" / "lab"), vae=str(tmp_path / "vae"),
                                out=str(tmp_path / "cache" / "flip"), flips=True, scaling_factor=0.5))
     fmeta = json.loads((flipped / "meta.json").read_text())
-    assert fmeta["count"] == 160 and fmeta["scaling_factor"] == 0.5 and fmeta["scaling_source"] == "override"
+    fspace = json.loads((flipped / "latent_space.json").read_text())
+    assert fmeta["count"] == 160 and fspace["scaling_factor"] == 0.5 and fspace["scaling_source"] == "override"
     assert len(LatentDataset(flipped, "frac0.5")) == 48
 
 
@@ -121,6 +124,18 @@ def test_encode_and_pretrain_refuse_mismatched_autoencoders(tmp_path):
     (tmp_path / "vae2" / "histodiffusion.json").unlink()
     with pytest.raises(HistoError, match="scaling-factor"):
         encode(EncodeConfig(data=str(data_b), vae=str(tmp_path / "vae2"), out=str(tmp_path / "cache" / "c")))
+    # ... and so does fine-tuning its decoder: its diffusers default factor is never trusted
+    from histodiffusion.adapt import run_finetune_decoder
+    from histodiffusion.config import FinetuneDecoderConfig
+
+    labeled = make_dataset(tmp_path / "data" / "lab", n=8, classes=("x", "y"))
+    with pytest.raises(HistoError, match="no measured scaling factor"):
+        run_finetune_decoder(FinetuneDecoderConfig(data=str(labeled), subset="train", vae=str(tmp_path / "vae2"),
+                                                   out=str(tmp_path / "dec"), aux_weight=0, steps=1))
+    # a cache made before the latent-space record: one clear error, not a KeyError
+    (ca / "latent_space.json").unlink()
+    with pytest.raises(HistoError, match="no latent_space.json: it was made by an older histodiffusion"):
+        pretrain(PretrainConfig(cache=(str(ca),), out=str(tmp_path / "ldm3"), steps=1, **TINY_UNET))
 
 
 def test_pretrain_exports_loadable_model_and_fine_tunes(tmp_path):
@@ -236,12 +251,13 @@ def test_epoch_index_weights_resume_and_bad_input():
 
 
 def test_paper_preset_is_valid_and_paper_scale():
-    from histodiffusion.config import STAGE_CONFIGS, config_from_dict
+    from histodiffusion.config import config_from_dict
     from histodiffusion.presets import PRESETS, preset_overrides
+    from histodiffusion.registry import build
 
     for name, stages in PRESETS.items():
         for stage, fields in stages.items():
-            config_from_dict(STAGE_CONFIGS[stage], fields)  # known fields of the right types
+            build(stage, fields)  # known fields of the right types
     ae = config_from_dict(AutoencoderConfig, preset_overrides("paper", "train-autoencoder"))
     tile = preset_overrides("paper", "prepare")["tile_size"]
     assert tile // 2 ** (len(ae.block_out_channels) - 1) == 64 and ae.latent_channels == 3

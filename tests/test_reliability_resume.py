@@ -1,11 +1,11 @@
-"""Kill anywhere, lose nothing: every stage's CLI command is SIGKILLed at a random point and re-run.
+"""Kill mid-way, lose nothing: every stage's CLI command is SIGKILLed at a step it reached and re-run.
 
 For each stage the harness
 1. builds tiny inputs with the tests' own builders (helpers_*.py) and runs the command once
    uninterrupted in this process (the reference; torch on one thread, as the subprocesses),
-2. starts `python -m histodiffusion <stage> ...` in a subprocess, waits until a file shows the
-   stage is mid-way (a shard, a checkpoint, a PNG, a finished classifier), sleeps a random delay
-   drawn from a generator seeded with the stage's name, and SIGKILLs it,
+2. starts `python -m histodiffusion <stage> ...` in a subprocess, waits until the file the stage
+   writes when it reaches a given step is there (a shard, a checkpoint, a PNG, a trained feature
+   classifier, a finished classifier) and SIGKILLs it at once (no wall-clock delay),
 3. checks that nothing a later stage would read as complete was left (no _COMPLETE.json, the
    readers refuse the directory),
 4. re-runs the same command (in this process, through the same CLI entry point) and checks that it exits 0, leaves no temporary files or directories,
@@ -18,7 +18,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import random
 import re
 import shutil
 import signal
@@ -52,19 +51,15 @@ def _cmd(stage: str, args: dict) -> list[str]:
     return argv
 
 
-def kill_when(argv: list[str], trigger, seed: str, max_delay: float) -> dict:
-    """Run the CLI in a subprocess; once trigger() is true sleep U(0, max_delay) (seeded) and SIGKILL it.
-
-    Returns {"killed": bool, "delay": float}: killed is False when the process ended before the kill."""
-    delay = random.Random(seed).uniform(0, max_delay)
+def kill_when(argv: list[str], trigger) -> dict:
+    """Run the CLI in a subprocess and SIGKILL it as soon as trigger() is true (a file written when the
+    stage reaches a given step). Returns {"killed": bool}: False when the process ended before the kill."""
     proc = subprocess.Popen([sys.executable, "-m", "histodiffusion", *argv], env=_env(), cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + KILL_TIMEOUT
         while proc.poll() is None and not trigger() and time.time() < deadline:
             time.sleep(0.01)
-        if proc.poll() is None:
-            time.sleep(delay)
         killed = proc.poll() is None
         if killed:
             proc.send_signal(signal.SIGKILL)
@@ -76,7 +71,7 @@ def kill_when(argv: list[str], trigger, seed: str, max_delay: float) -> dict:
             proc.wait()
     if not killed:
         assert proc.returncode == 0, err[-3000:]
-    return {"killed": killed, "delay": delay}
+    return {"killed": killed}
 
 
 def rerun(argv: list[str]) -> None:
@@ -133,20 +128,17 @@ def first_file(pattern_dir: Path, glob: str):
     return lambda: any(Path(pattern_dir).glob(glob))
 
 
-def _kill_and_resume(tmp: Path, stage: str, args: dict, trigger_of, max_delay: float):
-    """Reference run in-process, then kill + re-run in subprocesses. Returns (ref_out, out, kill info)."""
+def _kill_and_resume(tmp: Path, stage: str, args: dict, trigger_of):
+    """Reference run in-process, then kill (at the step trigger_of(out) signals) + re-run. Returns
+    (ref_out, out, argv, kill info)."""
     ref_out, out = tmp / "ref" / "out", tmp / "kill" / "out"
     ref_out.parent.mkdir(parents=True)
     out.parent.mkdir(parents=True)
     assert cli_main(_cmd(stage, {**args, "out": ref_out})) == 0
     argv = _cmd(stage, {**args, "out": out})
-    for attempt in range(3):  # a fast machine may finish before the delay is over: retry with shorter delays
-        info = kill_when(argv, trigger_of(out), seed=stage, max_delay=max_delay / 4 ** attempt)
-        info["killed"] = info["killed"] and not (out / "_COMPLETE.json").exists()  # not killed after finishing
-        if info["killed"]:
-            break
-        shutil.rmtree(out)
-    assert info["killed"], f"{stage} finished before the kill (delay {info['delay']:.2f}s): make it longer"
+    info = kill_when(argv, trigger_of(out))
+    info["killed"] = info["killed"] and not (out / "_COMPLETE.json").exists()  # not killed after finishing
+    assert info["killed"], f"{stage} finished before the kill: trigger on an earlier step"
     assert not (out / "_COMPLETE.json").exists()
     return ref_out, out, argv, info
 
@@ -171,7 +163,7 @@ def test_prepare(tmp_path):
     def trigger(out):
         return first_file(out.parent, f".{out.name}.tmp-*/shards/pixels_00001.safetensors")
 
-    ref, out, argv, _ = _kill_and_resume(tmp_path, "prepare", args, trigger, 0.1)
+    ref, out, argv, _ = _kill_and_resume(tmp_path, "prepare", args, trigger)
     # a killed prepare leaves no dataset directory a later stage could read
     assert not out.exists()
     with pytest.raises(HistoError):
@@ -197,7 +189,7 @@ def test_encode(tmp_path):
     def trigger(out):
         return first_file(out.parent, f".{out.name}.tmp-encode/latents_00001.safetensors")
 
-    ref, out, argv, _ = _kill_and_resume(tmp_path, "encode", args, trigger, 0.1)
+    ref, out, argv, _ = _kill_and_resume(tmp_path, "encode", args, trigger)
     with pytest.raises(HistoError):
         LatentDataset(out)
     rerun(argv)
@@ -246,7 +238,7 @@ def test_training_stage(tmp_path, stage):
         args = {"cache": cache, "scheduler": tmp_path / "sched", "width": 8, "depth": 1, "steps": steps,
                 "batch_size": 8, "checkpoint_every": 4, "keep_checkpoints": 2, "subset": "train", "val_subset": "val"}
         weights = "model/diffusion_pytorch_model.safetensors"
-    ref, out, argv, _ = _kill_and_resume(tmp_path, stage, args, lambda o: (lambda: bool(list_checkpoints(o))), 0.5)
+    ref, out, argv, _ = _kill_and_resume(tmp_path, stage, args, lambda o: (lambda: bool(list_checkpoints(o))))
     cks = list_checkpoints(out)
     assert cks, "killed before the first checkpoint"
     assert not (out / "model").exists() or not (out / "_COMPLETE.json").exists()
@@ -271,7 +263,7 @@ def test_sample(tmp_path, ldm_and_classifier):
     args = {"model": ldm, "classifier": clf, "n_per_class": 6, "steps": 3, "scheduler": "ddim", "eta": 1.0,
             "scale": 3.0, "batch_size": 2}
     ref, out, argv, _ = _kill_and_resume(tmp_path, "sample", args,
-                                         lambda o: first_file(o / "images", "*.png"), 0.4)
+                                         lambda o: first_file(o / "images", "*.png"))
     assert not (out / "samples.csv").exists()
     rerun(argv)
     _assert_clean(out)
@@ -288,7 +280,7 @@ def _eval_inputs(tmp: Path):
 
 def test_select(tmp_path):
     data, samples, _ = _eval_inputs(tmp_path)
-    # select writes beside the samples by default; the reference and the killed run get their own copies
+    # select writes into <samples>/select by default; the reference and the killed run get their own copies
     import shutil
 
     for d in ("ref", "kill"):
@@ -298,13 +290,13 @@ def test_select(tmp_path):
     ref_out, out = tmp_path / "samples_ref", tmp_path / "samples_kill"
     assert cli_main(_cmd("select", {**base, "samples": ref_out})) == 0
     argv = _cmd("select", {**base, "samples": out})
-    info = kill_when(argv, first_file(out, "selector/config.json"), "select", 1.5)
+    info = kill_when(argv, first_file(out, "select/selector/model/classifier.json"))  # feature classifier trained
     assert info["killed"], "select finished before the kill"
-    assert not (out / "filtered.csv").exists()
+    assert not (out / "select" / "_COMPLETE.json").exists()
     rerun(argv)
     assert temp_leftovers(out) == []
     for name in ("filtered.csv", "filtered.json", "generative_metrics.json"):
-        a, b = (ref_out / name).read_bytes(), (out / name).read_bytes()
+        a, b = (ref_out / "select" / name).read_bytes(), (out / "select" / name).read_bytes()
         if name == "filtered.json":
             a, b = (json.loads(x) for x in (a, b))
             a["config"].pop("samples"), b["config"].pop("samples")
@@ -322,7 +314,7 @@ def test_evaluate(tmp_path):
     def trigger(out):
         return first_file(out / "classifiers", "*/_COMPLETE.json")
 
-    ref, out, argv, _ = _kill_and_resume(tmp_path, "evaluate", args, trigger, 0.5)
+    ref, out, argv, _ = _kill_and_resume(tmp_path, "evaluate", args, trigger)
     assert not (out / "metrics.json").exists()
     rerun(argv)
     _assert_clean(out)

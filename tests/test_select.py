@@ -155,7 +155,7 @@ def read_rows(path):
 
 def test_stage_writes_keep_list_and_flags_copy(selected):
     cfg, samples, copied_id, copied_group, flipped_group = selected
-    rows = read_rows(samples / "filtered.csv")
+    rows = read_rows(samples / "select" / "filtered.csv")
     assert list(rows[0]) == FILTERED_COLUMNS and len(rows) == 14
     copy, flipped = rows[-2], rows[-1]
     # the copied tile, or a rotation of it in its group (an exact match after rotating the sample)
@@ -168,23 +168,23 @@ def test_stage_writes_keep_list_and_flags_copy(selected):
     # a mirrored copy is found too (distances are minimised over the 8 flips/rotations)
     assert flipped["memorized"] == "1" and flipped["nn_real_id"].startswith(flipped_group)
     assert not list(samples.glob("*.png")) and len(list((samples / "images").glob("*.png"))) == 14  # no copies
-    summary = json.loads((samples / "filtered.json").read_text())
+    summary = json.loads((samples / "select" / "filtered.json").read_text())
     assert summary["samples"] == 14 and summary["kept"] == sum(r["keep"] == "1" for r in rows)
-    gen = json.loads((samples / "generative_metrics.json").read_text())
+    gen = json.loads((samples / "select" / "generative_metrics.json").read_text())
     res = gen["results"][0]
     assert res["fd_name"] == "FD_small_cnn_w8" and "FID" not in json.dumps(gen)
     assert res["overall"]["n_fake"] == 14 and set(res["per_class"]) == set(CLASSES)
-    assert (samples / "selector" / "reference_small_cnn_w8.npz").is_file()
+    assert (samples / "select" / "selector" / "reference_small_cnn_w8.npz").is_file()
 
 
 def test_rerun_reuses_feature_classifier(selected):
     cfg, samples, *_ = selected
-    weights = samples / "selector" / "model" / "model.safetensors"
+    weights = samples / "select" / "selector" / "model" / "model.safetensors"
     before = weights.stat().st_mtime_ns
     strict = SelectConfig(**{**cfg.__dict__, "min_confidence": 1.01, "generative_metrics": False})
     run(strict)
     assert weights.stat().st_mtime_ns == before
-    assert all(r["keep"] == "0" for r in read_rows(samples / "filtered.csv"))
+    assert all(r["keep"] == "0" for r in read_rows(samples / "select" / "filtered.csv"))
     run(cfg)  # restore for other tests
 
 
@@ -202,7 +202,7 @@ def test_bad_inputs(selected, tmp_path, capsys):
                            classes=["benign", "aca", "scc"])
     with pytest.raises(HistoError, match="class order"):
         run(SelectConfig(**{**cfg.__dict__, "samples": str(swapped)}))
-    assert not (broken / "filtered.csv").exists() or (broken / "filtered.csv").read_bytes() == (samples / "filtered.csv").read_bytes()
+    assert not (broken / "select" / "filtered.csv").exists() or (broken / "select" / "filtered.csv").read_bytes() == (samples / "select" / "filtered.csv").read_bytes()
     code = main(["select", "--samples", str(broken), "--data", cfg.data, "--backbone", "small_cnn_w8"])
     assert code == 2 and "missing" in capsys.readouterr().err
 
@@ -220,7 +220,7 @@ def test_timm_backbone_with_local_weights(selected, tmp_path):
     rows = read_rows(out / "filtered.csv")
     assert len(rows) == 14 and rows[-2]["nn_real_id"].startswith(copied_group) and rows[-2]["memorized"] == "1"
     assert json.loads((out / "filtered.json").read_text())["extractor"] == "resnet10t"
-    assert not (samples / "selector" / "model" / "classifier.json").read_text().count("resnet10t")
+    assert not (samples / "select" / "selector" / "model" / "classifier.json").read_text().count("resnet10t")
     with pytest.raises(HistoError, match="backbone_weights"):
         run(SelectConfig(**{**cfg.__dict__, "backbone": "resnet10t", "out": str(out)}))
 

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from .artifacts import MODEL_INFO, format_meta, read_meta
 from .config import FinetuneDecoderConfig, LatentClassifierConfig
+from .contract import completion_record
 from .encode import DIHEDRAL, dihedral
 from .modelcards import CARD, autoencoder_card, latent_classifier_card
 from .runtime import (HistoError, MetricsLog, atomic_path, closes_stage_logs, get_logger, is_complete,
@@ -69,16 +70,16 @@ def _start(cfg, stage: str):
 # --------------------------------------------------------------------------------------------------
 # Noise-aware latent classifier
 # --------------------------------------------------------------------------------------------------
-def _load_training_scheduler(path: str, cache_meta: dict):
+def _load_training_scheduler(path: str, space):
+    from .latent_space import check_compatible, of_model
     from .models.unet import load_scheduler
 
     sched = load_scheduler(path)
-    ldm_info = Path(path).parent / MODEL_INFO
-    if ldm_info.is_file():  # scheduler of an exported LDM: its latents must be the cache's
-        vh = read_json(ldm_info, "LDM info").get("vae_hash")
-        if vh and cache_meta.get("vae_hash") and vh != cache_meta["vae_hash"]:
-            raise HistoError(f"latent cache was made with autoencoder {cache_meta['vae_hash'][:12]} but the LDM of "
-                             f"{path} with {vh[:12]}: encode the target data with the LDM's autoencoder")
+    if (Path(path).parent / MODEL_INFO).is_file():  # scheduler of an exported LDM: its latents must be the cache's
+        try:
+            check_compatible(space, of_model(Path(path).parent, "LDM"), "the latent cache", f"the LDM of {path}")
+        except HistoError as e:
+            raise HistoError(f"{e}; encode the target data with the LDM's autoencoder") from None
     return sched
 
 
@@ -134,7 +135,7 @@ def run_latent_classifier(cfg: LatentClassifierConfig) -> Path:
         raise HistoError(f"latent cache {cfg.cache} has classes {classes}: need a labeled dataset with >= 2 classes")
     ds = LatentDataset(cfg.cache, cfg.subset, sample=True, seed=cfg.seed)
     by_class = _class_members(ds.labels(), classes, f"subset {cfg.subset!r} of {cfg.cache}")
-    sched = _load_training_scheduler(cfg.scheduler, meta)
+    sched = _load_training_scheduler(cfg.scheduler, ds.space)
     T = int(sched.config.num_train_timesteps)
     max_t = cfg.max_timestep or T
     if not 0 < max_t <= T:
@@ -200,12 +201,11 @@ def run_latent_classifier(cfg: LatentClassifierConfig) -> Path:
         with atomic_path(out / "model") as tmp:
             model.save_pretrained(str(tmp), safe_serialization=True)
             write_json_atomic(tmp / MODEL_INFO, format_meta(
-                kind="latent_classifier", classes=classes, vae_hash=meta.get("vae_hash"),
-                scaling_factor=float(meta["scaling_factor"]), latent_shape=meta.get("latent_shape"),
+                kind="latent_classifier", classes=classes, **ds.space.fields(),
                 cache=str(Path(cfg.cache).resolve()), subset=cfg.subset,
                 scheduler=dict(sched.config), max_timestep=max_t))
             write_text_atomic(tmp / CARD, latent_classifier_card(tmp, str(out / "model"), result))
-        mark_complete(out, stage="train-latent-classifier")
+        mark_complete(out, **completion_record(cfg))
         log.info("latent classifier exported: %s", out / "model")
     acc.wait_for_everyone()
     return out
@@ -302,9 +302,9 @@ def _eval_decoder(vae, clf, ds, idx) -> dict:
 @closes_stage_logs
 def run_finetune_decoder(cfg: FinetuneDecoderConfig) -> Path:
     from .data.datasets import PixelDataset
-    from .models.autoencoder import load_vae, measured_scaling_factor, save_vae
+    from .latent_space import latent_hash, of_autoencoder
+    from .models.autoencoder import load_vae, save_vae
     from .models.classifier import load_classifier
-    from .models.latent_classifier import vae_latent_hash
 
     acc, out, log = _start(cfg, "finetune-decoder")
     if is_complete(out):
@@ -320,8 +320,8 @@ def run_finetune_decoder(cfg: FinetuneDecoderConfig) -> Path:
                               f"subset {cfg.subset!r} of {cfg.data}")
     size = int(ds[0][0].shape[-1])
     vae = load_vae(cfg.vae)
-    base_hash = vae_latent_hash(cfg.vae)
-    scaling = measured_scaling_factor(cfg.vae) or float(vae.config.scaling_factor)
+    base_hash = latent_hash(cfg.vae)
+    scaling = of_autoencoder(cfg.vae, vae).scaling_factor  # a foreign autoencoder's default is not trusted
     clf = None
     if cfg.aux_weight > 0:
         aux_dir = out / "aux_classifier"
@@ -379,6 +379,6 @@ def run_finetune_decoder(cfg: FinetuneDecoderConfig) -> Path:
                  subset=cfg.subset)
         write_text_atomic(out / "model" / "vae" / CARD, autoencoder_card(
             out / "model" / "vae", str(out / "model" / "vae"), read_json(out / "metrics.json")))
-        mark_complete(out, stage="finetune-decoder")
+        mark_complete(out, **completion_record(cfg))
     acc.wait_for_everyone()
     return out

@@ -18,7 +18,6 @@ as a dict). Errors are `HistoError`s naming the culprit, as on the command line.
 """
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Any
 
@@ -33,20 +32,16 @@ __all__ = ["config", "run_stage", "prepare", "run", "train_latent_classifier", "
 # --------------------------------------------------------------------------------------------------
 def config(stage: str, **fields: Any):
     """The frozen config of CLI stage `stage` (e.g. "sample") from its fields, checked as the CLI checks."""
-    from .config import STAGE_CONFIGS, config_from_dict
+    from .registry import build
 
-    if stage not in STAGE_CONFIGS:
-        raise HistoError(f"unknown stage {stage!r}; stages: {', '.join(STAGE_CONFIGS)}")
-    return config_from_dict(STAGE_CONFIGS[stage], fields)
+    return build(stage, fields)
 
 
 def run_stage(stage: str, **fields: Any):
     """Run CLI stage `stage` with these config fields; returns what the stage returns (its output)."""
-    from .cli import ENTRY, STAGES
+    from .registry import stage as record
 
-    cfg = config(stage, **fields)
-    module = importlib.import_module(STAGES[stage][0])
-    return getattr(module, ENTRY.get(stage, "run"))(cfg)
+    return record(stage)(config(stage, **fields))
 
 
 def prepare(**fields: Any) -> Path:
@@ -70,7 +65,8 @@ def sample(**fields: Any) -> Path:
 
 
 def select(**fields: Any) -> Path:
-    """`histodiffusion select`: writes filtered.csv (keep-list) and filtered.json beside samples.csv."""
+    """`histodiffusion select`: writes filtered.csv (keep-list) and filtered.json into its own directory
+    (default <samples>/select, with config.json and _COMPLETE.json); returns that directory."""
     return Path(run_stage("select", **fields))
 
 
@@ -105,7 +101,7 @@ def load_pipeline(path: str | Path = "", *, model: str | Path = "", classifier: 
     - model= (an LDM folder or a base), classifier= (a latent classifier folder), optionally vae=.
     scheduler: ddim | dpmsolver++ (default: the one the folder or run used)."""
     from .diffusers_pipeline import HistoDiffusionPipeline, make_scheduler
-    from .models.bundle import SCHEDULE_KEYS
+    from .latent_space import SCHEDULE_KEYS
 
     if model or classifier:
         if path or not (model and classifier):

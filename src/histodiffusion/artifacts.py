@@ -11,14 +11,18 @@ Latent cache (`encode`):
     index.csv               INDEX_COLUMNS (same ids as the manifest)
     latents_00000.safetensors  "mean", "std": float32 [N, C, h, w] (posterior of the autoencoder)
     subsets/                copied from the dataset
-    meta.json               format_version, dataset, classes, vae, vae_hash, scaling_factor, latent_shape, count
+    meta.json               format_version, dataset, classes, count
+    latent_space.json       the latent-space record (latent_space.py): vae, vae_hash, scaling_factor, latent_shape
     _COMPLETE.json
 
 Model folders: diffusers/ModelMixin `save_pretrained` folders (config.json + *.safetensors) plus, for
-our own models, `histodiffusion.json` (MODEL_INFO) naming classes, autoencoder hash and scaling factor.
+our own models, `histodiffusion.json` (MODEL_INFO) naming classes and the latent-space record they were
+trained in (autoencoder hash, scaling factor, latent shape: latent_space.LatentSpace.fields).
 
 Samples (`sample`): images/<id>.png, samples.csv (SAMPLES_COLUMNS), grids/<class>.png, config.json.
-Selection (`select`): filtered.csv (FILTERED_COLUMNS) beside samples.csv: a keep-list, no copies.
+Selection (`select`): its own directory, by default <samples>/select/ (SELECT_DIR): config.json,
+filtered.csv (FILTERED_COLUMNS: a keep-list, no copies), filtered.json, _COMPLETE.json last. Sample
+directories of format 1 held filtered.csv beside samples.csv: they are refused with a clear error.
 """
 from __future__ import annotations
 
@@ -63,6 +67,7 @@ SAMPLES_CSV = "samples.csv"
 SAMPLES_COLUMNS = ["id", "file", "seed", "target", "target_index", "scale", "scheduler", "steps", "eta",
                    "window_lo", "window_hi", "confidence", "unet_id", "classifier_id", "vae_id"]
 FILTERED_CSV = "filtered.csv"
+SELECT_DIR = "select"  # select's output directory inside a sample directory (its default)
 FILTERED_COLUMNS = ["id", "target", "pred", "confidence", "nearest_centroid", "centroid_dist",
                     "nn_real_id", "nn_real_dist", "memorized", "keep", "rank", "reason"]
 
@@ -108,6 +113,11 @@ def subset_ids(directory: str | Path, rows: list[dict], subset: str) -> list[str
     if not ids:
         raise HistoError(f"subset file {path} is empty")
     return ids
+
+
+def selection_dir(samples: str | Path, out: str | Path = "") -> Path:
+    """Where `select` writes the keep-list of sample directory `samples`: `out`, else <samples>/select."""
+    return Path(out) if out else Path(samples) / SELECT_DIR
 
 
 def model_info(directory: str | Path) -> dict:

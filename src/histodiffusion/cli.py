@@ -2,46 +2,31 @@
 plus `info RUN_DIR` (info.py) and `--version`.
 
 A subcommand only parses flags (and an optional --config file) into the stage's frozen config and
-calls `<stage module>.run(config)`. Stage modules are imported only when their command runs, so
-`histodiffusion --help` answers without importing torch.
+calls the stage's run function from the stage registry (registry.py). Stage modules are imported only
+when their command runs, so `histodiffusion --help` answers without importing torch.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import os
 import sys
 import typing
 
 from . import __version__
-from .config import STAGE_CONFIGS, config_from_dict, help_of, load_config_file
+from .config import config_from_dict, help_of, load_config_file
+from .registry import STAGES
 from .runtime import HistoError
 
-# subcommand -> (module with run(config), one-line description)
-STAGES: dict[str, tuple[str, str]] = {
-    "prepare": ("histodiffusion.data.prepare", "slides / patch folders / labels CSV -> dataset directory"),
-    "train-autoencoder": ("histodiffusion.train_autoencoder", "train the KL autoencoder on unlabeled tiles"),
-    "encode": ("histodiffusion.encode", "cache latents (posterior mean, std) of a dataset"),
-    "pretrain": ("histodiffusion.pretrain", "train the unconditional latent diffusion UNet"),
-    "export-base": ("histodiffusion.basemodel", "pretrain's model -> a shippable base (fp16, checksums, model card)"),
-    "train-latent-classifier": ("histodiffusion.adapt", "noise-aware latent classifier p(y | z_t, t)"),
-    "finetune-decoder": ("histodiffusion.adapt", "fine-tune the decoder with an auxiliary classifier"),
-    "sample": ("histodiffusion.sample", "classifier-guided synthesis in latent space"),
-    "select": ("histodiffusion.select", "score synthetic samples and write filtered.csv"),
-    "evaluate": ("histodiffusion.evaluate", "downstream classifiers: real vs real + synthetic, seeds, CIs"),
-    "score": ("histodiffusion.evaluate", "re-score saved downstream classifiers on a labeled dataset; class fidelity of samples"),
-    "judge": ("histodiffusion.judge", "independent class-fidelity judge (train split only) -> fidelity.json of sample dirs"),
-    "report": ("histodiffusion.report", "HTML + Markdown report of a run"),
-    "run": ("histodiffusion.pipeline", "the whole chain in one run directory (resumable)"),
+# commands that are not stages: name -> (function(RUN_DIR) -> exit code, description)
+def _info(run_dir: str) -> int:
+    from .info import show
+    return show(run_dir)
+
+
+COMMANDS: dict[str, tuple] = {
+    "info": (_info, "a run's stages, whether each is complete, and its key figures"),
 }
-# commands that are not stages: name -> (module, function(RUN_DIR) -> exit code, description)
-COMMANDS: dict[str, tuple[str, str, str]] = {
-    "info": ("histodiffusion.info", "show", "a run's stages, whether each is complete, and its key figures"),
-}
-# stages whose module has more than one entry point
-ENTRY: dict[str, str] = {"train-latent-classifier": "run_latent_classifier", "finetune-decoder": "run_finetune_decoder",
-                      "score": "run_score"}
 
 
 def _flag_type(tp: typing.Any):
@@ -93,19 +78,19 @@ def build_parser() -> argparse.ArgumentParser:
         "pretrained on unlabeled data (HistoDiffusion)."))
     p.add_argument("--version", action="version", version=f"histodiffusion {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (_, desc) in STAGES.items():
-        sp = sub.add_parser(name, help=desc, description=desc, parents=[flags])
+    for name, st in STAGES.items():
+        sp = sub.add_parser(name, help=st.help, description=st.help, parents=[flags])
         sp.add_argument("--config", default=None, metavar="FILE",
                         help="JSON or TOML file of config fields (flags override it)")
-        add_config_flags(sp, STAGE_CONFIGS[name])
-    for name, (_, _, desc) in COMMANDS.items():
+        add_config_flags(sp, st.config)
+    for name, (_, desc) in COMMANDS.items():
         sp = sub.add_parser(name, help=desc, description=desc, parents=[flags])
         sp.add_argument("run_dir", metavar="RUN_DIR", help="run directory (made by `histodiffusion run`)")
     return p
 
 
 def config_from_args(name: str, args: argparse.Namespace):
-    cls = STAGE_CONFIGS[name]
+    cls = STAGES[name].config
     values: dict = {}
     if args.config:
         data = load_config_file(args.config)
@@ -131,11 +116,8 @@ def main(argv: list[str] | None = None) -> int:
 
         apply_log_config(log_config_from_args(args))
         if args.command in COMMANDS:
-            module_name, fn, _ = COMMANDS[args.command]
-            return getattr(importlib.import_module(module_name), fn)(args.run_dir)
-        cfg = config_from_args(args.command, args)
-        module = importlib.import_module(STAGES[args.command][0])
-        getattr(module, ENTRY.get(args.command, "run"))(cfg)
+            return COMMANDS[args.command][0](args.run_dir)
+        STAGES[args.command](config_from_args(args.command, args))
     except HistoError as e:
         _close_progress_bars()
         print(f"histodiffusion {args.command}: error: {e}", file=sys.stderr)

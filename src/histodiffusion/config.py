@@ -18,7 +18,9 @@ from .runtime import HistoError
 
 
 def F(default: Any, help: str, **meta: Any):
-    """A dataclass field with a default and its one-line help (lists/tuples are stored as tuples)."""
+    """A dataclass field with a default and its one-line help (lists/tuples are stored as tuples).
+    `input=True`: the field names an artifact the stage reads (its hash goes into the stage's
+    _COMPLETE.json; contract.py)."""
     if isinstance(default, list):
         default = tuple(default)
     return field(default=default, metadata={"help": help, **meta})
@@ -51,10 +53,11 @@ class PrepareConfig:
     test_frac: float = F(0.15, "fraction of groups in the test split (stratified by class)")
     fewshot_fracs: tuple[float, ...] = F((0.05, 0.1, 0.25), "few-shot subsets of train: fractions of groups")
     fewshot_k: tuple[int, ...] = F((), "few-shot subsets of train: k groups per class")
+    fewshot_draws: int = F(1, "draws of every few-shot subset from other groups: >1 adds <name>_d1.. (a second level of repetition for benchmarks)")
     seed: int = F(0, "seed for splits and few-shot subsets")
     shard_size: int = F(1024, "tiles per pixel shard")
     strict: bool = F(False, "stop at the first unreadable image instead of skipping and counting")
-    exclude: tuple[str, ...] = F((), "prepared datasets that must share no image with this one (leakage guard)")
+    exclude: tuple[str, ...] = F((), "prepared datasets that must share no image with this one (leakage guard)", input=True)
     holdout_frac: float = F(0.0, "unlabeled: fraction of groups held out for measurement only (split 'holdout', never trained on)")
     group_px: int = F(0, "unlabeled: group tiles by square regions of this many source pixels (0: one group per image)")
     scale_sample: int = F(256, "tiles sampled (by content hash) to measure the scale: the width of nuclei in px (0: off)")
@@ -63,7 +66,7 @@ class PrepareConfig:
 
 @dataclass(frozen=True)
 class AutoencoderConfig:
-    data: tuple[str, ...] = F(("data/unlabeled",), "prepared unlabeled dataset directories")
+    data: tuple[str, ...] = F(("data/unlabeled",), "prepared unlabeled dataset directories", input=True)
     out: str = F("runs/ae", "run directory")
     block_out_channels: tuple[int, ...] = F((32, 64, 128), "encoder/decoder widths; f = 2**(len-1)")
     layers_per_block: int = F(1, "ResNet layers per block")
@@ -89,19 +92,19 @@ class AutoencoderConfig:
 
 @dataclass(frozen=True)
 class ExportBaseConfig:
-    model: str = F("runs/ldm/model", "exported LDM folder of pretrain (unet_ema/, scheduler/, vae/)")
+    model: str = F("runs/ldm/model", "exported LDM folder of pretrain (unet_ema/, scheduler/, vae/)", input=True)
     out: str = F("base/histodiffusion-base-64", "base folder to write (replaced atomically)")
     name: str = F("histodiffusion-base-64", "name of the base")
     version: str = F("1", "version of the base")
     dtype: str = F("fp16", "fp16 | fp32: dtype of the stored weights (they load as float32)")
-    data: tuple[str, ...] = F((), "prepared unlabeled datasets it was trained on (counts and source hashes for the card and the leakage guard)")
+    data: tuple[str, ...] = F((), "prepared unlabeled datasets it was trained on (counts and source hashes for the card and the leakage guard)", input=True)
     card_notes: str = F("", "Markdown file appended to the model card (measurements, licences, citations)")
 
 
 @dataclass(frozen=True)
 class EncodeConfig:
-    data: str = F("data/unlabeled", "prepared dataset directory")
-    vae: str = F("runs/ae/model/vae", "autoencoder folder (save_pretrained)")
+    data: str = F("data/unlabeled", "prepared dataset directory", input=True)
+    vae: str = F("runs/ae/model/vae", "autoencoder folder (save_pretrained)", input=True)
     out: str = F("cache/unlabeled", "latent cache directory")
     batch_size: int = F(64, "encode batch size")
     shard_size: int = F(4096, "latents per shard")
@@ -111,7 +114,7 @@ class EncodeConfig:
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    cache: tuple[str, ...] = F(("cache/unlabeled",), "latent caches of the unlabeled datasets")
+    cache: tuple[str, ...] = F(("cache/unlabeled",), "latent caches of the unlabeled datasets", input=True)
     weights: tuple[float, ...] = F((), "sampling weight per cache (default: proportional to size)")
     out: str = F("runs/ldm", "run directory")
     block_out_channels: tuple[int, ...] = F((64, 128, 128), "UNet widths")
@@ -135,7 +138,7 @@ class PretrainConfig:
     sample_every: int = F(200, "write a sample grid every N steps (0: off)")
     checkpoint_every: int = F(200, "save resumable state every N steps")
     keep_checkpoints: int = F(2, "resumable checkpoints to keep")
-    init_from: str = F("", "start from this exported model folder (fine-tuning), else from scratch")
+    init_from: str = F("", "start from this exported model folder (fine-tuning), else from scratch", input=True)
     subset: str = F("all", "subset of every cache to train on: all, a split, or a few-shot subset")
     num_workers: int = F(0, "data loader workers")
     seed: int = F(0, "random seed")
@@ -143,10 +146,10 @@ class PretrainConfig:
 
 @dataclass(frozen=True)
 class LatentClassifierConfig:
-    cache: str = F("cache/target", "latent cache of the labeled target dataset")
+    cache: str = F("cache/target", "latent cache of the labeled target dataset", input=True)
     subset: str = F("train", "split or few-shot subset to train on (e.g. train, frac0.05)")
     val_subset: str = F("val", "split for validation")
-    scheduler: str = F("runs/ldm/model/scheduler", "noise scheduler folder (same as the UNet's)")
+    scheduler: str = F("runs/ldm/model/scheduler", "noise scheduler folder (same as the UNet's)", input=True)
     out: str = F("runs/adapt/latent_classifier", "run directory")
     width: int = F(64, "base channel width")
     depth: int = F(2, "down-sampling stages")
@@ -160,16 +163,16 @@ class LatentClassifierConfig:
     keep_checkpoints: int = F(2, "resumable checkpoints to keep")
     image_baseline: bool = F(True, "also train an image-space classifier on the same subset with the same budget (steps, batch, lr, weight decay, balanced batches, augment) and report the latent accuracy per timestep bucket as a ratio of its validation accuracy (goal: >= 0.9 in the lowest-noise bucket)")
     image_backbone: str = F("small_cnn", "that image-space classifier: small_cnn[_w<width>] or a timm model name (from scratch)")
-    data: str = F("", "prepared dataset of the cache's tiles, for the image baseline (default: the one named in the cache's meta.json)")
+    data: str = F("", "prepared dataset of the cache's tiles, for the image baseline (default: the one named in the cache's meta.json)", input=True)
     num_workers: int = F(0, "data loader workers")
     seed: int = F(0, "random seed")
 
 
 @dataclass(frozen=True)
 class FinetuneDecoderConfig:
-    data: str = F("data/target", "prepared labeled target dataset")
+    data: str = F("data/target", "prepared labeled target dataset", input=True)
     subset: str = F("train", "split or few-shot subset to fine-tune on")
-    vae: str = F("runs/ae/model/vae", "autoencoder to start from")
+    vae: str = F("runs/ae/model/vae", "autoencoder to start from", input=True)
     out: str = F("runs/adapt/decoder", "run directory")
     aux_weight: float = F(0.1, "weight of the auxiliary image classifier's loss on decoded images")
     aux_steps: int = F(100, "steps to train the auxiliary classifier on the real labeled subset first")
@@ -183,14 +186,14 @@ class FinetuneDecoderConfig:
 
 @dataclass(frozen=True)
 class SampleConfig:
-    model: str = F("runs/ldm/model", "exported LDM folder (unet_ema/, scheduler/, vae/)")
-    classifier: str = F("runs/adapt/latent_classifier/model", "latent classifier folder")
-    vae: str = F("", "decoder to use (default: model/vae; e.g. the fine-tuned decoder)")
+    model: str = F("runs/ldm/model", "exported LDM folder (unet_ema/, scheduler/, vae/)", input=True)
+    classifier: str = F("runs/adapt/latent_classifier/model", "latent classifier folder", input=True)
+    vae: str = F("", "decoder to use (default: model/vae; e.g. the fine-tuned decoder)", input=True)
     out: str = F("samples/run", "output directory")
     classes: tuple[str, ...] = F((), "classes to synthesise (default: all of the classifier's)")
     n_per_class: int = F(0, "images per class (0: use ratio)")
     ratio: float = F(1.0, "synthetic images as a fraction of the real labeled subset, per class")
-    real_counts: str = F("", "latent cache or dataset whose subset counts define the ratio (default: the classifier's cache)")
+    real_counts: str = F("", "latent cache or dataset whose subset counts define the ratio (default: the classifier's cache)", input=True)
     real_subset: str = F("train", "subset whose per-class counts the ratio refers to")
     scale: float = F(10.0, "classifier guidance scale s (reference: 10)")
     guidance_window: tuple[int, int] = F((0, 0), "guide only for t in [lo, hi] ((0,0): every step)")
@@ -204,10 +207,10 @@ class SampleConfig:
 
 @dataclass(frozen=True)
 class SelectConfig:
-    samples: str = F("samples/run", "sample directory with samples.csv")
-    data: str = F("data/target", "prepared labeled target dataset")
+    samples: str = F("samples/run", "sample directory with samples.csv", input=True)
+    data: str = F("data/target", "prepared labeled target dataset", input=True)
     subset: str = F("train", "real labeled subset: centroids, feature classifier, memorization")
-    out: str = F("", "where filtered.csv goes (default: the sample directory)")
+    out: str = F("", "select's output directory: filtered.csv, filtered.json, _COMPLETE.json (default: <samples>/select)")
     backbone: str = F("small_cnn", "feature extractor: small_cnn[_w<width>] (trained here) or a timm model name")
     backbone_weights: str = F("", "local weights for a timm backbone (nothing is downloaded)")
     feature_steps: int = F(300, "optimisation steps (batch 32, augmented) of the small_cnn feature classifier")
@@ -225,9 +228,10 @@ class SelectConfig:
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    data: str = F("data/target", "prepared labeled target dataset")
+    data: str = F("data/target", "prepared labeled target dataset", input=True)
     subset: str = F("frac0.05", "real training subset (a few-shot subset or train)")
-    samples: str = F("", "sample directory (samples.csv, filtered.csv); empty: real arms only")
+    samples: str = F("", "sample directory (samples.csv, images/); empty: real arms only", input=True)
+    selection: str = F("", "select's output directory with the keep-list filtered.csv (default: <samples>/select)", input=True)
     out: str = F("eval/run", "output directory")
     arms: tuple[str, ...] = F(("real", "real_aa", "classic", "selected", "unselected"),
                               "arms: real, real_aa (real-only with another seed stream: the A/A noise floor), classic, selected, unselected")
@@ -242,22 +246,24 @@ class EvaluateConfig:
     val_subset: str = F("val", "split used for validation and checkpoint choice (groups disjoint from the training subset and test)")
     batch_size: int = F(64, "batch size")
     lr: float = F(1e-3, "AdamW learning rate")
-    external: tuple[str, ...] = F((), "external labeled test sets (prepared dataset directories; all their tiles are scored)")
+    ema_decay: float = F(0.0, "exponential moving average of the weights (0: off); validation and test score the average")
+    tta: bool = F(False, "test-time augmentation: test probabilities averaged over the 8 flips/rotations of each tile")
+    external: tuple[str, ...] = F((), "external labeled test sets (prepared dataset directories; all their tiles are scored)", input=True)
 
 
 @dataclass(frozen=True)
 class ScoreConfig:
-    classifiers: str = F("", "a saved classifier folder or a folder of them (evaluate's classifiers/); empty: none")
-    data: str = F("data/external", "prepared labeled dataset the classifiers are scored on")
+    classifiers: str = F("", "a saved classifier folder or a folder of them (evaluate's classifiers/); empty: none", input=True)
+    data: str = F("data/external", "prepared labeled dataset the classifiers are scored on", input=True)
     subset: str = F("all", "split or subset of that dataset (all, test, ...)")
-    samples: str = F("", "sample directory whose class fidelity --judge measures (fidelity.json, fidelity.csv in out)")
-    judge: str = F("", "judge folder written by `histodiffusion judge` (needed with --samples)")
+    samples: str = F("", "sample directory whose class fidelity --judge measures (fidelity.json, fidelity.csv in out)", input=True)
+    judge: str = F("", "judge folder written by `histodiffusion judge` (needed with --samples)", input=True)
     out: str = F("eval/run/score", "output directory (scores.csv, scores.json, fidelity.json)")
 
 
 @dataclass(frozen=True)
 class JudgeConfig:
-    data: str = F("data/target", "prepared labeled target dataset: the judge trains on tiles of its train split only")
+    data: str = F("data/target", "prepared labeled target dataset: the judge trains on tiles of its train split only", input=True)
     subset: str = F("train", "tiles the judge trains on: the train split (all its labels) or a subset of it; any validation or test tile is refused")
     out: str = F("judge", "judge folder, trained once per dataset and reused (model/, judge.json)")
     samples: tuple[str, ...] = F((), "sample directories to judge: each gets fidelity.json and fidelity.csv (per class, all and kept samples)")
@@ -274,14 +280,14 @@ class JudgeConfig:
 class ReportConfig:
     run: str = F("runs/default", "run directory (or any directory holding the stage outputs)")
     out: str = F("", "report directory (default: <run>/report)")
-    data: str = F("", "target dataset (default: <run>/data/target)")
-    samples: str = F("", "sample directory (default: <run>/samples)")
-    eval: str = F("", "evaluation directory (default: <run>/eval)")
+    data: str = F("", "target dataset (default: <run>/data/target)", input=True)
+    samples: str = F("", "sample directory (default: <run>/samples)", input=True)
+    eval: str = F("", "evaluation directory (default: <run>/eval)", input=True)
     subset: str = F("", "real subset shown in grids and the embedding (default: evaluate's subset, else train)")
     grid_per_class: int = F(16, "images per class in the sample grids (real and synthetic each)")
     grid_scale: int = F(0, "display scale of the grid tiles (0: tiles at least 128 px wide, i.e. 2x for 64 px tiles)")
     embedding: str = F("auto", "auto (UMAP if installed, else t-SNE) | umap | tsne | pca")
-    latent_classifier: str = F("", "latent classifier run directory (default: <run>/adapt/latent_classifier)")
+    latent_classifier: str = F("", "latent classifier run directory (default: <run>/adapt/latent_classifier)", input=True)
 
 
 @dataclass(frozen=True)
@@ -302,24 +308,6 @@ class RunConfig:
     ablations: bool = F(False, "also run the no-pretraining ablation and write ablation.md")
     stage_config: str = F("", "JSON/TOML file of per-stage overrides: {stage: {field: value}}")
     until: str = F("", "stop after this stage (e.g. pretrain); empty: the whole chain")
-
-
-STAGE_CONFIGS: dict[str, type] = {
-    "prepare": PrepareConfig,
-    "train-autoencoder": AutoencoderConfig,
-    "encode": EncodeConfig,
-    "pretrain": PretrainConfig,
-    "export-base": ExportBaseConfig,
-    "train-latent-classifier": LatentClassifierConfig,
-    "finetune-decoder": FinetuneDecoderConfig,
-    "sample": SampleConfig,
-    "select": SelectConfig,
-    "evaluate": EvaluateConfig,
-    "score": ScoreConfig,
-    "judge": JudgeConfig,
-    "report": ReportConfig,
-    "run": RunConfig,
-}
 
 
 # --------------------------------------------------------------------------------------------
@@ -417,6 +405,11 @@ def load_config_file(path: str | Path) -> dict:
         raise HistoError(f"config file {path} is not valid {'TOML' if path.suffix == '.toml' else 'JSON'}: {e}") from None
 
 
+def input_fields(cls: type) -> tuple[str, ...]:
+    """The fields of a stage config that name the artifacts the stage reads (F(..., input=True))."""
+    return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("input"))
+
+
 def help_of(cls: type, name: str) -> str:
     for f in dataclasses.fields(cls):
         if f.name == name:
@@ -463,7 +456,7 @@ VALUE_RULES: dict[str, dict] = {
                       "val_frac": _within(0, 1, True), "test_frac": _within(0, 1, True),
                       "min_tissue": _within(0, 1), "min_saturation": _within(0, 1), "max_ink": _within(0, 1),
                       "image_mode": _one_of("convert", "refuse"), "tissue_method": _one_of("fixed", "otsu"),
-                      "fewshot_fracs": _each(_within(0, 1)), "fewshot_k": _each(_at_least(1)),
+                      "fewshot_fracs": _each(_within(0, 1)), "fewshot_k": _each(_at_least(1)), "fewshot_draws": _at_least(1),
                       "holdout_frac": _within(0, 1, True), "group_px": _at_least(0),
                       "scale_sample": _at_least(0), "scale_tolerance": _zero_or_at_least(1)},
     "AutoencoderConfig": {"latent_channels": _at_least(1), "layers_per_block": _at_least(1), "crop": _at_least(0),
@@ -491,7 +484,7 @@ VALUE_RULES: dict[str, dict] = {
                      "embedding": _one_of("auto", "umap", "tsne", "pca")},
     "EvaluateConfig": {"arms": _each(_one_of("real", "real_aa", "classic", "selected", "unselected")),
                        "epochs": _at_least(0), "steps_per_epoch": _at_least(0), "val_every": _at_least(0),
-                       "ratios": _each(_above(0))},
+                       "ratios": _each(_above(0)), "ema_decay": _within(0, 1, True)},
 }
 
 

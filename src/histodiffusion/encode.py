@@ -1,8 +1,9 @@
 """Stage `encode`: cache the autoencoder's posterior (mean, std) of every tile of a dataset.
 
 Layout (artifacts.py): index.csv, latents_NNNNN.safetensors ("mean", "std" float32 [N, C, h, w]),
-subsets/ (from the dataset), meta.json (dataset, classes, vae, vae_hash, scaling_factor, latent_shape,
-count), _COMPLETE.json last. z is sampled from (mean, std) at load time (data/datasets.LatentDataset).
+subsets/ (from the dataset), meta.json (dataset, classes, count), latent_space.json (the latent-space
+record: autoencoder hash, scaling factor, latent shape; latent_space.py), _COMPLETE.json last. z is
+sampled from (mean, std) at load time (data/datasets.LatentDataset).
 
 Streaming: one shard of latents is held in memory at a time. Atomic: everything goes into a
 temporary directory renamed over the destination after the completion marker. Several processes
@@ -17,27 +18,21 @@ from pathlib import Path
 
 from .artifacts import INDEX, INDEX_COLUMNS, META, SUBSETS_DIR, format_meta, latent_shard_name, read_dataset
 from .config import EncodeConfig, config_to_dict
+from .contract import completion_record
 from .runtime import (CONFIG_FILE, HistoError, _remove, closes_stage_logs, get_logger, is_complete, make_accelerator,
                       mark_complete, progress, raise_if_any_rank_failed, read_csv, read_json, write_csv_atomic,
                       write_json_atomic)
-
-DIHEDRAL = 8  # identity, 3 rotations, and the 4 flipped versions
-
-
-def dihedral(img, k: int):
-    """The k-th of the 8 dihedral transforms of a [..., H, W] tensor (k=0: identity)."""
-    import torch
-
-    out = torch.rot90(img, k % 4, dims=(-2, -1))
-    return torch.flip(out, dims=(-1,)) if k >= 4 else out
+from .transforms import DIHEDRAL, dihedral  # noqa: F401  (adapt imports them from here)
 
 
 def variant_id(tile_id: str, k: int) -> str:
     return tile_id if k == 0 else f"{tile_id}~d{k}"
 
 
-def _check_existing(out: Path, vae_hash: str, scaling: float, data: Path, flips: bool, log) -> bool:
+def _check_existing(out: Path, space, data: Path, flips: bool, log) -> bool:
     """True when `out` is a complete cache of the same inputs (skip); error when it is of other inputs."""
+    from .latent_space import of_cache
+
     if not out.exists():
         return False
     if not is_complete(out):
@@ -45,12 +40,14 @@ def _check_existing(out: Path, vae_hash: str, scaling: float, data: Path, flips:
             raise HistoError(f"{out} exists and is not a latent cache; choose another --out or delete it")
         return False
     meta = read_json(out / META, "latent cache meta")
-    same = (meta.get("vae_hash") == vae_hash and abs(float(meta.get("scaling_factor", 0)) - scaling) < 1e-9
+    old = of_cache(out)
+    same = (old.vae_hash == space.vae_hash and abs(old.scaling_factor - space.scaling_factor) < 1e-9
             and meta.get("dataset") == str(data) and bool(meta.get("flips")) == flips)
     if not same:
         raise HistoError(f"latent cache {out} was made from {meta.get('dataset')} with autoencoder "
-                         f"{str(meta.get('vae_hash'))[:12]} (scaling {meta.get('scaling_factor')}); this run uses "
-                         f"{data} with {vae_hash[:12]} (scaling {scaling}). Use another --out or delete it")
+                         f"{old.vae_hash[:12]} (scaling {old.scaling_factor}); this run uses "
+                         f"{data} with {space.vae_hash[:12]} (scaling {space.scaling_factor}). Use another --out or "
+                         f"delete it")
     log.info("latent cache %s is complete and matches: skipped", out)
     return True
 
@@ -61,7 +58,8 @@ def run(cfg: EncodeConfig) -> Path:
     from safetensors.torch import save_file
 
     from .data.datasets import PixelDataset
-    from .models.autoencoder import encode_posterior, load_vae, resolve_scaling_factor, vae_id
+    from .latent_space import of_autoencoder
+    from .models.autoencoder import encode_posterior, load_vae
 
     if cfg.batch_size < 1 or cfg.shard_size < 1:
         raise HistoError(f"batch_size and shard_size must be >= 1, got {cfg.batch_size}, {cfg.shard_size}")
@@ -72,9 +70,8 @@ def run(cfg: EncodeConfig) -> Path:
     ds_meta, _ = read_dataset(data)
     vae_dir = Path(cfg.vae).resolve()
     vae = load_vae(vae_dir)
-    vae_hash = vae_id(vae_dir)
-    scaling, scaling_source = resolve_scaling_factor(vae_dir, vae, cfg.scaling_factor)
-    if _check_existing(out, vae_hash, scaling, data, cfg.flips, log):
+    space = of_autoencoder(vae_dir, vae, cfg.scaling_factor)  # the one place a scaling factor is decided
+    if _check_existing(out, space, data, cfg.flips, log):
         return out
     ds = PixelDataset(data, "all")
     tile = int(ds_meta.get("tile_size") or ds.uint8(0).shape[0])
@@ -128,18 +125,20 @@ def run(cfg: EncodeConfig) -> Path:
     # 2. rank 0: index, subsets, meta, completion marker, rename into place
     if main:
         try:
-            _finish(cfg, ds, ds_meta, data, vae_dir, vae_hash, scaling, scaling_source, shards, tmp, out)
+            _finish(cfg, ds, ds_meta, data, space, shards, tmp, out)
         except BaseException:
             _remove(tmp)
             raise
-        log.info("latent cache written: %s (%d latents, shape %s, scaling %.5f from %s)", out, len(items),
-                 read_json(out / META)["latent_shape"], scaling, scaling_source)
+        log.info("latent cache written: %s (%d latents, scaling %.5f from %s)", out, len(items),
+                 space.scaling_factor, space.source)
     acc.wait_for_everyone()
     return out
 
 
-def _finish(cfg, ds, ds_meta, data, vae_dir, vae_hash, scaling, scaling_source, shards, tmp: Path, out: Path):
+def _finish(cfg, ds, ds_meta, data, space, shards, tmp: Path, out: Path):
     from safetensors import safe_open
+
+    from .latent_space import write_cache_record
 
     with safe_open(str(tmp / latent_shard_name(0)), framework="pt") as fh:
         latent_shape = list(fh.get_slice("mean").get_shape()[1:])
@@ -160,11 +159,10 @@ def _finish(cfg, ds, ds_meta, data, vae_dir, vae_hash, scaling, scaling_source, 
             write_csv_atomic(tmp / SUBSETS_DIR / p.name, ({"id": variant_id(i, k)} for i in ids for k in ks), ["id"])
     meta = format_meta(dataset=str(data), dataset_name=ds_meta.get("name", data.name),
                        kind=ds_meta.get("kind", ""), classes=list(ds_meta.get("classes") or []),
-                       tile_size=ds_meta.get("tile_size"), vae=str(vae_dir), vae_hash=vae_hash,
-                       scaling_factor=scaling, scaling_source=scaling_source, latent_shape=latent_shape,
-                       count=len(rows), shards=len(shards), flips=bool(cfg.flips))
+                       tile_size=ds_meta.get("tile_size"), count=len(rows), shards=len(shards), flips=bool(cfg.flips))
     write_json_atomic(tmp / META, meta)
-    mark_complete(tmp, count=len(rows))
+    write_cache_record(tmp, space.with_shape(latent_shape))  # the latent-space record, written once
+    mark_complete(tmp, **completion_record(cfg), count=len(rows))
     if out.exists():
         shutil.rmtree(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .artifacts import FILTERED_COLUMNS, FILTERED_CSV, SAMPLES_CSV, read_dataset, subset_ids
-from .runtime import HistoError, read_csv
+from .artifacts import FILTERED_COLUMNS, FILTERED_CSV, SAMPLES_CSV, SELECT_DIR, read_dataset, subset_ids
+from .runtime import HistoError, is_complete, read_csv
 
 
 @dataclass
@@ -122,9 +122,18 @@ def load_sample_images(sample_dir: str | Path, rows: list[dict], size: int) -> t
     return torch.from_numpy(np.stack(out))
 
 
-def read_filtered(directory: str | Path) -> list[dict]:
-    path = Path(directory) / FILTERED_CSV
+def read_filtered(selection: str | Path) -> list[dict]:
+    """The keep-list of a complete selection directory (select's output, e.g. <samples>/select)."""
+    selection = Path(selection)
+    path = selection / FILTERED_CSV
     if not path.is_file():
-        raise HistoError(f"no {FILTERED_CSV} in {directory}: run `histodiffusion select` first")
+        if selection.name == SELECT_DIR and (selection.parent / FILTERED_CSV).is_file():
+            raise HistoError(f"{selection.parent / FILTERED_CSV} was written by an older histodiffusion (format 1: "
+                             f"beside samples.csv); select now writes into its own directory {selection}: re-run "
+                             f"`histodiffusion select`")
+        raise HistoError(f"no {FILTERED_CSV} in {selection}: run `histodiffusion select` first")
+    if not is_complete(selection):
+        raise HistoError(f"selection {selection} is incomplete (no _COMPLETE.json: select was interrupted); "
+                         f"re-run `histodiffusion select`")
     return read_csv(path, FILTERED_COLUMNS, FILTERED_CSV)
 

@@ -41,7 +41,9 @@ import numpy as np
 import torch
 
 from . import metrics as M
+from .artifacts import FILTERED_CSV, selection_dir
 from .config import EvaluateConfig, ScoreConfig
+from .contract import completion_record
 from .evaldata import (Tiles, dataset_classes, load_real, load_sample_images, quota, read_filtered,
                        read_samples)
 from .evalsummary import (CURVE_COLUMNS, confusion_name, curve_rows, per_seed_columns, per_seed_rows,
@@ -115,11 +117,11 @@ def synthetic_sets(cfg: EvaluateConfig, arms, real: Tiles) -> dict:
     by_class = {c: [i for i, r in enumerate(rows) if r["target"] == c] for c in real.classes}
     kept: dict[str, list[int]] = {}
     if "selected" in kinds:
-        filt = read_filtered(cfg.samples)
+        filt = read_filtered(selection_dir(cfg.samples, cfg.selection))
         unknown = [f["id"] for f in filt if f["id"] not in index]
         if unknown:
-            raise HistoError(f"filtered.csv in {cfg.samples} lists sample {unknown[0]!r} that samples.csv lacks: "
-                             f"re-run select")
+            raise HistoError(f"filtered.csv in {selection_dir(cfg.samples, cfg.selection)} lists sample {unknown[0]!r} "
+                             f"that {cfg.samples}/samples.csv lacks: re-run select")
         for c in real.classes:
             ks = sorted((f for f in filt if f["target"] == c and int(f["keep"]) == 1), key=lambda f: int(f["rank"]))
             kept[c] = [index[f["id"]] for f in ks]
@@ -168,10 +170,11 @@ def training_set(kind: str, name: str, seed: int, real: Tiles, syn: dict) -> tup
 # --------------------------------------------------------------------------------------------
 # Scoring
 # --------------------------------------------------------------------------------------------
-def score(model, tiles: Tiles) -> dict:
+def score(model, tiles: Tiles, tta: bool = False) -> dict:
+    """Test metrics of a model on tiles; `tta`: probabilities averaged over the 8 dihedral views."""
     from .models.classifier import predict
 
-    probs, _ = predict(model, tiles.images)
+    probs, _ = predict(model, tiles.images, tta=tta)
     return M.classification_metrics(tiles.labels.numpy(), probs.argmax(1).numpy(), tiles.classes)
 
 
@@ -226,6 +229,7 @@ def run(cfg: EvaluateConfig) -> Path:
     train_ids = set(real.ids)
     externals = load_external(cfg.external, classes, {r["hash"] for r in rows if r["id"] in train_ids})
     syn = synthetic_sets(cfg, arms, real)
+    check_keep_list(cfg, out, arms, rank == 0)
     size = int(real.images.shape[1])
     steps, steps_per_epoch = budget(cfg, len(real))
     jobs = [(a, s) for a in arms for s in cfg.seeds]
@@ -250,6 +254,27 @@ def run(cfg: EvaluateConfig) -> Path:
     # 3. merge (rank 0): per_seed.csv, curves.csv, metrics.json, confusion PNGs, completion marker last
     _merge(cfg, out, arms, jobs, sets, classes, real, val, test, externals, steps, steps_per_epoch)
     return out
+
+
+KEEP_LIST = "keep_list.json"  # the keep-list an evaluation uses, recorded when it starts
+
+
+def check_keep_list(cfg: EvaluateConfig, out: Path, arms, is_main: bool) -> None:
+    """Record the keep-list (filtered.csv hash) the selected arms train on; on resume, refuse another one,
+    so classifiers of an old and a new selection never mix in one evaluation."""
+    from .runtime import sha256_file
+
+    if not any(kind == "selected" for _, kind, _ in arms):
+        return
+    path = selection_dir(cfg.samples, cfg.selection) / FILTERED_CSV
+    now = {"filtered_csv": str(path.resolve()), "sha256": sha256_file(path)}
+    old = read_json(out / KEEP_LIST, "keep-list record") if (out / KEEP_LIST).is_file() else None
+    if old and old.get("sha256") != now["sha256"]:
+        raise HistoError(f"evaluation {out} was started with another keep-list ({old.get('filtered_csv')}, sha256 "
+                         f"{str(old.get('sha256'))[:12]}; now {now['sha256'][:12]}): select was re-run since; delete "
+                         f"{out} (or use another --out) to evaluate the new selection")
+    if is_main and not old:
+        write_json_atomic(out / KEEP_LIST, now)
 
 
 def budget(cfg: EvaluateConfig, n_real: int) -> tuple[int, int]:
@@ -283,8 +308,8 @@ def _train_jobs(cfg: EvaluateConfig, out: Path, jobs, sets, val, classes, size: 
             sc = read_json(d / "scores.json", "classifier scores")
             missing = [k for k in sets if k not in sc["scores"]]
             if missing:  # a new external set: score the saved classifier on it
-                model, _ = load_classifier(d)
-                sc["scores"].update({k: score(model, sets[k]) for k in missing})
+                model, saved = load_classifier(d)
+                sc["scores"].update({k: score(model, sets[k], bool(saved.get("tta"))) for k in missing})
                 write_json_atomic(d / "scores.json", sc)
             log.info("skip %s seed %d (finished)", name, seed)
             continue
@@ -296,18 +321,19 @@ def _train_jobs(cfg: EvaluateConfig, out: Path, jobs, sets, val, classes, size: 
         train_classifier(model, x, y, steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=tseed,
                          augment=kind not in ("real", "real_aa"), desc=f"{name} seed {seed}",
                          validate=(lambda m: val_record(m, val)) if val is not None else None,
-                         val_every=cfg.val_every, history=curve)
+                         val_every=cfg.val_every, history=curve, ema_decay=cfg.ema_decay)
         best = min(curve, key=val_rank) if curve else None  # the weights train_classifier restored
         validation = {"split": cfg.val_subset, "every": cfg.val_every, "n": len(val), "best_step": best["step"],
                       "best": best, "curve": curve} if best else None
         info = {"name": cfg.backbone, "classes": classes, "image_size": size, "arm": name, "kind": kind,
                 "ratio": ratio, "seed": seed, "train_seed": tseed, "steps": steps, "batch_size": cfg.batch_size,
                 "lr": cfg.lr, "checkpoint": f"best {cfg.val_subset} step {best['step']}" if best else "last",
+                "ema_decay": cfg.ema_decay, "tta": cfg.tta,
                 "data": str(cfg.data), "subset": cfg.subset, "n_real": len(real), "n_synthetic": counts,
                 "backbone_weights": cfg.backbone_weights}
         save_classifier(model, d, info)
         sc = {"arm": name, "seed": seed, "n_real": len(real), "n_synthetic": counts, "validation": validation,
-              "scores": {k: score(model, t) for k, t in sets.items()}}
+              "scores": {k: score(model, t, cfg.tta) for k, t in sets.items()}}
         write_json_atomic(d / "scores.json", sc)
         write_text_atomic(d / CARD, classifier_card(d, str(d), sc))
         mark_complete(d)
@@ -348,7 +374,7 @@ def _merge(cfg, out: Path, arms, jobs, sets, classes, real, val, test, externals
             cm = sum(np.asarray(results[(name, s)]["scores"][ts]["confusion"]) for s in cfg.seeds)
             plot_confusion(cm, classes, f"{name} on {ts} ({len(cfg.seeds)} seeds)",
                            out / "confusion" / confusion_name(ts, name))
-    mark_complete(out, arms=len(arms), seeds=len(cfg.seeds))
+    mark_complete(out, **completion_record(cfg), arms=len(arms), seeds=len(cfg.seeds))
 
 
 # --------------------------------------------------------------------------------------------
@@ -382,7 +408,7 @@ def run_score(cfg: ScoreConfig) -> Path:
         if int(info["image_size"]) != int(tiles.images.shape[1]):
             raise HistoError(f"classifier {d} expects {info['image_size']} px tiles, {cfg.data} has "
                              f"{tiles.images.shape[1]} px")
-        m = score(model, tiles)
+        m = score(model, tiles, bool(info.get("tta")))
         arm, seed = info.get("arm", d.name), info.get("seed", "")
         rows.append({"classifier": d.name, "arm": arm, "seed": seed, "testset": cfg.subset, "n": m["n"],
                      "accuracy": round(m["accuracy"], 6), "macro_f1": round(m["macro_f1"], 6),
@@ -398,5 +424,5 @@ def run_score(cfg: ScoreConfig) -> Path:
         "arms": {a: {"accuracy": M.mean_ci([m["accuracy"] for m in ms]),
                      "macro_f1": M.mean_ci([m["macro_f1"] for m in ms])} for a, ms in by_arm.items()},
         "fidelity": fidelity.record if fidelity else None})
-    mark_complete(out, classifiers=len(dirs), fidelity=bool(fidelity))
+    mark_complete(out, **completion_record(cfg), classifiers=len(dirs), fidelity=bool(fidelity))
     return out

@@ -12,6 +12,8 @@ import dataclasses
 import json
 from pathlib import Path
 
+from .layout import RunLayout
+from .registry import STAGES
 from .runtime import COMPLETE_MARKER, CONFIG_FILE, HistoError, check_format_version, read_json
 
 COMPLETE, STARTED, NOT_STARTED = "complete", "started", "not started"
@@ -25,7 +27,7 @@ def run_plan(run_dir: str | Path):
     root = Path(run_dir)
     if not root.is_dir():
         raise HistoError(f"run directory not found: {root}")
-    path = root / CONFIG_FILE
+    path = RunLayout(root).config
     if not path.is_file():
         raise HistoError(f"{root} is not a run directory (no {CONFIG_FILE}; `histodiffusion run --out DIR` makes one)")
     rec = read_json(path, "run config")
@@ -38,7 +40,7 @@ def run_plan(run_dir: str | Path):
                               until="")
     base = None
     if cfg.base != "none":
-        base_json = root / "base.json"
+        base_json = RunLayout(root).base_record
         recorded = read_json(base_json, "base record") if base_json.is_file() else {}
         base = {"path": recorded.get("path") or cfg.base}
     return cfg, plan(cfg, base)
@@ -46,7 +48,7 @@ def run_plan(run_dir: str | Path):
 
 def status(step) -> str:
     """complete, started (its own config.json is there: killed or running) or not started."""
-    if step.done(step.out):
+    if (step.out / COMPLETE_MARKER).is_file():
         return COMPLETE
     return STARTED if _load(step.out / CONFIG_FILE).get("stage") == step.stage else NOT_STARTED
 
@@ -59,8 +61,9 @@ def run_info(run_dir: str | Path) -> dict:
     for s in steps:
         st = status(s)
         figures = _figures(s.stage, s.out) if st == COMPLETE else ""
-        stages.append({"name": s.name, "stage": s.stage, "dir": _rel(s.out, root), "status": st, "figures": figures})
-    base = _load(root / "base.json")
+        stages.append({"name": s.name, "stage": s.stage, "what": STAGES[s.stage].help, "dir": _rel(s.out, root),
+                       "status": st, "figures": figures})
+    base = _load(RunLayout(root).base_record)
     return {"run": str(root), "config": dataclasses.asdict(cfg), "base": base, "stages": stages,
             "complete": all(s["status"] == COMPLETE for s in stages)}
 
@@ -140,8 +143,10 @@ def _autoencoder(out: Path) -> str:
 
 
 def _encode(out: Path) -> str:
-    m = _load(out / "meta.json")
-    return f"{m.get('count')} latents of shape {m.get('latent_shape')}"
+    from .latent_space import LATENT_SPACE
+
+    m, space = _load(out / "meta.json"), _load(out / LATENT_SPACE)
+    return f"{m.get('count')} latents of shape {space.get('latent_shape')}"
 
 
 def _pretrain(out: Path) -> str:
@@ -173,7 +178,7 @@ def _sample(out: Path) -> str:
     return f"{c.get('count')} synthetic tiles{pipe}"
 
 
-def _select(out: Path) -> str:
+def _select(out: Path) -> str:  # out: the selection directory
     f = _load(out / "filtered.json")
     kept, total = f.get("kept", 0), f.get("samples", 0)
     return f"kept {kept} of {total} ({kept / total:.0%}, {f.get('mode')})" if total else ""

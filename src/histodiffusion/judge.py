@@ -31,8 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .artifacts import FILTERED_CSV, SAMPLES_CSV
+from .artifacts import FILTERED_CSV, SAMPLES_CSV, selection_dir
 from .config import JudgeConfig
+from .contract import completion_record
 from .evaldata import dataset_classes, load_real, load_sample_images, read_filtered, read_samples, subset_fingerprint
 from .modelcards import CARD, classifier_card
 from .runtime import (HistoError, closes_stage_logs, dist_info, get_logger, is_complete, mark_complete, read_json,
@@ -188,7 +189,7 @@ def ensure_judge(cfg: JudgeConfig, ids: list[str], out: Path, log):
                                            "lr": cfg.lr, "seed": cfg.seed, **record})
     write_json_atomic(out / JUDGE_JSON, record)
     write_text_atomic(out / "model" / CARD, classifier_card(out / "model", str(out / "model")))
-    mark_complete(out, stage="judge")
+    mark_complete(out, **completion_record(cfg))
     return load_judge(out)
 
 
@@ -205,13 +206,14 @@ def judge_samples(model, info: dict, sample_dir: str | Path, real=None) -> tuple
     preds = [classes[int(i)] for i in probs.argmax(1)]
     targets = [r["target"] for r in rows]
     keep, filtered_hash = None, None
-    if (sample_dir / FILTERED_CSV).is_file():
-        filt = {f["id"]: f for f in read_filtered(sample_dir)}
+    selection = selection_dir(sample_dir)
+    if (selection / FILTERED_CSV).is_file():
+        filt = {f["id"]: f for f in read_filtered(selection)}
         missing = [r["id"] for r in rows if r["id"] not in filt]
         if missing:
-            raise HistoError(f"{sample_dir / FILTERED_CSV} lacks sample {missing[0]!r} of samples.csv: re-run select")
+            raise HistoError(f"{selection / FILTERED_CSV} lacks sample {missing[0]!r} of samples.csv: re-run select")
         keep = [int(filt[r["id"]]["keep"]) for r in rows]
-        filtered_hash = sha256_file(sample_dir / FILTERED_CSV)
+        filtered_hash = sha256_file(selection / FILTERED_CSV)
     per_sample = [{"id": r["id"], "target": t, "judge_pred": p, "keep": keep[i] if keep is not None else -1,
                    "judge_p_target": round(float(probs[i, classes.index(t)]), 6)}
                   for i, (r, t, p) in enumerate(zip(rows, targets, preds))]

@@ -13,10 +13,14 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from . import config as C
-from .runtime import (HistoError, get_logger, human_time, is_complete, log_to, start_run_dir, write_json_atomic,
+from .contract import check_complete
+from .data.splits import fewshot_names
+from .layout import RunLayout
+from .registry import STAGES, build
+from .runtime import (HistoError, get_logger, human_time, log_to, start_run_dir, write_json_atomic,
                       write_text_atomic)
 
 
@@ -29,20 +33,10 @@ EXTRA_KEYS = ("prepare-unlabeled", "prepare-target", "encode-target", "pretrain-
 @dataclasses.dataclass
 class Step:
     name: str  # shown in progress lines
-    stage: str  # CLI stage name (selects the config class)
+    stage: str  # the stage registry's name (registry.STAGES: config class, run function)
     out: Path  # the stage's artifact directory (its completion marker says "done")
     fields: dict  # config fields (layout + preset + user overrides)
-    done: Callable[[Path], bool] = is_complete
     on_skip: Callable[[], list[str]] | None = None  # checks repeated when the stage is skipped: warnings
-
-
-def _run_stage(stage: str, cfg: Any) -> None:
-    import importlib
-
-    from .cli import ENTRY, STAGES
-
-    module = importlib.import_module(STAGES[stage][0])
-    getattr(module, ENTRY.get(stage, "run"))(cfg)
 
 
 def plan(cfg: C.RunConfig, base: dict | None | str = "verify") -> list[Step]:
@@ -55,98 +49,104 @@ def plan(cfg: C.RunConfig, base: dict | None | str = "verify") -> list[Step]:
     preset_overrides(cfg.preset, "run")  # validates the name
     preset = PRESETS[cfg.preset]
     user = C.load_config_file(cfg.stage_config) if cfg.stage_config else {}
-    unknown = sorted(set(user) - set(C.STAGE_CONFIGS) - set(EXTRA_KEYS))
+    unknown = sorted(set(user) - set(STAGES) - set(EXTRA_KEYS))
     if unknown:
         raise HistoError(f"stage_config {cfg.stage_config}: unknown stage(s) {unknown}")
     for key, values in user.items():  # every entry, also of stages this run does not reach (fields, types, ranges)
-        stage = key if key in C.STAGE_CONFIGS else key.rsplit("-", 1)[0]
+        stage = key if key in STAGES else key.rsplit("-", 1)[0]
         try:
-            C.config_from_dict(C.STAGE_CONFIGS[stage], values)
+            build(stage, values)
         except HistoError as e:
             raise HistoError(f"stage_config {cfg.stage_config}, entry {key!r}: {e}") from None
 
     base = _base(cfg) if base == "verify" else base
     unlabeled_sources, labels_csv = _sources(cfg)
-    d_unl, d_tgt = root / "data" / "unlabeled", root / "data" / "target"
-    c_unl, c_tgt = root / "cache" / "unlabeled", root / "cache" / "target"
-    ldm_model = Path(base["path"]) if base else root / "ldm" / "model"
-    ae_vae = ldm_model / "vae" if base else root / "ae" / "model" / "vae"
+    L = RunLayout(root)
+    d_unl, d_tgt, c_unl, c_tgt = L.data_unlabeled, L.data_target, L.cache_unlabeled, L.cache_target
+    ldm_model = Path(base["path"]) if base else L.model(L.ldm)
+    ae_vae = ldm_model / "vae" if base else L.ae_vae
 
-    def fields(key: str, base: dict, stage: str | None = None) -> dict:
+    def fields(key: str, layout: dict, settings: dict, stage: str | None = None) -> dict:
+        """preset < the run's settings < the user's --stage-config (of the stage, then of this key); the
+        layout's paths last: the user may not move a stage's inputs or outputs (a clear error)."""
         stage = stage or key
-        merged = {**preset.get(stage, {}), **preset.get(key, {}), **base}
-        merged.update(user.get(stage, {}))  # the user's settings of the stage, then of this key
-        merged.update(user.get(key, {}) if key != stage else {})
-        return merged
+        merged = {**preset.get(stage, {}), **preset.get(key, {}), **settings}
+        for k in dict.fromkeys((stage, key)):
+            moved = sorted(set(user.get(k, {})) & set(layout))
+            if moved:
+                raise HistoError(f"stage_config {cfg.stage_config}, entry {k!r}: field(s) {moved} are part of the "
+                                 f"run layout ({', '.join(f'{m}={layout[m]}' for m in moved)}) and cannot be "
+                                 f"overridden; run the stage by hand (histodiffusion {stage}) to use other paths")
+            merged.update(user.get(k, {}))
+        return {**merged, **layout}
 
-    target_fields = fields("prepare-target", {
-        "out": str(d_tgt), "kind": "labeled", "labels_csv": labels_csv, "tile_size": cfg.tile_size,
-        "exclude": (str(ldm_model if base else d_unl),), "seed": cfg.split_seed}, "prepare")
+    target_fields = fields("prepare-target", {"out": str(d_tgt), "exclude": (str(ldm_model if base else d_unl),)}, {
+        "kind": "labeled", "labels_csv": labels_csv, "tile_size": cfg.tile_size, "seed": cfg.split_seed}, "prepare")
     prepare_target = Step("prepare target", "prepare", d_tgt, target_fields,
                           on_skip=None if base else lambda: _scale_warnings(d_tgt, d_unl, target_fields))
     encode_target = Step("encode target", "encode", c_tgt, fields("encode-target", {
-        "data": str(d_tgt), "vae": str(ae_vae), "out": str(c_tgt)}, "encode"))
+        "data": str(d_tgt), "vae": str(ae_vae), "out": str(c_tgt)}, {}, "encode"))
     if base:  # pretrain once, adapt many times: the base replaces the pretraining stages
         steps = [prepare_target, encode_target]
     else:
         steps = [
-            Step("prepare unlabeled", "prepare", d_unl, fields("prepare-unlabeled", {
-                "out": str(d_unl), "kind": "unlabeled", "sources": unlabeled_sources, "tile_size": cfg.tile_size,
+            Step("prepare unlabeled", "prepare", d_unl, fields("prepare-unlabeled", {"out": str(d_unl)}, {
+                "kind": "unlabeled", "sources": unlabeled_sources, "tile_size": cfg.tile_size,
                 "fewshot_fracs": ()}, "prepare")),
             prepare_target,
-            Step("train autoencoder", "train-autoencoder", root / "ae",
-                 fields("train-autoencoder", {"data": (str(d_unl),), "out": str(root / "ae")})),
+            Step("train autoencoder", "train-autoencoder", L.ae,
+                 fields("train-autoencoder", {"data": (str(d_unl),), "out": str(L.ae)}, {})),
             Step("encode unlabeled", "encode", c_unl,
-                 fields("encode", {"data": str(d_unl), "vae": str(ae_vae), "out": str(c_unl)})),
+                 fields("encode", {"data": str(d_unl), "vae": str(ae_vae), "out": str(c_unl)}, {})),
             encode_target,
-            Step("pretrain LDM", "pretrain", root / "ldm",
-                 fields("pretrain", {"cache": (str(c_unl),), "out": str(root / "ldm")})),
+            Step("pretrain LDM", "pretrain", L.ldm,
+                 fields("pretrain", {"cache": (str(c_unl),), "out": str(L.ldm)}, {})),
         ]
     if cfg.adapt_unlabeled_steps:  # beyond the paper: the target's own train tiles, labels unused
-        steps.append(Step("adapt LDM to target tiles (unlabeled)", "pretrain", root / "ldm_target", fields(
-            "pretrain-target", {"cache": (str(c_tgt),), "subset": "train", "init_from": str(ldm_model),
-                                "steps": cfg.adapt_unlabeled_steps, "out": str(root / "ldm_target")}, "pretrain")))
-        ldm_model = root / "ldm_target" / "model"
+        steps.append(Step("adapt LDM to target tiles (unlabeled)", "pretrain", L.ldm_target, fields(
+            "pretrain-target", {"cache": (str(c_tgt),), "init_from": str(ldm_model), "out": str(L.ldm_target)},
+            {"subset": "train", "steps": cfg.adapt_unlabeled_steps}, "pretrain")))
+        ldm_model = L.model(L.ldm_target)
     steps += [
-        Step("latent classifier", "train-latent-classifier", root / "adapt" / "latent_classifier",
-             fields("train-latent-classifier", {
-                 "cache": str(c_tgt), "subset": cfg.subset, "scheduler": str(ldm_model / "scheduler"),
-                 "out": str(root / "adapt" / "latent_classifier")})),
+        Step("latent classifier", "train-latent-classifier", L.latent_classifier,
+             fields("train-latent-classifier", {"cache": str(c_tgt), "scheduler": str(ldm_model / "scheduler"),
+                                                "out": str(L.latent_classifier)}, {"subset": cfg.subset})),
     ]
     decoder = None
     if cfg.finetune_decoder:
-        decoder = root / "adapt" / "decoder"
+        decoder = L.decoder
         steps.append(Step("finetune decoder", "finetune-decoder", decoder, fields("finetune-decoder", {
-            "data": str(d_tgt), "subset": cfg.subset, "vae": str(ae_vae), "out": str(decoder)})))
-    vae = str(decoder / "model" / "vae") if decoder else ""
+            "data": str(d_tgt), "vae": str(ae_vae), "out": str(decoder)}, {"subset": cfg.subset})))
+    vae = str(L.model(decoder) / "vae") if decoder else ""
     arms = [("", ldm_model)]
     if cfg.ablations:
-        steps.append(Step("pretrain LDM on target only (ablation)", "pretrain", root / "ldm_nopretrain",
-                          fields("pretrain-nopretrain", {"cache": (str(c_tgt),), "out": str(root / "ldm_nopretrain"),
-                                                         "subset": cfg.subset}, "pretrain")))
-        arms.append(("_nopretrain", root / "ldm_nopretrain" / "model"))
+        steps.append(Step("pretrain LDM on target only (ablation)", "pretrain", L.ldm_nopretrain,
+                          fields("pretrain-nopretrain", {"cache": (str(c_tgt),), "out": str(L.ldm_nopretrain)},
+                                 {"subset": cfg.subset}, "pretrain")))
+        arms.append(("_nopretrain", L.model(L.ldm_nopretrain)))
     for suffix, model in arms:
         key = suffix.replace("_", "-")  # stage_config key of the ablation's stages, e.g. "sample-nopretrain"
-        s_dir = root / f"samples{suffix}"
-        evaluate = fields(f"evaluate{key}", {
-            "data": str(d_tgt), "subset": cfg.subset, "samples": str(s_dir), "out": str(root / f"eval{suffix}"),
-            "ratios": cfg.ratios, "seeds": cfg.seeds, **({"arms": ("real", "selected")} if suffix else {})}, "evaluate")
+        s_dir = L.samples(suffix)
+        evaluate = fields(f"evaluate{key}", {"data": str(d_tgt), "samples": str(s_dir),
+                                             "selection": str(L.select(suffix)), "out": str(L.evaluation(suffix))}, {
+            "subset": cfg.subset, "ratios": cfg.ratios, "seeds": cfg.seeds,
+            **({"arms": ("real", "selected")} if suffix else {})}, "evaluate")
         # selection drops samples: make oversample x as many as the largest ratio evaluated needs
         n_sample = max(evaluate["ratios"]) * cfg.oversample
         steps += [
             Step(f"sample{suffix}", "sample", s_dir, fields(f"sample{key}", {
-                "model": str(model), "classifier": str(root / "adapt" / "latent_classifier" / "model"), "vae": vae,
-                "out": str(s_dir), "ratio": n_sample, "real_counts": str(c_tgt), "real_subset": cfg.subset,
-                "seed": cfg.seeds[0] if cfg.seeds else 0}, "sample")),
+                "model": str(model), "classifier": str(L.model(L.latent_classifier)), "vae": vae,
+                "out": str(s_dir), "real_counts": str(c_tgt)}, {
+                "ratio": n_sample, "real_subset": cfg.subset, "seed": cfg.seeds[0] if cfg.seeds else 0}, "sample")),
             # class-balanced selection: every class keeps the largest ratio's quota from its ranked list
-            Step(f"select{suffix}", "select", s_dir, fields(f"select{key}", {
-                "samples": str(s_dir), "data": str(d_tgt), "subset": cfg.subset,
-                "quota_ratio": max(evaluate["ratios"])}, "select"),
-                done=lambda p: (p / "filtered.csv").is_file()),
-            Step(f"evaluate{suffix}", "evaluate", root / f"eval{suffix}", evaluate),
+            Step(f"select{suffix}", "select", L.select(suffix), fields(f"select{key}", {
+                "samples": str(s_dir), "data": str(d_tgt), "out": str(L.select(suffix))}, {
+                "subset": cfg.subset, "quota_ratio": max(evaluate["ratios"])}, "select")),
+            Step(f"evaluate{suffix}", "evaluate", L.evaluation(suffix), evaluate),
         ]
-    steps.append(Step("report", "report", root / "report", fields("report", {"run": str(root),
-                                                                             "out": str(root / "report")})))
+    steps.append(Step("report", "report", L.report, fields("report", {
+        "run": str(root), "out": str(L.report), "data": str(d_tgt), "samples": str(L.samples()),
+        "eval": str(L.evaluation()), "latent_classifier": str(L.latent_classifier)}, {})))
     of_dataset = {str(d_tgt): str(d_tgt), str(c_tgt): str(d_tgt), str(d_unl): str(d_unl), str(c_unl): str(d_unl)}
     _check_steps(cfg, steps, of_dataset, str(d_tgt), labels_csv)
     return steps
@@ -186,14 +186,14 @@ def _check_steps(cfg: C.RunConfig, steps: list[Step], of_dataset: dict[str, str]
     configs = []
     for step in steps:
         try:
-            configs.append(C.config_from_dict(C.STAGE_CONFIGS[step.stage], step.fields))
+            configs.append(build(step.stage, step.fields))
         except HistoError as e:
             raise HistoError(f"{where}: stage {step.name!r}: {e}") from None
     read_labels_csv(Path(labels_csv))
     made = {}  # dataset -> the subsets its prepare step makes
     for c in configs:
         if isinstance(c, C.PrepareConfig) and c.out in of_dataset:
-            fewshot = {*(f"frac{f:g}" for f in c.fewshot_fracs), *(f"k{k}" for k in c.fewshot_k)}
+            fewshot = set(fewshot_names(c.fewshot_fracs, c.fewshot_k, c.fewshot_draws))
             made[c.out] = ({*SPLITS, "all", *fewshot} if c.labels_csv or c.class_folders else
                            {"all", UNLABELED_SPLIT, *((HOLDOUT_SPLIT,) if c.holdout_frac else ())})
     for step, sc in zip(steps, configs):
@@ -235,11 +235,11 @@ def run(cfg: C.RunConfig) -> Path:
     base = _base(cfg)
     steps = plan(cfg, base)  # validates the run config and the stage overrides before anything is written
     root = start_run_dir(cfg.out, cfg, "run", neutral=("until",))
-    with log_to(root / "log.txt"):  # every stage's lines, with the pipeline's
+    with log_to(RunLayout(root).log):  # every stage's lines, with the pipeline's
         if base:
             from .basemodel import base_summary
 
-            write_json_atomic(root / "base.json", {k: base[k] for k in ("id", "path")} | {
+            write_json_atomic(RunLayout(root).base_record, {k: base[k] for k in ("id", "path")} | {
                 k: base["base"][k] for k in ("name", "version", "tile_size")} | {"vae_hash": base["vae_hash"]})
             get_logger("run").info(f"adapting base {base_summary(base)}: pretraining stages skipped")
         return _run_steps(cfg, steps, root)
@@ -247,7 +247,8 @@ def run(cfg: C.RunConfig) -> Path:
 
 def _run_steps(cfg: C.RunConfig, steps: list[Step], root: Path) -> Path:
     log = get_logger("run")
-    timings = _read_timings(root / TIMINGS)  # a stage a re-run skips keeps the time measured when it ran
+    layout = RunLayout(root)
+    timings = _read_timings(layout.timings)  # a stage a re-run skips keeps the time measured when it ran
     order = [s.name for s in steps]
     if cfg.until:
         stages = [s.stage for s in steps]
@@ -260,34 +261,31 @@ def _run_steps(cfg: C.RunConfig, steps: list[Step], root: Path) -> Path:
     t_all = time.time()
     for i, step in enumerate(steps, 1):
         head = f"[{i}/{len(steps)}] {step.name}"
-        if step.done(step.out):
+        stage_cfg = build(step.stage, step.fields)
+        if check_complete(step.out, stage_cfg):  # same config, same inputs (a changed input: a clear error)
             log.info(f"{head}: complete, skipped ({step.out})")
             for warning in step.on_skip() if step.on_skip else []:
                 log.warning(warning)
             seconds = timings.get(step.name, (None, ""))[0]
             timings[step.name] = (seconds, "skipped (time of the run that made it)" if seconds is not None
                                   else "skipped (made outside this run)")
-            _write_timings(root / TIMINGS, timings, order)
+            _write_timings(layout.timings, timings, order)
             continue
-        stage_cfg = C.config_from_dict(C.STAGE_CONFIGS[step.stage], step.fields)
         log.info(f"{head} -> {step.out}")
         t0 = time.time()
-        _run_stage(step.stage, stage_cfg)
+        STAGES[step.stage](stage_cfg)
         dt = time.time() - t0
         timings[step.name] = (dt, "ran")
-        _write_timings(root / TIMINGS, timings, order)
+        _write_timings(layout.timings, timings, order)
         log.info(f"{head}: done in {human_time(dt)}")
     if cfg.until:
         log.info(f"stopped after stage {cfg.until!r} as asked ({human_time(time.time() - t_all)})")
         return root
     if cfg.ablations:
         _ablation_table(root)
-    report = root / "report" / "index.html"
+    report = layout.report_index
     log.info(f"finished in {human_time(time.time() - t_all)}; report: {report.resolve()}")
     return report
-
-
-TIMINGS = "timings.md"
 
 
 def _read_timings(path: Path) -> dict[str, tuple[float | None, str]]:
@@ -314,8 +312,9 @@ def _ablation_table(root: Path) -> None:
     import json
 
     rows = ["| arm | accuracy (mean, 95% CI) | macro-F1 (mean, 95% CI) | delta acc vs real |", "|---|---|---|---|"]
+    layout = RunLayout(root)
     for suffix, label in (("", ""), ("_nopretrain", " (no pretraining)")):
-        path = root / f"eval{suffix}" / "metrics.json"
+        path = layout.evaluation(suffix) / "metrics.json"
         if not path.is_file():
             continue
         m = json.loads(path.read_text())
@@ -325,7 +324,7 @@ def _ablation_table(root: Path) -> None:
             acc, f1 = res.get("accuracy", {}), res.get("macro_f1", {})
             d = m.get("deltas", {}).get(arm, {}).get("accuracy", {})
             rows.append(f"| {arm}{label} | {_ci(acc)} | {_ci(f1)} | {_ci(d) if d else '—'} |")
-    write_text_atomic(root / "ablation.md", "\n".join(rows) + "\n")
+    write_text_atomic(layout.ablation_table, "\n".join(rows) + "\n")
 
 
 def _ci(d: dict) -> str:

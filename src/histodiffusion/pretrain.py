@@ -20,10 +20,11 @@ from torch.nn import functional as F
 
 from .artifacts import LDM_SCHEDULER, LDM_UNET, LDM_VAE, MODEL_INFO, format_meta
 from .config import PretrainConfig
+from .contract import completion_record
 from .data.mixture import EpochIndex, IdRecorder, MixtureDataset, make_loader
 from .modelcards import CARD, ldm_card
 from .runtime import (HistoError, MetricsLog, atomic_path, check_checkpoint_within, closes_stage_logs, get_logger,
-                      human_time, load_latest_checkpoint, make_accelerator, mark_complete, progress, read_json,
+                      human_time, load_latest_checkpoint, make_accelerator, mark_complete, progress,
                       reopen_for_steps, save_checkpoint, save_final_checkpoint, seed_everything, start_run_dir,
                       write_json_atomic, write_text_atomic)
 from .train_autoencoder import check_finite, save_grid
@@ -46,9 +47,10 @@ def _check_config(cfg: PretrainConfig) -> None:
         raise HistoError(f"ema_decay must be in [0, 1), got {cfg.ema_decay}")
 
 
-def load_caches(paths, subset: str = "all") -> tuple[list, list[str], dict]:
-    """LatentDatasets of the caches, their names, and the shared {vae, vae_hash, scaling_factor, latent_shape}."""
+def load_caches(paths, subset: str = "all") -> tuple[list, list[str], object]:
+    """LatentDatasets of the caches, their names, and their one latent space (latent_space.py)."""
     from .data.datasets import LatentDataset
+    from .latent_space import check_compatible
 
     sets = [LatentDataset(p, subset, sample=True) for p in paths]
     names = [ds.meta.get("dataset_name") or Path(p).name for ds, p in zip(sets, paths)]
@@ -57,24 +59,24 @@ def load_caches(paths, subset: str = "all") -> tuple[list, list[str], dict]:
         if held:
             raise HistoError(f"latent cache {p} (subset {subset!r}) holds {len(held)} validation/test tiles, e.g. "
                              f"{held[0]}: pretraining must not see them; use --subset train or a few-shot subset")
-    for key in ("vae_hash", "scaling_factor", "latent_shape"):
-        vals = {json.dumps(ds.meta.get(key)) for ds in sets}
-        if len(vals) > 1:
-            listing = ", ".join(f"{p} ({key}={str(ds.meta.get(key))[:16]})" for p, ds in zip(paths, sets))
-            raise HistoError(f"latent caches were not made with one autoencoder and scaling: {listing}; "
-                             f"re-encode them with the same --vae")
-    meta = sets[0].meta
-    return sets, names, {k: meta[k] for k in ("vae", "vae_hash", "scaling_factor", "latent_shape")}
+    for ds, p in zip(sets[1:], paths[1:]):
+        try:
+            check_compatible(sets[0].space, ds.space, f"latent cache {paths[0]}", f"latent cache {p}")
+        except HistoError as e:
+            raise HistoError(f"latent caches were not made with one autoencoder and scaling: {e}; "
+                             f"re-encode them with the same --vae") from None
+    return sets, names, sets[0].space
 
 
 def check_vae(vae_dir: str | Path, vae_hash: str, where: str) -> Path:
     """The autoencoder folder named by a cache must still hold the weights the cache was made with."""
-    from .models.autoencoder import vae_id
+    from .latent_space import latent_hash
 
     vae_dir = Path(vae_dir)
-    if vae_id(vae_dir) != vae_hash:
+    if latent_hash(vae_dir) != vae_hash:
         raise HistoError(f"autoencoder {vae_dir} does not match latent cache {where} (content hash "
-                         f"{vae_id(vae_dir)[:12]} != {vae_hash[:12]}): it was retrained or replaced; re-run encode")
+                         f"{latent_hash(vae_dir)[:12]} != {vae_hash[:12]}): it was retrained or replaced; "
+                         f"re-run encode")
     return vae_dir
 
 
@@ -82,22 +84,20 @@ def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch
     return F.l1_loss(pred.float(), target.float()) if kind == "l1" else F.mse_loss(pred.float(), target.float())
 
 
-def build_model(cfg: PretrainConfig, shared: dict, log):
+def build_model(cfg: PretrainConfig, shared, log):
     """A fresh UNet from cfg, or the UNet of an exported model (init_from) after checking it fits."""
+    from .latent_space import check_compatible, of_model
     from .models.unet import build_unet_from_config, load_unet
 
     if not cfg.init_from:
-        return build_unet_from_config(cfg, shared["latent_shape"])
+        return build_unet_from_config(cfg, shared.latent_shape)
     src = Path(cfg.init_from)
-    info = read_json(src / MODEL_INFO, "model info of init_from")
-    if info.get("vae_hash") != shared["vae_hash"]:
-        raise HistoError(f"init_from {src} was trained on latents of another autoencoder "
-                         f"({str(info.get('vae_hash'))[:12]} != {shared['vae_hash'][:12]})")
+    check_compatible(of_model(src, "init_from"), shared, f"init_from {src}", "the latent caches")
     unet = load_unet(src / LDM_UNET)
-    c, h, _ = shared["latent_shape"]
+    c, h, _ = shared.latent_shape
     if unet.config.in_channels != c or unet.config.sample_size != h:
         raise HistoError(f"init_from {src} expects {unet.config.in_channels}x{unet.config.sample_size} latents, "
-                         f"the caches hold {shared['latent_shape']}")
+                         f"the caches hold {list(shared.latent_shape)}")
     log.info("starting from the weights of %s (its architecture replaces block_out_channels)", src)
     return unet.train()
 
@@ -162,7 +162,7 @@ def run(cfg: PretrainConfig) -> Path:
         log.info("%s is complete: skipped (model: %s)", out, model_dir)
         return model_dir
     sets, names, shared = load_caches(cfg.cache, cfg.subset)
-    vae_dir = check_vae(shared["vae"], shared["vae_hash"], ", ".join(cfg.cache))
+    vae_dir = check_vae(shared.vae, shared.vae_hash, ", ".join(cfg.cache))
     data = MixtureDataset(sets, names)
     index = EpochIndex([len(s) for s in sets], cfg.weights, cfg.batch_size, acc.process_index, acc.num_processes,
                        cfg.seed, names)
@@ -173,7 +173,7 @@ def run(cfg: PretrainConfig) -> Path:
     batches = make_loader(data, index, step * cfg.grad_accum, cfg.num_workers)
     log.info("pretrain: %s, %.2fM UNet params, latents %s, %d process(es), %d batches/epoch per process",
              ", ".join(f"{n} ({len(s)}, p={p:.2f})" for n, s, p in zip(names, sets, index.probs)),
-             sum(p.numel() for p in unet.parameters()) / 1e6, shared["latent_shape"], acc.num_processes,
+             sum(p.numel() for p in unet.parameters()) / 1e6, list(shared.latent_shape), acc.num_processes,
              index.batches_per_epoch)
     vae = None
     if main:  # sample grids (every sample_every steps and at the end) are decoded on the main process
@@ -181,12 +181,12 @@ def run(cfg: PretrainConfig) -> Path:
 
         vae = load_vae(vae_dir).to(acc.device)
     t0 = time.time()
-    trainer.train(batches, step, vae, shared["scaling_factor"])
+    trainer.train(batches, step, vae, shared.scaling_factor)
     if main:
         trainer.export(model_dir, vae_dir, shared, names, index.probs)
-        sample_grid(trainer.ema_unet(), trainer.noise, vae, shared["scaling_factor"],
+        sample_grid(trainer.ema_unet(), trainer.noise, vae, shared.scaling_factor,
                     out / "samples" / f"step_{cfg.steps}.png", seed=cfg.seed)
-        mark_complete(out, model=str(model_dir), steps=cfg.steps)
+        mark_complete(out, **completion_record(cfg), model=str(model_dir), steps=cfg.steps)
         log.info("pretrain finished in %s: exported %s", human_time(time.time() - t0), model_dir)
     acc.wait_for_everyone()
     return model_dir
@@ -277,7 +277,7 @@ class _Trainer:
         self.ema.copy_to(copy.parameters())
         return copy.eval()
 
-    def export(self, model_dir: Path, vae_dir: Path, shared: dict, names, probs) -> None:
+    def export(self, model_dir: Path, vae_dir: Path, shared, names, probs) -> None:
         """model/{unet_ema, scheduler, vae (copy of the caches' autoencoder), histodiffusion.json}, atomically."""
         cfg = self.cfg
         with atomic_path(model_dir) as tmp:
@@ -285,8 +285,7 @@ class _Trainer:
             self.noise.save_pretrained(str(tmp / LDM_SCHEDULER))
             shutil.copytree(vae_dir, tmp / LDM_VAE)
             write_json_atomic(tmp / MODEL_INFO, format_meta(
-                kind="ldm", vae_hash=shared["vae_hash"], scaling_factor=shared["scaling_factor"],
-                latent_shape=shared["latent_shape"], caches=[str(Path(c).resolve()) for c in cfg.cache],
+                kind="ldm", **shared.fields(), caches=[str(Path(c).resolve()) for c in cfg.cache],
                 sources=list(names), weights=[round(p, 6) for p in probs], steps=cfg.steps,
                 prediction_type=cfg.prediction_type, loss=cfg.loss, init_from=cfg.init_from))
             write_text_atomic(tmp / CARD, ldm_card(tmp, str(model_dir)))

@@ -3,7 +3,7 @@ and its Markdown twin (report.md, images in figures/) for a run directory.
 
 Run directory layout (each part optional; explicit ReportConfig paths override):
     <run>/data/target   prepared labeled target dataset
-    <run>/samples       sample directory (samples.csv, filtered.csv, filtered.json, generative_metrics.json)
+    <run>/samples       sample directory (samples.csv; select/: filtered.csv, filtered.json, generative_metrics.json)
     <run>/eval          evaluate output (metrics.json, per_seed.csv, confusion/*.png)
     <run>/ae, <run>/ldm, <run>/adapt   training runs (their config.json files are shown)
 Sections appear only when their inputs exist: resolved configs, data counts per split and class,
@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import ReportConfig
+from .contract import completion_record
 from .runtime import (HistoError, closes_stage_logs, get_logger, mark_complete, read_json, start_run_dir,
                       write_text_atomic)
 from .report_figures import curve_figure, embedding_figure, grid_figure
@@ -109,12 +110,17 @@ table{font-size:12px}th,td{padding:3px 5px}figure{margin:4px 0 8px}}"""
 
 
 def _paths(cfg: ReportConfig) -> dict[str, Path]:
-    run = Path(cfg.run)
-    return {"run": run, "data": Path(cfg.data) if cfg.data else run / "data" / "target",
-            "samples": Path(cfg.samples) if cfg.samples else run / "samples",
-            "eval": Path(cfg.eval) if cfg.eval else run / "eval",
-            "latent_classifier": Path(cfg.latent_classifier) if cfg.latent_classifier
-            else run / "adapt" / "latent_classifier"}
+    """The directories the report reads: the config's, else the run layout's (layout.py)."""
+    from .layout import RunLayout
+
+    from .artifacts import selection_dir
+
+    L = RunLayout(cfg.run)
+    samples = Path(cfg.samples) if cfg.samples else L.samples()
+    return {"run": L.root, "layout": L, "data": Path(cfg.data) if cfg.data else L.data_target,
+            "samples": samples, "select": selection_dir(samples),
+            "eval": Path(cfg.eval) if cfg.eval else L.evaluation(),
+            "latent_classifier": Path(cfg.latent_classifier) if cfg.latent_classifier else L.latent_classifier}
 
 
 def _fmt(x, nd: int = 3) -> str:
@@ -133,10 +139,10 @@ def _ci(m: dict, nd: int = 3) -> str:
 def section_configs(doc: Doc, p: dict) -> None:
     found = []
     cands = [("dataset meta.json", p["data"] / "meta.json")]
-    for stage in ("ae", "ldm", "adapt"):
-        cands += [(f"{stage}: {c.parent.relative_to(p['run'])}", c) for c in sorted((p["run"] / stage).rglob("config.json"))
+    for stage_dir in p["layout"].training_dirs():
+        cands += [(f"{stage_dir.name}: {c.parent.relative_to(p['run'])}", c) for c in sorted(stage_dir.rglob("config.json"))
                   if "checkpoints" not in c.parts and "model" not in c.parts]
-    cands += [("sample", p["samples"] / "config.json"), ("select", p["samples"] / "selector" / "config.json"),
+    cands += [("sample", p["samples"] / "config.json"), ("select", p["select"] / "config.json"),
               ("evaluate", p["eval"] / "config.json")]
     for name, path in cands:
         if path.is_file():
@@ -214,10 +220,10 @@ def section_grids(doc: Doc, p: dict, subset: str, classes: list[str], n: int, sc
         return real, None, None, None
     rows = read_samples(p["samples"], classes)
     filt = {}
-    if (p["samples"] / "filtered.csv").is_file():
+    if (p["select"] / "filtered.csv").is_file():
         from .evaldata import read_filtered
 
-        filt = {f["id"]: f for f in read_filtered(p["samples"])}
+        filt = {f["id"]: f for f in read_filtered(p["select"])}
     syn = load_sample_images(p["samples"], rows, tile)
     targets = np.array([classes.index(r["target"]) for r in rows])
     keep = np.array([int(filt[r["id"]]["keep"]) if r["id"] in filt else -1 for r in rows])
@@ -269,7 +275,7 @@ def section_embedding(doc: Doc, p: dict, real, syn, targets, keep, classes, meth
 
 
 def section_selection(doc: Doc, p: dict) -> None:
-    path = p["samples"] / "filtered.json"
+    path = p["select"] / "filtered.json"
     if not path.is_file():
         return
     f = read_json(path, "selection summary")
@@ -387,7 +393,7 @@ def _steps(x: dict) -> str:
 
 
 def section_generative(doc: Doc, p: dict) -> None:
-    path = p["samples"] / "generative_metrics.json"
+    path = p["select"] / "generative_metrics.json"
     if not path.is_file():
         return
     g = read_json(path, "generative metrics")
@@ -414,7 +420,7 @@ def run(cfg: ReportConfig) -> Path:
     p = _paths(cfg)
     if not p["run"].is_dir() and not any(Path(x).is_dir() for x in (cfg.data, cfg.samples, cfg.eval) if x):
         raise HistoError(f"run directory not found: {p['run']}")
-    out = start_run_dir(Path(cfg.out) if cfg.out else p["run"] / "report", cfg, "report")
+    out = start_run_dir(Path(cfg.out) if cfg.out else p["layout"].report, cfg, "report")
     log = get_logger("report", out / "log.txt")
     subset = cfg.subset
     if not subset and (p["eval"] / "config.json").is_file():
@@ -451,8 +457,10 @@ def run(cfg: ReportConfig) -> Path:
     section_selection(doc, p)
     section_fidelity(doc, p)
     section_results(doc, p, p["eval"], test_table=False)
-    for extra in sorted(p["run"].glob("eval_*")):  # e.g. eval_nopretrain (the no-pretraining ablation)
-        if extra.resolve() != p["eval"].resolve():
+    from .layout import ARMS
+
+    for extra in (p["layout"].evaluation(a) for a in ARMS if a):  # e.g. eval_nopretrain (the no-pretraining ablation)
+        if extra.is_dir() and extra.resolve() != p["eval"].resolve():
             section_results(doc, p, extra, f"Downstream classification: {extra.name[len('eval_'):]}")
     section_generative(doc, p)
     doc.close_section()
@@ -464,6 +472,6 @@ def run(cfg: ReportConfig) -> Path:
             f"<style>{CSS}</style></head><body>\n" + "\n".join(doc.html) + "\n</body></html>\n")
     write_text_atomic(out / "index.html", page)
     write_text_atomic(out / "report.md", "\n".join(doc.md) + "\n")
-    mark_complete(out)
+    mark_complete(out, **completion_record(cfg))
     log.info("report written to %s", out / "index.html")
     return out

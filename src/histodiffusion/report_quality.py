@@ -58,7 +58,7 @@ def section_fidelity(doc: Doc, p: dict) -> None:
           f"is neither the latent classifier that guided the samples nor the selection classifier; its accuracy "
           f"on {j.get('n_val')} {j.get('val_subset')!r} tiles is {_fmt(j.get('val_accuracy'))}. Macro fidelity: all "
           f"{_fmt(f['all'].get('macro_fidelity'))}, kept {_fmt((f.get('kept') or {}).get('macro_fidelity'))}.")
-    filtered = p["samples"] / "filtered.csv"
+    filtered = p["select"] / "filtered.csv"
     now = sha256_file(filtered) if filtered.is_file() else None
     if now != f.get("filtered_csv_sha256"):
         doc.p("Note: filtered.csv changed since the judge ran (re-run `histodiffusion judge` for the kept column).")

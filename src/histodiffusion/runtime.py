@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 from . import FORMAT_VERSION, __version__
 
 COMPLETE_MARKER = "_COMPLETE.json"  # written last into a finished artifact directory
+MARKER_FORMAT = 2  # format_version of _COMPLETE.json: 2 records the stage's config and input hashes (contract.py)
 CONFIG_FILE = "config.json"
 
 
@@ -200,10 +201,11 @@ def check_checkpoint_within(step: int, steps: int, run_dir) -> None:
 
 
 def mark_complete(directory: str | os.PathLike, **info: Any) -> None:
-    """Write the completion marker (last), after removing temporaries left by killed runs."""
+    """Write the completion marker (last), after removing temporaries left by killed runs. A stage's output
+    marker carries contract.completion_record(cfg) (stage, config, input hashes) in `info`."""
     remove_stale_temps(directory)
     write_json_atomic(Path(directory) / COMPLETE_MARKER,
-                      {"format_version": FORMAT_VERSION, "version": __version__, "finished": time.time(), **info})
+                      {"format_version": MARKER_FORMAT, "version": __version__, "finished": time.time(), **info})
 
 
 def check_format_version(meta: dict, path: str | os.PathLike) -> None:
@@ -233,7 +235,7 @@ def start_run_dir(out: str | os.PathLike, config: Any, stage: str, is_main: bool
         check_format_version(old, path)
         if old.get("stage") != stage:
             raise HistoError(f"{out} is a run directory of stage {old.get('stage')!r}, not {stage!r}")
-        same = _comparable(old.get("config"), neutral) == _comparable(cfg["config"], neutral)
+        same = comparable_config(old.get("config"), neutral) == comparable_config(cfg["config"], neutral)
         if same and old.get("config") != cfg["config"] and is_main:  # only neutral fields changed: record them
             write_json_atomic(path, cfg)
         if not same:
@@ -255,7 +257,8 @@ _STARTED_ONLY = {CONFIG_FILE, "log.txt"}  # what a run refused at its input chec
 _RESUME_NEUTRAL = {"out", "num_workers", "resume", "progress", "batch_size_eval", "device"}
 
 
-def _comparable(cfg: dict | None, neutral: tuple[str, ...] = ()) -> dict:
+def comparable_config(cfg: dict | None, neutral: tuple[str, ...] = ()) -> dict:
+    """A config dict without the fields that do not change a stage's artifacts (for "same config?")."""
     return {k: v for k, v in (cfg or {}).items() if k not in _RESUME_NEUTRAL and k not in neutral}
 
 

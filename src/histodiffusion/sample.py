@@ -30,6 +30,7 @@ import torch
 
 from .artifacts import INDEX, SAMPLES_COLUMNS, SAMPLES_CSV, read_dataset, read_meta, subset_ids
 from .config import SampleConfig
+from .contract import completion_record
 from .diffusers_pipeline import (MICRO_BATCH, SCHEDULERS, by_rows, decode_uint8, guided_sample,  # noqa: F401
                                  make_scheduler, sample_seed, target_confidence)
 from .runtime import (HistoError, atomic_path, closes_stage_logs, get_logger, is_complete, make_accelerator,
@@ -262,7 +263,7 @@ def run(cfg: SampleConfig) -> Path:
             write_grids(out, rows)
         write_csv_atomic(out / SAMPLES_CSV, rows, SAMPLES_COLUMNS)
         write_pipeline(out / PIPELINE_DIR, m, cfg, window)
-        mark_complete(out, stage="sample", count=len(rows))
+        mark_complete(out, **completion_record(cfg), count=len(rows))
         shutil.rmtree(out / PROGRESS_DIR, ignore_errors=True)
         log.info("wrote %d samples to %s", len(rows), out)
     acc.wait_for_everyone()

@@ -1,4 +1,6 @@
-"""Stage `select`: score every synthetic sample and write the keep-list filtered.csv (no image copies).
+"""Stage `select`: score every synthetic sample and write the keep-list filtered.csv (no image copies)
+into its own directory (default <samples>/select: config.json first, _COMPLETE.json last, with the
+hashes of the samples and the real dataset it read; contract.py).
 
 Feature space: by default a small CNN trained here on the REAL labeled subset (cfg.subset of
 cfg.data), cached under <out>/selector/model and reused while the subset, backbone, epochs and seed
@@ -36,16 +38,18 @@ reference statistics selector/reference_<extractor>.npz.
 """
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .artifacts import FILTERED_COLUMNS, FILTERED_CSV
+from .artifacts import FILTERED_COLUMNS, FILTERED_CSV, selection_dir
 from .config import SelectConfig, config_to_dict
+from .contract import check_complete, completion_record
 from .evaldata import load_real, load_sample_images, quota, read_samples, subset_fingerprint
-from .runtime import (HistoError, closes_stage_logs, ensure_writable, get_logger, seed_everything, write_csv_atomic,
-                      write_json_atomic)
+from .runtime import (COMPLETE_MARKER, HistoError, closes_stage_logs, ensure_writable, get_logger, mark_complete,
+                      seed_everything, start_run_dir, write_csv_atomic, write_json_atomic)
 
 FILTERED_JSON = "filtered.json"
 GENERATIVE_JSON = "generative_metrics.json"
@@ -211,17 +215,23 @@ def run(cfg: SelectConfig) -> Path:
 
     rank, _ = dist_info()
     samples_dir = Path(cfg.samples)
-    out = Path(cfg.out or cfg.samples)
-    ensure_writable(out)
-    log = get_logger("select", out / "log.txt", is_main=rank == 0)
-    # 1. inputs: real subset, samples (checked: files exist, classes match)
+    out = selection_dir(samples_dir, cfg.out)
+    if check_complete(out, cfg):
+        get_logger("select", is_main=rank == 0).info("selection already complete: %s", out)
+        return out
+    ensure_writable(out.parent)
+    # 1. inputs: real subset, samples (checked: files exist, classes match), before anything is written
     real = load_real(cfg.data, cfg.subset)
     rows = read_samples(samples_dir, real.classes)
     syn = load_sample_images(samples_dir, rows, int(real.images.shape[1]))
     targets = np.array([int(r["target_index"]) for r in rows])
+    # a selection is a pure function of its inputs and config: another config re-selects in place (the
+    # marker goes first; evaluate refuses a keep-list other than the one it started with)
+    if rank == 0 and (out / COMPLETE_MARKER).is_file():
+        (out / COMPLETE_MARKER).unlink()
+    start_run_dir(out, cfg, "select", is_main=rank == 0, neutral=tuple(f.name for f in fields(SelectConfig)))
+    log = get_logger("select", out / "log.txt", is_main=rank == 0)
     selector_dir = out / "selector"
-    if rank == 0:
-        write_json_atomic(selector_dir / "config.json", {"stage": "select", "config": config_to_dict(cfg)})
     # 2. feature space
     model, conf_fn, ext_name = feature_model(cfg, real, selector_dir, log)
     n_views = 8 if cfg.dihedral_memorization else 1
@@ -252,10 +262,11 @@ def run(cfg: SelectConfig) -> Path:
     if cfg.generative_metrics:
         gen = _generative(cfg, model, ext_name, real, syn, targets, scored, selector_dir)
         write_json_atomic(out / GENERATIVE_JSON, gen)
-    # 5. keep-list last
+    # 5. keep-list, its summary, then the completion marker last
     write_csv_atomic(out / FILTERED_CSV, scored, OUT_COLUMNS)
     write_json_atomic(out / FILTERED_JSON, {"config": config_to_dict(cfg), "extractor": ext_name,
                                             "memorization_threshold": thr, **summary})
+    mark_complete(out, **completion_record(cfg), kept=summary["kept"], samples=len(scored))
     return out
 
 

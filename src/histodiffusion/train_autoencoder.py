@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .config import AutoencoderConfig
+from .contract import completion_record
 from .data.mixture import EpochIndex, IdRecorder, MixtureDataset, make_loader
 from .modelcards import CARD, autoencoder_card
 from .runtime import (HistoError, MetricsLog, check_checkpoint_within, closes_stage_logs, get_logger, human_time,
@@ -323,6 +324,6 @@ def _finish(cfg, vae, train_ds, sources, held, device, out, model_dir, metrics, 
              holdout_metrics=final)
     write_text_atomic(model_dir / CARD, autoencoder_card(model_dir, str(model_dir)))
     metrics.log(step=cfg.steps, scaling_factor=sf, **final)
-    mark_complete(out, model=str(model_dir), scaling_factor=sf, steps=cfg.steps, **final)
+    mark_complete(out, **completion_record(cfg), model=str(model_dir), scaling_factor=sf, steps=cfg.steps, **final)
     log.info("autoencoder exported to %s in %s: held-out PSNR %s dB, SSIM %s, scaling factor %.5f", model_dir,
              human_time(seconds), f"{final.get('psnr', float('nan')):.2f}", f"{final.get('ssim', float('nan')):.4f}", sf)

@@ -85,7 +85,10 @@ class LatentDataset(Dataset):
         self.rows = [r for r in rows if r["id"] in wanted]
         if not self.rows:
             raise HistoError(f"no latents selected from {self.directory} (subset {subset!r})")
-        self.scaling_factor = float(self.meta["scaling_factor"])
+        from ..latent_space import of_cache
+
+        self.space = of_cache(self.directory)
+        self.scaling_factor = self.space.scaling_factor
         shards = {int(r["shard"]) for r in self.rows}
         self.reader = _ShardReader({s: self.directory / latent_shard_name(s) for s in shards})
         self.class_index = {c: i for i, c in enumerate(self.classes)}

@@ -24,6 +24,7 @@ import numpy as np
 from .. import FORMAT_VERSION, __version__
 from ..artifacts import UNLABELED_SPLIT, read_meta
 from ..config import PrepareConfig, config_to_dict
+from ..contract import completion_record
 from ..runtime import (CONFIG_FILE, HistoError, closes_stage_logs, ensure_writable, get_logger, is_complete, progress,
                        read_csv, read_json, sha256_file, write_csv_atomic, write_json_atomic)
 from . import default, scale, slides
@@ -370,7 +371,7 @@ def run(cfg: PrepareConfig) -> Path:
             dropped = {}
             groups = group_labels(writer.iter_rows())
             split = split_groups(groups, cfg.val_frac, cfg.test_frac, cfg.seed)  # applied by finish()
-            fs = fewshot_groups(groups, split, cfg.fewshot_fracs, cfg.fewshot_k, cfg.seed)
+            fs = fewshot_groups(groups, split, cfg.fewshot_fracs, cfg.fewshot_k, cfg.seed, cfg.fewshot_draws)
             fs_sets = {name: set(gs) for name, gs in fs.items()}
             subsets = {name: [] for name in fs_sets}
             for r in writer.iter_rows():
@@ -412,7 +413,7 @@ def run(cfg: PrepareConfig) -> Path:
         write_csv_atomic(writer.tmp / SOURCES_CSV, sources, SOURCES_COLUMNS)
         write_json_atomic(writer.tmp / CONFIG_FILE, {"format_version": FORMAT_VERSION, "version": __version__,
                                                      "stage": "prepare", "config": cfg_dict})
-        writer.finish(meta, subsets, split_of=split)
+        writer.finish(meta, subsets, split_of=split, marker=completion_record(cfg))
     except BaseException:
         writer.abort()
         raise

@@ -51,28 +51,43 @@ def split_groups(groups: dict[str, str], val_frac: float, test_frac: float, seed
     return out
 
 
+def fewshot_names(fracs: tuple[float, ...], ks: tuple[int, ...], draws: int = 1) -> list[str]:
+    """Names of the few-shot subsets prepare makes: frac<f:g> and k<k>, and for draws > 1 also
+    <name>_d1 .. <name>_d<draws-1> (other seeded draws of the same size, from other groups)."""
+    names = [f"frac{f:g}" for f in fracs] + [f"k{k}" for k in ks]
+    return names + [f"{n}_d{d}" for d in range(1, draws) for n in names]
+
+
 def fewshot_groups(groups: dict[str, str], split: dict[str, str], fracs: tuple[float, ...],
-                   ks: tuple[int, ...], seed: int) -> dict[str, list[str]]:
-    """Subset name (frac<f:g>, k<k>) -> sorted train groups; at least one group per class."""
+                   ks: tuple[int, ...], seed: int, draws: int = 1) -> dict[str, list[str]]:
+    """Subset name (frac<f:g>, k<k>, and <name>_d<d> for draws d = 1 .. draws-1) -> sorted train groups;
+    at least one group per class. Within a draw the subsets are nested (a larger fraction holds the
+    smaller); draw 0 is the historical subset, draw d shuffles the groups with its own seed."""
+    if draws < 1:
+        raise HistoError(f"few-shot draws must be >= 1, got {draws}")
     train = {g: lab for g, lab in groups.items() if split[g] == "train"}
-    perm: dict[str, list[str]] = {}
-    for c, gs in _by_class(train).items():
-        rng = random.Random(f"fewshot:{seed}:{c}")
-        gs = gs[:]
-        rng.shuffle(gs)
-        perm[c] = gs
-    out: dict[str, list[str]] = {}
     for f in fracs:
         if not 0 < f <= 1:
             raise HistoError(f"few-shot fraction {f} must be in (0, 1]")
-        out[f"frac{f:g}"] = sorted(g for gs in perm.values() for g in gs[:max(1, round(f * len(gs)))])
     for k in ks:
         if k < 1:
             raise HistoError(f"few-shot k {k} must be >= 1")
-        short = {c: len(gs) for c, gs in perm.items() if len(gs) < k}
-        if short:
-            raise HistoError(f"few-shot k={k} groups per class: class(es) {short} have fewer train groups")
-        out[f"k{k}"] = sorted(g for gs in perm.values() for g in gs[:k])
+    out: dict[str, list[str]] = {}
+    for d in range(draws):
+        perm: dict[str, list[str]] = {}
+        for c, gs in _by_class(train).items():
+            rng = random.Random(f"fewshot:{seed}:{c}" if d == 0 else f"fewshot:{seed}:draw{d}:{c}")
+            gs = gs[:]
+            rng.shuffle(gs)
+            perm[c] = gs
+        suffix = f"_d{d}" if d else ""
+        for f in fracs:
+            out[f"frac{f:g}{suffix}"] = sorted(g for gs in perm.values() for g in gs[:max(1, round(f * len(gs)))])
+        for k in ks:
+            short = {c: len(gs) for c, gs in perm.items() if len(gs) < k}
+            if short:
+                raise HistoError(f"few-shot k={k} groups per class: class(es) {short} have fewer train groups")
+            out[f"k{k}{suffix}"] = sorted(g for gs in perm.values() for g in gs[:k])
     return out
 
 

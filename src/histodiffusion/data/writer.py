@@ -117,7 +117,7 @@ class DatasetWriter:
         return self._rows
 
     def finish(self, meta: dict, subsets: dict[str, list[str]] | None = None,
-               split_of: dict[str, str] | None = None) -> Path:
+               split_of: dict[str, str] | None = None, marker: dict | None = None) -> Path:
         """Write the manifest (split from `split_of[group]` when given), subsets and meta.json, mark
         complete, and rename into place."""
         self._flush()
@@ -130,7 +130,7 @@ class DatasetWriter:
         for name, ids in (subsets or {}).items():
             write_csv_atomic(self.tmp / SUBSETS_DIR / f"{name}.csv", ({"id": i} for i in ids), ["id"])
         write_json_atomic(self.tmp / META, format_meta(**meta))
-        mark_complete(self.tmp, count=self.count)
+        mark_complete(self.tmp, count=self.count, **(marker or {}))
         if self.out.exists():
             shutil.rmtree(self.out)
         os.replace(self.tmp, self.out)

@@ -5,7 +5,7 @@ The latent scaling factor is *measured* on the training corpus at the end of `tr
 (1 / std of sampled latents) and stored in the exported model's config (`scaling_factor`); the
 folder's `histodiffusion.json` records that it was measured. A folder without that record (e.g.
 a foreign VAE) keeps diffusers' default scaling_factor, which this package never trusts: `encode`
-then needs an explicit `--scaling-factor`.
+then needs an explicit `--scaling-factor` (latent_space.of_autoencoder decides every factor).
 """
 from __future__ import annotations
 
@@ -74,33 +74,6 @@ def load_vae(folder: str | Path):
 def vae_id(folder: str | Path) -> str:
     """Content hash of an autoencoder folder (its weight files): names the VAE in caches and models."""
     return sha256_dir(check_vae_folder(folder))
-
-
-def measured_scaling_factor(folder: str | Path) -> float | None:
-    """The scaling factor measured by train-autoencoder for this folder, or None (foreign VAE)."""
-    info_path = Path(folder) / MODEL_INFO
-    if not info_path.is_file():
-        return None
-    info = read_json(info_path, "autoencoder info")
-    sf = info.get("scaling_factor")
-    return float(sf) if sf else None
-
-
-def resolve_scaling_factor(folder: str | Path, vae, override: float = 0.0) -> tuple[float, str]:
-    """(scaling factor, where it came from): a positive override, else the one measured for this VAE."""
-    if override < 0:
-        raise HistoError(f"scaling_factor must be >= 0 (0: the autoencoder's measured one), got {override}")
-    if override > 0:
-        return float(override), "override"
-    measured = measured_scaling_factor(folder)
-    if measured is None:
-        raise HistoError(f"autoencoder {folder} has no measured scaling factor ({MODEL_INFO} missing: not "
-                         f"exported by train-autoencoder); pass --scaling-factor explicitly")
-    cfg_sf = float(getattr(vae.config, "scaling_factor", 0.0) or 0.0)
-    if abs(cfg_sf - measured) > 1e-6 * max(1.0, measured):
-        raise HistoError(f"autoencoder {folder}: config.json scaling_factor {cfg_sf} disagrees with "
-                         f"{MODEL_INFO} ({measured}); re-export it")
-    return measured, "vae"
 
 
 def encode_posterior(vae, images):

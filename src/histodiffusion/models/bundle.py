@@ -2,26 +2,25 @@
 
 An exported LDM folder (unet_ema/, scheduler/, vae/, histodiffusion.json; a base has the same layout),
 a latent classifier folder, and optionally another autoencoder (the fine-tuned decoder). The classifier,
-the UNet and the decoder must agree on the autoencoder whose latents they use, on the scaling factor,
-on the noise schedule and on the number of latent channels; any disagreement is one HistoError naming
-the two folders. The scaling factor the pipeline decodes with is the autoencoder config's.
+the UNet and the decoder must agree on the latent space (latent_space.py: the autoencoder whose latents
+they use, the scaling factor, the noise schedule) and on the number of latent channels; any
+disagreement is one HistoError naming the two folders. The pipeline decodes with the autoencoder
+config's factor, which latent_space.decoder_factor sets (a foreign decoder's default is never used).
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from ..artifacts import LDM_SCHEDULER, LDM_UNET, LDM_VAE, MODEL_INFO
+from ..latent_space import check_compatible, decoder_factor, latent_hash, of_model
 from ..runtime import HistoError, check_format_version, read_json, sha256_dir
-
-SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")  # the noise schedule
 
 
 def load_components(model: str | Path, classifier: str | Path, vae: str | Path = "") -> dict:
     """{"unet", "vae", "classifier", "info" (the classifier's record), "scheduler_config" (training),
     "scaling_factor", "prediction_type", "T", "unet_id", "classifier_id", "vae_id"}."""
-    from .autoencoder import load_vae, measured_scaling_factor
-    from .latent_classifier import load_latent_classifier, vae_latent_hash
+    from .autoencoder import load_vae
+    from .latent_classifier import load_latent_classifier
     from .unet import load_scheduler, load_unet
 
     model_dir = Path(model)
@@ -38,30 +37,17 @@ def load_components(model: str | Path, classifier: str | Path, vae: str | Path =
     ldm_info = read_json(model_dir / MODEL_INFO, "LDM info") if (model_dir / MODEL_INFO).is_file() else {}
     if ldm_info:
         check_format_version(ldm_info, model_dir / MODEL_INFO)
-    # 1. one latent space: the classifier's autoencoder is the decoder's and the LDM's
-    latent_hash = vae_latent_hash(vae_dir)
-    for what, h in (("autoencoder " + str(vae_dir), latent_hash), ("LDM " + str(model_dir), ldm_info.get("vae_hash"))):
-        if h and h != cinfo.get("vae_hash"):
-            raise HistoError(f"latent classifier {classifier} was trained on latents of autoencoder "
-                             f"{str(cinfo.get('vae_hash'))[:12]}, but {what} uses {h[:12]}: retrain the classifier "
-                             f"on a cache encoded with this autoencoder")
-    # 2. one scaling factor: the classifier's (its cache's), the LDM's and the autoencoder config's
-    sf = float(cinfo["scaling_factor"])
-    if ldm_info.get("scaling_factor") and not math.isclose(float(ldm_info["scaling_factor"]), sf, rel_tol=1e-6):
-        raise HistoError(f"scaling factor of the LDM ({ldm_info['scaling_factor']}) differs from the latent "
-                         f"classifier's ({sf})")
-    cfg_sf = float(getattr(ae.config, "scaling_factor", 0.0) or 0.0)
-    if measured_scaling_factor(vae_dir) is not None and not math.isclose(cfg_sf, sf, rel_tol=1e-6):
-        raise HistoError(f"autoencoder {vae_dir} has scaling_factor {cfg_sf} in its config, the latent "
-                         f"classifier {classifier} was trained with {sf}")
-    if cfg_sf != sf:  # a foreign autoencoder encoded with an explicit factor: the pipeline decodes with it
-        ae.register_to_config(scaling_factor=sf)
-    # 3. one noise schedule and one number of latent channels
-    cs = cinfo.get("scheduler") or {}
-    diff = [k for k in SCHEDULE_KEYS if k in cs and cs[k] != train_sched.config.get(k)]
-    if diff:
-        raise HistoError(f"latent classifier {classifier} was trained with another noise schedule "
-                         f"({', '.join(f'{k}={cs[k]}' for k in diff)}) than the LDM {model_dir}")
+    # 1. one latent space (autoencoder, scaling factor, noise schedule): the classifier's, the LDM's and
+    #    the decoder's; the decoder decodes with the space's factor (its measured one must agree)
+    space = of_model(classifier, "latent classifier")
+    ldm_space = of_model(model_dir, "LDM") if ldm_info else space.with_schedule(dict(train_sched.config))
+    what = f"latent classifier {classifier}"
+    check_compatible(space, ldm_space, what, f"LDM {model_dir}")
+    if latent_hash(vae_dir) != space.vae_hash:
+        raise HistoError(f"{what} holds latents of autoencoder {space.vae_hash[:12]}, autoencoder {vae_dir} of "
+                         f"{latent_hash(vae_dir)[:12]}: retrain the classifier on a cache encoded with this autoencoder")
+    sf = decoder_factor(vae_dir, ae, space)
+    # 2. one number of latent channels
     if clf.config.in_channels != unet.config.in_channels:
         raise HistoError(f"latent classifier expects {clf.config.in_channels} latent channels, the UNet "
                          f"{unet.config.in_channels}")

@@ -96,16 +96,3 @@ def load_latent_classifier(directory: str | Path) -> tuple[LatentClassifier, dic
     return model, info, sha256_dir(directory)
 
 
-def vae_latent_hash(vae_dir: str | Path) -> str:
-    """The hash that identifies the latent space of an autoencoder folder.
-
-    A folder written by `finetune-decoder` has a new decoder but the untouched encoder of its base,
-    so its latents are those of the base: its histodiffusion.json names that base's hash.
-    """
-    vae_dir = Path(vae_dir)
-    info_path = vae_dir / MODEL_INFO
-    if info_path.is_file():
-        base = model_info(vae_dir).get("base_vae_hash")
-        if base:
-            return str(base)
-    return sha256_dir(vae_dir)
