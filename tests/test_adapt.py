@@ -154,6 +154,10 @@ def test_finetune_decoder_changes_decoder_only(target, tmp_path):
     m = json.loads((out / "metrics.json").read_text())
     assert {"recon_l1", "aux_accuracy_on_recon"} <= set(m["before"]) and m["aux_weight"] == 0.5
     assert (out / "aux_classifier" / "classifier.json").is_file()
+    card = (out / "model" / "vae" / "README.md").read_text()  # the model card, with its real figures
+    assert card.startswith("# Fine-tuned decoder") and "- 6 steps on " in card
+    assert f"recon_l1 {m['before']['recon_l1']:.4f}" in card and f"recon_l1 {m['after']['recon_l1']:.4f}" in card
+    assert f"is that of {target['vae']}" in card and "AutoencoderKL.from_pretrained(" in card
     # sampling accepts the fine-tuned decoder with a classifier trained on base latents
     from helpers_sample import make_latent_classifier
     from histodiffusion.sample import load_models

@@ -68,6 +68,23 @@ def test_every_arm_and_seed_trained_with_one_budget(evaluated):
     assert len(list((out / "confusion").glob("test__*.png"))) == 5
 
 
+def test_every_downstream_classifier_has_a_model_card(evaluated):
+    cfg, root = evaluated
+    for arm in ARMS:
+        for seed in (0, 1):
+            d = root / "eval" / "classifiers" / f"{arm}_{seed}"
+            card = (d / "README.md").read_text()
+            sc = json.loads((d / "scores.json").read_text())
+            info = json.loads((d / "classifier.json").read_text())
+            assert card.startswith(f"# Downstream classifier `{arm}`, seed {seed}")
+            for ts in ("test", "ext"):  # its real figures, on the test split and the external set
+                s = sc["scores"][ts]
+                assert f"- {ts}: accuracy {s['accuracy']:.4f}, macro-F1 {s['macro_f1']:.4f}" in card
+            assert f"- Real: {info['n_real']} tiles of subset `frac0.5`" in card and "4 steps of batch 8" in card
+            assert ("aca 4, benign 4, scc 4" in card) == (arm in ("selected@1", "unselected@1"))
+            assert f"load_classifier('{d}')" in card and "Licence: not recorded" in card
+
+
 def test_external_test_set_scored(evaluated):
     cfg, root = evaluated
     m = json.loads((root / "eval" / "metrics.json").read_text())

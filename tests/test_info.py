@@ -95,3 +95,26 @@ def test_not_a_run_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "odd" / "config.json").write_text(json.dumps({"format_version": 999, "stage": "run"}))
     with pytest.raises(HistoError, match="format_version 999"):
         api.info(tmp_path / "odd")
+
+
+def test_dataset_line_names_the_licence_where_known(tmp_path):
+    from histodiffusion.modelcards import dataset_line
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "CITATION.md").write_text("# Tiles\n\nSome words.\n\nSource: Lab X tiles,\nCC BY 4.0; cite the paper.\n")
+    d = tmp_path / "ds"
+    d.mkdir()
+    meta = {"name": "lung", "count": 12, "tile_size": 64, "classes": ["a", "b"], "sources": {"root": str(src)}}
+    (d / "meta.json").write_text(json.dumps(meta))
+    line = dataset_line(d)
+    assert line.startswith(f"`lung` ({d}): 12 tiles of 64 px, classes a, b; sources {src}.")
+    assert line.endswith(f"Licence: Source: Lab X tiles, CC BY 4.0; cite the paper. (see {src / 'CITATION.md'}).")
+    (d / "meta.json").write_text(json.dumps({**meta, "licence": "CC0"}))
+    assert dataset_line(d).endswith("Licence: CC0.")
+    assert "not described" in dataset_line(tmp_path / "nothing")
+    # an unlabeled dataset lists its source images: the licence file next to them counts
+    (d / "meta.json").write_text(json.dumps({"name": "unl", "tile_size": 64, "counts": {"unlabeled": 7},
+                                             "sources": [{"path": str(src / "a.svs")}, {"path": str(src / "b.png")}]}))
+    line = dataset_line(d)
+    assert line.startswith(f"`unl` ({d}): 7 tiles of 64 px, unlabeled; sources {src}.") and "CC BY 4.0" in line

@@ -98,6 +98,11 @@ def test_judge_trains_on_train_tiles_only_and_writes_fidelity(world, tmp_path, m
     assert not key(seen[0]) & (key(held[0].images) | key(held[1].images))
     rec = json.loads((out / "judge.json").read_text())
     assert rec["n_train"] == len(train) and rec["train_splits"] == ["train"] and 0 <= rec["val_accuracy"] <= 1
+    card = (out / "model" / "README.md").read_text()  # its model card, with its real figures
+    assert card.startswith("# Independent judge of class fidelity")
+    assert f"{rec['n_train']} labeled tiles of subset `train`" in card and "6 steps of batch 8" in card
+    assert f"Accuracy on {rec['n_val']} `val` tiles (after training, no checkpoint chosen on them): " \
+           f"{rec['val_accuracy']}." in card and f"load_classifier('{out / 'model'}')" in card
     # fidelity.json agrees with the per-sample fidelity.csv, for all and for kept samples
     f = json.loads((world["samples"] / "fidelity.json").read_text())
     rows = list(csv.DictReader(open(world["samples"] / "fidelity.csv")))

@@ -45,6 +45,10 @@ def test_autoencoder_exports_vae_with_measured_scaling(tmp_path):
     info = json.loads((model_dir / "histodiffusion.json").read_text())
     assert vae.config.scaling_factor == pytest.approx(info["scaling_factor"])
     assert info["scaling_factor"] > 0 and abs(info["scaling_factor"] - 0.18215) > 1e-6
+    card = (model_dir / "README.md").read_text()  # the model card, with its real figures
+    assert card.startswith("# Autoencoder") and f"scaled by {info['scaling_factor']}" in card and "- 4 steps" in card
+    assert f"psnr {info['holdout_metrics']['psnr']:.4f}" in card and f"`a` ({a.resolve()}): 20 tiles" in card
+    assert f"`b` ({b.resolve()}): 12 tiles" in card and f"AutoencoderKL.from_pretrained('{model_dir}')" in card
     holdout = (tmp_path / "ae" / "holdout.csv").read_text().splitlines()
     assert len(holdout) == 1 + 4
     assert (tmp_path / "ae" / "recon" / "step_2.png").is_file() and (tmp_path / "ae" / "recon" / "step_4.png").is_file()

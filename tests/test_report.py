@@ -1,5 +1,6 @@
 """report: HTML + Markdown twin for a tiny fake run, and for a run with only some stage outputs."""
 import re
+from html.parser import HTMLParser
 
 import pytest
 
@@ -98,3 +99,83 @@ def test_report_with_only_data(tmp_path):
     assert "Class fidelity" not in html and "Latent classifier" not in html
     with pytest.raises(HistoError, match="not found"):
         run(ReportConfig(run=str(tmp_path / "nope")))
+
+
+class _Outline(HTMLParser):
+    """Top-level blocks of the body in order (tag, id/class), and the text of each p.verdict."""
+
+    def __init__(self):
+        super().__init__()
+        self.depth, self.blocks, self.verdicts, self._in_verdict = 0, [], [], False
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if self.depth == 0 and tag in ("h1", "p", "section", "details"):
+            self.blocks.append((tag, a.get("id") or a.get("class") or ""))
+        if tag == "p" and a.get("class") == "verdict":
+            self._in_verdict = True
+            self.verdicts.append("")
+        if tag in ("section", "details"):
+            self.depth += 1
+
+    def handle_endtag(self, tag):
+        if tag in ("section", "details"):
+            self.depth -= 1
+        if tag == "p":
+            self._in_verdict = False
+
+    def handle_data(self, data):
+        if self._in_verdict:
+            self.verdicts[-1] += data
+
+
+def test_report_leads_with_the_verdict(full_run):
+    from PIL import Image
+
+    page = (full_run / "report" / "index.html").read_text()
+    outline = _Outline()
+    outline.feed(page.split("<body>", 1)[1])
+    # title, run directory, then the verdict first; details next; the resolved configurations last, folded
+    assert [b for b in outline.blocks if b[0] != "p"] == [("h1", ""), ("section", "verdict"), ("section", "details"),
+                                                          ("details", "fold")]
+    verdict = page.split('<section id="verdict">', 1)[1].split("</section>", 1)[0]
+    m = json.loads((full_run / "eval" / "metrics.json").read_text())
+    d, aa = m["deltas"]["unselected@1"]["accuracy"], m["noise_floor"]["accuracy"]
+    # no selected arm in this run: the sentence is about the unselected tiles; numbers are metrics.json's
+    assert len(outline.verdicts) == 1
+    got = re.fullmatch(r"Synthetic tiles without selection at ratio 1 changed test accuracy by ([+-]\d\.\d{3}) "
+                       r"\[95% CI (-?\d\.\d{3}), (-?\d\.\d{3})\] over (\d) seeds, against ([+-]\d\.\d{3}) "
+                       r"\[95% CI (-?\d\.\d{3}), (-?\d\.\d{3})\] between two real-only runs \(A/A noise floor\): "
+                       r"(not distinguishable from seed noise|a gain beyond seed noise|a loss beyond seed noise)\.",
+                       outline.verdicts[0])
+    assert got, outline.verdicts[0]
+    want = [d["mean"], *d["ci95"], d["n"], aa["mean"], *aa["ci95"]]
+    assert [float(x) for x in got.groups()[:7]] == pytest.approx(want, abs=5e-4)
+    assert int(got.group(4)) == 2 == len(m["seeds"])
+    # the efficacy table, class fidelity and the grids are on the first screen too
+    assert "efficacy on the test split" in verdict and "real_aa (A/A noise floor)" in verdict
+    assert "class fidelity: share of samples" in verdict
+    assert verdict.count('class="tiles"') == 2 * 3  # real and synthetic per class
+    grid = Image.open(full_run / "report" / "figures" / "grid_syn_0.png")
+    assert grid.size == (4 * (128 + 4) + 2, 2 * (128 + 4) + 2)  # 8 samples of 16 px, shown 128 px wide, 4 a row
+    assert 'name="viewport"' in page and "@media (max-width:640px)" in page
+
+
+def test_verdict_sentences_judge_against_the_noise_floor():
+    from histodiffusion.report_verdict import verdict_sentences
+
+    def delta(mean, lo, hi, n=3):
+        return {"accuracy": {"mean": mean, "ci95": [lo, hi], "n": n}}
+
+    m = {"testsets": {"test": {"deltas_vs_real": {
+        "real_aa": delta(0.01, -0.05, 0.07), "classic": delta(0.02, 0.0, 0.04),
+        "selected@2": delta(0.1, 0.08, 0.12), "selected@0.5": delta(0.04, 0.01, 0.07),
+        "unselected@2": delta(-0.2, -0.3, -0.1)}}}}
+    s = verdict_sentences(m)
+    assert len(s) == 2 and s[0].startswith("Selected synthetic tiles at ratio 0.5 changed test accuracy by +0.040 "
+                                           "[95% CI 0.010, 0.070] over 3 seeds, against +0.010 [95% CI -0.050, 0.070]")
+    assert s[0].endswith("and +0.020 [95% CI 0.000, 0.040] for classic augmentation: not distinguishable from seed "
+                         "noise.")  # its interval excludes 0 but its mean lies inside the A/A interval
+    assert s[1].startswith("Selected synthetic tiles at ratio 2 ") and s[1].endswith(": a gain beyond seed noise.")
+    del m["testsets"]["test"]["deltas_vs_real"]["real_aa"]
+    assert verdict_sentences(m)[0].endswith("for classic augmentation: a gain beyond seed noise.")

@@ -129,13 +129,13 @@ class _InterruptAt(logging.Handler):
         self.line = line
 
     def emit(self, record):
-        if record.getMessage() == self.line:
+        if record.getMessage().startswith(self.line):
             raise KeyboardInterrupt
 
 
 def test_resume_after_kill(models, reference, tmp_path):
     out = tmp_path / "s"
-    stop = _InterruptAt("rank 0: 1/6")  # logged once the first batch's PNG and progress row are written
+    stop = _InterruptAt("sample: 1/6 (17%)")  # progress line once the first batch's PNG and row are written
     logger = logging.getLogger("histodiffusion.sample")
     logger.addHandler(stop)
     try:

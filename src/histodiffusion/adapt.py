@@ -29,9 +29,9 @@ from .artifacts import MODEL_INFO, format_meta, read_meta
 from .config import FinetuneDecoderConfig, LatentClassifierConfig
 from .contract import completion_record
 from .encode import DIHEDRAL, dihedral
-from .modelcards import CARD, latent_classifier_card
+from .modelcards import CARD, autoencoder_card, latent_classifier_card
 from .runtime import (HistoError, MetricsLog, atomic_path, closes_stage_logs, get_logger, is_complete,
-                      load_latest_checkpoint, make_accelerator, mark_complete, save_checkpoint,
+                      load_latest_checkpoint, make_accelerator, mark_complete, read_json, save_checkpoint,
                       seed_everything, start_run_dir, write_json_atomic, write_text_atomic)
 
 N_BUCKETS = 4  # validation accuracy per timestep bucket [k*T/4, (k+1)*T/4)
@@ -377,6 +377,8 @@ def run_finetune_decoder(cfg: FinetuneDecoderConfig) -> Path:
         save_vae(vae, out / "model" / "vae", scaling, base_vae_hash=base_hash, base_vae=str(Path(cfg.vae).resolve()),
                  finetuned="decoder", aux_weight=cfg.aux_weight, classes=classes, data=str(cfg.data),
                  subset=cfg.subset)
+        write_text_atomic(out / "model" / "vae" / CARD, autoencoder_card(
+            out / "model" / "vae", str(out / "model" / "vae"), read_json(out / "metrics.json")))
         mark_complete(out, **completion_record(cfg))
     acc.wait_for_everyone()
     return out

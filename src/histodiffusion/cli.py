@@ -48,19 +48,43 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
                             help=f"{help_of(cls, f.name)} (default: {shown!s})".replace("%", "%%"))
 
 
+def log_flags() -> argparse.ArgumentParser:
+    """--quiet, --verbose, --progress-every (LogConfig): accepted before and after the subcommand."""
+    from .progresslog import LogConfig
+
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("output")
+    for f in dataclasses.fields(LogConfig):  # SUPPRESS: a flag after the subcommand does not reset one before it
+        flag, text = f"--{f.name.replace('_', '-')}", help_of(LogConfig, f.name)
+        if f.type in (bool, "bool"):
+            g.add_argument(flag, dest=f.name, action="store_true", default=argparse.SUPPRESS, help=text)
+        else:
+            g.add_argument(flag, dest=f.name, type=str, default=argparse.SUPPRESS, metavar="PERCENT",
+                           help=f"{text} (default: {f.default:g})".replace("%", "%%"))
+    return p
+
+
+def log_config_from_args(args: argparse.Namespace):
+    from .progresslog import LogConfig
+
+    return config_from_dict(LogConfig, {f.name: getattr(args, f.name) for f in dataclasses.fields(LogConfig)
+                                        if hasattr(args, f.name)})
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="histodiffusion", description=(
+    flags = log_flags()
+    p = argparse.ArgumentParser(prog="histodiffusion", parents=[flags], description=(
         "Synthetic augmentation of histopathology classification with a latent diffusion model "
         "pretrained on unlabeled data (HistoDiffusion)."))
     p.add_argument("--version", action="version", version=f"histodiffusion {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for name, st in STAGES.items():
-        sp = sub.add_parser(name, help=st.help, description=st.help)
+        sp = sub.add_parser(name, help=st.help, description=st.help, parents=[flags])
         sp.add_argument("--config", default=None, metavar="FILE",
                         help="JSON or TOML file of config fields (flags override it)")
         add_config_flags(sp, st.config)
     for name, (_, desc) in COMMANDS.items():
-        sp = sub.add_parser(name, help=desc, description=desc)
+        sp = sub.add_parser(name, help=desc, description=desc, parents=[flags])
         sp.add_argument("run_dir", metavar="RUN_DIR", help="run directory (made by `histodiffusion run`)")
     return p
 
@@ -88,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download anything at run time
     try:
+        from .progresslog import apply_log_config
+
+        apply_log_config(log_config_from_args(args))
         if args.command in COMMANDS:
             return COMMANDS[args.command][0](args.run_dir)
         STAGES[args.command](config_from_args(args.command, args))

@@ -284,7 +284,8 @@ class ReportConfig:
     samples: str = F("", "sample directory (default: <run>/samples)", input=True)
     eval: str = F("", "evaluation directory (default: <run>/eval)", input=True)
     subset: str = F("", "real subset shown in grids and the embedding (default: evaluate's subset, else train)")
-    grid_per_class: int = F(8, "images per class in the sample grids")
+    grid_per_class: int = F(16, "images per class in the sample grids (real and synthetic each)")
+    grid_scale: int = F(0, "display scale of the grid tiles (0: tiles at least 128 px wide, i.e. 2x for 64 px tiles)")
     embedding: str = F("auto", "auto (UMAP if installed, else t-SNE) | umap | tsne | pca")
     latent_classifier: str = F("", "latent classifier run directory (default: <run>/adapt/latent_classifier)", input=True)
 
@@ -479,6 +480,8 @@ VALUE_RULES: dict[str, dict] = {
                      "memorization_quantile": _within(0, 1), "max_ratio": _at_least(0), "quota_ratio": _at_least(0)},
     "RunConfig": {"oversample": _at_least(1), "ratios": _each(_above(0)), "adapt_unlabeled_steps": _at_least(0)},
     "JudgeConfig": {},  # the common rules (steps, batch_size, lr)
+    "ReportConfig": {"grid_per_class": _at_least(1), "grid_scale": _at_least(0),
+                     "embedding": _one_of("auto", "umap", "tsne", "pca")},
     "EvaluateConfig": {"arms": _each(_one_of("real", "real_aa", "classic", "selected", "unselected")),
                        "epochs": _at_least(0), "steps_per_epoch": _at_least(0), "val_every": _at_least(0),
                        "ratios": _each(_above(0)), "ema_decay": _within(0, 1, True)},

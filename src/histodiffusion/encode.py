@@ -91,7 +91,8 @@ def run(cfg: EncodeConfig) -> Path:
 
     # 1. each rank encodes its shards (r, r+W, ...), one shard in memory at a time
     mine = list(range(rank, len(shards), world))
-    bar = progress(total=sum(len(shards[s]) for s in mine), desc="encode", disable=not main)
+    bar = progress(total=sum(len(shards[s]) for s in mine), desc="encode", disable=not main,
+                   log=log if main else None)
     try:
         with torch.inference_mode():
             for s in mine:

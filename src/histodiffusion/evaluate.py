@@ -48,9 +48,10 @@ from .evaldata import (Tiles, dataset_classes, load_real, load_sample_images, qu
                        read_samples)
 from .evalsummary import (CURVE_COLUMNS, confusion_name, curve_rows, per_seed_columns, per_seed_rows,
                           plot_confusion, summarise, validation_summary)
+from .modelcards import CARD, classifier_card
 from .runtime import (HistoError, closes_stage_logs, dist_info, get_logger, is_complete, mark_complete,
                       raise_if_any_rank_failed, read_json, seed_everything, start_run_dir, write_csv_atomic,
-                      write_json_atomic)
+                      write_json_atomic, write_text_atomic)
 
 ARM_KINDS = ("real", "real_aa", "classic", "selected", "unselected")
 REAL_KINDS = ("real", "real_aa", "classic")  # arms without synthetic images
@@ -334,6 +335,7 @@ def _train_jobs(cfg: EvaluateConfig, out: Path, jobs, sets, val, classes, size: 
         sc = {"arm": name, "seed": seed, "n_real": len(real), "n_synthetic": counts, "validation": validation,
               "scores": {k: score(model, t, cfg.tta) for k, t in sets.items()}}
         write_json_atomic(d / "scores.json", sc)
+        write_text_atomic(d / CARD, classifier_card(d, str(d), sc))
         mark_complete(d)
         log.info("%s seed %d: test accuracy %.3f%s", name, seed, sc["scores"][TEST]["accuracy"],
                  f" (best {cfg.val_subset} accuracy {best['accuracy']:.3f} at step {best['step']})" if best else "")

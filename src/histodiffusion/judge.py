@@ -35,8 +35,9 @@ from .artifacts import FILTERED_CSV, SAMPLES_CSV, selection_dir
 from .config import JudgeConfig
 from .contract import completion_record
 from .evaldata import dataset_classes, load_real, load_sample_images, read_filtered, read_samples, subset_fingerprint
+from .modelcards import CARD, classifier_card
 from .runtime import (HistoError, closes_stage_logs, dist_info, get_logger, is_complete, mark_complete, read_json,
-                      sha256_file, start_run_dir, write_csv_atomic, write_json_atomic)
+                      sha256_file, start_run_dir, write_csv_atomic, write_json_atomic, write_text_atomic)
 
 FIDELITY_JSON = "fidelity.json"
 FIDELITY_CSV = "fidelity.csv"
@@ -187,6 +188,7 @@ def ensure_judge(cfg: JudgeConfig, ids: list[str], out: Path, log):
                                            "role": ROLE, "steps": cfg.steps, "batch_size": cfg.batch_size,
                                            "lr": cfg.lr, "seed": cfg.seed, **record})
     write_json_atomic(out / JUDGE_JSON, record)
+    write_text_atomic(out / "model" / CARD, classifier_card(out / "model", str(out / "model")))
     mark_complete(out, **completion_record(cfg))
     return load_judge(out)
 

@@ -118,3 +118,136 @@ def pipeline_card(folder: Path, name: str, record: dict) -> str:
         f"`{record.get('scheduler_class', 'DDIMScheduler')}`); `latent_classifier/` needs histodiffusion.", "",
         "## Citation", "", CITATION, ""]
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Autoencoders (train-autoencoder, finetune-decoder) and image classifiers (evaluate, judge)
+# --------------------------------------------------------------------------------------------
+LICENCE_FILES = ("LICENSE", "LICENSE.txt", "LICENSE.md", "CITATION.md", "SOURCES.md")
+
+
+def dataset_line(data: str | Path) -> str:
+    """What a prepared dataset is (name, tiles, classes, source) and its licence where known: the meta's
+    `licence`, else the first 'Source' paragraph of a licence/citation file next to the source images."""
+    d = Path(data)
+    meta = _json(d / "meta.json")
+    if not meta:
+        return f"`{d}` (no meta.json: not described)"
+    classes = meta.get("classes") or []
+    count = meta.get("count") or sum(sum(c.values()) if isinstance(c, dict) else c
+                                     for c in (meta.get("counts") or {}).values()) or "?"
+    text = (f"`{meta.get('name') or d.name}` ({d}): {count} tiles of {meta.get('tile_size')} px"
+            + (f", classes {', '.join(classes)}" if classes else ", unlabeled"))
+    src = meta.get("sources") or {}  # labeled: {"root": ...}; unlabeled: [{"path": ...}] per source image
+    roots = list(dict.fromkeys(Path(x["path"]).parent for x in src if isinstance(x, dict) and x.get("path"))) \
+        if isinstance(src, list) else [Path(src.get("root") or d)]
+    roots = roots or [d]
+    root = roots[0] if len(roots) == 1 else f"{len(roots)} folders, e.g. {roots[0]}"
+    licence = meta.get("licence")
+    if not licence:
+        for folder in (roots[0], roots[0].parent):
+            found = [folder / n for n in LICENCE_FILES if (folder / n).is_file()]
+            if found:
+                paras = [p.strip() for p in found[0].read_text(errors="replace").split("\n\n")]
+                source = next((p for p in paras if p.startswith("Source")), "")
+                licence = " ".join(source.split()) + f" (see {found[0]})" if source else f"see {found[0]}"
+                break
+    return text + f"; sources {root}. Licence: {licence or 'not recorded (that of the source images)'}."
+
+
+def _load_and_cite(code: list[str], note: str = "") -> list[str]:
+    return ["## Load it", "", "```python", *code, "```", ""] + ([note, ""] if note else []) + \
+        ["## Citation", "", CITATION, ""]
+
+
+def _figures(values: dict, nd: int = 4) -> str:
+    return ", ".join(f"{k} {v:.{nd}f}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items()) or "none"
+
+
+def autoencoder_card(folder: Path, name: str, metrics: dict | None = None) -> str:
+    """README.md of an exported autoencoder folder (save_vae's: diffusers AutoencoderKL + histodiffusion.json):
+    train-autoencoder's, or finetune-decoder's (`metrics`: its metrics.json, before / after)."""
+    info = _json(folder / MODEL_INFO)
+    cfg = _json(folder / "config.json")
+    what = (f"a KL autoencoder (diffusers `AutoencoderKL`, f={info.get('downsample')}, "
+            f"{info.get('latent_channels')} latent channels, {info.get('sample_size')} px tiles, widths "
+            f"{cfg.get('block_out_channels')}); latents are scaled by {info.get('scaling_factor')} "
+            "(in its config: `vae.config.scaling_factor`)")
+    if info.get("finetuned") == "decoder":
+        m = metrics or {}
+        before, after = m.get("before") or {}, m.get("after") or {}
+        lines = [
+            "# Fine-tuned decoder (histodiffusion)", "",
+            f"The decoder of {what}, fine-tuned so that decoded tiles keep their class: reconstruction L1 plus "
+            f"{info.get('aux_weight')} x the cross-entropy of an auxiliary image classifier on the reconstructions. "
+            f"The encoder, and so the latent space, is that of {info.get('base_vae')} (weights "
+            f"{str(info.get('base_vae_hash'))[:12]}) unchanged.", "",
+            "## Data", "",
+            f"Labeled tiles of subset `{info.get('subset')}` of {dataset_line(info.get('data') or '')}", "",
+            "## Training and measurements", "",
+            f"- {m.get('steps', '?')} steps on {m.get('n_train', '?')} tiles; classes {info.get('classes')}.",
+            f"- Before: {_figures(before)}; after: {_figures(after)} (recon_l1: mean absolute error in [-1, 1]; "
+            "aux_accuracy_on_recon: the auxiliary classifier's accuracy on reconstructions).", ""]
+    else:
+        hm = info.get("holdout_metrics") or {}
+        data = info.get("trained_on") or []
+        lines = [
+            "# Autoencoder (histodiffusion)", "",
+            f"{what[0].upper()}{what[1:]}. Trained **without labels**; the latent diffusion model and the latent "
+            "classifier work in its latent space.", "",
+            "## Data", "",
+            *([f"- {dataset_line(d)}" for d in data] or ["not recorded"]), "",
+            "## Training and measurements", "",
+            f"- {info.get('steps', '?')} steps (L1 + KL, with the stage's adversarial / LPIPS settings in its "
+            "config.json).",
+            f"- Held-out reconstructions: {_figures(hm, 4) if hm else 'no held-out tiles'} (PSNR in dB).", ""]
+    return "\n".join(lines + _load_and_cite([
+        "from diffusers import AutoencoderKL",
+        f"vae = AutoencoderKL.from_pretrained('{name}'); z = vae.encode(x).latent_dist.mode() * "
+        "vae.config.scaling_factor"], "`x`: images in [-1, 1], shape [N, 3, H, W]; `vae.decode(z / "
+        "vae.config.scaling_factor).sample` decodes."))
+
+
+def classifier_card(folder: Path, name: str, scores: dict | None = None) -> str:
+    """README.md of a saved image classifier (classifier.json + model.safetensors): a downstream classifier of
+    `evaluate` (`scores`: its scores.json) or the independent judge (role in classifier.json)."""
+    info = _json(folder / "classifier.json")
+    classes = info.get("classes") or []
+    net = (f"a `{info.get('name')}` image classifier of {info.get('image_size')} px tiles into {', '.join(classes)}"
+           + (f" (initialised from {info['backbone_weights']})" if info.get("backbone_weights") else
+              " (trained from scratch)"))
+    if info.get("arm"):
+        syn = info.get("n_synthetic") or {}
+        test = (scores or {}).get("scores", {})
+        val = (scores or {}).get("validation") or {}
+        lines = [
+            f"# Downstream classifier `{info['arm']}`, seed {info.get('seed')} (histodiffusion evaluate)", "",
+            f"{net[0].upper()}{net[1:]}, one of the efficacy experiment's classifiers: every arm has the same "
+            "backbone and budget; only the training set differs.", "",
+            "## Data", "",
+            f"- Real: {info.get('n_real')} tiles of subset `{info.get('subset')}` of {dataset_line(info.get('data') or '')}",
+            f"- Synthetic (arm kind `{info.get('kind')}`, ratio {info.get('ratio')}): "
+            + (", ".join(f"{c} {n}" for c, n in syn.items()) if sum(syn.values()) else "none") + ".", "",
+            "## Training and measurements", "",
+            f"- {info.get('steps')} steps of batch {info.get('batch_size')}, lr {info.get('lr')}, training seed "
+            f"{info.get('train_seed')}; weights: {info.get('checkpoint')}"
+            + (f" (validation accuracy {val['best']['accuracy']:.3f} on {val.get('n')} tiles)" if val.get("best")
+               else "") + ".",
+            *[f"- {ts}: accuracy {s['accuracy']:.4f}, macro-F1 {s['macro_f1']:.4f}" for ts, s in test.items()], ""]
+    else:
+        lines = [
+            "# Independent judge of class fidelity (histodiffusion judge)", "",
+            f"{net[0].upper()}{net[1:]}. It scores synthetic samples (the share assigned to their target class); it "
+            "is neither the latent classifier that guided them nor the selection classifier.", "",
+            "## Data", "",
+            f"{info.get('n_train')} labeled tiles of subset `{info.get('subset')}` (train split only: never a "
+            f"validation or test tile; per class {info.get('train_counts')}) of {dataset_line(info.get('data') or '')}",
+            "", "## Training and measurements", "",
+            f"- {info.get('steps')} steps of batch {info.get('batch_size')}, lr {info.get('lr')}, seed "
+            f"{info.get('seed')}, augmented.",
+            f"- Accuracy on {info.get('n_val')} `{info.get('val_subset')}` tiles (after training, no checkpoint "
+            f"chosen on them): {info.get('val_accuracy')}.", ""]
+    return "\n".join(lines + _load_and_cite([
+        "from histodiffusion.models.classifier import load_classifier, predict",
+        f"model, info = load_classifier('{name}'); probs, features = predict(model, tiles)"],
+        "`tiles`: uint8 tensor [N, H, W, 3]; class names in `info['classes']`."))

@@ -228,7 +228,8 @@ class _Trainer:
 
     def train(self, batches, step: int, vae, scaling_factor: float) -> None:
         cfg, acc = self.cfg, self.acc
-        bar = progress(total=cfg.steps, initial=step, desc="pretrain", disable=not acc.is_main_process)
+        bar = progress(total=cfg.steps, initial=step, desc="pretrain", disable=not acc.is_main_process,
+                       log=self.log)
         t0, n_img, T = time.time(), 0, self.noise.config.num_train_timesteps
         self.unet.train()
         while step < cfg.steps:

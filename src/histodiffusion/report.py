@@ -40,15 +40,31 @@ class Doc:
         self.html.append(f"<h{level}>{html.escape(text)}</h{level}>")
         self.md.append(f"\n{'#' * level} {text}\n")
 
-    def p(self, text: str) -> None:
-        self.html.append(f"<p>{html.escape(text)}</p>")
+    def p(self, text: str, cls: str = "") -> None:
+        c = f' class="{cls}"' if cls else ""
+        self.html.append(f"<p{c}>{html.escape(text)}</p>")
         self.md.append(f"{text}\n")
+
+    def open_section(self, ident: str) -> None:
+        self.html.append(f'<section id="{ident}">')
+
+    def close_section(self) -> None:
+        self.html.append("</section>")
+
+    def open_fold(self, title: str) -> None:
+        """A folded block (<details>) under a heading-like summary; the Markdown twin gets a heading."""
+        self.html.append(f'<details class="fold"><summary>{html.escape(title)}</summary>')
+        self.md.append(f"\n## {title}\n")
+
+    def close_fold(self) -> None:
+        self.html.append("</details>")
 
     def table(self, header: list[str], rows: list[list], caption: str = "") -> None:
         cells = "".join(f"<th>{html.escape(str(c))}</th>" for c in header)
         body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
-        cap = f"<caption>{html.escape(caption)}</caption>" if caption else ""
-        self.html.append(f"<table>{cap}<thead><tr>{cells}</tr></thead><tbody>{body}</tbody></table>")
+        cap = f'<p class="caption">{html.escape(caption)}</p>' if caption else ""  # wraps to the window, not the table
+        self.html.append(f'<div class="table">{cap}<div class="scroll"><table><thead><tr>{cells}</tr></thead>'
+                         f'<tbody>{body}</tbody></table></div></div>')
         if caption:
             self.md.append(f"*{caption}*\n")
         self.md.append("| " + " | ".join(map(str, header)) + " |")
@@ -56,11 +72,12 @@ class Doc:
         self.md.extend("| " + " | ".join(str(c).replace("|", "/") for c in r) + " |" for r in rows)
         self.md.append("")
 
-    def image(self, png: bytes, name: str, alt: str, width: int | None = None) -> None:
+    def image(self, png: bytes, name: str, alt: str, width: int | None = None, cls: str = "") -> None:
         self.figures.mkdir(parents=True, exist_ok=True)
         (self.figures / name).write_bytes(png)
         w = f' style="max-width:{width}px"' if width else ""
-        self.html.append(f'<figure><img alt="{html.escape(alt)}"{w} src="data:image/png;base64,'
+        c = f' class="{cls}"' if cls else ""
+        self.html.append(f'<figure><img alt="{html.escape(alt)}"{c}{w} src="data:image/png;base64,'
                          f'{base64.b64encode(png).decode()}"><figcaption>{html.escape(alt)}</figcaption></figure>')
         self.md.append(f"![{alt}](figures/{name})\n")
 
@@ -75,14 +92,21 @@ class Doc:
         self.html.append("</div>")
 
 
-CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px auto;max-width:1180px;
-color:#222;line-height:1.4;padding:0 16px}h1{border-bottom:2px solid #446;padding-bottom:6px}h2{margin-top:34px;
-border-bottom:1px solid #ccc;padding-bottom:3px}table{border-collapse:collapse;margin:10px 0 18px;font-size:13px}
-th,td{border:1px solid #bbb;padding:4px 8px;text-align:right}th{background:#eef}td:first-child,th:first-child{text-align:left}
-caption{caption-side:top;text-align:left;font-weight:600;padding:4px 0}figure{display:inline-block;margin:6px 10px 12px 0;
-vertical-align:top}figcaption{font-size:12px;color:#555;max-width:520px}img{border:1px solid #ddd;max-width:100%}
-pre{background:#f6f6f8;padding:8px;font-size:12px;overflow-x:auto}details{margin:4px 0}.row{display:flex;flex-wrap:wrap;gap:6px}
-.note{color:#555;font-size:13px}"""
+CSS = """*{box-sizing:border-box}body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;
+margin:16px auto;max-width:1180px;color:#222;line-height:1.4;padding:0 16px}h1{border-bottom:2px solid #446;
+padding-bottom:6px;font-size:1.6em;margin:8px 0 10px;overflow-wrap:anywhere}h2{margin-top:30px;border-bottom:1px solid #ccc;
+padding-bottom:3px}#verdict h2{margin-top:10px}#details>h2:first-child{border:0;margin:40px 0 0;color:#446;font-size:1em;
+text-transform:uppercase;letter-spacing:.08em}p.verdict{font-size:17px;background:#f3f5fb;border-left:4px solid #446;
+padding:8px 12px;margin:8px 0}.scroll{overflow-x:auto;max-width:100%}table{border-collapse:collapse;margin:2px 0 14px;
+font-size:13px}th,td{border:1px solid #bbb;padding:4px 8px;text-align:right}td{white-space:nowrap}th{background:#eef}
+td:first-child,th:first-child{text-align:left}p.caption{font-weight:600;font-size:13px;margin:10px 0 2px}
+figure{display:inline-block;margin:6px 10px 12px 0;vertical-align:top;max-width:100%}figcaption{font-size:12px;color:#555;
+max-width:520px}img{border:1px solid #ddd;max-width:100%;height:auto}img.tiles{image-rendering:pixelated}
+pre{background:#f6f6f8;padding:8px;font-size:12px;overflow-x:auto}details{margin:4px 0}summary{cursor:pointer}
+details.fold>summary{font-size:1.3em;font-weight:600;margin-top:30px;border-bottom:1px solid #ccc}
+.row{display:flex;flex-wrap:wrap;gap:6px;align-items:flex-start}.row>figure{min-width:0}.note{color:#555;font-size:13px}
+@media (max-width:640px){body{padding:0 8px;margin:8px auto}h1{font-size:1.25em}p.verdict{font-size:15px}
+table{font-size:12px}th,td{padding:3px 5px}figure{margin:4px 0 8px}}"""
 
 
 def _paths(cfg: ReportConfig) -> dict[str, Path]:
@@ -128,10 +152,18 @@ def section_configs(doc: Doc, p: dict) -> None:
                 continue
     if not found:
         return
-    doc.h(2, "Resolved configurations")
+    doc.open_fold(f"Resolved configurations ({len(found)})")
     doc.p(f"{len(found)} stage configuration(s) found: " + ", ".join(n for n, _ in found) + ".")
     for name, text in found:
         doc.raw_details(name, text)
+    doc.close_fold()
+
+
+def _classes(data: Path) -> list[str] | None:
+    """Class names of the target dataset, or None when there is none."""
+    from .artifacts import read_meta
+
+    return list(read_meta(data, "dataset").get("classes") or []) if (data / "manifest.csv").is_file() else None
 
 
 def section_data(doc: Doc, p: dict, subset: str) -> dict | None:
@@ -161,15 +193,29 @@ def section_data(doc: Doc, p: dict, subset: str) -> dict | None:
     return {"meta": meta, "classes": classes}
 
 
-def section_grids(doc: Doc, p: dict, subset: str, classes: list[str], n: int) -> tuple | None:
+def grid_scale(tile: int, scale: int = 0) -> int:
+    """Display scale of the tiles in the grids: `scale`, or (0) the smallest that shows a tile at least
+    128 px wide (2x for 64 px tiles)."""
+    return scale if scale > 0 else max(1, -(-128 // max(tile, 1)))
+
+
+def section_grids(doc: Doc, p: dict, subset: str, classes: list[str], n: int, scale: int = 0) -> tuple | None:
     from .evaldata import load_real, load_sample_images, read_samples
 
     real = load_real(p["data"], subset)
+    tile = int(real.images.shape[1])
+    k = grid_scale(tile, scale)
+    cols = max(1, min(n, 4 if tile * k >= 96 else 8))
+
+    def grid(images, keep, title):
+        return grid_figure(images, keep, title, cols=cols, scale=k)
+
     if not (p["samples"] / "samples.csv").is_file():
         doc.h(2, "Real images per class")
+        doc.p(f"Up to {n} tiles per class of {subset!r}, {tile} px shown at {k}x.")
         doc.open_row()
         for ci, c in enumerate(classes):
-            doc.image(grid_figure(real.images[real.labels == ci][:n], None, c), f"grid_{ci}.png", f"{c}: real", 460)
+            doc.image(grid(real.images[real.labels == ci][:n], None, c), f"grid_{ci}.png", f"{c}: real", cls="tiles")
         doc.close_row()
         return real, None, None, None
     rows = read_samples(p["samples"], classes)
@@ -178,22 +224,24 @@ def section_grids(doc: Doc, p: dict, subset: str, classes: list[str], n: int) ->
         from .evaldata import read_filtered
 
         filt = {f["id"]: f for f in read_filtered(p["select"])}
-    syn = load_sample_images(p["samples"], rows, int(real.images.shape[1]))
+    syn = load_sample_images(p["samples"], rows, tile)
     targets = np.array([classes.index(r["target"]) for r in rows])
     keep = np.array([int(filt[r["id"]]["keep"]) if r["id"] in filt else -1 for r in rows])
     doc.h(2, "Real and synthetic images per class")
-    doc.p("Left: real tiles of the training subset. Right: synthetic samples" +
-          (", kept ones first in rank order (dropped ones are framed red)." if filt else " (not yet selected)."))
+    doc.p(f"Left: up to {n} real tiles of {subset!r} per class. Right: up to {n} synthetic samples" +
+          (", kept ones first in rank order (dropped ones are framed red)" if filt else " (not yet selected)") +
+          f". {tile} px tiles shown at {k}x.")
     for ci, c in enumerate(classes):
         idx = [i for i in range(len(rows)) if targets[i] == ci]
         if filt:
             idx.sort(key=lambda i: (-int(filt[rows[i]["id"]]["keep"]), int(filt[rows[i]["id"]]["rank"])))
         idx = idx[:n]
+        doc.p(f"{c}: real (left), synthetic (right)", cls="caption")
         doc.open_row()
-        doc.image(grid_figure(real.images[real.labels == ci][:n], None, f"{c}: real"), f"grid_real_{ci}.png",
-                  f"{c}: real", 460)
-        doc.image(grid_figure(syn[idx] if idx else syn[:0], keep[idx] if filt else None, f"{c}: synthetic"),
-                  f"grid_syn_{ci}.png", f"{c}: synthetic", 460)
+        doc.image(grid(real.images[real.labels == ci][:n], None, f"{c}: real"), f"grid_real_{ci}.png",
+                  f"{c}: real", cls="tiles")
+        doc.image(grid(syn[idx] if idx else syn[:0], keep[idx] if filt else None, f"{c}: synthetic"),
+                  f"grid_syn_{ci}.png", f"{c}: synthetic" + (" (kept first)" if filt else ""), cls="tiles")
         doc.close_row()
     return real, syn, targets, keep
 
@@ -261,7 +309,10 @@ def section_selection(doc: Doc, p: dict) -> None:
               "selection per class (a dropped sample can have several reasons)")
 
 
-def section_results(doc: Doc, p: dict, eval_dir: Path, title: str = "Downstream classification") -> None:
+def section_results(doc: Doc, p: dict, eval_dir: Path, title: str = "Downstream classification",
+                    test_table: bool = True) -> None:
+    """Budget, noise floor, arms per test set (the test split's table only with `test_table`: the verdict
+    shows it), per-class sensitivity / specificity, validation curves, confusion matrices."""
     path = eval_dir / "metrics.json"
     if not path.is_file():
         return
@@ -281,15 +332,10 @@ def section_results(doc: Doc, p: dict, eval_dir: Path, title: str = "Downstream 
               f"noise.")
     classes = m["classes"]
     for ts, r in m["testsets"].items():
-        rows = []
-        for arm, v in r["arms"].items():
-            d = r["deltas_vs_real"].get(arm)
-            rows.append([f"{arm} (A/A noise floor)" if arm == "real_aa" else arm,
-                         sum(v.get("n_synthetic", {}).values()), _ci(v["accuracy"]), _ci(v["macro_f1"]),
-                         _ci(d["accuracy"]) if d else "–", _ci(d["macro_f1"]) if d else "–"])
         first = next(iter(r["arms"].values()))
-        doc.table(["arm", "synthetic images", "accuracy", "macro-F1", "Δ accuracy vs real", "Δ macro-F1 vs real"],
-                  rows, f"{'test split' if ts == 'test' else 'external test set ' + ts} ({first['n_test']} tiles)")
+        if test_table or ts != "test":
+            doc.table(ARM_HEADER, arm_rows(r),
+                      f"{'test split' if ts == 'test' else 'external test set ' + ts} ({first['n_test']} tiles)")
         rows = [[arm] + [f"{_fmt(v['sensitivity'][c]['mean'])} / {_fmt(v['specificity'][c]['mean'])}" for c in classes]
                 for arm, v in r["arms"].items()]
         doc.table(["arm"] + [f"{c} sens / spec" for c in classes], rows, f"per-class sensitivity / specificity ({ts}, mean over seeds)")
@@ -306,6 +352,20 @@ def section_results(doc: Doc, p: dict, eval_dir: Path, title: str = "Downstream 
             for _, arm, png in (x for x in pngs if x[0] == ts):
                 doc.image(png.read_bytes(), f"confusion_{eval_dir.name}_{png.name}", f"{ts}: {arm}", 260)
             doc.close_row()
+
+
+ARM_HEADER = ["arm", "synthetic images", "accuracy", "macro-F1", "Δ accuracy vs real", "Δ macro-F1 vs real"]
+
+
+def arm_rows(r: dict) -> list[list]:
+    """Rows of ARM_HEADER for one test set of metrics.json (mean [95% CI]; deltas paired against real)."""
+    rows = []
+    for arm, v in r["arms"].items():
+        d = r["deltas_vs_real"].get(arm)
+        rows.append([f"{arm} (A/A noise floor)" if arm == "real_aa" else arm,
+                     sum(v.get("n_synthetic", {}).values()), _ci(v["accuracy"]), _ci(v["macro_f1"]),
+                     _ci(d["accuracy"]) if d else "–", _ci(d["macro_f1"]) if d else "–"])
+    return rows
 
 
 def section_validation(doc: Doc, m: dict, eval_dir: Path) -> None:
@@ -369,32 +429,46 @@ def run(cfg: ReportConfig) -> Path:
     figures = out / "figures"
     doc = Doc(figures)
     doc.h(1, f"histodiffusion report: {p['run'].resolve().name}")
-    doc.p(f"Run directory {p['run'].resolve()}.")
-    section_configs(doc, p)
-    data = section_data(doc, p, subset)
-    if data is None:
-        doc.p("No target dataset found: data, image and embedding sections are omitted.")
-    else:
+    doc.p(f"Run directory {p['run'].resolve()}.", cls="note")
+    from .report_quality import section_fidelity, section_latent_classifier
+    from .report_verdict import section_fidelity_summary, section_verdict
+
+    # 1. the first screen: verdict, efficacy table, class fidelity, sample grids
+    doc.open_section("verdict")
+    section_verdict(doc, p["eval"])
+    section_fidelity_summary(doc, p["samples"])
+    classes = _classes(p["data"])
+    images = None
+    if classes is not None:
         try:
-            real, syn, targets, keep = section_grids(doc, p, subset, data["classes"], cfg.grid_per_class)
-            section_embedding(doc, p, real, syn, targets, keep, data["classes"], cfg.embedding)
+            images = section_grids(doc, p, subset, classes, cfg.grid_per_class, cfg.grid_scale)
         except HistoError as e:  # e.g. samples made for other classes: say so, keep the other sections
             log.warning("report: image sections skipped: %s", e)
             doc.p(f"Image and embedding sections skipped: {e}")
-    from .report_quality import section_fidelity, section_latent_classifier
-
+    doc.close_section()
+    # 2. details
+    doc.open_section("details")
+    doc.h(2, "Details")
+    if section_data(doc, p, subset) is None:
+        doc.p("No target dataset found: data, image and embedding sections are omitted.")
+    if images is not None:
+        section_embedding(doc, p, *images, classes, cfg.embedding)
     section_latent_classifier(doc, p)
     section_selection(doc, p)
     section_fidelity(doc, p)
-    section_results(doc, p, p["eval"])
+    section_results(doc, p, p["eval"], test_table=False)
     from .layout import ARMS
 
     for extra in (p["layout"].evaluation(a) for a in ARMS if a):  # e.g. eval_nopretrain (the no-pretraining ablation)
         if extra.is_dir() and extra.resolve() != p["eval"].resolve():
             section_results(doc, p, extra, f"Downstream classification: {extra.name[len('eval_'):]}")
     section_generative(doc, p)
+    doc.close_section()
+    # 3. resolved configurations, folded
+    section_configs(doc, p)
     title = html.escape(f"histodiffusion report: {p['run'].resolve().name}")
     page = (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{title}</title>"
+            f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
             f"<style>{CSS}</style></head><body>\n" + "\n".join(doc.html) + "\n</body></html>\n")
     write_text_atomic(out / "index.html", page)
     write_text_atomic(out / "report.md", "\n".join(doc.md) + "\n")

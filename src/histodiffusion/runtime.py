@@ -278,16 +278,43 @@ class _RunLine(logging.Formatter):
             f"\n{self.formatException(record.exc_info)}" if record.exc_info else "")
 
 
+_SETTINGS = {"console_level": logging.INFO, "progress_every": 10.0}  # set_logging() changes them
+
+
+def logging_settings() -> dict:
+    """{"console_level": the console's logging level, "progress_every": percent between progress lines}."""
+    return dict(_SETTINGS)
+
+
+def set_logging(console_level: int | None = None, progress_every: float | None = None) -> None:
+    """What the console shows (the CLI's --quiet: WARNING, no progress bars; --verbose: DEBUG, also in the
+    log files) and how often a progress line is written where there is no terminal (percent of the loop)."""
+    if progress_every is not None:
+        if not 0 < progress_every <= 100:
+            raise HistoError(f"progress_every must be in (0, 100] percent, got {progress_every}")
+        _SETTINGS["progress_every"] = float(progress_every)
+    if console_level is not None:
+        _SETTINGS["console_level"] = console_level
+    _package_logger()
+
+
+def _console_line(record: logging.LogRecord) -> bool:
+    return getattr(record, "console", True)  # False: a progress line while a bar shows the same on the terminal
+
+
 def _package_logger() -> logging.Logger:
-    """The `histodiffusion` logger: its handlers are stderr and, during `run`, the run's log.txt."""
+    """The `histodiffusion` logger: its handlers are stderr and, during `run`, the run's log.txt. Files get
+    INFO and above (DEBUG with --verbose); the console gets the level of set_logging."""
     logger = logging.getLogger(PACKAGE_LOGGER)
     logger.propagate = False
-    if logger.level == logging.NOTSET:
-        logger.setLevel(logging.INFO)
-    if not any(type(h) is logging.StreamHandler for h in logger.handlers):
-        h = logging.StreamHandler(sys.stderr)
-        h.setFormatter(_LINE)
-        logger.addHandler(h)
+    logger.setLevel(min(logging.INFO, _SETTINGS["console_level"]))
+    console = [h for h in logger.handlers if type(h) is logging.StreamHandler]
+    if not console:
+        console = [logging.StreamHandler(sys.stderr)]
+        console[0].setFormatter(_LINE)
+        console[0].addFilter(_console_line)
+        logger.addHandler(console[0])
+    console[0].setLevel(_SETTINGS["console_level"])
     return logger
 
 
@@ -303,7 +330,8 @@ def get_logger(stage: str = "", log_file: str | os.PathLike | None = None, is_ma
     name = stage if stage == PACKAGE_LOGGER or stage.startswith(PACKAGE_LOGGER + ".") else \
         f"{PACKAGE_LOGGER}.{stage or 'run'}"
     logger = logging.getLogger(name)
-    logger.setLevel(logging.INFO if is_main else logging.WARNING)
+    if name != PACKAGE_LOGGER:  # the main process inherits the package logger's level (INFO, or DEBUG)
+        logger.setLevel(logging.NOTSET if is_main else logging.WARNING)
     if log_file is not None and is_main and name != PACKAGE_LOGGER:
         path = str(Path(log_file).resolve())
         if not any(isinstance(h, logging.FileHandler) and h.baseFilename == path for h in logger.handlers):
@@ -366,10 +394,12 @@ class MetricsLog:
 
 
 def progress(iterable=None, total=None, desc: str = "", disable: bool = False, **kw):
-    """A tqdm progress bar, shown on the main process only."""
-    from tqdm.auto import tqdm
+    """Progress of a loop (disable it on processes other than the main one): a tqdm bar on a terminal, plain
+    lines every few percent in log files and redirected output (progresslog.Progress; `log=` the stage's
+    logger, `level=` the lines' level)."""
+    from .progresslog import Progress
 
-    return tqdm(iterable, total=total, desc=desc, disable=disable, dynamic_ncols=True, **kw)
+    return Progress(iterable, total=total, desc=desc, disable=disable, **kw)
 
 
 # --------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from .contract import completion_record
 from .diffusers_pipeline import (MICRO_BATCH, SCHEDULERS, by_rows, decode_uint8, guided_sample,  # noqa: F401
                                  make_scheduler, sample_seed, target_confidence)
 from .runtime import (HistoError, atomic_path, closes_stage_logs, get_logger, is_complete, make_accelerator,
-                      mark_complete, read_csv, start_run_dir, write_csv_atomic)
+                      mark_complete, progress, read_csv, start_run_dir, write_csv_atomic)
 
 PROGRESS_DIR = "_progress"
 PIPELINE_DIR = "pipeline"  # the diffusers pipeline that made the samples (model_index.json, model card)
@@ -246,10 +246,12 @@ def run(cfg: SampleConfig) -> Path:
     log.info("sampling %d images (%d done before, %d pending) with %s, %d steps, scale %g, window %s, %d process(es)",
              len(plan), len(plan) - len(pending), len(pending), cfg.scheduler, cfg.steps, cfg.scale, window,
              acc.num_processes)
+    bar = progress(total=len(mine), desc="sample", disable=not acc.is_main_process, log=log)
     for b in range(0, len(mine), cfg.batch_size):
         rows, images = generate(mine[b:b + cfg.batch_size], m, cfg, window)
         _save_batch(out, acc.process_index, rows, images)
-        log.info("rank %d: %d/%d", acc.process_index, min(b + cfg.batch_size, len(mine)), len(mine))
+        bar.update(len(rows))
+    bar.close()
     acc.wait_for_everyone()
     if acc.is_main_process:
         done = read_progress(out)

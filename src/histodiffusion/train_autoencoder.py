@@ -22,9 +22,11 @@ from torch import nn
 from .config import AutoencoderConfig
 from .contract import completion_record
 from .data.mixture import EpochIndex, IdRecorder, MixtureDataset, make_loader
+from .modelcards import CARD, autoencoder_card
 from .runtime import (HistoError, MetricsLog, check_checkpoint_within, closes_stage_logs, get_logger, human_time,
                       load_latest_checkpoint, make_accelerator, mark_complete, progress, reopen_for_steps,
-                      save_checkpoint, save_final_checkpoint, seed_everything, start_run_dir, write_csv_atomic)
+                      save_checkpoint, save_final_checkpoint, seed_everything, start_run_dir, write_csv_atomic,
+                      write_text_atomic)
 
 STAGE = "train-autoencoder"
 
@@ -283,7 +285,7 @@ def run(cfg: AutoencoderConfig) -> Path:
     log.info("autoencoder: %d train + %d held-out tiles of %d px, f=%d, %.2fM params, %d process(es)",
              len(train_ds), len(held), tile, 2 ** (len(cfg.block_out_channels) - 1),
              sum(p.numel() for p in vae.parameters()) / 1e6, acc.num_processes)
-    bar = progress(total=cfg.steps, initial=step, desc="autoencoder", disable=not main)
+    bar = progress(total=cfg.steps, initial=step, desc="autoencoder", disable=not main, log=log)
     t0, n_img = time.time(), 0
     model.train()
     while step < cfg.steps:
@@ -320,6 +322,7 @@ def _finish(cfg, vae, train_ds, sources, held, device, out, model_dir, metrics, 
     sf = measure_scaling_factor(vae, train_ds, device, seed=cfg.seed)
     save_vae(vae, model_dir, sf, trained_on=[str(Path(d).resolve()) for d in cfg.data], steps=cfg.steps,
              holdout_metrics=final)
+    write_text_atomic(model_dir / CARD, autoencoder_card(model_dir, str(model_dir)))
     metrics.log(step=cfg.steps, scaling_factor=sf, **final)
     mark_complete(out, **completion_record(cfg), model=str(model_dir), scaling_factor=sf, steps=cfg.steps, **final)
     log.info("autoencoder exported to %s in %s: held-out PSNR %s dB, SSIM %s, scaling factor %.5f", model_dir,

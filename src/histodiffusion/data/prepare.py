@@ -158,7 +158,7 @@ def _add_labeled(w: DatasetWriter, cfg: PrepareConfig, skips: _Skips, sample: sc
     root, entries = _labeled_entries(cfg, skips)
     sources, geometry = [], []
     seen: dict[str, tuple[str, str]] = {}  # sha256 -> (path, group): one image in two groups could leak across splits
-    for f, rel, label, group in progress(entries, desc="prepare", mininterval=2.0):
+    for f, rel, label, group in progress(entries, desc="prepare", mininterval=2.0, log=log):
         sha = sha256_file(f)
         if sha in seen and (seen[sha][1] != group or seen[sha][0] == rel):
             raise HistoError(f"{rel} has the same content as {seen[sha][0]} (groups {group!r} and {seen[sha][1]!r}): "

@@ -7,6 +7,7 @@ with weights_only=True). Nothing is ever downloaded.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Callable
 
@@ -221,7 +222,9 @@ def train_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     order = torch.randperm(n, generator=g)
     pos = 0
     best_key, best_state = None, None
-    for step in progress(range(1, steps + 1), desc=desc, disable=not show_progress, leave=False):
+    # one classifier of many (evaluate): its progress lines are debug lines (--verbose)
+    for step in progress(range(1, steps + 1), desc=desc, disable=not show_progress, leave=False,
+                         level=logging.DEBUG):
         if pos + bs > n:
             order, pos = torch.randperm(n, generator=g), 0
         idx = order[pos:pos + bs]
