@@ -28,11 +28,11 @@ import torch.nn.functional as F
 from .artifacts import MODEL_INFO, format_meta, read_meta
 from .config import FinetuneDecoderConfig, LatentClassifierConfig
 from .contract import completion_record
-from .encode import DIHEDRAL, dihedral
 from .modelcards import CARD, latent_classifier_card
 from .runtime import (HistoError, MetricsLog, atomic_path, closes_stage_logs, get_logger, is_complete,
                       load_latest_checkpoint, make_accelerator, mark_complete, save_checkpoint,
                       seed_everything, start_run_dir, write_json_atomic, write_text_atomic)
+from .transforms import DIHEDRAL, dihedral
 
 N_BUCKETS = 4  # validation accuracy per timestep bucket [k*T/4, (k+1)*T/4)
 
@@ -238,10 +238,8 @@ def _pixel_batch(ds, idx, g: torch.Generator | None = None):
     items = [ds[int(i)] for i in idx]
     x = torch.stack([it[0] for it in items])
     if g is not None:  # random dihedral augmentation: tissue has no orientation
-        k = int(torch.randint(4, (1,), generator=g))
-        x = torch.rot90(x, k, dims=(2, 3))
-        if bool(torch.randint(2, (1,), generator=g)):
-            x = x.flip(3)
+        k = int(torch.randint(4, (1,), generator=g))  # quarter turns, then a flip with probability 1/2
+        x = dihedral(x, k + 4 * int(torch.randint(2, (1,), generator=g)))
     return x, torch.tensor([it[1] for it in items])
 
 

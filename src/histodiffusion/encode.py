@@ -22,7 +22,7 @@ from .contract import completion_record
 from .runtime import (CONFIG_FILE, HistoError, _remove, closes_stage_logs, get_logger, is_complete, make_accelerator,
                       mark_complete, progress, raise_if_any_rank_failed, read_csv, read_json, write_csv_atomic,
                       write_json_atomic)
-from .transforms import DIHEDRAL, dihedral  # noqa: F401  (adapt imports them from here)
+from .transforms import DIHEDRAL, dihedral
 
 
 def variant_id(tile_id: str, k: int) -> str:

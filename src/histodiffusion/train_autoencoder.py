@@ -162,9 +162,9 @@ def _evenly(n: int, k: int) -> list[int]:
 
 def random_dihedral(x: torch.Tensor) -> torch.Tensor:
     """A random one of the 8 rotations/flips per image (the global torch RNG: resumable)."""
-    from .encode import dihedral
+    from .transforms import DIHEDRAL, dihedral
 
-    ks = torch.randint(0, 8, (len(x),)).tolist()
+    ks = torch.randint(0, DIHEDRAL, (len(x),)).tolist()
     return torch.stack([dihedral(img, k) for img, k in zip(x, ks)])
 
 
