@@ -32,14 +32,10 @@ from .modelcards import CARD, latent_classifier_card
 from .runtime import (HistoError, MetricsLog, atomic_path, closes_stage_logs, get_logger, is_complete,
                       load_latest_checkpoint, make_accelerator, mark_complete, save_checkpoint,
                       seed_everything, start_run_dir, write_json_atomic, write_text_atomic)
+from .seeds import torch_generator
 from .transforms import DIHEDRAL, dihedral
 
 N_BUCKETS = 4  # validation accuracy per timestep bucket [k*T/4, (k+1)*T/4)
-
-
-def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
-    state = np.random.SeedSequence([seed, step, rank]).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
 
 
 def balanced_batch(by_class: list[np.ndarray], batch: int, g: torch.Generator) -> np.ndarray:
@@ -162,7 +158,7 @@ def run_latent_classifier(cfg: LatentClassifierConfig) -> Path:
     t0, run_loss, run_acc, n = time.time(), 0.0, 0.0, 0
     # 3. training: class-balanced batches of noised latents
     while step < cfg.steps:
-        g = step_generator(cfg.seed, step, acc.process_index)
+        g = torch_generator(cfg.seed, step, acc.process_index)
         ds.set_epoch(step)
         zt, t, y = noised_batch(ds, balanced_batch(by_class, cfg.batch_size, g), sched, g, max_t, cfg.augment)
         logits = model(zt, t)
@@ -252,7 +248,7 @@ def _train_aux_classifier(cfg: FinetuneDecoderConfig, ds, by_class, classes, siz
     opt = torch.optim.AdamW(clf.parameters(), lr=1e-3, weight_decay=1e-4)
     clf.train()
     for step in range(cfg.aux_steps):
-        g = step_generator(cfg.seed + 7919, step, 0)
+        g = torch_generator(cfg.seed + 7919, step, 0)
         x, y = _pixel_batch(ds, balanced_batch(by_class, cfg.batch_size, g), g)
         loss = F.cross_entropy(clf(x), y)
         opt.zero_grad(set_to_none=True)
@@ -348,7 +344,7 @@ def run_finetune_decoder(cfg: FinetuneDecoderConfig) -> Path:
     dec.train()
     # 3. training: L1 reconstruction + aux_weight * CE(aux classifier(decoded), y)
     while step < cfg.steps:
-        g = step_generator(cfg.seed, step, acc.process_index)
+        g = torch_generator(cfg.seed, step, acc.process_index)
         x, y = _pixel_batch(ds, balanced_batch(by_class, cfg.batch_size, g), g)
         with torch.no_grad():
             z = vae.encode(x).latent_dist.sample(generator=g)

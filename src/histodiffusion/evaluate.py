@@ -51,6 +51,7 @@ from .evalsummary import (CURVE_COLUMNS, confusion_name, curve_rows, per_seed_co
 from .runtime import (HistoError, closes_stage_logs, dist_info, get_logger, is_complete, mark_complete,
                       raise_if_any_rank_failed, read_json, seed_everything, start_run_dir, write_csv_atomic,
                       write_json_atomic)
+from .seeds import numpy_rng
 
 ARM_KINDS = ("real", "real_aa", "classic", "selected", "unselected")
 REAL_KINDS = ("real", "real_aa", "classic")  # arms without synthetic images
@@ -156,7 +157,7 @@ def training_set(kind: str, name: str, seed: int, real: Tiles, syn: dict) -> tup
     for ci, c in enumerate(real.classes):
         pick = syn["chosen"][name][c]
         if kind == "unselected":
-            rng = np.random.default_rng([seed, ci])
+            rng = numpy_rng(seed, ci)
             pool = syn["by_class"][c]
             pick = [pool[j] for j in rng.choice(len(pool), size=pick, replace=False)] if pick else []
         idx += pick

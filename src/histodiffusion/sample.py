@@ -32,9 +32,10 @@ from .artifacts import INDEX, SAMPLES_COLUMNS, SAMPLES_CSV, read_dataset, read_m
 from .config import SampleConfig
 from .contract import completion_record
 from .diffusers_pipeline import (MICRO_BATCH, SCHEDULERS, by_rows, decode_uint8, guided_sample,  # noqa: F401
-                                 make_scheduler, sample_seed, target_confidence)
+                                 make_scheduler, target_confidence)
 from .runtime import (HistoError, atomic_path, closes_stage_logs, get_logger, is_complete, make_accelerator,
                       mark_complete, read_csv, start_run_dir, write_csv_atomic)
+from .seeds import sample_seed, torch_generator
 
 PROGRESS_DIR = "_progress"
 PIPELINE_DIR = "pipeline"  # the diffusers pipeline that made the samples (model_index.json, model card)
@@ -194,7 +195,7 @@ def generate(items: list[dict], m: dict, cfg: SampleConfig, window: tuple[int, i
     """Images and samples.csv rows of plan entries `items` (one batch), through the pipeline."""
     pipe = m["pipe"]
     pipe.scheduler = make_scheduler(cfg.scheduler, m["scheduler_config"])  # fresh solver state per batch
-    gens = [torch.Generator().manual_seed(sample_seed(cfg.seed, it["i"])) for it in items]
+    gens = [torch_generator(cfg.seed, it["i"]) for it in items]
     out = pipe(class_labels=[it["target_index"] for it in items], guidance_scale=cfg.scale,
                num_inference_steps=cfg.steps, generator=gens, guidance_window=window, eta=cfg.eta,
                output_type="latent")
