@@ -22,6 +22,7 @@ from torch import nn
 from .config import AutoencoderConfig
 from .contract import completion_record
 from .data.mixture import EpochIndex, IdRecorder, MixtureDataset, make_loader
+from .grids import to_uint8, write_grid
 from .runtime import (HistoError, MetricsLog, check_checkpoint_within, closes_stage_logs, get_logger, human_time,
                       load_latest_checkpoint, make_accelerator, mark_complete, progress, reopen_for_steps,
                       save_checkpoint, save_final_checkpoint, seed_everything, start_run_dir, write_csv_atomic)
@@ -40,19 +41,6 @@ class AEWithKL(nn.Module):
         post = self.vae.encode(x).latent_dist
         rec = self.vae.decode(post.sample()).sample
         return rec, post.kl()
-
-
-def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8) -> None:
-    """Atomically write images in [-1, 1] ([N, 3, H, W]) as one PNG grid."""
-    from PIL import Image
-    from torchvision.utils import make_grid
-
-    from .runtime import atomic_path
-
-    grid = make_grid(images.detach().float().cpu().clamp(-1, 1).add(1).div(2), nrow=nrow, padding=2, pad_value=1.0)
-    arr = grid.mul(255).round().byte().permute(1, 2, 0).numpy()
-    with atomic_path(path) as tmp:
-        Image.fromarray(arr).save(tmp, format="PNG")
 
 
 def check_finite(accelerator, loss: torch.Tensor, step: int, run_dir: Path, what: str = "loss") -> None:
@@ -188,7 +176,7 @@ def evaluate(vae, sources, held, device, out: Path, step: int, batch: int = 32) 
     vae.train(was_training)
     x, rec = first
     pairs = torch.stack([x, rec], 1).flatten(0, 1)  # real, reconstruction, real, ...
-    save_grid(pairs, out / "recon" / f"step_{step}.png", nrow=4)
+    write_grid(to_uint8(pairs), out / "recon" / f"step_{step}.png", cols=4)
     return {"psnr": psnr / n, "ssim": ssim / n}
 
 
