@@ -115,6 +115,7 @@ def bucket_accuracy(model, ds, sched, seed: int = 1234, batch: int = 256) -> dic
 @closes_stage_logs
 def run_latent_classifier(cfg: LatentClassifierConfig) -> Path:
     from .data.datasets import LatentDataset
+    from .models import norm_groups
     from .models.latent_classifier import LatentClassifier
 
     acc, out, log = _start(cfg, "train-latent-classifier")
@@ -145,7 +146,7 @@ def run_latent_classifier(cfg: LatentClassifierConfig) -> Path:
     seed_everything(cfg.seed)
     c = int(ds[0][0].shape[0])
     model = LatentClassifier(in_channels=c, num_classes=len(classes), width=cfg.width, depth=cfg.depth,
-                             norm_num_groups=_groups(cfg.width), class_names=classes)
+                             norm_num_groups=norm_groups(cfg.width, most=8), class_names=classes)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     model, opt = acc.prepare(model, opt)
     step, _ = load_latest_checkpoint(acc, out)
@@ -210,10 +211,6 @@ def run_latent_classifier(cfg: LatentClassifierConfig) -> Path:
 def _base_ids(ds) -> list[str]:
     """Tile ids of a latent dataset without the dihedral copies' suffix (<id>~d1..d7), in order."""
     return list(dict.fromkeys(r["id"].split("~")[0] for r in ds.rows))
-
-
-def _groups(width: int) -> int:
-    return next(g for g in (8, 4, 2, 1) if width % g == 0)
 
 
 # --------------------------------------------------------------------------------------------------
