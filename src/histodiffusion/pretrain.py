@@ -22,13 +22,13 @@ from .artifacts import LDM_SCHEDULER, LDM_UNET, LDM_VAE, MODEL_INFO, format_meta
 from .config import PretrainConfig
 from .contract import completion_record
 from .data.mixture import EpochIndex, IdRecorder, MixtureDataset, make_loader
+from .distributed import check_finite
 from .grids import write_grid
 from .modelcards import CARD, ldm_card
 from .runtime import (HistoError, MetricsLog, atomic_path, check_checkpoint_within, closes_stage_logs, get_logger,
                       human_time, load_latest_checkpoint, make_accelerator, mark_complete, progress,
                       reopen_for_steps, save_checkpoint, save_final_checkpoint, seed_everything, start_run_dir,
                       write_json_atomic, write_text_atomic)
-from .train_autoencoder import check_finite
 
 STAGE = "pretrain"
 EMA_FILE = "ema.safetensors"

@@ -25,7 +25,6 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .artifacts import INDEX, SAMPLES_COLUMNS, SAMPLES_CSV, read_dataset, read_meta, subset_ids
 from .config import SampleConfig

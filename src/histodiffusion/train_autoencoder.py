@@ -22,6 +22,7 @@ from torch import nn
 from .config import AutoencoderConfig
 from .contract import completion_record
 from .data.mixture import EpochIndex, IdRecorder, MixtureDataset, make_loader
+from .distributed import check_finite
 from .grids import to_uint8, write_grid
 from .runtime import (HistoError, MetricsLog, check_checkpoint_within, closes_stage_logs, get_logger, human_time,
                       load_latest_checkpoint, make_accelerator, mark_complete, progress, reopen_for_steps,
@@ -41,18 +42,6 @@ class AEWithKL(nn.Module):
         post = self.vae.encode(x).latent_dist
         rec = self.vae.decode(post.sample()).sample
         return rec, post.kl()
-
-
-def check_finite(accelerator, loss: torch.Tensor, step: int, run_dir: Path, what: str = "loss") -> None:
-    """Collective: stop every rank with a clear error when the mean loss is NaN/inf (checkpoints kept)."""
-    value = accelerator.reduce(loss.detach().float().reshape(1), reduction="mean")
-    if not torch.isfinite(value).all():
-        from .runtime import list_checkpoints
-
-        cks = list_checkpoints(run_dir)
-        last = f"the last good checkpoint is {cks[-1][1]}" if cks else "no checkpoint was saved yet"
-        raise HistoError(f"{what} became {value.item()} at step {step + 1} in {run_dir}; stopped. {last}: lower "
-                         f"the learning rate or check the data, then re-run to resume from it")
 
 
 def build_lpips(path: str):
