@@ -52,30 +52,17 @@ def coerce(cls: type, name: str, value: Any, tp: Any = None) -> Any:
         if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
             return value.lower() in ("1", "true", "yes", "on")
         raise HistoError(f"config field {name} ({where}) must be true or false, not {value!r}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise HistoError(f"config field {name} ({where}) must be an integer, not {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise HistoError(f"config field {name} ({where}) must be an integer, not {value!r}")
-    if tp is float:
-        if isinstance(value, bool):
-            raise HistoError(f"config field {name} ({where}) must be a number, not {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise HistoError(f"config field {name} ({where}) must be a number, not {value!r}")
+    if tp in (int, float):  # a bool is refused although Python counts it as an int
+        if not isinstance(value, bool):
+            if isinstance(value, int) or isinstance(value, float) and (tp is float or value.is_integer()):
+                return tp(value)
+            if isinstance(value, str):
+                try:
+                    return tp(value)
+                except ValueError:
+                    pass
+        raise HistoError(f"config field {name} ({where}) must be {'an integer' if tp is int else 'a number'}, "
+                         f"not {value!r}")
     if tp is str:
         if not isinstance(value, str):
             raise HistoError(f"config field {name} ({where}) must be a string, not {value!r}")
