@@ -14,6 +14,7 @@ from histodiffusion.latent_space import latent_hash
 from histodiffusion.models.latent_classifier import load_latent_classifier
 from histodiffusion.runtime import HistoError
 
+from helpers_interrupt import interrupt_at
 from helpers_sample import make_labeled_cache, make_ldm
 
 
@@ -81,7 +82,7 @@ def test_image_baseline_needs_a_readable_dataset(target, tmp_path):
 def test_latent_augmentation_draws_dihedral_transforms(target):
     """augment=True feeds each latent as one of its 8 flips/rotations, drawn from the step's generator."""
     from histodiffusion.data.datasets import LatentDataset
-    from histodiffusion.encode import DIHEDRAL, dihedral
+    from histodiffusion.transforms import DIHEDRAL, dihedral
 
     class NoNoise:  # add_noise as the identity, so the batch shows the (transformed) clean latents
         def add_noise(self, z, noise, t):
@@ -102,25 +103,16 @@ def test_latent_augmentation_draws_dihedral_transforms(target):
     assert torch.equal(aug, again)  # reproducible from the generator (exact resume)
 
 
-def test_latent_classifier_resume_is_exact(target, tmp_path, monkeypatch):
-    cfg = lc_cfg(target, tmp_path / "lc", steps=40, checkpoint_every=20, val_subset="")
+def test_latent_classifier_resume_is_exact(target, tmp_path):
+    cfg = lc_cfg(target, tmp_path / "lc", steps=60, checkpoint_every=20, val_subset="")
     ref = adapt.run_latent_classifier(dataclasses.replace(cfg, out=str(tmp_path / "ref")))
-    calls = {"n": 0}
-    real = adapt.noised_batch
-
-    def die_at_31(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 31:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(adapt, "noised_batch", die_at_31)
-    with pytest.raises(KeyboardInterrupt):
+    # stopped when step 50 is logged: 10 steps after the checkpoint at step 40 are lost
+    with interrupt_at("histodiffusion.train-latent-classifier", "step 50/60 "), pytest.raises(KeyboardInterrupt):
         adapt.run_latent_classifier(cfg)
-    monkeypatch.undo()
-    assert (tmp_path / "lc" / "checkpoints" / "step_20").is_dir() and not (tmp_path / "lc" / "model").exists()
+    assert [p.name for p in sorted((tmp_path / "lc" / "checkpoints").iterdir())] == ["step_20", "step_40"]
+    assert not (tmp_path / "lc" / "model").exists()
     out = adapt.run_latent_classifier(cfg)
-    assert "resumed from step 20" in (out / "log.txt").read_text()
+    assert "resumed from step 40" in (out / "log.txt").read_text()
     a = load_file(str(out / "model" / "diffusion_pytorch_model.safetensors"))
     b = load_file(str(ref / "model" / "diffusion_pytorch_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -203,25 +203,38 @@ def test_two_processes_read_disjoint_data_and_write_one_checkpoint(tmp_path):
     assert (out / "_COMPLETE.json").is_file()
 
 
-def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
+def _poison_latent(cache: Path, cfg: PretrainConfig, step: int) -> None:
+    """Write NaN into the posterior mean of one latent that pretraining first reads at `step` (1-based):
+    the cache is the public seam (its order is EpochIndex's, a pure function of the seed)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from histodiffusion.artifacts import latent_shard_name
+    from histodiffusion.data.datasets import LatentDataset
+    from histodiffusion.data.mixture import EpochIndex
+
+    ds = LatentDataset(cache, cfg.subset)
+    index = EpochIndex([len(ds)], cfg.weights, cfg.batch_size, seed=cfg.seed)
+    assert len(ds) == index.batches_per_epoch * cfg.batch_size  # one epoch reads every latent once
+    row = ds.rows[index.epoch(0)[(step - 1) * cfg.batch_size]]
+    path = cache / latent_shard_name(int(row["shard"]))
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    tensors["mean"][int(row["index"])] = float("nan")
+    save_file(tensors, str(path), metadata=meta)
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path):
     from histodiffusion import pretrain
 
     cache = make_cache(tmp_path, "a", n=16)
-    real, calls = pretrain.diffusion_loss, []
-
-    def poisoned(pred, target, kind):
-        calls.append(1)
-        loss = real(pred, target, kind)
-        return loss * float("nan") if len(calls) > 3 else loss
-
-    monkeypatch.setattr(pretrain, "diffusion_loss", poisoned)
     cfg = PretrainConfig(cache=(str(cache),), out=str(tmp_path / "ldm"), steps=10, checkpoint_every=2, **TINY_UNET)
+    _poison_latent(cache, cfg, step=4)
     with pytest.raises(HistoError, match=r"nan at step 4.*checkpoints/step_2"):
         pretrain.run(cfg)
     assert [s for s, _ in list_checkpoints(tmp_path / "ldm")] == [2]
     assert not (tmp_path / "ldm" / "model").exists()
     # a truncated checkpoint: one clear error naming it, nothing deleted
-    monkeypatch.setattr(pretrain, "diffusion_loss", real)
     weights = tmp_path / "ldm" / "checkpoints" / "step_2" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(HistoError, match="cannot load checkpoint .*step_2"):

@@ -3,7 +3,6 @@
 import csv
 import dataclasses
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from histodiffusion.config import SampleConfig
 from histodiffusion.runtime import HistoError
 from histodiffusion.sample import guided_sample, make_scheduler, plan_samples, run
 
+from helpers_interrupt import interrupt_at
 from helpers_sample import ToyClassifier, make_labeled_cache, make_latent_classifier, make_ldm
 
 REPO = Path(__file__).resolve().parents[1]
@@ -121,28 +121,11 @@ def test_outputs_and_batch_size_invariance(models, reference, tmp_path):
     same_outputs(reference, tmp_path / "b3")
 
 
-class _InterruptAt(logging.Handler):
-    """Interrupts the stage when it logs `line` (the public seam: its logger, histodiffusion.sample)."""
-
-    def __init__(self, line: str):
-        super().__init__()
-        self.line = line
-
-    def emit(self, record):
-        if record.getMessage().startswith(self.line):
-            raise KeyboardInterrupt
-
-
 def test_resume_after_kill(models, reference, tmp_path):
     out = tmp_path / "s"
-    stop = _InterruptAt("sample: 1/6 (17%)")  # progress line once the first batch's PNG and row are written
-    logger = logging.getLogger("histodiffusion.sample")
-    logger.addHandler(stop)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            run(base_cfg(models, out, batch_size=1))
-    finally:
-        logger.removeHandler(stop)
+    # the progress line "sample: 1/6 (17%)" is logged once the first batch's PNG and progress row are written
+    with interrupt_at("histodiffusion.sample", "sample: 1/6 (17%)"), pytest.raises(KeyboardInterrupt):
+        run(base_cfg(models, out, batch_size=1))
     first = out / "images" / "dark_00000.png"
     stamp = first.stat().st_mtime_ns
     assert not (out / "samples.csv").exists() and not (out / "_COMPLETE.json").exists()

@@ -28,18 +28,14 @@ import torch.nn.functional as F
 from .artifacts import MODEL_INFO, format_meta, read_meta
 from .config import FinetuneDecoderConfig, LatentClassifierConfig
 from .contract import completion_record
-from .encode import DIHEDRAL, dihedral
 from .modelcards import CARD, autoencoder_card, latent_classifier_card
 from .runtime import (HistoError, MetricsLog, atomic_path, closes_stage_logs, get_logger, is_complete,
                       load_latest_checkpoint, make_accelerator, mark_complete, read_json, save_checkpoint,
                       seed_everything, start_run_dir, write_json_atomic, write_text_atomic)
+from .seeds import torch_generator
+from .transforms import DIHEDRAL, dihedral
 
 N_BUCKETS = 4  # validation accuracy per timestep bucket [k*T/4, (k+1)*T/4)
-
-
-def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
-    state = np.random.SeedSequence([seed, step, rank]).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
 
 
 def balanced_batch(by_class: list[np.ndarray], batch: int, g: torch.Generator) -> np.ndarray:
@@ -119,6 +115,7 @@ def bucket_accuracy(model, ds, sched, seed: int = 1234, batch: int = 256) -> dic
 @closes_stage_logs
 def run_latent_classifier(cfg: LatentClassifierConfig) -> Path:
     from .data.datasets import LatentDataset
+    from .models import norm_groups
     from .models.latent_classifier import LatentClassifier
 
     acc, out, log = _start(cfg, "train-latent-classifier")
@@ -149,7 +146,7 @@ def run_latent_classifier(cfg: LatentClassifierConfig) -> Path:
     seed_everything(cfg.seed)
     c = int(ds[0][0].shape[0])
     model = LatentClassifier(in_channels=c, num_classes=len(classes), width=cfg.width, depth=cfg.depth,
-                             norm_num_groups=_groups(cfg.width), class_names=classes)
+                             norm_num_groups=norm_groups(cfg.width, most=8), class_names=classes)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     model, opt = acc.prepare(model, opt)
     step, _ = load_latest_checkpoint(acc, out)
@@ -162,7 +159,7 @@ def run_latent_classifier(cfg: LatentClassifierConfig) -> Path:
     t0, run_loss, run_acc, n = time.time(), 0.0, 0.0, 0
     # 3. training: class-balanced batches of noised latents
     while step < cfg.steps:
-        g = step_generator(cfg.seed, step, acc.process_index)
+        g = torch_generator(cfg.seed, step, acc.process_index)
         ds.set_epoch(step)
         zt, t, y = noised_batch(ds, balanced_batch(by_class, cfg.batch_size, g), sched, g, max_t, cfg.augment)
         logits = model(zt, t)
@@ -216,10 +213,6 @@ def _base_ids(ds) -> list[str]:
     return list(dict.fromkeys(r["id"].split("~")[0] for r in ds.rows))
 
 
-def _groups(width: int) -> int:
-    return next(g for g in (8, 4, 2, 1) if width % g == 0)
-
-
 # --------------------------------------------------------------------------------------------------
 # Decoder fine-tune with an auxiliary image classifier
 # --------------------------------------------------------------------------------------------------
@@ -238,10 +231,8 @@ def _pixel_batch(ds, idx, g: torch.Generator | None = None):
     items = [ds[int(i)] for i in idx]
     x = torch.stack([it[0] for it in items])
     if g is not None:  # random dihedral augmentation: tissue has no orientation
-        k = int(torch.randint(4, (1,), generator=g))
-        x = torch.rot90(x, k, dims=(2, 3))
-        if bool(torch.randint(2, (1,), generator=g)):
-            x = x.flip(3)
+        k = int(torch.randint(4, (1,), generator=g))  # quarter turns, then a flip with probability 1/2
+        x = dihedral(x, k + 4 * int(torch.randint(2, (1,), generator=g)))
     return x, torch.tensor([it[1] for it in items])
 
 
@@ -254,7 +245,7 @@ def _train_aux_classifier(cfg: FinetuneDecoderConfig, ds, by_class, classes, siz
     opt = torch.optim.AdamW(clf.parameters(), lr=1e-3, weight_decay=1e-4)
     clf.train()
     for step in range(cfg.aux_steps):
-        g = step_generator(cfg.seed + 7919, step, 0)
+        g = torch_generator(cfg.seed + 7919, step, 0)
         x, y = _pixel_batch(ds, balanced_batch(by_class, cfg.batch_size, g), g)
         loss = F.cross_entropy(clf(x), y)
         opt.zero_grad(set_to_none=True)
@@ -350,7 +341,7 @@ def run_finetune_decoder(cfg: FinetuneDecoderConfig) -> Path:
     dec.train()
     # 3. training: L1 reconstruction + aux_weight * CE(aux classifier(decoded), y)
     while step < cfg.steps:
-        g = step_generator(cfg.seed, step, acc.process_index)
+        g = torch_generator(cfg.seed, step, acc.process_index)
         x, y = _pixel_batch(ds, balanced_batch(by_class, cfg.batch_size, g), g)
         with torch.no_grad():
             z = vae.encode(x).latent_dist.sample(generator=g)

@@ -7,23 +7,12 @@ a config file can be JSON or TOML and may only name known fields of the right ty
 from __future__ import annotations
 
 import dataclasses
-import json
-import types
-import typing
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
-from .runtime import HistoError
-
-
-def F(default: Any, help: str, **meta: Any):
-    """A dataclass field with a default and its one-line help (lists/tuples are stored as tuples).
-    `input=True`: the field names an artifact the stage reads (its hash goes into the stage's
-    _COMPLETE.json; contract.py)."""
-    if isinstance(default, list):
-        default = tuple(default)
-    return field(default=default, metadata={"help": help, **meta})
+from .configtypes import (F, _field_types, coerce, config_to_dict, help_of, input_fields,  # noqa: F401
+                          load_config_file)
+from .errors import HistoError
 
 
 # --------------------------------------------------------------------------------------------
@@ -313,68 +302,6 @@ class RunConfig:
 # --------------------------------------------------------------------------------------------
 # (De)serialisation with type checks
 # --------------------------------------------------------------------------------------------
-def config_to_dict(cfg: Any) -> dict:
-    d = dataclasses.asdict(cfg)
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-
-
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def coerce(cls: type, name: str, value: Any, tp: Any = None) -> Any:
-    """Check/convert one value to the field's declared type; raise HistoError naming the field."""
-    tp = tp or _field_types(cls)[name]
-    origin = typing.get_origin(tp)
-    where = f"{cls.__name__}.{name}"
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if isinstance(value, str):
-            value = [v for v in value.split(",") if v.strip() != ""]
-        if not isinstance(value, (list, tuple)):
-            raise HistoError(f"config field {name} ({where}) must be a list, not {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(coerce(cls, name, v, args[0]) for v in value)
-        if len(value) != len(args):
-            raise HistoError(f"config field {name} ({where}) needs {len(args)} values, got {list(value)!r}")
-        return tuple(coerce(cls, name, v, a) for v, a in zip(value, args))
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-            return value.lower() in ("1", "true", "yes", "on")
-        raise HistoError(f"config field {name} ({where}) must be true or false, not {value!r}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise HistoError(f"config field {name} ({where}) must be an integer, not {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise HistoError(f"config field {name} ({where}) must be an integer, not {value!r}")
-    if tp is float:
-        if isinstance(value, bool):
-            raise HistoError(f"config field {name} ({where}) must be a number, not {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise HistoError(f"config field {name} ({where}) must be a number, not {value!r}")
-    if tp is str:
-        if not isinstance(value, str):
-            raise HistoError(f"config field {name} ({where}) must be a string, not {value!r}")
-        return value
-    raise TypeError(f"unsupported config type {tp} for {where}")
-
-
 def config_from_dict(cls: type, d: dict, base: Any = None) -> Any:
     """Build `cls` from a dict (e.g. a config file): unknown fields and wrong types are errors."""
     if not isinstance(d, dict):
@@ -387,34 +314,6 @@ def config_from_dict(cls: type, d: dict, base: Any = None) -> Any:
     cfg = dataclasses.replace(base, **kw) if base is not None else cls(**kw)
     validate_config(cfg)
     return cfg
-
-
-def load_config_file(path: str | Path) -> dict:
-    """Read a JSON or TOML config file (data only: nothing in it is executed)."""
-    path = Path(path)
-    if not path.is_file():
-        raise HistoError(f"config file not found: {path}")
-    text = path.read_text(encoding="utf-8")
-    try:
-        if path.suffix.lower() == ".toml":
-            import tomllib
-
-            return tomllib.loads(text)
-        return json.loads(text)
-    except Exception as e:
-        raise HistoError(f"config file {path} is not valid {'TOML' if path.suffix == '.toml' else 'JSON'}: {e}") from None
-
-
-def input_fields(cls: type) -> tuple[str, ...]:
-    """The fields of a stage config that name the artifacts the stage reads (F(..., input=True))."""
-    return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("input"))
-
-
-def help_of(cls: type, name: str) -> str:
-    for f in dataclasses.fields(cls):
-        if f.name == name:
-            return f.metadata.get("help", "")
-    raise KeyError(name)
 
 
 # --------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from diffusers.utils import BaseOutput
 from .guidance import classifier_grad, eps_from_output, guided_eps, in_window
 from .models.latent_classifier import LatentClassifier  # noqa: F401  (diffusers resolves the component here)
 from .runtime import HistoError
+from .seeds import sample_seed  # noqa: F401  (the model cards name it here: the seed of sample i)
 
 SCHEDULERS = ("ddim", "dpmsolver++")
 MICRO_BATCH = 16
@@ -41,14 +42,8 @@ OUTPUT_TYPES = ("pil", "np", "latent")
 
 
 # --------------------------------------------------------------------------------------------------
-# Pure helpers: seeds, schedulers, micro-batches
+# Pure helpers: schedulers, micro-batches
 # --------------------------------------------------------------------------------------------------
-def sample_seed(seed: int, i: int) -> int:
-    """The seed of sample i of a run with seed `seed` (63-bit, stable across platforms)."""
-    s = np.random.SeedSequence([int(seed), int(i)]).generate_state(2, dtype=np.uint32)
-    return int(s[0]) << 31 | int(s[1]) >> 1
-
-
 def make_scheduler(name: str, config: dict):
     """A sampling scheduler built from the training scheduler's config (fed epsilon by the loop)."""
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler

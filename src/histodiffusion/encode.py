@@ -19,10 +19,10 @@ from pathlib import Path
 from .artifacts import INDEX, INDEX_COLUMNS, META, SUBSETS_DIR, format_meta, latent_shard_name, read_dataset
 from .config import EncodeConfig, config_to_dict
 from .contract import completion_record
-from .runtime import (CONFIG_FILE, HistoError, _remove, closes_stage_logs, get_logger, is_complete, make_accelerator,
-                      mark_complete, progress, raise_if_any_rank_failed, read_csv, read_json, write_csv_atomic,
-                      write_json_atomic)
-from .transforms import DIHEDRAL, dihedral  # noqa: F401  (adapt imports them from here)
+from .runtime import (CONFIG_FILE, HistoError, closes_stage_logs, get_logger, is_complete, make_accelerator,
+                      mark_complete, progress, raise_if_any_rank_failed, read_csv, read_json, remove_path,
+                      write_csv_atomic, write_json_atomic)
+from .transforms import DIHEDRAL, dihedral
 
 
 def variant_id(tile_id: str, k: int) -> str:
@@ -82,7 +82,7 @@ def run(cfg: EncodeConfig) -> Path:
     shards = [items[s:s + cfg.shard_size] for s in range(0, len(items), cfg.shard_size)]
     tmp = out.parent / f".{out.name}.tmp-encode"
     if main:
-        _remove(tmp)
+        remove_path(tmp)
         tmp.mkdir(parents=True)
         write_json_atomic(tmp / CONFIG_FILE, {**format_meta(), "stage": "encode", "config": config_to_dict(cfg)})
         log = get_logger("encode", tmp / "log.txt")  # renamed into place with the cache
@@ -112,14 +112,14 @@ def run(cfg: EncodeConfig) -> Path:
     except Exception as e:  # unreadable shard, ...: reported collectively, so no rank waits for this one
         error = e
     except BaseException:  # interrupt: leave no temporary cache behind
-        _remove(tmp)
+        remove_path(tmp)
         raise
     bar.close()
     try:
         raise_if_any_rank_failed(error, "encode")
     except BaseException:
         if main:
-            _remove(tmp)
+            remove_path(tmp)
         raise
 
     # 2. rank 0: index, subsets, meta, completion marker, rename into place
@@ -127,7 +127,7 @@ def run(cfg: EncodeConfig) -> Path:
         try:
             _finish(cfg, ds, ds_meta, data, space, shards, tmp, out)
         except BaseException:
-            _remove(tmp)
+            remove_path(tmp)
             raise
         log.info("latent cache written: %s (%d latents, scaling %.5f from %s)", out, len(items),
                  space.scaling_factor, space.source)

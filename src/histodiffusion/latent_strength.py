@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .runtime import HistoError
+from .seeds import torch_generator
 
 GOAL_RATIO = 0.9
 IMAGE_SEED_OFFSET = 7919  # the image classifier's batches: its own stream of the stage's seed
@@ -56,7 +57,7 @@ def _pixels(data: Path, ids: list[str], what: str):
 def image_baseline(cfg, data: Path, train_ids: list[str], val_ids: list[str], classes: list[str], out: Path,
                    log) -> dict:
     """Train (or reuse) the image-space classifier with the latent classifier's budget; its val accuracy."""
-    from .adapt import _accuracy, _class_members, _pixel_batch, balanced_batch, step_generator
+    from .adapt import _accuracy, _class_members, _pixel_batch, balanced_batch
     from .models.classifier import build_classifier, load_classifier, save_classifier
 
     folder = out / "image_baseline"
@@ -77,7 +78,7 @@ def image_baseline(cfg, data: Path, train_ids: list[str], val_ids: list[str], cl
     clf.train()
     t0 = time.time()
     for step in range(cfg.steps):
-        g = step_generator(cfg.seed + IMAGE_SEED_OFFSET, step, 0)
+        g = torch_generator(cfg.seed + IMAGE_SEED_OFFSET, step, 0)
         x, y = _pixel_batch(ds, balanced_batch(by_class, cfg.batch_size, g), g if cfg.augment else None)
         loss = F.cross_entropy(clf(x), y)
         opt.zero_grad(set_to_none=True)

@@ -217,7 +217,7 @@ def _as_tuple(v) -> tuple:
 
 
 def _scale_warnings(target: Path, unlabeled: Path, target_fields: dict) -> list[str]:
-    from .data.prepare import check_scale
+    from .data.resolution import check_scale
 
     tolerance = target_fields.get("scale_tolerance", C.PrepareConfig.scale_tolerance)
     return check_scale(target, [unlabeled], tolerance) if (unlabeled / "meta.json").is_file() else []

@@ -22,12 +22,13 @@ from .artifacts import LDM_SCHEDULER, LDM_UNET, LDM_VAE, MODEL_INFO, format_meta
 from .config import PretrainConfig
 from .contract import completion_record
 from .data.mixture import EpochIndex, IdRecorder, MixtureDataset, make_loader
+from .distributed import check_finite
+from .grids import write_grid
 from .modelcards import CARD, ldm_card
 from .runtime import (HistoError, MetricsLog, atomic_path, check_checkpoint_within, closes_stage_logs, get_logger,
                       human_time, load_latest_checkpoint, make_accelerator, mark_complete, progress,
                       reopen_for_steps, save_checkpoint, save_final_checkpoint, seed_everything, start_run_dir,
                       write_json_atomic, write_text_atomic)
-from .train_autoencoder import check_finite, save_grid
 
 STAGE = "pretrain"
 EMA_FILE = "ema.safetensors"
@@ -130,23 +131,22 @@ def register_ema(acc, ema) -> None:
 
 @torch.no_grad()
 def sample_grid(unet, scheduler, vae, scaling_factor: float, path: Path, n: int = 16, steps: int = 25,
-                seed: int = 0) -> None:
-    """A quick unguided DDIM sample of n latents, decoded through the autoencoder, as a PNG grid."""
-    from diffusers import DDIMScheduler
+                seed: int = 0, prediction_type: str = "epsilon") -> None:
+    """A quick unguided DDIM sample of n latents, decoded through the autoencoder, as a PNG grid: the sample
+    stage's loop (diffusers_pipeline.guided_sample) with guidance scale 0 and no classifier."""
+    from .diffusers_pipeline import decode_uint8, guided_sample, make_scheduler
 
-    ddim = DDIMScheduler.from_config(scheduler.config, clip_sample=False)
-    ddim.set_timesteps(steps)
     device = next(unet.parameters()).device
     cfg = unet.config
     g = torch.Generator().manual_seed(seed)
-    z = torch.randn((n, cfg.in_channels, cfg.sample_size, cfg.sample_size), generator=g).to(device)
+    noise = torch.randn((n, cfg.in_channels, cfg.sample_size, cfg.sample_size), generator=g).to(device)
     was_training = unet.training
     unet.eval()
-    for t in ddim.timesteps:
-        z = ddim.step(unet(z, t).sample, t, z).prev_sample
+    z = guided_sample(unet, None, make_scheduler("ddim", scheduler.config), noise,
+                      torch.zeros(n, dtype=torch.long, device=device), None, steps=steps, scale=0,
+                      prediction_type=prediction_type)
     unet.train(was_training)
-    images = vae.decode(z / scaling_factor).sample
-    save_grid(images, path, nrow=4)
+    write_grid(decode_uint8(vae, z, scaling_factor), path, cols=4)
 
 
 @closes_stage_logs
@@ -185,7 +185,7 @@ def run(cfg: PretrainConfig) -> Path:
     if main:
         trainer.export(model_dir, vae_dir, shared, names, index.probs)
         sample_grid(trainer.ema_unet(), trainer.noise, vae, shared.scaling_factor,
-                    out / "samples" / f"step_{cfg.steps}.png", seed=cfg.seed)
+                    out / "samples" / f"step_{cfg.steps}.png", seed=cfg.seed, prediction_type=cfg.prediction_type)
         mark_complete(out, **completion_record(cfg), model=str(model_dir), steps=cfg.steps)
         log.info("pretrain finished in %s: exported %s", human_time(time.time() - t0), model_dir)
     acc.wait_for_everyone()
@@ -259,8 +259,8 @@ class _Trainer:
                 self.metrics.log(step=step, loss=loss.item(), lr=self.sched.get_last_lr()[0],
                                  img_per_s=n_img / max(1e-9, time.time() - t0))
             if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps and acc.is_main_process:
-                sample_grid(self.ema_unet(), self.noise, vae, scaling_factor,
-                            self.out / "samples" / f"step_{step}.png", seed=cfg.seed)
+                sample_grid(self.ema_unet(), self.noise, vae, scaling_factor, self.out / "samples" / f"step_{step}.png",
+                            seed=cfg.seed, prediction_type=cfg.prediction_type)
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
                 save_checkpoint(acc, self.out, step, cfg.keep_checkpoints)
         bar.close()

@@ -16,21 +16,21 @@ def grid_figure(images, keep=None, title: str = "", cols: int = 8, scale: int = 
     """A grid of uint8 [N, H, W, 3] tiles (upscaled to >= 48 px); keep==0 tiles get a red frame."""
     from PIL import Image, ImageDraw
 
+    from .grids import tile_grid
+
     imgs = np.asarray(images)
     n = len(imgs)
     size = imgs.shape[1] if n else 32
     scale = scale or max(1, math.ceil(48 / size))
-    cell = size * scale + 4
+    cell, pad = size * scale, 4  # a frame 2 px wide fits into the gap around a tile
     cols = max(1, min(cols, n or 1))
-    rows = max(1, math.ceil(n / cols))
-    canvas = Image.new("RGB", (cols * cell + 2, rows * cell + 2), "white")
+    big = imgs.repeat(scale, axis=1).repeat(scale, axis=2) if n else np.full((1, cell, cell, 3), 255, np.uint8)
+    canvas = Image.fromarray(tile_grid(big, cols, pad=pad))
     draw = ImageDraw.Draw(canvas)
-    for i, img in enumerate(imgs):
-        x, y = 2 + (i % cols) * cell, 2 + (i // cols) * cell
-        tile = Image.fromarray(img).resize((size * scale, size * scale), Image.NEAREST)
+    for i in range(n):
         if keep is not None and int(keep[i]) == 0:
-            draw.rectangle([x - 2, y - 2, x + size * scale + 1, y + size * scale + 1], outline=(220, 30, 30), width=2)
-        canvas.paste(tile, (x, y))
+            x, y = pad + (i % cols) * (cell + pad), pad + (i // cols) * (cell + pad)
+            draw.rectangle([x - 2, y - 2, x + cell + 1, y + cell + 1], outline=(220, 30, 30), width=2)
     if n == 0:
         draw.text((6, 8), "none", fill=(120, 120, 120))
     buf = io.BytesIO()

@@ -19,22 +19,22 @@ diffusers folder (model_index.json, vae/, unet/, scheduler/, latent_classifier/,
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .artifacts import INDEX, SAMPLES_COLUMNS, SAMPLES_CSV, read_dataset, read_meta, subset_ids
 from .config import SampleConfig
 from .contract import completion_record
 from .diffusers_pipeline import (MICRO_BATCH, SCHEDULERS, by_rows, decode_uint8, guided_sample,  # noqa: F401
-                                 make_scheduler, sample_seed, target_confidence)
+                                 make_scheduler, target_confidence)
+from .grids import write_grid
 from .runtime import (HistoError, atomic_path, closes_stage_logs, get_logger, is_complete, make_accelerator,
                       mark_complete, progress, read_csv, start_run_dir, write_csv_atomic)
+from .seeds import sample_seed, torch_generator
 
 PROGRESS_DIR = "_progress"
 PIPELINE_DIR = "pipeline"  # the diffusers pipeline that made the samples (model_index.json, model card)
@@ -178,23 +178,15 @@ def write_grids(out: Path, rows: list[dict]) -> None:
     for r in rows:
         by_class.setdefault(r["target"], []).append(r)
     for cls, rs in by_class.items():
-        ims = [np.asarray(Image.open(out / r["file"]).convert("RGB")) for r in rs[:GRID_MAX]]
-        cols = math.ceil(math.sqrt(len(ims)))
-        nrows = math.ceil(len(ims) / cols)
-        h, w, _ = ims[0].shape
-        grid = np.full((nrows * (h + 2) + 2, cols * (w + 2) + 2, 3), 255, np.uint8)
-        for k, im in enumerate(ims):
-            y, x = divmod(k, cols)
-            grid[2 + y * (h + 2):2 + y * (h + 2) + h, 2 + x * (w + 2):2 + x * (w + 2) + w] = im
-        with atomic_path(out / "grids" / f"{safe_name(cls)}.png") as tmp:
-            Image.fromarray(grid).save(tmp, format="PNG")
+        ims = np.stack([np.asarray(Image.open(out / r["file"]).convert("RGB")) for r in rs[:GRID_MAX]])
+        write_grid(ims, out / "grids" / f"{safe_name(cls)}.png")  # a near-square grid
 
 
 def generate(items: list[dict], m: dict, cfg: SampleConfig, window: tuple[int, int]) -> tuple[list[dict], np.ndarray]:
     """Images and samples.csv rows of plan entries `items` (one batch), through the pipeline."""
     pipe = m["pipe"]
     pipe.scheduler = make_scheduler(cfg.scheduler, m["scheduler_config"])  # fresh solver state per batch
-    gens = [torch.Generator().manual_seed(sample_seed(cfg.seed, it["i"])) for it in items]
+    gens = [torch_generator(cfg.seed, it["i"]) for it in items]
     out = pipe(class_labels=[it["target_index"] for it in items], guidance_scale=cfg.scale,
                num_inference_steps=cfg.steps, generator=gens, guidance_window=window, eta=cfg.eta,
                output_type="latent")

@@ -50,6 +50,7 @@ from .contract import check_complete, completion_record
 from .evaldata import load_real, load_sample_images, quota, read_samples, subset_fingerprint
 from .runtime import (COMPLETE_MARKER, HistoError, closes_stage_logs, ensure_writable, get_logger, mark_complete,
                       seed_everything, start_run_dir, write_csv_atomic, write_json_atomic)
+from .transforms import DIHEDRAL, dihedral
 
 FILTERED_JSON = "filtered.json"
 GENERATIVE_JSON = "generative_metrics.json"
@@ -190,12 +191,9 @@ def feature_model(cfg: SelectConfig, real, selector_dir: Path, log):
 
 
 def dihedral_views(images: torch.Tensor, n: int = 8) -> list[torch.Tensor]:
-    """The first n of the 8 dihedral transforms of uint8 [N, H, W, 3] tiles (identity first)."""
-    views = []
-    for flip in (False, True):
-        x = images.flip(2) if flip else images
-        views += [torch.rot90(x, k, dims=(1, 2)).contiguous() for k in range(4)]
-    return views[:n]
+    """The first n of the 8 dihedral transforms of uint8 [N, H, W, 3] tiles (identity first; the distances
+    are minimised over the views, so their order does not matter)."""
+    return [dihedral(images, k, dims=(1, 2)).contiguous() for k in range(min(n, DIHEDRAL))]
 
 
 def _softmax_head(model):

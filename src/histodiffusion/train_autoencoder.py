@@ -22,6 +22,8 @@ from torch import nn
 from .config import AutoencoderConfig
 from .contract import completion_record
 from .data.mixture import EpochIndex, IdRecorder, MixtureDataset, make_loader
+from .distributed import check_finite
+from .grids import to_uint8, write_grid
 from .modelcards import CARD, autoencoder_card
 from .runtime import (HistoError, MetricsLog, check_checkpoint_within, closes_stage_logs, get_logger, human_time,
                       load_latest_checkpoint, make_accelerator, mark_complete, progress, reopen_for_steps,
@@ -42,31 +44,6 @@ class AEWithKL(nn.Module):
         post = self.vae.encode(x).latent_dist
         rec = self.vae.decode(post.sample()).sample
         return rec, post.kl()
-
-
-def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8) -> None:
-    """Atomically write images in [-1, 1] ([N, 3, H, W]) as one PNG grid."""
-    from PIL import Image
-    from torchvision.utils import make_grid
-
-    from .runtime import atomic_path
-
-    grid = make_grid(images.detach().float().cpu().clamp(-1, 1).add(1).div(2), nrow=nrow, padding=2, pad_value=1.0)
-    arr = grid.mul(255).round().byte().permute(1, 2, 0).numpy()
-    with atomic_path(path) as tmp:
-        Image.fromarray(arr).save(tmp, format="PNG")
-
-
-def check_finite(accelerator, loss: torch.Tensor, step: int, run_dir: Path, what: str = "loss") -> None:
-    """Collective: stop every rank with a clear error when the mean loss is NaN/inf (checkpoints kept)."""
-    value = accelerator.reduce(loss.detach().float().reshape(1), reduction="mean")
-    if not torch.isfinite(value).all():
-        from .runtime import list_checkpoints
-
-        cks = list_checkpoints(run_dir)
-        last = f"the last good checkpoint is {cks[-1][1]}" if cks else "no checkpoint was saved yet"
-        raise HistoError(f"{what} became {value.item()} at step {step + 1} in {run_dir}; stopped. {last}: lower "
-                         f"the learning rate or check the data, then re-run to resume from it")
 
 
 def build_lpips(path: str):
@@ -164,9 +141,9 @@ def _evenly(n: int, k: int) -> list[int]:
 
 def random_dihedral(x: torch.Tensor) -> torch.Tensor:
     """A random one of the 8 rotations/flips per image (the global torch RNG: resumable)."""
-    from .encode import dihedral
+    from .transforms import DIHEDRAL, dihedral
 
-    ks = torch.randint(0, 8, (len(x),)).tolist()
+    ks = torch.randint(0, DIHEDRAL, (len(x),)).tolist()
     return torch.stack([dihedral(img, k) for img, k in zip(x, ks)])
 
 
@@ -190,7 +167,7 @@ def evaluate(vae, sources, held, device, out: Path, step: int, batch: int = 32) 
     vae.train(was_training)
     x, rec = first
     pairs = torch.stack([x, rec], 1).flatten(0, 1)  # real, reconstruction, real, ...
-    save_grid(pairs, out / "recon" / f"step_{step}.png", nrow=4)
+    write_grid(to_uint8(pairs), out / "recon" / f"step_{step}.png", cols=4)
     return {"psnr": psnr / n, "ssim": ssim / n}
 
 

@@ -4,9 +4,17 @@ from __future__ import annotations
 DIHEDRAL = 8  # rotations by 0/90/180/270 degrees, each with and without a horizontal flip
 
 
-def dihedral(img, k: int):
-    """The k-th of the 8 dihedral transforms of a [..., H, W] tensor (k=0: identity)."""
+def dihedral(img, k: int, dims: tuple[int, int] = (-2, -1)):
+    """The k-th of the 8 dihedral transforms of a tensor whose image axes (height, width) are `dims`
+    ([..., H, W] by default; (1, 2) for [N, H, W, C]): rotation by k % 4 quarter turns, then, for k >= 4,
+    a horizontal flip (k=0: identity)."""
     import torch
 
-    out = torch.rot90(img, k % 4, dims=(-2, -1))
-    return torch.flip(out, dims=(-1,)) if k >= 4 else out
+    out = torch.rot90(img, k % 4, dims=dims)
+    return torch.flip(out, dims=(dims[1],)) if k >= 4 else out
+
+
+def flip_then_rotate(flip: bool, quarter_turns: int) -> int:
+    """The dihedral index k of a horizontal flip followed by `quarter_turns` rotations: a flip moved past a
+    rotation reverses it, so rot(flip(x), r) == flip(rot(x, -r)) == dihedral(x, 4 + (-r) % 4)."""
+    return 4 + (-quarter_turns) % 4 if flip else quarter_turns % 4

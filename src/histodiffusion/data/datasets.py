@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 from ..artifacts import (INDEX, INDEX_COLUMNS, SHARDS_DIR, latent_shard_name, pixel_shard_name, read_dataset,
                          read_meta, subset_ids)
 from ..runtime import HistoError, read_csv
+from ..seeds import torch_generator
 
 
 class _ShardReader:
@@ -111,6 +112,6 @@ class LatentDataset(Dataset):
         mean = self.reader.row(int(r["shard"]), int(r["index"]), "mean").float()
         if self.sample:
             std = self.reader.row(int(r["shard"]), int(r["index"]), "std").float()
-            g = torch.Generator().manual_seed(hash((self.seed, self.epoch, i)) & 0x7FFFFFFF)
+            g = torch_generator(self.seed, self.epoch, i)
             mean = mean + std * torch.randn(mean.shape, generator=g)
         return mean * self.scaling_factor, self.class_index.get(r["label"], -1), r["id"]

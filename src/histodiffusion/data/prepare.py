@@ -22,13 +22,14 @@ from pathlib import Path
 import numpy as np
 
 from .. import FORMAT_VERSION, __version__
-from ..artifacts import UNLABELED_SPLIT, read_meta
+from ..artifacts import UNLABELED_SPLIT
 from ..config import PrepareConfig, config_to_dict
 from ..contract import completion_record
 from ..runtime import (CONFIG_FILE, HistoError, closes_stage_logs, ensure_writable, get_logger, is_complete, progress,
                        read_csv, read_json, sha256_file, write_csv_atomic, write_json_atomic)
 from . import default, scale, slides
 from .leakage import SOURCES_COLUMNS, SOURCES_CSV, find_overlap
+from .resolution import check_scale, resolution_record, scale_warnings  # noqa: F401  (check_scale: callers import it here)
 from .splits import fewshot_groups, group_labels, holdout_groups, split_groups
 from .writer import DatasetWriter
 
@@ -275,70 +276,6 @@ def _counts(rows: list[dict]) -> tuple[dict, dict]:
             {s: {c: len(g) for c, g in sorted(d.items())} for s, d in groups.items()})
 
 
-def _weighted_median(values: list[float], weights: list[float]) -> float:
-    order = np.argsort(values)
-    cum = np.cumsum(np.asarray(weights, dtype=np.float64)[order])
-    return float(np.asarray(values, dtype=np.float64)[order][np.searchsorted(cum, cum[-1] / 2.0)])
-
-
-def _resolution(cfg: PrepareConfig, source_info, geometry: list[tuple], measured: dict) -> dict:
-    """Scale of the stored tiles: geometry (source pixels per tile edge, downscale, microns per pixel
-    where the source states it) and the measured width of nuclei in px (data/scale.py).
-
-    `geometry`: (source pixels of a tile edge, source microns per pixel or None, tiles) per source image
-    (unlabeled) or per tile (labeled: the centred square of the file, resized to tile_size)."""
-    px = [g[0] for g in geometry]
-    weights = [g[2] for g in geometry]
-    source_px = _weighted_median(px, weights) if geometry and sum(weights) else None
-    with_mpp = [g for g in geometry if g[1] and g[2]]
-    mpp = (_weighted_median([g[1] * g[0] / cfg.tile_size for g in with_mpp], [g[2] for g in with_mpp])
-           if with_mpp else None)
-    res = {"tile_size": cfg.tile_size,
-           "source_px": source_px, "source_px_range": [min(px), max(px)] if px else None,
-           "downscale": round(source_px / cfg.tile_size, 4) if source_px else None,
-           "target_mpp": cfg.target_mpp or None, "mpp": round(mpp, 4) if mpp else None,
-           "nucleus_px": measured.get("nucleus_px"),
-           "nucleus": {k: v for k, v in measured.items() if k != "nucleus_px"}}
-    if isinstance(source_info, list):  # unlabeled: per-source level-0 mpp and tile mpp
-        res["tile_mpp"] = {Path(s["path"]).name: (round(s["mpp"] * s["patch"] / cfg.tile_size, 4) if s["mpp"]
-                                                  else None) for s in source_info}
-    return res
-
-
-def scale_warnings(name: str, nucleus_px: float | None, others, tolerance: float) -> list[dict]:
-    """Compare the nucleus width of dataset `name` with that of each prepared dataset in `others`:
-    [{"dataset", "nucleus_px", "ratio", "warning"}], where "warning" is the message (or None)."""
-    out = []
-    for other, px in (pair for o in others for pair in _nucleus_px_of(Path(o))):
-        ratio = round(max(nucleus_px, px) / min(nucleus_px, px), 2) if nucleus_px and px else None
-        out.append({"dataset": other, "nucleus_px": px, "ratio": ratio,
-                    "warning": scale.mismatch(str(name), nucleus_px, other, px, tolerance)})
-    return out
-
-
-def _nucleus_px_of(other: Path) -> list[tuple[str, float | None]]:
-    """[(name, nucleus width)] of a prepared dataset, or of a pretrained base: the mean of its datasets'
-    widths weighted by their share of the pretraining mixture (what the UNet saw)."""
-    from ..artifacts import MODEL_INFO
-
-    if not (other / "meta.json").is_file() and (other / MODEL_INFO).is_file():  # a base folder
-        record = read_json(other / MODEL_INFO, "base record")
-        px = {d.get("name"): (d.get("resolution") or {}).get("nucleus_px")
-              for d in (record.get("base") or {}).get("data") or []}
-        mix = [(px.get(n), w) for n, w in zip(record.get("sources") or [], record.get("weights") or [])]
-        if not mix or any(p is None for p, _ in mix):
-            return [(str(other), None)]
-        return [(f"{other} (pretraining mixture)", round(sum(p * w for p, w in mix) / sum(w for _, w in mix), 2))]
-    return [(str(other), read_meta(other, "dataset").get("resolution", {}).get("nucleus_px"))]
-
-
-def check_scale(dataset, others, tolerance: float) -> list[str]:
-    """The scale-mismatch warnings of prepared `dataset` against prepared `others` (those prepare
-    --exclude gives when it writes `dataset`; `run` repeats them when it skips the finished prepare)."""
-    px = read_meta(dataset, "dataset").get("resolution", {}).get("nucleus_px")
-    return [c["warning"] for c in scale_warnings(dataset, px, others, tolerance) if c["warning"]]
-
-
 _NEUTRAL = {"out", "scale_tolerance"}  # fields that do not change the dataset
 
 
@@ -404,7 +341,7 @@ def run(cfg: PrepareConfig) -> Path:
                 log.warning(c["warning"])
         tiles, groups_count = _counts(writer.iter_rows(split))
         meta = {"name": cfg.name or out.name, "kind": kind, "classes": classes, "tile_size": cfg.tile_size,
-                "resolution": _resolution(cfg, source_info, geometry, measured),
+                "resolution": resolution_record(cfg, source_info, geometry, measured),
                 **({"scale_checks": checks} if checks else {}),
                 "count": writer.count, "counts": tiles, "group_counts": groups_count,
                 "subsets": {k: len(v) for k, v in subsets.items()}, "sources": source_info,

@@ -24,7 +24,7 @@ from typing import Iterator
 import numpy as np
 
 from ..artifacts import MANIFEST, MANIFEST_COLUMNS, META, SHARDS_DIR, SUBSETS_DIR, format_meta, pixel_shard_name
-from ..runtime import HistoError, _pid_alive, mark_complete, write_csv_atomic, write_json_atomic
+from ..runtime import HistoError, pid_alive, mark_complete, write_csv_atomic, write_json_atomic
 
 ROWS_TMP = "_rows.csv"  # manifest rows as added (removed before the rename)
 
@@ -38,7 +38,7 @@ def remove_stale_temps(out: Path) -> None:
     """Remove .<name>.tmp-<pid> directories beside `out` left by writers that were killed."""
     for p in out.parent.glob(f".{out.name}.tmp-*"):
         pid = p.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             shutil.rmtree(p, ignore_errors=True)
 
 

@@ -13,14 +13,7 @@ from pathlib import Path
 
 from ..artifacts import MODEL_INFO
 from ..runtime import HistoError, check_format_version, read_json, sha256_dir
-
-
-def norm_groups(channels) -> int:
-    """Largest GroupNorm group count (<= 32) dividing every width, so tiny test models work."""
-    for g in (32, 16, 8, 4, 2, 1):
-        if all(c % g == 0 for c in channels):
-            return g
-    return 1
+from . import norm_groups
 
 
 def downsample_factor(block_out_channels) -> int:

@@ -16,6 +16,7 @@ from torch import nn
 
 from .. import FORMAT_VERSION
 from ..runtime import HistoError, check_format_version, read_json, write_json_atomic
+from ..transforms import DIHEDRAL, dihedral, flip_then_rotate
 
 
 class SmallCNN(nn.Module):
@@ -156,11 +157,10 @@ def classic_augment(x: torch.Tensor, generator: torch.Generator, jitter: float =
     (brightness, contrast, saturation by up to +-`jitter`) of a float batch in [-1, 1]."""
     n = x.shape[0]
     u = torch.rand(n, 5, generator=generator)
-    flip = u[:, 0] < 0.5
-    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-    k = torch.randint(0, 4, (n,), generator=generator)
-    if x.shape[-1] == x.shape[-2]:
-        x = torch.stack([torch.rot90(x[i], int(k[i]), dims=(-2, -1)) for i in range(n)])
+    flip = (u[:, 0] < 0.5).tolist()
+    turns = torch.randint(0, 4, (n,), generator=generator).tolist()  # quarter turns after the flip
+    square = x.shape[-1] == x.shape[-2]  # a non-square tile is only flipped
+    x = torch.stack([dihedral(x[i], flip_then_rotate(flip[i], turns[i] if square else 0)) for i in range(n)])
     img = (x + 1) / 2
     b = 1 + jitter * (2 * u[:, 1] - 1)
     c = 1 + jitter * (2 * u[:, 2] - 1)
@@ -264,8 +264,6 @@ def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 256,
 
     `tta`: test-time augmentation, probabilities and features averaged over the 8 dihedral transforms
     of each tile (tissue has no orientation: a lower-variance prediction at 8x the cost)."""
-    from ..transforms import DIHEDRAL, dihedral
-
     model.eval()
     views = range(DIHEDRAL) if tta else (0,)
     probs, feats = [], []

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..artifacts import LDM_SCHEDULER, LDM_UNET, LDM_VAE, MODEL_INFO
 from ..runtime import HistoError, check_format_version, read_json
-from .autoencoder import norm_groups
+from . import norm_groups
 
 
 def build_unet(block_out_channels=(64, 128, 128), layers_per_block: int = 1, attention: bool = True,

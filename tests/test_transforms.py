@@ -1,0 +1,21 @@
+"""The one dihedral transform every stage uses (transforms.py)."""
+import torch
+
+from histodiffusion.transforms import DIHEDRAL, dihedral, flip_then_rotate
+
+
+def test_dihedral_gives_the_eight_distinct_symmetries_in_any_layout():
+    x = torch.arange(2 * 3 * 4 * 4).reshape(2, 3, 4, 4)
+    views = [dihedral(x, k) for k in range(DIHEDRAL)]
+    assert torch.equal(views[0], x) and len({v.numpy().tobytes() for v in views}) == DIHEDRAL
+    assert torch.equal(views[4], x.flip(-1)) and torch.equal(views[1], torch.rot90(x, 1, dims=(-2, -1)))
+    nhwc = x.permute(0, 2, 3, 1)  # channels last: the image axes are given
+    for k in range(DIHEDRAL):
+        assert torch.equal(dihedral(nhwc, k, dims=(1, 2)), views[k].permute(0, 2, 3, 1))
+
+
+def test_flip_then_rotate_names_the_same_transform():
+    x = torch.arange(25).reshape(1, 5, 5)
+    for turns in range(-4, 8):
+        assert torch.equal(dihedral(x, flip_then_rotate(False, turns)), torch.rot90(x, turns, dims=(-2, -1)))
+        assert torch.equal(dihedral(x, flip_then_rotate(True, turns)), torch.rot90(x.flip(-1), turns, dims=(-2, -1)))
