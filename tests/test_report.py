@@ -157,7 +157,7 @@ def test_report_leads_with_the_verdict(full_run):
     assert "class fidelity: share of samples" in verdict
     assert verdict.count('class="tiles"') == 2 * 3  # real and synthetic per class
     grid = Image.open(full_run / "report" / "figures" / "grid_syn_0.png")
-    assert grid.size == (4 * (128 + 4) + 2, 2 * (128 + 4) + 2)  # 8 samples of 16 px, shown 128 px wide, 4 a row
+    assert grid.size == (4 * (128 + 4) + 4, 2 * (128 + 4) + 4)  # 8 samples of 16 px, shown 128 px wide, 4 a row, 4 px gaps
     assert 'name="viewport"' in page and "@media (max-width:640px)" in page
 
 

@@ -102,6 +102,7 @@ def load_pipeline(path: str | Path = "", *, model: str | Path = "", classifier: 
     scheduler: ddim | dpmsolver++ (default: the one the folder or run used)."""
     from .diffusers_pipeline import HistoDiffusionPipeline, make_scheduler
     from .latent_space import SCHEDULE_KEYS
+    from .progresslog import sync_diffusers_bars
 
     if model or classifier:
         if path or not (model and classifier):
@@ -122,6 +123,7 @@ def load_pipeline(path: str | Path = "", *, model: str | Path = "", classifier: 
     if folder is None:
         return HistoDiffusionPipeline.from_models(fields["model"], fields["classifier"], fields.get("vae", ""),
                                                   scheduler or fields.get("scheduler") or "dpmsolver++")
+    sync_diffusers_bars()
     pipe = HistoDiffusionPipeline.from_pretrained(str(folder))
     if scheduler:  # rebuilt from the noise schedule alone, as the sample stage builds it from the training one
         pipe.scheduler = make_scheduler(scheduler, {k: v for k, v in pipe.scheduler.config.items()

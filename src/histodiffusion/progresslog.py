@@ -38,6 +38,15 @@ def apply_log_config(cfg: LogConfig) -> None:
                 cfg.progress_every)
 
 
+def sync_diffusers_bars() -> None:
+    """diffusers' own progress bars (e.g. "Loading pipeline components") follow ours: on a terminal only,
+    never with --quiet, so no carriage return reaches a log file or a pipe."""
+    from diffusers.utils import logging as diffusers_logging
+
+    on = sys.stderr.isatty() and logging_settings()["console_level"] <= logging.INFO
+    (diffusers_logging.enable_progress_bar if on else diffusers_logging.disable_progress_bar)()
+
+
 def progress_line(desc: str, done: int, total: int | None, rate: float | None, elapsed: float,
                   postfix: str = "") -> str:
     """One plain progress line (no carriage return): 'desc: i/n (p%), postfix, r it/s, elapsed e, ETA t'."""
