@@ -58,6 +58,7 @@ def main() -> None:
         sys.exit(f"needs the real data in {SHARED}")
 
     from histodiffusion.config import RunConfig
+    from histodiffusion.data.splits import draw_name
     from histodiffusion.pipeline import run
 
     out = Path(args.out)
@@ -68,7 +69,7 @@ def main() -> None:
     first = Path(args.pretrained_from) if args.pretrained_from else out / f"frac{fracs[0]:g}"
     t0 = time.time()
     for frac, draw in [(f, d) for d in range(args.draws) for f in fracs]:
-        name = f"frac{frac:g}" + (f"_d{draw}" if draw else "")
+        name = draw_name(f"frac{frac:g}", draw)  # the subset, and its run directory
         rd = out / name
         if first != rd:  # reuse the pretraining stages (and the identical target preparation)
             for rel in SHARED_STAGES:
@@ -123,6 +124,7 @@ def pooled_table(out: Path, fracs: list[float], draws: int) -> str:
     """Per fraction and arm: the paired delta vs real over every (draw, seed) pair, draws pooled."""
     import numpy as np
 
+    from histodiffusion.data.splits import draw_name
     from histodiffusion.metrics import mean_ci
 
     lines = [f"Pooled over {draws} draws of the labeled subset (paired by draw and seed):", "",
@@ -130,13 +132,8 @@ def pooled_table(out: Path, fracs: list[float], draws: int) -> str:
     for frac in fracs:
         acc: dict[str, dict[tuple, float]] = {}
         for d in range(draws):
-            f = out / (f"frac{frac:g}" + (f"_d{d}" if d else "")) / "eval" / "per_seed.csv"
-            if not f.is_file():
-                continue
-            for r in csv.DictReader(f.open()):
-                if r["testset"] != "test":
-                    continue
-                acc.setdefault(r["arm"], {})[(d, r["seed"])] = float(r["accuracy"])
+            for arm, by_seed in test_accuracies(out / draw_name(f"frac{frac:g}", d) / "eval").items():
+                acc.setdefault(arm, {}).update({(d, seed): a for seed, a in by_seed.items()})
         real = acc.get("real", {})
         for arm, vals in acc.items():
             keys = sorted(set(vals) & set(real))
@@ -147,17 +144,24 @@ def pooled_table(out: Path, fracs: list[float], draws: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def test_accuracies(eval_dir: Path) -> dict[str, dict[str, float]]:
+    """arm -> seed -> test accuracy, from an evaluation's per_seed.csv ({} when it has none yet)."""
+    f = eval_dir / "per_seed.csv"
+    acc: dict[str, dict[str, float]] = {}
+    if f.is_file():
+        for r in csv.DictReader(f.open()):
+            if r["testset"] == "test":
+                acc.setdefault(r["arm"], {})[r["seed"]] = float(r["accuracy"])
+    return acc
+
+
 def paired_vs(eval_dir: Path, arm: str, baseline: str) -> str:
     """Paired delta of test accuracy arm - baseline over their common seeds (per_seed.csv), formatted."""
     from histodiffusion.metrics import mean_ci
 
-    f = eval_dir / "per_seed.csv"
-    if arm == baseline or not f.is_file():
+    acc = test_accuracies(eval_dir)
+    if arm == baseline:
         return "—"
-    acc: dict[str, dict[str, float]] = {}
-    for r in csv.DictReader(f.open()):
-        if r["testset"] == "test":
-            acc.setdefault(r["arm"], {})[r["seed"]] = float(r["accuracy"])
     keys = sorted(set(acc.get(arm, {})) & set(acc.get(baseline, {})))
     return fmt(mean_ci([acc[arm][k] - acc[baseline][k] for k in keys])) if len(keys) > 1 else "—"
 

@@ -53,8 +53,9 @@ def main() -> None:
     import torch
 
     from histodiffusion.evaldata import load_real
+    from histodiffusion.evaluate import score
     from histodiffusion.metrics import mean_ci
-    from histodiffusion.models.classifier import build_classifier, predict, train_classifier
+    from histodiffusion.models.classifier import build_classifier, train_classifier
     from histodiffusion.runtime import seed_everything, write_json_atomic
 
     out = Path(args.out)
@@ -62,9 +63,8 @@ def main() -> None:
     real, val, test = (load_real(args.data, s) for s in (args.subset, "val", "test"))
     print(f"{args.subset}: {len(real)} tiles, val {len(val)}, test {len(test)}; {args.steps} steps x {args.batch_size}")
 
-    def accuracy(model, tiles, tta):
-        probs, _ = predict(model, tiles.images, tta=tta)
-        return float((probs.argmax(1) == tiles.labels).float().mean())
+    def accuracy(model, tiles, tta):  # the metric evaluate scores test tiles with
+        return score(model, tiles, tta)["accuracy"]
 
     results: dict[str, list[float]] = {}
     seconds: dict[str, float] = {}

@@ -17,7 +17,7 @@ stage from --data's train split when absent (so it never sees a validation or te
 It is neither the latent classifier that guides the samples nor the selection classifier.
 
 Needs trained models, e.g. a `histodiffusion run` directory:
-    <run>/ldm/model  <run>/adapt/latent_classifier/model  [<run>/adapt/decoder/model/vae]  <run>/data/target
+    the models its sample stage uses (its LDM or the base it adapted, latent classifier, decoder) and its target data
 
     .venv/bin/python bench/synthesis.py --run runs/default --n-per-class 32
     .venv/bin/python bench/synthesis.py --run runs/default --sweeps scale --scales 0,1,2,5,10,20
@@ -43,18 +43,16 @@ SETTINGS = {  # name: scheduler, steps, eta, windowed
 }
 
 
-def run_model(run: Path) -> Path:
-    """The LDM a run samples from: its target-adapted model, else the base it adapted (base.json), else its own."""
-    from histodiffusion.basemodel import resolve_base
-    from histodiffusion.layout import RunLayout
+def run_sample_fields(run: Path) -> dict:
+    """The sample stage's fields of a run as `histodiffusion run` plans them (model: the base it adapted,
+    its target-adapted LDM or its own; classifier; fine-tuned decoder; target dataset), as api.load_pipeline
+    reads them."""
+    from histodiffusion.info import run_plan
 
-    lay = RunLayout(run)
-    if lay.model(lay.ldm_target).is_dir():
-        return lay.model(lay.ldm_target)
-    if lay.base_record.is_file():
-        rec = json.loads(lay.base_record.read_text())
-        return Path(rec["path"]) if Path(rec["path"]).is_dir() else resolve_base(rec.get("name", "default"))
-    return lay.model(lay.ldm)
+    _, steps = run_plan(run)
+    fields = dict(next(s.fields for s in steps if s.stage == "sample"))
+    fields["data"] = next(s.fields["data"] for s in steps if s.stage == "select")
+    return fields
 
 
 def floats(text: str) -> list[float]:
@@ -209,12 +207,11 @@ def main() -> None:
     wanted = [s for s in args.settings.split(",") if s] or list(SETTINGS)
     if set(wanted) - set(SETTINGS):
         p.error(f"unknown setting(s) {sorted(set(wanted) - set(SETTINGS))}; known: {', '.join(SETTINGS)}")
-    run = Path(args.run) if args.run else None
-    model = args.model or (str(run_model(run)) if run else "")
-    classifier = args.classifier or (str(run / "adapt" / "latent_classifier" / "model") if run else "")
-    vae = args.vae or (str(run / "adapt" / "decoder" / "model" / "vae")
-                       if run and (run / "adapt" / "decoder" / "model" / "vae").is_dir() else "")
-    data = args.data or (str(run / "data" / "target") if run else "")
+    planned = run_sample_fields(Path(args.run)) if args.run else {}
+    model = args.model or str(planned.get("model", ""))
+    classifier = args.classifier or str(planned.get("classifier", ""))
+    vae = args.vae or str(planned.get("vae", ""))
+    data = args.data or str(planned.get("data", ""))
     if not (model and classifier):
         p.error("give --run, or --model, --classifier and --data (or a trained --judge)")
     out = Path(args.out)

@@ -51,11 +51,17 @@ def split_groups(groups: dict[str, str], val_frac: float, test_frac: float, seed
     return out
 
 
+def draw_name(name: str, draw: int) -> str:
+    """The subset name of draw `draw` of few-shot subset `name` (frac<f:g> or k<k>): the name itself for
+    draw 0, <name>_d<draw> for the others."""
+    return f"{name}_d{draw}" if draw else name
+
+
 def fewshot_names(fracs: tuple[float, ...], ks: tuple[int, ...], draws: int = 1) -> list[str]:
     """Names of the few-shot subsets prepare makes: frac<f:g> and k<k>, and for draws > 1 also
     <name>_d1 .. <name>_d<draws-1> (other seeded draws of the same size, from other groups)."""
     names = [f"frac{f:g}" for f in fracs] + [f"k{k}" for k in ks]
-    return names + [f"{n}_d{d}" for d in range(1, draws) for n in names]
+    return [draw_name(n, d) for d in range(draws) for n in names]
 
 
 def fewshot_groups(groups: dict[str, str], split: dict[str, str], fracs: tuple[float, ...],
@@ -80,14 +86,14 @@ def fewshot_groups(groups: dict[str, str], split: dict[str, str], fracs: tuple[f
             gs = gs[:]
             rng.shuffle(gs)
             perm[c] = gs
-        suffix = f"_d{d}" if d else ""
         for f in fracs:
-            out[f"frac{f:g}{suffix}"] = sorted(g for gs in perm.values() for g in gs[:max(1, round(f * len(gs)))])
+            out[draw_name(f"frac{f:g}", d)] = sorted(g for gs in perm.values()
+                                                     for g in gs[:max(1, round(f * len(gs)))])
         for k in ks:
             short = {c: len(gs) for c, gs in perm.items() if len(gs) < k}
             if short:
                 raise HistoError(f"few-shot k={k} groups per class: class(es) {short} have fewer train groups")
-            out[f"k{k}{suffix}"] = sorted(g for gs in perm.values() for g in gs[:k])
+            out[draw_name(f"k{k}", d)] = sorted(g for gs in perm.values() for g in gs[:k])
     return out
 
 
