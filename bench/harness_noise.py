@@ -48,6 +48,9 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--backbone", default="small_cnn_w16")
     p.add_argument("--out", default=str(REPO / "bench" / "out" / "harness_noise"))
+    p.add_argument("--reverse", action="store_true",
+                   help="train the seeds from the last one down: a second process started with it shares the work "
+                        "with one started without (each skips the seeds whose result file exists)")
     args = p.parse_args()
 
     import torch
@@ -70,8 +73,8 @@ def main() -> None:
     seconds: dict[str, float] = {}
     for name in args.variants.split(","):
         ema, tta, val_every, aug = VARIANTS[name]
-        accs = []
-        for seed in range(2 * args.pairs):
+        seeds = list(range(2 * args.pairs))
+        for seed in reversed(seeds) if args.reverse else seeds:
             f = out / "runs" / f"{name}_{seed}.json"
             if not f.is_file():
                 t0 = time.time()
@@ -83,6 +86,11 @@ def main() -> None:
                                  val_every=val_every)
                 write_json_atomic(f, {"variant": name, "seed": seed, "test_accuracy": accuracy(model, test, tta),
                                       "seconds": time.time() - t0})
+        accs = []
+        for seed in seeds:
+            f = out / "runs" / f"{name}_{seed}.json"
+            if not f.is_file():  # the other process of a --reverse pair is still training it
+                raise SystemExit(f"{f} is missing: the other process has not finished; re-run to write the table")
             rec = json.loads(f.read_text())
             accs.append(rec["test_accuracy"])
             seconds[name] = seconds.get(name, 0.0) + rec["seconds"]

@@ -8,7 +8,11 @@
 # Environment: SHARED (default ../shared/data beside the checkout), HISTODIFFUSION (the command, default
 # `histodiffusion`), AE_STEPS / LDM_STEPS (training lengths), AE_FLAGS / LDM_FLAGS (extra flags, e.g. wider
 # models on GPUs). Every stage resumes from its last checkpoint; raising AE_STEPS or LDM_STEPS continues a
-# finished stage. The held-out groups (--holdout-frac) are never trained on: bench/ae_fidelity.py and
+# finished stage. BASE_FROM=PATH continues an existing base instead (its autoencoder encodes the corpus, its
+# EMA UNet is where pretraining starts, for LDM_STEPS more steps with a fresh optimizer): how v2 was built
+# from v1: `BASE_FROM=src/histodiffusion/base/histodiffusion-base-64 LDM_STEPS=3000 VERSION=2 \
+#  LDM_FLAGS="--lr 1e-4 --warmup 100" bash recipes/base-64.sh` (a lower learning rate to finish training).
+# The held-out groups (--holdout-frac) are never trained on: bench/ae_fidelity.py and
 # bench/base_realism.py measure on them.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -17,6 +21,8 @@ OUT=${1:-runs/base-64}
 HD=${HISTODIFFUSION:-histodiffusion}
 AE_STEPS=${AE_STEPS:-4000}
 LDM_STEPS=${LDM_STEPS:-6000}
+VERSION=${VERSION:-1}
+BASE_FROM=${BASE_FROM:-}
 for d in unlabeled_lc25000_colon unlabeled_osteosarcoma_ut unlabeled_he; do
   [ -d "$SHARED/$d" ] || { echo "recipe: missing $SHARED/$d (set SHARED=/path/to/shared/data)" >&2; exit 2; }
 done
@@ -30,21 +36,26 @@ $HD prepare --sources "$SHARED/unlabeled_he" --patch-size 224 --stride 112 --gro
             --holdout-frac 0.1 --out "$OUT/data/he"
 data="$OUT/data/colon,$OUT/data/osteo,$OUT/data/he"
 
-# 2. the autoencoder (random 32 px crops of the 64 px tiles, random dihedral transforms)
-$HD train-autoencoder --data "$data" --latent-channels 8 --steps "$AE_STEPS" --batch-size 16 --crop 32 \
-                      --eval-every 500 --checkpoint-every 250 --holdout 192 ${AE_FLAGS:-} --out "$OUT/ae"
+# 2. the autoencoder (random 32 px crops of the 64 px tiles, random dihedral transforms), or BASE_FROM's
+if [ -n "$BASE_FROM" ]; then
+  vae="$BASE_FROM/vae"; init=(--init-from "$BASE_FROM")
+else
+  $HD train-autoencoder --data "$data" --latent-channels 8 --steps "$AE_STEPS" --batch-size 16 --crop 32 \
+                        --eval-every 500 --checkpoint-every 250 --holdout 192 ${AE_FLAGS:-} --out "$OUT/ae"
+  vae="$OUT/ae/model/vae"; init=()
+fi
 
 # 3. latents of every tile and its 7 dihedral variants (the encoder is not rotation-equivariant)
 for d in colon osteo he; do
-  $HD encode --data "$OUT/data/$d" --vae "$OUT/ae/model/vae" --flips true --out "$OUT/cache/$d"
+  $HD encode --data "$OUT/data/$d" --vae "$vae" --flips true --out "$OUT/cache/$d"
 done
 
 # 4. the unconditional UNet on the weighted mixture (colon: same lab and stain as the LC25000 target)
 $HD pretrain --cache "$OUT/cache/colon,$OUT/cache/osteo,$OUT/cache/he" --weights 0.5,0.35,0.15 \
              --steps "$LDM_STEPS" --batch-size 32 --warmup 200 --sample-every 1000 --checkpoint-every 250 \
-             ${LDM_FLAGS:-} --out "$OUT/ldm"
+             "${init[@]}" ${LDM_FLAGS:-} --out "$OUT/ldm"
 
 # 5. the shippable base: fp16 safetensors, checksums, model card (+ the measurements in the card notes)
-$HD export-base --model "$OUT/ldm/model" --data "$data" --card-notes "$here/recipes/base-64-card.md" \
+$HD export-base --model "$OUT/ldm/model" --data "$data" --version "$VERSION" --card-notes "$here/recipes/base-64-card.md" \
                 --out "$OUT/histodiffusion-base-64"
 echo "base written to $OUT/histodiffusion-base-64"
