@@ -3,6 +3,10 @@
 Feature space (fixed, documented): a small CNN (`small_cnn_w16`, trained from scratch) that tells the
 pretraining sources apart, trained on the training split of the prepared unlabeled datasets (never on
 their held-out groups); its penultimate features are the space for FD and k-NN precision / recall.
+The FD ratio depends on which such network one draws (v1 measured 2.56x in one and 1.70x in another), so
+the classifier's initialisation and data order are seeded and the figures are reported for each of
+`--feature-seeds` (default 0,1,2) and their mean. Samples are cached per model in --out, so a second
+feature seed or a re-run does not sample again.
 
 Compared, each against the held-out real tiles of those datasets:
   samples   N unconditional samples of the base (DDIM, eta 0, per-sample seeds), decoded
@@ -36,18 +40,46 @@ def load_tiles(dirs: list[str], subset: str) -> tuple[torch.Tensor, torch.Tensor
     return torch.stack(imgs), torch.tensor(labels)
 
 
-def source_classifier(dirs: list[str], out: Path, steps: int):
+def source_classifier(dirs: list[str], out: Path, steps: int, seed: int):
     from histodiffusion.models.classifier import build_classifier, load_classifier, save_classifier, train_classifier
 
-    d = out / f"source_classifier_{steps}"
+    d = out / f"source_classifier_{steps}_s{seed}"
     if (d / "classifier.json").is_file():
         return load_classifier(d)[0]
     x, y = load_tiles(dirs, "all")
+    torch.manual_seed(seed)  # the initialisation: one fixed network per feature seed
     model = build_classifier("small_cnn_w16", len(dirs), x.shape[1])
-    train_classifier(model, x, y, steps=steps, batch_size=64, lr=1e-3, seed=0, augment=True, desc="source classifier")
+    train_classifier(model, x, y, steps=steps, batch_size=64, lr=1e-3, seed=seed, augment=True,
+                     desc="source classifier", show_progress=False)
     save_classifier(model, d, {"name": "small_cnn_w16", "classes": [Path(p).name for p in dirs],
-                               "num_classes": len(dirs), "image_size": int(x.shape[1]), "steps": steps})
+                               "num_classes": len(dirs), "image_size": int(x.shape[1]), "steps": steps, "seed": seed})
     return model
+
+
+def model_id(base: Path) -> str:
+    """Short id of a base (its checksums.json) or of pretrain's model folder (its EMA UNet weights)."""
+    import hashlib
+
+    f = base / "checksums.json"
+    if not f.is_file():
+        f = base / "unet_ema" / "diffusion_pytorch_model.safetensors"
+    return hashlib.sha256(f.read_bytes()).hexdigest()[:12]
+
+
+def cached_samples(base: Path, n: int, steps: int, seed: int, out: Path) -> tuple[np.ndarray, float]:
+    """The base's unconditional samples, computed once per (model, n, steps, seed) and kept in out."""
+    f = out / f"samples_{model_id(base)}_{n}_{steps}_{seed}.npz"
+    if f.is_file():
+        z = np.load(f)
+        return z["samples"], float(z["seconds"])
+    t0 = time.time()
+    samples = unconditional_samples(base, n, steps, seed)
+    seconds = time.time() - t0
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = f.with_suffix(".tmp.npz")
+    np.savez(tmp, samples=samples, seconds=seconds)
+    tmp.replace(f)
+    return samples, seconds
 
 
 @torch.no_grad()
@@ -119,7 +151,8 @@ def main() -> None:
     p.add_argument("--n", type=int, default=0, help="samples (default: as many as held-out tiles)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps")
     p.add_argument("--classifier-steps", type=int, default=800)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--feature-seeds", default="0,1,2", help="one source classifier (feature space) per seed")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--grid", default="", help="also write a samples | real grid PNG here")
     p.add_argument("--out", default="bench/out/base_realism")
     args = p.parse_args()
@@ -129,26 +162,35 @@ def main() -> None:
     dirs = args.data.split(",")
     out = Path(args.out)
     base = Path(args.base)
-    extractor = FeatureExtractor(source_classifier(dirs, out, args.classifier_steps))
     held, _ = load_tiles(dirs, "holdout")
     n = args.n or len(held)
-    t0 = time.time()
-    samples = torch.from_numpy(unconditional_samples(base, n, args.steps, args.seed))
-    t_sample = time.time() - t0
+    samples, t_sample = cached_samples(base, n, args.steps, args.seed, out)
+    samples = torch.from_numpy(samples)
     recon = torch.from_numpy(reconstructions(base, held))
     half = len(held) // 2
     perm = torch.randperm(len(held), generator=torch.Generator().manual_seed(0))
-    res = {"base": str(base), "samples": scores(extractor, held, samples), "recon": scores(extractor, held, recon),
-           "real_half": scores(extractor, held[perm[:half]], held[perm[half:]]),
-           "sampling_seconds": round(t_sample, 1), "ddim_steps": args.steps}
-    res["fd_ratio_samples_over_recon"] = res["samples"]["fd"] / max(1e-9, res["recon"]["fd"])
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(res, indent=1))
-    print("| compared with held-out real tiles | FD | precision | recall |\n|---|---:|---:|---:|")
-    for k in ("samples", "recon", "real_half"):
-        r = res[k]
-        print(f"| {k} ({r['n_fake']} vs {r['n_real']}) | {r['fd']:.1f} | {r['precision']:.2f} | {r['recall']:.2f} |")
-    print(f"FD samples / FD reconstructions: {res['fd_ratio_samples_over_recon']:.2f}; sampling {t_sample:.0f}s")
+    res = {"base": str(base), "model_id": model_id(base), "sampling_seconds": round(t_sample, 1),
+           "ddim_steps": args.steps, "per_feature_seed": {}}
+    print("| feature seed | compared with held-out real tiles | FD | precision | recall |\n|---|---|---:|---:|---:|")
+    for fs in (int(v) for v in args.feature_seeds.split(",")):
+        extractor = FeatureExtractor(source_classifier(dirs, out, args.classifier_steps, fs))
+        r = {"samples": scores(extractor, held, samples), "recon": scores(extractor, held, recon),
+             "real_half": scores(extractor, held[perm[:half]], held[perm[half:]])}
+        r["fd_ratio_samples_over_recon"] = r["samples"]["fd"] / max(1e-9, r["recon"]["fd"])
+        res["per_feature_seed"][str(fs)] = r
+        for k in ("samples", "recon", "real_half"):
+            print(f"| {fs} | {k} ({r[k]['n_fake']} vs {r[k]['n_real']}) | {r[k]['fd']:.1f} | {r[k]['precision']:.2f} | "
+                  f"{r[k]['recall']:.2f} |")
+    per = list(res["per_feature_seed"].values())
+    res["mean"] = {k: {m: float(np.mean([r[k][m] for r in per])) for m in ("fd", "precision", "recall")}
+                   for k in ("samples", "recon", "real_half")}
+    res["mean"]["fd_ratio_samples_over_recon"] = float(np.mean([r["fd_ratio_samples_over_recon"] for r in per]))
+    (out / f"results_{res['model_id']}.json").write_text(json.dumps(res, indent=1))
+    m = res["mean"]
+    print(f"mean over {len(per)} feature seeds: samples FD {m['samples']['fd']:.1f} precision {m['samples']['precision']:.2f} "
+          f"recall {m['samples']['recall']:.2f}; recon FD {m['recon']['fd']:.1f}; FD ratio "
+          f"{m['fd_ratio_samples_over_recon']:.2f} (per seed: "
+          f"{', '.join(format(r['fd_ratio_samples_over_recon'], '.2f') for r in per)}); sampling {t_sample:.0f}s")
     if args.grid:
         save_pair_grid(samples.numpy(), held, Path(args.grid))
         print(f"grid: {args.grid}")
