@@ -28,7 +28,7 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def prepare_target(out: Path, labels_csv: Path) -> Path:
-    from histodiffusion.config import PrepareConfig
+    from histodiffusion.runtime.config import PrepareConfig
     from histodiffusion.data import prepare
 
     d = out / "target"

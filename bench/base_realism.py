@@ -56,7 +56,7 @@ def unconditional_samples(base: Path, n: int, steps: int, seed: int, batch: int 
     from histodiffusion.sample import decode_uint8, guided_sample, make_scheduler, sample_seed
 
     m = load_ldm(base)
-    from histodiffusion.latent_space import of_model
+    from histodiffusion.runtime.latent_space import of_model
 
     unet, vae, sf = m["unet"], m["vae"], of_model(base).scaling_factor  # the base's latent-space record
     c, s = unet.config.in_channels, unet.config.sample_size

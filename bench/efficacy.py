@@ -57,7 +57,7 @@ def main() -> None:
     if not (SHARED / "lc25000_lung" / "labels.csv").is_file():
         sys.exit(f"needs the real data in {SHARED}")
 
-    from histodiffusion.config import RunConfig
+    from histodiffusion.runtime.config import RunConfig
     from histodiffusion.data.splits import draw_name
     from histodiffusion.pipeline import run
 
@@ -97,7 +97,7 @@ def main() -> None:
 def subset_stage_config(path: str, fracs: list[float], draws: int, out: Path) -> str:
     """The --stage-config file, or (when it does not make every fraction or draw) a copy in <out> whose
     prepare-target also makes them; an existing run keeps its config when nothing has to change."""
-    from histodiffusion.config import load_config_file
+    from histodiffusion.runtime.config import load_config_file
 
     cfg = load_config_file(path) if path else {}
     tgt = dict(cfg.get("prepare-target", {}))

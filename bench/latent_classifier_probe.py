@@ -76,8 +76,8 @@ def main() -> None:
     args = p.parse_args()
 
     from histodiffusion.adapt import run_latent_classifier
-    from histodiffusion.config import LatentClassifierConfig
-    from histodiffusion.runtime import read_json
+    from histodiffusion.runtime.config import LatentClassifierConfig
+    from histodiffusion.runtime.fileio import read_json
 
     run = Path(args.run)
     out = Path(args.out) if args.out else run / "probe_latent_classifier"

@@ -25,7 +25,7 @@ def child(spec: dict) -> None:
     import resource
     import tracemalloc
 
-    from histodiffusion.config import PrepareConfig
+    from histodiffusion.runtime.config import PrepareConfig
     from histodiffusion.data.prepare import run
 
     tracemalloc.start()

@@ -62,8 +62,8 @@ def floats(text: str) -> list[float]:
 def load_or_train_judge(args, data: str, out: Path):
     """(model, info) of the judge folder; trained by the judge stage (train split only) when absent."""
     from histodiffusion import judge
-    from histodiffusion.config import JudgeConfig
-    from histodiffusion.runtime import is_complete
+    from histodiffusion.runtime.config import JudgeConfig
+    from histodiffusion.runtime.rundirs import is_complete
 
     folder = Path(args.judge) if args.judge else out / "judge"
     if not is_complete(folder):
@@ -195,7 +195,7 @@ def main() -> None:
     import torch
 
     from histodiffusion import judge
-    from histodiffusion.config import SampleConfig
+    from histodiffusion.runtime.config import SampleConfig
     from histodiffusion.evaldata import load_real
     from histodiffusion.sample import load_models, plan_samples
 

@@ -64,7 +64,7 @@ def make_vae(folder: str | Path, block_out_channels=(8, 16), latent_channels: in
 def make_cache(tmp: str | Path, name: str = "unl", n: int = 24, vae: str | Path | None = None,
                classes: tuple[str, ...] = (), seed: int = 0, shard_size: int = 4096) -> Path:
     """dataset + (vae) + latent cache under `tmp`; returns the cache directory."""
-    from histodiffusion.config import EncodeConfig
+    from histodiffusion.runtime.config import EncodeConfig
     from histodiffusion.encode import run
 
     tmp = Path(tmp)

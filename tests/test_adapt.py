@@ -8,11 +8,11 @@ import torch
 from safetensors.torch import load_file
 
 from histodiffusion import adapt
-from histodiffusion.config import FinetuneDecoderConfig, LatentClassifierConfig, SampleConfig
+from histodiffusion.runtime.config import FinetuneDecoderConfig, LatentClassifierConfig, SampleConfig
 from histodiffusion.models.autoencoder import vae_id
-from histodiffusion.latent_space import latent_hash
+from histodiffusion.runtime.latent_space import latent_hash
 from histodiffusion.models.latent_classifier import load_latent_classifier
-from histodiffusion.runtime import HistoError
+from histodiffusion.runtime.errors import HistoError
 
 from helpers_interrupt import interrupt_at
 from helpers_sample import make_labeled_cache, make_ldm

@@ -9,9 +9,9 @@ import pytest
 
 from helpers_eval import make_class_samples, make_dataset, one_thread, write_filtered
 from histodiffusion.cli import main
-from histodiffusion.config import EvaluateConfig
+from histodiffusion.runtime.config import EvaluateConfig
 from histodiffusion.evaluate import run
-from histodiffusion.runtime import HistoError
+from histodiffusion.runtime.errors import HistoError
 
 ARMS = ["real", "real_aa", "classic", "selected@1", "unselected@1"]
 

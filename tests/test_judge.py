@@ -11,8 +11,8 @@ import pytest
 from helpers_eval import make_class_samples, make_dataset, one_thread, write_filtered
 from histodiffusion import judge
 from histodiffusion.cli import main
-from histodiffusion.config import JudgeConfig
-from histodiffusion.runtime import HistoError
+from histodiffusion.runtime.config import JudgeConfig
+from histodiffusion.runtime.errors import HistoError
 
 
 @pytest.fixture(autouse=True)
@@ -137,7 +137,7 @@ def test_score_writes_the_fidelity_table(world, tmp_path):
     assert f["all"]["n"] == 18 and f["kept"]["n"] == 9 and (out / "fidelity.csv").is_file()
     assert f["realism"] is not None  # the judge's dataset is readable
     with pytest.raises(HistoError, match="needs --judge"):
-        from histodiffusion.config import ScoreConfig
+        from histodiffusion.runtime.config import ScoreConfig
         from histodiffusion.evaluate import run_score
 
         run_score(ScoreConfig(samples=str(world["samples"]), out=str(tmp_path / "s2")))

@@ -8,7 +8,7 @@ from torch import nn
 
 from helpers_eval import one_thread
 from histodiffusion import metrics as M
-from histodiffusion.runtime import HistoError
+from histodiffusion.runtime.errors import HistoError
 
 
 @pytest.fixture(autouse=True)

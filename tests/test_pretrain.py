@@ -16,8 +16,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from helpers_pretrain import make_cache, make_dataset, make_vae  # noqa: E402
 
-from histodiffusion.config import AutoencoderConfig, EncodeConfig, PretrainConfig  # noqa: E402
-from histodiffusion.runtime import HistoError, list_checkpoints  # noqa: E402
+from histodiffusion.runtime.config import AutoencoderConfig, EncodeConfig, PretrainConfig  # noqa: E402
+from histodiffusion.runtime.errors import HistoError
+from histodiffusion.runtime.distributed import list_checkpoints
 
 TINY_UNET = dict(block_out_channels=(16, 32), layers_per_block=1, batch_size=4, warmup=2, sample_every=0)
 
@@ -126,7 +127,7 @@ def test_encode_and_pretrain_refuse_mismatched_autoencoders(tmp_path):
         encode(EncodeConfig(data=str(data_b), vae=str(tmp_path / "vae2"), out=str(tmp_path / "cache" / "c")))
     # ... and so does fine-tuning its decoder: its diffusers default factor is never trusted
     from histodiffusion.adapt import run_finetune_decoder
-    from histodiffusion.config import FinetuneDecoderConfig
+    from histodiffusion.runtime.config import FinetuneDecoderConfig
 
     labeled = make_dataset(tmp_path / "data" / "lab", n=8, classes=("x", "y"))
     with pytest.raises(HistoError, match="no measured scaling factor"):
@@ -209,7 +210,7 @@ def _poison_latent(cache: Path, cfg: PretrainConfig, step: int) -> None:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from histodiffusion.artifacts import latent_shard_name
+    from histodiffusion.runtime.artifacts import latent_shard_name
     from histodiffusion.data.datasets import LatentDataset
     from histodiffusion.data.mixture import EpochIndex
 
@@ -244,7 +245,7 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path):
 
 def test_epoch_index_weights_resume_and_bad_input():
     from histodiffusion.data.mixture import EpochIndex
-    from histodiffusion.runtime import make_accelerator
+    from histodiffusion.runtime.distributed import make_accelerator
 
     idx = EpochIndex([30, 10], [1.0, 3.0], batch_size=4, rank=0, world=1, seed=3)
     first = idx.epoch(0)
@@ -264,9 +265,9 @@ def test_epoch_index_weights_resume_and_bad_input():
 
 
 def test_paper_preset_is_valid_and_paper_scale():
-    from histodiffusion.config import config_from_dict
-    from histodiffusion.presets import PRESETS, preset_overrides
-    from histodiffusion.registry import build
+    from histodiffusion.runtime.config import config_from_dict
+    from histodiffusion.runtime.presets import PRESETS, preset_overrides
+    from histodiffusion.runtime.registry import build
 
     for name, stages in PRESETS.items():
         for stage, fields in stages.items():

@@ -8,10 +8,10 @@ from helpers_eval import make_class_samples, make_dataset, one_thread
 import json
 
 from histodiffusion import evaluate, judge, select
-from histodiffusion.config import EvaluateConfig, JudgeConfig, ReportConfig, SelectConfig
+from histodiffusion.runtime.config import EvaluateConfig, JudgeConfig, ReportConfig, SelectConfig
 from histodiffusion.latent_strength import strength_summary
 from histodiffusion.report import run
-from histodiffusion.runtime import HistoError
+from histodiffusion.runtime.errors import HistoError
 
 
 @pytest.fixture(autouse=True)

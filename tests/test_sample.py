@@ -13,8 +13,8 @@ import torch
 
 from histodiffusion import sample as sample_mod
 from histodiffusion.cli import main as cli_main
-from histodiffusion.config import SampleConfig
-from histodiffusion.runtime import HistoError
+from histodiffusion.runtime.config import SampleConfig
+from histodiffusion.runtime.errors import HistoError
 from histodiffusion.sample import guided_sample, make_scheduler, plan_samples, run
 
 from helpers_interrupt import interrupt_at

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from helpers_eval import CLASSES, make_class_samples, make_dataset, make_samples, one_thread
-from histodiffusion.artifacts import FILTERED_COLUMNS
+from histodiffusion.runtime.artifacts import FILTERED_COLUMNS
 from histodiffusion.cli import main
-from histodiffusion.config import SelectConfig
-from histodiffusion.runtime import HistoError
+from histodiffusion.runtime.config import SelectConfig
+from histodiffusion.runtime.errors import HistoError
 from histodiffusion.select import memorization_threshold, run, score_samples, selection_summary
 
 @pytest.fixture(autouse=True)

@@ -25,13 +25,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .artifacts import MODEL_INFO, format_meta, read_meta
-from .config import FinetuneDecoderConfig, LatentClassifierConfig
-from .contract import completion_record
+from .runtime.artifacts import MODEL_INFO, format_meta, read_meta
+from .runtime.config import FinetuneDecoderConfig, LatentClassifierConfig
+from .runtime.contract import completion_record
 from .modelcards import CARD, autoencoder_card, latent_classifier_card
-from .runtime import (HistoError, MetricsLog, atomic_path, closes_stage_logs, get_logger, is_complete,
-                      load_latest_checkpoint, make_accelerator, mark_complete, read_json, save_checkpoint,
-                      seed_everything, start_run_dir, write_json_atomic, write_text_atomic)
+from .runtime.errors import HistoError
+from .runtime.log import MetricsLog, closes_stage_logs, get_logger
+from .runtime.fileio import atomic_path, read_json, write_json_atomic, write_text_atomic
+from .runtime.rundirs import is_complete, mark_complete, start_run_dir
+from .runtime.distributed import load_latest_checkpoint, make_accelerator, save_checkpoint, seed_everything
 from .seeds import torch_generator
 from .transforms import DIHEDRAL, dihedral
 
@@ -67,7 +69,7 @@ def _start(cfg, stage: str):
 # Noise-aware latent classifier
 # --------------------------------------------------------------------------------------------------
 def _load_training_scheduler(path: str, space):
-    from .latent_space import check_compatible, of_model
+    from .runtime.latent_space import check_compatible, of_model
     from .models.unet import load_scheduler
 
     sched = load_scheduler(path)
@@ -293,7 +295,7 @@ def _eval_decoder(vae, clf, ds, idx) -> dict:
 @closes_stage_logs
 def run_finetune_decoder(cfg: FinetuneDecoderConfig) -> Path:
     from .data.datasets import PixelDataset
-    from .latent_space import latent_hash, of_autoencoder
+    from .runtime.latent_space import latent_hash, of_autoencoder
     from .models.autoencoder import load_vae, save_vae
     from .models.classifier import load_classifier
 

@@ -24,11 +24,14 @@ import shutil
 from pathlib import Path
 
 from . import FORMAT_VERSION, __version__
-from .artifacts import LDM_SCHEDULER, LDM_UNET, LDM_VAE, MODEL_INFO
-from .config import ExportBaseConfig, config_to_dict
+from .runtime.artifacts import LDM_SCHEDULER, LDM_UNET, LDM_VAE, MODEL_INFO
+from .runtime.config import ExportBaseConfig, config_to_dict
 from .data.leakage import SOURCES_COLUMNS, SOURCES_CSV
-from .runtime import (HistoError, atomic_path, check_format_version, get_logger, read_csv, read_json, sha256_file,
-                      write_csv_atomic, write_json_atomic, write_text_atomic)
+from .runtime.errors import HistoError
+from .runtime.fileio import (atomic_path, read_csv, read_json, sha256_file, write_csv_atomic, write_json_atomic,
+                             write_text_atomic)
+from .runtime.rundirs import check_format_version
+from .runtime.log import get_logger
 
 CHECKSUMS = "checksums.json"
 CARD = "README.md"

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import torch
 
-from .artifacts import selection_dir
-from .config import EvaluateConfig
+from .runtime.artifacts import selection_dir
+from .runtime.config import EvaluateConfig
 from .evaldata import Tiles, load_sample_images, quota, read_filtered, read_samples
-from .runtime import HistoError, get_logger
+from .runtime.errors import HistoError
+from .runtime.log import get_logger
 from .seeds import numpy_rng
 
 ARM_KINDS = ("real", "real_aa", "classic", "selected", "unselected")

@@ -14,8 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .artifacts import FILTERED_COLUMNS, FILTERED_CSV, SAMPLES_CSV, SELECT_DIR, read_dataset, subset_ids
-from .runtime import HistoError, is_complete, read_csv
+from .runtime.artifacts import FILTERED_COLUMNS, FILTERED_CSV, SAMPLES_CSV, SELECT_DIR, read_dataset, subset_ids
+from .runtime.errors import HistoError
+from .runtime.rundirs import is_complete
+from .runtime.fileio import read_csv
 
 
 @dataclass

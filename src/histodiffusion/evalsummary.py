@@ -60,7 +60,7 @@ def plot_confusion(cm: np.ndarray, classes: list[str], title: str, path: Path) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .runtime import atomic_path
+    from .runtime.fileio import atomic_path
 
     norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(classes), 1.0 + 0.9 * len(classes)), dpi=100)

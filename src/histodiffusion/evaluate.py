@@ -41,18 +41,20 @@ import numpy as np
 import torch
 
 from . import metrics as M
-from .artifacts import FILTERED_CSV, selection_dir
-from .config import EvaluateConfig, ScoreConfig
-from .contract import completion_record
+from .runtime.artifacts import FILTERED_CSV, selection_dir
+from .runtime.config import EvaluateConfig, ScoreConfig
+from .runtime.contract import completion_record
 from .evalarms import (AA_SEED_OFFSET, ARM_KINDS, REAL_KINDS, check_groups_disjoint, expand_arms,  # noqa: F401
                        relabel, synthetic_sets, train_seed, training_set)
 from .evaldata import Tiles, dataset_classes, load_real
 from .evalsummary import (CURVE_COLUMNS, confusion_name, curve_rows, per_seed_columns, per_seed_rows,
                           plot_confusion, summarise, validation_summary)
 from .modelcards import CARD, classifier_card
-from .runtime import (HistoError, closes_stage_logs, dist_info, get_logger, is_complete, mark_complete,
-                      raise_if_any_rank_failed, read_json, seed_everything, start_run_dir, write_csv_atomic,
-                      write_json_atomic, write_text_atomic)
+from .runtime.errors import HistoError
+from .runtime.log import closes_stage_logs, get_logger
+from .runtime.distributed import dist_info, raise_if_any_rank_failed, seed_everything
+from .runtime.rundirs import is_complete, mark_complete, start_run_dir
+from .runtime.fileio import read_json, write_csv_atomic, write_json_atomic, write_text_atomic
 
 TEST = "test"
 
@@ -79,7 +81,7 @@ def val_record(model, tiles: Tiles) -> dict:
 
 
 def load_external(paths, classes: list[str], train_hashes: set[str]) -> dict[str, Tiles]:
-    from .artifacts import read_dataset
+    from .runtime.artifacts import read_dataset
 
     out = {}
     for p in paths:
@@ -100,7 +102,7 @@ def load_external(paths, classes: list[str], train_hashes: set[str]) -> dict[str
 # --------------------------------------------------------------------------------------------
 @closes_stage_logs
 def run(cfg: EvaluateConfig) -> Path:
-    from .artifacts import read_dataset
+    from .runtime.artifacts import read_dataset
 
     rank, world = dist_info()
     out = start_run_dir(cfg.out, cfg, "evaluate", is_main=rank == 0)
@@ -130,7 +132,7 @@ def run(cfg: EvaluateConfig) -> Path:
     # 2. train and score the jobs of this rank (finished ones are skipped)
     sets = {TEST: test, **externals}
     if world > 1:
-        from .runtime import make_accelerator
+        from .runtime.distributed import make_accelerator
 
         make_accelerator(cpu=True)  # the process group, for the collective error check below
     try:
@@ -152,7 +154,7 @@ KEEP_LIST = "keep_list.json"  # the keep-list an evaluation uses, recorded when 
 def check_keep_list(cfg: EvaluateConfig, out: Path, arms, is_main: bool) -> None:
     """Record the keep-list (filtered.csv hash) the selected arms train on; on resume, refuse another one,
     so classifiers of an old and a new selection never mix in one evaluation."""
-    from .runtime import sha256_file
+    from .runtime.fileio import sha256_file
 
     if not any(kind == "selected" for _, kind, _ in arms):
         return

@@ -31,13 +31,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .artifacts import FILTERED_CSV, SAMPLES_CSV, selection_dir
-from .config import JudgeConfig
-from .contract import completion_record
+from .runtime.artifacts import FILTERED_CSV, SAMPLES_CSV, selection_dir
+from .runtime.config import JudgeConfig
+from .runtime.contract import completion_record
 from .evaldata import dataset_classes, load_real, load_sample_images, read_filtered, read_samples, subset_fingerprint
 from .modelcards import CARD, classifier_card
-from .runtime import (HistoError, closes_stage_logs, dist_info, get_logger, is_complete, mark_complete, read_json,
-                      sha256_file, start_run_dir, write_csv_atomic, write_json_atomic, write_text_atomic)
+from .runtime.errors import HistoError
+from .runtime.log import closes_stage_logs, get_logger
+from .runtime.distributed import dist_info
+from .runtime.rundirs import is_complete, mark_complete, start_run_dir
+from .runtime.fileio import read_json, sha256_file, write_csv_atomic, write_json_atomic, write_text_atomic
 
 FIDELITY_JSON = "fidelity.json"
 FIDELITY_CSV = "fidelity.csv"
@@ -98,7 +101,7 @@ def class_fidelity(targets: list[str], preds: list[str], classes: list[str], kee
 def judge_training_ids(data: str | Path, subset: str) -> list[str]:
     """Ids of `subset` of `data`, refused when any of them lies outside the train split or shares a
     group with a validation or test tile."""
-    from .artifacts import subset_ids
+    from .runtime.artifacts import subset_ids
 
     _, rows, _ = dataset_classes(data)
     ids = subset_ids(data, rows, subset)
@@ -120,7 +123,7 @@ def judge_training_ids(data: str | Path, subset: str) -> list[str]:
 
 def assert_train_only(tiles, data: str | Path) -> None:
     """Checked again on the tiles actually loaded for training (a second line of defence)."""
-    from .artifacts import read_dataset
+    from .runtime.artifacts import read_dataset
 
     _, rows = read_dataset(data)
     split = {r["id"]: r["split"] for r in rows}
@@ -164,7 +167,7 @@ def ensure_judge(cfg: JudgeConfig, ids: list[str], out: Path, log):
         return model, info
     tiles = load_real(cfg.data, cfg.subset, ids=ids)
     assert_train_only(tiles, cfg.data)
-    from .runtime import seed_everything
+    from .runtime.distributed import seed_everything
 
     seed_everything(cfg.seed)
     size = int(tiles.images.shape[1])
@@ -299,7 +302,7 @@ def summary_line(record: dict) -> str:
 # --------------------------------------------------------------------------------------------
 @closes_stage_logs
 def run(cfg: JudgeConfig) -> Path:
-    from .artifacts import subset_ids
+    from .runtime.artifacts import subset_ids
 
     rank, _ = dist_info()
     if rank != 0:  # a measurement: one process does it all

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .runtime import HistoError
+from .runtime.errors import HistoError
 from .seeds import torch_generator
 
 GOAL_RATIO = 0.9

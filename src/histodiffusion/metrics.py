@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .runtime import HistoError, atomic_path
+from .runtime.errors import HistoError
+from .runtime.fileio import atomic_path
 
 
 # --------------------------------------------------------------------------------------------

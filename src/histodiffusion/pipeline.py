@@ -15,13 +15,15 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from . import config as C
-from .contract import check_complete
+from .runtime import config as C
+from .runtime.contract import check_complete
 from .data.splits import fewshot_names
-from .layout import RunLayout
-from .registry import STAGES, build
-from .runtime import (HistoError, get_logger, human_time, log_to, start_run_dir, write_json_atomic,
-                      write_text_atomic)
+from .runtime.layout import RunLayout
+from .runtime.registry import STAGES, build
+from .runtime.errors import HistoError
+from .runtime.log import get_logger, human_time, log_to
+from .runtime.rundirs import start_run_dir
+from .runtime.fileio import write_json_atomic, write_text_atomic
 
 
 # stage_config keys besides the stage names: one stage run twice, or the no-pretraining ablation's own
@@ -42,7 +44,7 @@ class Step:
 def plan(cfg: C.RunConfig, base: dict | None | str = "verify") -> list[Step]:
     """The chain of stages for this run, with each stage's resolved config fields (`base`: the verified
     base record when the caller has it already, else it is resolved and verified here)."""
-    from .presets import PRESETS, preset_overrides
+    from .runtime.presets import PRESETS, preset_overrides
 
     C.validate_config(cfg)
     root = Path(cfg.out)
@@ -179,7 +181,7 @@ def _check_steps(cfg: C.RunConfig, steps: list[Step], of_dataset: dict[str, str]
     """Plan-time checks of what would otherwise fail only when a late stage starts: every stage's config
     (fields, types, ranges), the subsets stages ask of the run's datasets and caches (`of_dataset`: path
     -> the dataset it holds or encodes; prepare must make the subset), and a labels CSV of >= 2 classes."""
-    from .artifacts import HOLDOUT_SPLIT, SPLITS, UNLABELED_SPLIT
+    from .runtime.artifacts import HOLDOUT_SPLIT, SPLITS, UNLABELED_SPLIT
     from .data.prepare import read_labels_csv
 
     where = f"stage_config {cfg.stage_config}" if cfg.stage_config else "run"

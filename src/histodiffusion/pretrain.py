@@ -18,17 +18,19 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from .artifacts import LDM_SCHEDULER, LDM_UNET, LDM_VAE, MODEL_INFO, format_meta
-from .config import PretrainConfig
-from .contract import completion_record
+from .runtime.artifacts import LDM_SCHEDULER, LDM_UNET, LDM_VAE, MODEL_INFO, format_meta
+from .runtime.config import PretrainConfig
+from .runtime.contract import completion_record
 from .data.mixture import EpochIndex, IdRecorder, MixtureDataset, make_loader
-from .distributed import check_finite
+from .runtime.distributed import check_finite
 from .grids import write_grid
 from .modelcards import CARD, ldm_card
-from .runtime import (HistoError, MetricsLog, atomic_path, check_checkpoint_within, closes_stage_logs, get_logger,
-                      human_time, load_latest_checkpoint, make_accelerator, mark_complete, progress,
-                      reopen_for_steps, save_checkpoint, save_final_checkpoint, seed_everything, start_run_dir,
-                      write_json_atomic, write_text_atomic)
+from .runtime.errors import HistoError
+from .runtime.log import MetricsLog, closes_stage_logs, get_logger, human_time, progress
+from .runtime.fileio import atomic_path, write_json_atomic, write_text_atomic
+from .runtime.rundirs import check_checkpoint_within, mark_complete, reopen_for_steps, start_run_dir
+from .runtime.distributed import (load_latest_checkpoint, make_accelerator, save_checkpoint, save_final_checkpoint,
+                                  seed_everything)
 
 STAGE = "pretrain"
 EMA_FILE = "ema.safetensors"
@@ -51,7 +53,7 @@ def _check_config(cfg: PretrainConfig) -> None:
 def load_caches(paths, subset: str = "all") -> tuple[list, list[str], object]:
     """LatentDatasets of the caches, their names, and their one latent space (latent_space.py)."""
     from .data.datasets import LatentDataset
-    from .latent_space import check_compatible
+    from .runtime.latent_space import check_compatible
 
     sets = [LatentDataset(p, subset, sample=True) for p in paths]
     names = [ds.meta.get("dataset_name") or Path(p).name for ds, p in zip(sets, paths)]
@@ -71,7 +73,7 @@ def load_caches(paths, subset: str = "all") -> tuple[list, list[str], object]:
 
 def check_vae(vae_dir: str | Path, vae_hash: str, where: str) -> Path:
     """The autoencoder folder named by a cache must still hold the weights the cache was made with."""
-    from .latent_space import latent_hash
+    from .runtime.latent_space import latent_hash
 
     vae_dir = Path(vae_dir)
     if latent_hash(vae_dir) != vae_hash:
@@ -87,7 +89,7 @@ def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch
 
 def build_model(cfg: PretrainConfig, shared, log):
     """A fresh UNet from cfg, or the UNet of an exported model (init_from) after checking it fits."""
-    from .latent_space import check_compatible, of_model
+    from .runtime.latent_space import check_compatible, of_model
     from .models.unet import build_unet_from_config, load_unet
 
     if not cfg.init_from:

@@ -21,10 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ReportConfig
-from .contract import completion_record
-from .runtime import (HistoError, closes_stage_logs, get_logger, mark_complete, read_json, start_run_dir,
-                      write_text_atomic)
+from .runtime.config import ReportConfig
+from .runtime.contract import completion_record
+from .runtime.errors import HistoError
+from .runtime.log import closes_stage_logs, get_logger
+from .runtime.rundirs import mark_complete, start_run_dir
+from .runtime.fileio import read_json, write_text_atomic
 from .report_figures import curve_figure, embedding_figure, grid_figure
 
 
@@ -111,9 +113,9 @@ table{font-size:12px}th,td{padding:3px 5px}figure{margin:4px 0 8px}}"""
 
 def _paths(cfg: ReportConfig) -> dict[str, Path]:
     """The directories the report reads: the config's, else the run layout's (layout.py)."""
-    from .layout import RunLayout
+    from .runtime.layout import RunLayout
 
-    from .artifacts import selection_dir
+    from .runtime.artifacts import selection_dir
 
     L = RunLayout(cfg.run)
     samples = Path(cfg.samples) if cfg.samples else L.samples()
@@ -161,13 +163,13 @@ def section_configs(doc: Doc, p: dict) -> None:
 
 def _classes(data: Path) -> list[str] | None:
     """Class names of the target dataset, or None when there is none."""
-    from .artifacts import read_meta
+    from .runtime.artifacts import read_meta
 
     return list(read_meta(data, "dataset").get("classes") or []) if (data / "manifest.csv").is_file() else None
 
 
 def section_data(doc: Doc, p: dict, subset: str) -> dict | None:
-    from .artifacts import read_dataset, subset_ids
+    from .runtime.artifacts import read_dataset, subset_ids
 
     if not (p["data"] / "manifest.csv").is_file():
         return None
@@ -457,7 +459,7 @@ def run(cfg: ReportConfig) -> Path:
     section_selection(doc, p)
     section_fidelity(doc, p)
     section_results(doc, p, p["eval"], test_table=False)
-    from .layout import ARMS
+    from .runtime.layout import ARMS
 
     for extra in (p["layout"].evaluation(a) for a in ARMS if a):  # e.g. eval_nopretrain (the no-pretraining ablation)
         if extra.is_dir() and extra.resolve() != p["eval"].resolve():

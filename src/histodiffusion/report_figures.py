@@ -51,7 +51,7 @@ def reduce_2d(x: np.ndarray, method: str = "auto", seed: int = 0) -> tuple[np.nd
             return umap.UMAP(n_neighbors=min(15, n - 1), random_state=seed).fit_transform(x), "UMAP"
         except ImportError:
             if method == "umap":
-                from .runtime import HistoError
+                from .runtime.errors import HistoError
 
                 raise HistoError("embedding=umap needs umap-learn (pip install umap-learn); use tsne or pca") from None
     if method in ("auto", "umap", "tsne") and n >= 5:

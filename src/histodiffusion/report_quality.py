@@ -5,7 +5,7 @@ independent judge (<samples>/fidelity.json, written by `histodiffusion judge`)."
 from __future__ import annotations
 
 from .report import Doc, _fmt
-from .runtime import read_json, sha256_file
+from .runtime.fileio import read_json, sha256_file
 
 
 def _rate(block: dict | None) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .report import ARM_HEADER, Doc, _fmt, arm_rows
 from .report_quality import _rate
-from .runtime import read_json
+from .runtime.fileio import read_json
 
 TEST = "test"
 

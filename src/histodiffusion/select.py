@@ -44,12 +44,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .artifacts import FILTERED_COLUMNS, FILTERED_CSV, selection_dir
-from .config import SelectConfig, config_to_dict
-from .contract import check_complete, completion_record
+from .runtime.artifacts import FILTERED_COLUMNS, FILTERED_CSV, selection_dir
+from .runtime.config import SelectConfig, config_to_dict
+from .runtime.contract import check_complete, completion_record
 from .evaldata import load_real, load_sample_images, quota, read_samples, subset_fingerprint
-from .runtime import (COMPLETE_MARKER, HistoError, closes_stage_logs, ensure_writable, get_logger, mark_complete,
-                      seed_everything, start_run_dir, write_csv_atomic, write_json_atomic)
+from .runtime.rundirs import COMPLETE_MARKER, ensure_writable, mark_complete, start_run_dir
+from .runtime.errors import HistoError
+from .runtime.log import closes_stage_logs, get_logger
+from .runtime.distributed import seed_everything
+from .runtime.fileio import write_csv_atomic, write_json_atomic
 from .transforms import DIHEDRAL, dihedral
 
 FILTERED_JSON = "filtered.json"
@@ -209,7 +212,7 @@ def _softmax_head(model):
 @closes_stage_logs
 def run(cfg: SelectConfig) -> Path:
     from .models.classifier import predict
-    from .runtime import dist_info
+    from .runtime.distributed import dist_info
 
     rank, _ = dist_info()
     samples_dir = Path(cfg.samples)

@@ -19,16 +19,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import AutoencoderConfig
-from .contract import completion_record
+from .runtime.config import AutoencoderConfig
+from .runtime.contract import completion_record
 from .data.mixture import EpochIndex, IdRecorder, MixtureDataset, make_loader
-from .distributed import check_finite
+from .runtime.distributed import check_finite
 from .grids import to_uint8, write_grid
 from .modelcards import CARD, autoencoder_card
-from .runtime import (HistoError, MetricsLog, check_checkpoint_within, closes_stage_logs, get_logger, human_time,
-                      load_latest_checkpoint, make_accelerator, mark_complete, progress, reopen_for_steps,
-                      save_checkpoint, save_final_checkpoint, seed_everything, start_run_dir, write_csv_atomic,
-                      write_text_atomic)
+from .runtime.errors import HistoError
+from .runtime.log import MetricsLog, closes_stage_logs, get_logger, human_time, progress
+from .runtime.rundirs import check_checkpoint_within, mark_complete, reopen_for_steps, start_run_dir
+from .runtime.distributed import (load_latest_checkpoint, make_accelerator, save_checkpoint, save_final_checkpoint,
+                                  seed_everything)
+from .runtime.fileio import write_csv_atomic, write_text_atomic
 
 STAGE = "train-autoencoder"
 
@@ -100,7 +102,7 @@ def load_sources(cfg: AutoencoderConfig, holdout: int):
     up to `holdout` of them evenly spaced; a dataset without that split lends every k-th tile instead."""
     from torch.utils.data import Subset
 
-    from .artifacts import HOLDOUT_SPLIT
+    from .runtime.artifacts import HOLDOUT_SPLIT
     from .data.datasets import PixelDataset
 
     sources = [PixelDataset(d, "all") for d in cfg.data]

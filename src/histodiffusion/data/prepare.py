@@ -22,11 +22,13 @@ from pathlib import Path
 import numpy as np
 
 from .. import FORMAT_VERSION, __version__
-from ..artifacts import UNLABELED_SPLIT
-from ..config import PrepareConfig, config_to_dict
-from ..contract import completion_record
-from ..runtime import (CONFIG_FILE, HistoError, closes_stage_logs, ensure_writable, get_logger, is_complete, progress,
-                       read_csv, read_json, sha256_file, write_csv_atomic, write_json_atomic)
+from ..runtime.artifacts import UNLABELED_SPLIT
+from ..runtime.config import PrepareConfig, config_to_dict
+from ..runtime.contract import completion_record
+from ..runtime.rundirs import CONFIG_FILE, ensure_writable, is_complete
+from ..runtime.errors import HistoError
+from ..runtime.log import closes_stage_logs, get_logger, progress
+from ..runtime.fileio import read_csv, read_json, sha256_file, write_csv_atomic, write_json_atomic
 from . import default, scale, slides
 from .leakage import SOURCES_COLUMNS, SOURCES_CSV, find_overlap
 from .resolution import check_scale, resolution_record, scale_warnings  # noqa: F401  (check_scale: callers import it here)

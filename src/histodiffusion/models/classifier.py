@@ -15,7 +15,9 @@ import torch
 from torch import nn
 
 from .. import FORMAT_VERSION
-from ..runtime import HistoError, check_format_version, read_json, write_json_atomic
+from ..runtime.errors import HistoError
+from ..runtime.rundirs import check_format_version
+from ..runtime.fileio import read_json, write_json_atomic
 from ..transforms import DIHEDRAL, dihedral, flip_then_rotate
 
 
@@ -116,7 +118,7 @@ def save_classifier(model: nn.Module, directory: str | Path, info: dict) -> None
     """model.safetensors + classifier.json (name, classes, image_size, ...) into `directory`."""
     from safetensors.torch import save_file
 
-    from ..runtime import atomic_path
+    from ..runtime.fileio import atomic_path
 
     directory = Path(directory)
     with atomic_path(directory) as tmp:
@@ -199,7 +201,8 @@ def train_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     validation call, or of the last step). Averaging removes most of the step-to-step jitter of the
     final weights, the main source of seed-to-seed spread of a small classifier on a few hundred tiles.
     """
-    from ..runtime import progress, seed_everything
+    from ..runtime.log import progress
+    from ..runtime.distributed import seed_everything
 
     if steps <= 0:
         raise HistoError(f"training steps must be positive, got {steps}")

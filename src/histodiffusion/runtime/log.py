@@ -1,8 +1,6 @@
-"""Run-time plumbing shared by every stage: rank-0 logging (this module) and, re-exported here so that
-`from histodiffusion.runtime import X` serves every stage, the error type for users (errors.py), atomic
-writes and readers (fileio.py), run directories and completion markers (rundirs.py), and accelerate
-set-up, seeding and resumable checkpoints (distributed.py). Nothing here imports torch at module level,
-so `histodiffusion --help` stays fast.
+"""Logging of every stage: loggers under `histodiffusion.<stage>`, the run's log.txt (`log_to`), stage log
+files closed when a stage returns (`closes_stage_logs`), metrics.jsonl, progress of loops and durations.
+No torch: `histodiffusion --help` stays fast.
 """
 from __future__ import annotations
 
@@ -15,16 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .distributed import (check_finite, dist_info, list_checkpoints, load_latest_checkpoint,  # noqa: F401
-                          make_accelerator, raise_if_any_rank_failed, save_checkpoint, save_final_checkpoint,
-                          seed_everything)
-from .errors import HistoError  # noqa: F401
-from .fileio import (atomic_path, read_csv, read_json, remove_path, sha256_dir, sha256_file,  # noqa: F401
-                     write_csv_atomic, write_json_atomic, write_text_atomic)
+from .errors import HistoError
 from .fileio import json_default as _json_default
-from .rundirs import (COMPLETE_MARKER, CONFIG_FILE, MARKER_FORMAT, check_checkpoint_within,  # noqa: F401
-                      check_format_version, comparable_config, ensure_writable, is_complete, mark_complete,
-                      pid_alive, remove_stale_temps, reopen_for_steps, start_run_dir)
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import FORMAT_VERSION, __version__
+from .. import FORMAT_VERSION, __version__
 from .errors import HistoError
 from .fileio import read_json, remove_path, write_json_atomic
 

@@ -36,72 +36,72 @@ class Stage:
 
 # run functions: each imports its stage module on call (no module-name strings)
 def _prepare(cfg):
-    from .data.prepare import run
+    from ..data.prepare import run
     return run(cfg)
 
 
 def _train_autoencoder(cfg):
-    from .train_autoencoder import run
+    from ..train_autoencoder import run
     return run(cfg)
 
 
 def _encode(cfg):
-    from .encode import run
+    from ..encode import run
     return run(cfg)
 
 
 def _pretrain(cfg):
-    from .pretrain import run
+    from ..pretrain import run
     return run(cfg)
 
 
 def _export_base(cfg):
-    from .basemodel import run
+    from ..basemodel import run
     return run(cfg)
 
 
 def _latent_classifier(cfg):
-    from .adapt import run_latent_classifier
+    from ..adapt import run_latent_classifier
     return run_latent_classifier(cfg)
 
 
 def _finetune_decoder(cfg):
-    from .adapt import run_finetune_decoder
+    from ..adapt import run_finetune_decoder
     return run_finetune_decoder(cfg)
 
 
 def _sample(cfg):
-    from .sample import run
+    from ..sample import run
     return run(cfg)
 
 
 def _select(cfg):
-    from .select import run
+    from ..select import run
     return run(cfg)
 
 
 def _evaluate(cfg):
-    from .evaluate import run
+    from ..evaluate import run
     return run(cfg)
 
 
 def _score(cfg):
-    from .evaluate import run_score
+    from ..evaluate import run_score
     return run_score(cfg)
 
 
 def _judge(cfg):
-    from .judge import run
+    from ..judge import run
     return run(cfg)
 
 
 def _report(cfg):
-    from .report import run
+    from ..report import run
     return run(cfg)
 
 
 def _run(cfg):
-    from .pipeline import run
+    from ..pipeline import run
     return run(cfg)
 
 
@@ -143,7 +143,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
 
 def stage(name: str) -> Stage:
     """The record of stage `name`; HistoError naming the known stages otherwise."""
-    from .runtime import HistoError
+    from .errors import HistoError
 
     if name not in STAGES:
         raise HistoError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")

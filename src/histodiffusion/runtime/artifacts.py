@@ -28,8 +28,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import FORMAT_VERSION
-from .runtime import HistoError, check_format_version, is_complete, read_csv, read_json
+from .. import FORMAT_VERSION
+from .errors import HistoError
+from .rundirs import check_format_version, is_complete
+from .fileio import read_csv, read_json
 
 # dataset directory
 MANIFEST = "manifest.csv"

@@ -17,7 +17,8 @@ import time
 from dataclasses import dataclass
 
 from .config import F
-from .runtime import HistoError, human_time, logging_settings, set_logging
+from .errors import HistoError
+from .log import human_time, logging_settings, set_logging
 
 _NO_CONSOLE = {"console": False}  # extra of a line the console handler drops (a bar shows it already)
 
@@ -70,7 +71,7 @@ class Progress:
     def __init__(self, iterable=None, total: int | None = None, desc: str = "", disable: bool = False,
                  initial: int = 0, log: logging.Logger | None = None, level: int = logging.INFO,
                  every: float | None = None, **tqdm_kw):
-        from .runtime import get_logger
+        from .log import get_logger
 
         self.iterable = iterable
         if total is None and iterable is not None and hasattr(iterable, "__len__"):

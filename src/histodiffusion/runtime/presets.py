@@ -47,7 +47,7 @@ PRESETS: dict[str, dict[str, dict]] = {
 
 def preset_overrides(preset: str, stage: str) -> dict:
     """The field overrides of `preset` for `stage` (empty when the preset does not touch it)."""
-    from .runtime import HistoError
+    from .errors import HistoError
 
     if preset not in PRESETS:
         raise HistoError(f"unknown preset {preset!r}; known: {sorted(PRESETS)}")

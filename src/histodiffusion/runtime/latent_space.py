@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .artifacts import MODEL_INFO
-from .runtime import HistoError, read_json, sha256_dir, write_json_atomic
+from .errors import HistoError
+from .fileio import read_json, sha256_dir, write_json_atomic
 
 LATENT_SPACE = "latent_space.json"  # in a latent cache
 RECORD_FORMAT = 2  # format_version of latent_space.json (format 1 caches kept these fields in meta.json)
