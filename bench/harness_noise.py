@@ -52,9 +52,9 @@ def main() -> None:
 
     import torch
 
-    from histodiffusion.evaldata import load_real
+    from histodiffusion.data.evaldata import load_real
     from histodiffusion.evaluate import score
-    from histodiffusion.metrics import mean_ci
+    from histodiffusion.core.metrics import mean_ci
     from histodiffusion.models.classifier import build_classifier, train_classifier
     from histodiffusion.runtime.distributed import seed_everything
     from histodiffusion.runtime.fileio import write_json_atomic

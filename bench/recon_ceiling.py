@@ -51,7 +51,7 @@ def write_samples(ds, idx: list[int], classes: list[str], vae, out: Path, batch:
     from PIL import Image
 
     from histodiffusion.runtime.fileio import write_csv_atomic
-    from histodiffusion.sample import decode_uint8
+    from histodiffusion.diffusers_pipeline import decode_uint8
 
     (out / "images").mkdir(parents=True, exist_ok=True)
     rows = []

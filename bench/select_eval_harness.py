@@ -65,7 +65,7 @@ def standins(data: Path, out: Path, subset: str) -> dict:
     from PIL import Image
 
     from histodiffusion.runtime.artifacts import SAMPLES_COLUMNS
-    from histodiffusion.evaldata import load_real
+    from histodiffusion.data.evaldata import load_real
     from histodiffusion.runtime.fileio import write_csv_atomic
 
     real, val = load_real(data, subset), load_real(data, "val")

@@ -196,7 +196,7 @@ def main() -> None:
 
     from histodiffusion import judge
     from histodiffusion.runtime.config import SampleConfig
-    from histodiffusion.evaldata import load_real
+    from histodiffusion.data.evaldata import load_real
     from histodiffusion.sample import load_models, plan_samples
 
     if args.threads:

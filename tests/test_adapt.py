@@ -82,7 +82,7 @@ def test_image_baseline_needs_a_readable_dataset(target, tmp_path):
 def test_latent_augmentation_draws_dihedral_transforms(target):
     """augment=True feeds each latent as one of its 8 flips/rotations, drawn from the step's generator."""
     from histodiffusion.data.datasets import LatentDataset
-    from histodiffusion.transforms import DIHEDRAL, dihedral
+    from histodiffusion.core.transforms import DIHEDRAL, dihedral
 
     class NoNoise:  # add_noise as the identity, so the batch shows the (transformed) clean latents
         def add_noise(self, z, noise, t):

@@ -179,7 +179,7 @@ def test_adapting_the_base_on_unlabeled_target_tiles(base, tmp_path):
 
 def test_scale_check_against_a_base_uses_its_pretraining_mixture(tmp_path):
     """A target is compared with the mixture-weighted nucleus width of the base's datasets."""
-    from histodiffusion.data.prepare import scale_warnings
+    from histodiffusion.data.resolution import scale_warnings
 
     base = tmp_path / "b"
     base.mkdir()

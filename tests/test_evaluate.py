@@ -111,7 +111,7 @@ def test_resume_skips_finished_classifiers(evaluated):
 
 
 def test_best_validation_checkpoint_is_the_one_scored(evaluated):
-    from histodiffusion.evaldata import load_real
+    from histodiffusion.data.evaldata import load_real
     from histodiffusion.evaluate import score, val_record
     from histodiffusion.models.classifier import load_classifier
 
@@ -224,7 +224,7 @@ def test_tta_prediction_does_not_depend_on_the_tile_orientation():
     import torch
 
     from histodiffusion.models.classifier import build_classifier, predict, train_classifier
-    from histodiffusion.transforms import dihedral
+    from histodiffusion.core.transforms import dihedral
 
     torch.manual_seed(0)
     x = torch.randint(0, 256, (6, 16, 16, 3), dtype=torch.uint8)
@@ -242,7 +242,7 @@ def test_aa_arm_is_real_with_its_own_seed_stream(evaluated, tmp_path):
     from safetensors.torch import load_file
 
     from histodiffusion import evaluate
-    from histodiffusion.evalsummary import summarise
+    from histodiffusion.core.evalsummary import summarise
 
     cfg, root = evaluated
     base = {**cfg.__dict__, "samples": "", "external": (), "seeds": (0, 1)}

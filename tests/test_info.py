@@ -100,7 +100,7 @@ def test_not_a_run_is_a_clear_error(tmp_path, capsys):
 
 
 def test_dataset_line_names_the_licence_where_known(tmp_path):
-    from histodiffusion.modelcards import dataset_line
+    from histodiffusion.models.cards import dataset_line
 
     src = tmp_path / "src"
     src.mkdir()

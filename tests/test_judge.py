@@ -89,7 +89,7 @@ def test_judge_trains_on_train_tiles_only_and_writes_fidelity(world, tmp_path, m
     monkeypatch.setattr(C, "train_classifier", spy)
     out = judge.run(cfg_of(world, tmp_path / "j", samples=(str(world["samples"]),)))
     # asserted: the judge was trained exactly on the train split's tiles, none of val / test
-    from histodiffusion.evaldata import load_real
+    from histodiffusion.data.evaldata import load_real
 
     assert len(seen) == 1
     train, held = load_real(world["data"], "train"), [load_real(world["data"], s) for s in ("val", "test")]

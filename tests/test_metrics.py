@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from helpers_eval import one_thread
-from histodiffusion import metrics as M
+from histodiffusion.core import metrics as M
 from histodiffusion.runtime.errors import HistoError
 
 

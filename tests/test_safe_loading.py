@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from histodiffusion.runtime.config import PretrainConfig, SampleConfig, config_from_dict, load_config_file
+from histodiffusion.runtime.config import PretrainConfig, SampleConfig, config_from_dict
+from histodiffusion.runtime.configtypes import load_config_file
 from histodiffusion.runtime.errors import HistoError
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "histodiffusion"

@@ -9,7 +9,8 @@ from PIL import Image
 from helpers_prepare import labels_csv
 from histodiffusion.runtime.config import PrepareConfig
 from histodiffusion.data import default
-from histodiffusion.data.prepare import check_scale, run
+from histodiffusion.data.resolution import check_scale
+from histodiffusion.data.prepare import run
 from histodiffusion.data.scale import TileSample, mismatch, nucleus_size, tile_nuclei
 from histodiffusion.data.slides import resize_tile
 

@@ -129,7 +129,7 @@ def test_class_quota_smaller_than_the_passing_samples_caps_them():
 
 @pytest.fixture(scope="module")
 def selected(tmp_path_factory):
-    from histodiffusion.evaldata import load_real
+    from histodiffusion.data.evaldata import load_real
 
     root = tmp_path_factory.mktemp("select")
     data = make_dataset(root / "data")

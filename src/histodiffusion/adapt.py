@@ -28,14 +28,14 @@ import torch.nn.functional as F
 from .runtime.artifacts import MODEL_INFO, format_meta, read_meta
 from .runtime.config import FinetuneDecoderConfig, LatentClassifierConfig
 from .runtime.contract import completion_record
-from .modelcards import CARD, autoencoder_card, latent_classifier_card
+from .models.cards import CARD, autoencoder_card, latent_classifier_card
 from .runtime.errors import HistoError
 from .runtime.log import MetricsLog, closes_stage_logs, get_logger
 from .runtime.fileio import atomic_path, read_json, write_json_atomic, write_text_atomic
 from .runtime.rundirs import is_complete, mark_complete, start_run_dir
 from .runtime.distributed import load_latest_checkpoint, make_accelerator, save_checkpoint, seed_everything
-from .seeds import torch_generator
-from .transforms import DIHEDRAL, dihedral
+from .core.seeds import torch_generator
+from .core.transforms import DIHEDRAL, dihedral
 
 N_BUCKETS = 4  # validation accuracy per timestep bucket [k*T/4, (k+1)*T/4)
 

@@ -25,7 +25,8 @@ from pathlib import Path
 
 from . import FORMAT_VERSION, __version__
 from .runtime.artifacts import LDM_SCHEDULER, LDM_UNET, LDM_VAE, MODEL_INFO
-from .runtime.config import ExportBaseConfig, config_to_dict
+from .runtime.config import ExportBaseConfig
+from .runtime.configtypes import config_to_dict
 from .data.leakage import SOURCES_COLUMNS, SOURCES_CSV
 from .runtime.errors import HistoError
 from .runtime.fileio import (atomic_path, read_csv, read_json, sha256_file, write_csv_atomic, write_json_atomic,

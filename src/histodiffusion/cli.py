@@ -14,7 +14,8 @@ import sys
 import typing
 
 from . import __version__
-from .runtime.config import config_from_dict, help_of, load_config_file
+from .runtime.config import config_from_dict
+from .runtime.configtypes import help_of, load_config_file
 from .runtime.registry import STAGES
 from .runtime.errors import HistoError
 

@@ -40,21 +40,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import metrics as M
-from .runtime.artifacts import FILTERED_CSV, selection_dir
+from .core import metrics as M
+from .runtime.artifacts import FILTERED_CSV, confusion_name, selection_dir
 from .runtime.config import EvaluateConfig, ScoreConfig
 from .runtime.contract import completion_record
-from .evalarms import (AA_SEED_OFFSET, ARM_KINDS, REAL_KINDS, check_groups_disjoint, expand_arms,  # noqa: F401
-                       relabel, synthetic_sets, train_seed, training_set)
-from .evaldata import Tiles, dataset_classes, load_real
-from .evalsummary import (CURVE_COLUMNS, confusion_name, curve_rows, per_seed_columns, per_seed_rows,
-                          plot_confusion, summarise, validation_summary)
-from .modelcards import CARD, classifier_card
+from .data.evalarms import (check_groups_disjoint, expand_arms, relabel, synthetic_sets, train_seed,
+                            training_set)
+from .data.evaldata import Tiles, dataset_classes, load_real
+from .core.evalsummary import (CURVE_COLUMNS, curve_rows, per_seed_columns, per_seed_rows, summarise,
+                               validation_summary)
+from .models.cards import CARD, classifier_card
 from .runtime.errors import HistoError
 from .runtime.log import closes_stage_logs, get_logger
 from .runtime.distributed import dist_info, raise_if_any_rank_failed, seed_everything
 from .runtime.rundirs import is_complete, mark_complete, start_run_dir
-from .runtime.fileio import read_json, write_csv_atomic, write_json_atomic, write_text_atomic
+from .runtime.fileio import atomic_path, read_json, write_csv_atomic, write_json_atomic, write_text_atomic
 
 TEST = "test"
 
@@ -318,3 +318,28 @@ def run_score(cfg: ScoreConfig) -> Path:
         "fidelity": fidelity.record if fidelity else None})
     mark_complete(out, **completion_record(cfg), classifiers=len(dirs), fidelity=bool(fidelity))
     return out
+
+
+def plot_confusion(cm: np.ndarray, classes: list[str], title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+
+    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(classes), 1.0 + 0.9 * len(classes)), dpi=100)
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            ax.text(j, i, f"{norm[i, j]:.2f}\n({int(cm[i, j])})", ha="center", va="center", fontsize=8,
+                    color="white" if norm[i, j] > 0.6 else "black")
+    ax.set_xticks(range(len(classes)), classes, rotation=30, fontsize=8)
+    ax.set_yticks(range(len(classes)), classes, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)

@@ -34,8 +34,8 @@ import numpy as np
 from .runtime.artifacts import FILTERED_CSV, SAMPLES_CSV, selection_dir
 from .runtime.config import JudgeConfig
 from .runtime.contract import completion_record
-from .evaldata import dataset_classes, load_real, load_sample_images, read_filtered, read_samples, subset_fingerprint
-from .modelcards import CARD, classifier_card
+from .data.evaldata import dataset_classes, load_real, load_sample_images, read_filtered, read_samples, subset_fingerprint
+from .models.cards import CARD, classifier_card
 from .runtime.errors import HistoError
 from .runtime.log import closes_stage_logs, get_logger
 from .runtime.distributed import dist_info
@@ -240,7 +240,7 @@ def sampler_settings(rows: list[dict]) -> dict:
 
 def judge_features(model, images) -> np.ndarray:
     """The judge's penultimate features of uint8 images (float64 [N, D])."""
-    from .metrics import extract_features
+    from .core.metrics import extract_features
     from .models.classifier import FeatureExtractor
 
     return extract_features(FeatureExtractor(model), images)
@@ -251,7 +251,7 @@ def realism(model, info: dict, real, images, targets: list[str], seed: int = 0, 
     (`real_feats`: the real tiles' features when already computed, e.g. once for a whole sweep)."""
     import torch
 
-    from .metrics import _identity_extractor, generative_metrics
+    from .core.metrics import _identity_extractor, generative_metrics
 
     classes = list(info["classes"])
     fake_labels = np.array([classes.index(t) for t in targets])

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .runtime.errors import HistoError
-from .seeds import torch_generator
+from .core.seeds import torch_generator
 
 GOAL_RATIO = 0.9
 IMAGE_SEED_OFFSET = 7919  # the image classifier's batches: its own stream of the stage's seed

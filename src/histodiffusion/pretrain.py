@@ -23,8 +23,8 @@ from .runtime.config import PretrainConfig
 from .runtime.contract import completion_record
 from .data.mixture import EpochIndex, IdRecorder, MixtureDataset, make_loader
 from .runtime.distributed import check_finite
-from .grids import write_grid
-from .modelcards import CARD, ldm_card
+from .core.grids import write_grid
+from .models.cards import CARD, ldm_card
 from .runtime.errors import HistoError
 from .runtime.log import MetricsLog, closes_stage_logs, get_logger, human_time, progress
 from .runtime.fileio import atomic_path, write_json_atomic, write_text_atomic

@@ -202,7 +202,7 @@ def grid_scale(tile: int, scale: int = 0) -> int:
 
 
 def section_grids(doc: Doc, p: dict, subset: str, classes: list[str], n: int, scale: int = 0) -> tuple | None:
-    from .evaldata import load_real, load_sample_images, read_samples
+    from .data.evaldata import load_real, load_sample_images, read_samples
 
     real = load_real(p["data"], subset)
     tile = int(real.images.shape[1])
@@ -223,7 +223,7 @@ def section_grids(doc: Doc, p: dict, subset: str, classes: list[str], n: int, sc
     rows = read_samples(p["samples"], classes)
     filt = {}
     if (p["select"] / "filtered.csv").is_file():
-        from .evaldata import read_filtered
+        from .data.evaldata import read_filtered
 
         filt = {f["id"]: f for f in read_filtered(p["select"])}
     syn = load_sample_images(p["samples"], rows, tile)
@@ -342,7 +342,7 @@ def section_results(doc: Doc, p: dict, eval_dir: Path, title: str = "Downstream 
                 for arm, v in r["arms"].items()]
         doc.table(["arm"] + [f"{c} sens / spec" for c in classes], rows, f"per-class sensitivity / specificity ({ts}, mean over seeds)")
     section_validation(doc, m, eval_dir)
-    from .evalsummary import confusion_name
+    from .runtime.artifacts import confusion_name
 
     pngs = [(ts, arm, eval_dir / "confusion" / confusion_name(ts, arm)) for ts, r in m["testsets"].items()
             for arm in r["arms"]]

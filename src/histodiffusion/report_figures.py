@@ -16,7 +16,7 @@ def grid_figure(images, keep=None, title: str = "", cols: int = 8, scale: int = 
     """A grid of uint8 [N, H, W, 3] tiles (upscaled to >= 48 px); keep==0 tiles get a red frame."""
     from PIL import Image, ImageDraw
 
-    from .grids import tile_grid
+    from .core.grids import tile_grid
 
     imgs = np.asarray(images)
     n = len(imgs)

@@ -29,15 +29,14 @@ import numpy as np
 from .runtime.artifacts import INDEX, SAMPLES_COLUMNS, SAMPLES_CSV, read_dataset, read_meta, subset_ids
 from .runtime.config import SampleConfig
 from .runtime.contract import completion_record
-from .diffusers_pipeline import (MICRO_BATCH, SCHEDULERS, by_rows, decode_uint8, guided_sample,  # noqa: F401
-                                 make_scheduler, target_confidence)
-from .grids import write_grid
+from .diffusers_pipeline import SCHEDULERS, make_scheduler
+from .core.grids import write_grid
 from .runtime.errors import HistoError
 from .runtime.fileio import atomic_path, read_csv, write_csv_atomic
 from .runtime.log import closes_stage_logs, get_logger, progress
 from .runtime.rundirs import is_complete, mark_complete, start_run_dir
 from .runtime.distributed import make_accelerator
-from .seeds import sample_seed, torch_generator
+from .core.seeds import sample_seed, torch_generator
 
 PROGRESS_DIR = "_progress"
 PIPELINE_DIR = "pipeline"  # the diffusers pipeline that made the samples (model_index.json, model card)

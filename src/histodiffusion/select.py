@@ -45,15 +45,16 @@ import numpy as np
 import torch
 
 from .runtime.artifacts import FILTERED_COLUMNS, FILTERED_CSV, selection_dir
-from .runtime.config import SelectConfig, config_to_dict
+from .runtime.config import SelectConfig
+from .runtime.configtypes import config_to_dict
 from .runtime.contract import check_complete, completion_record
-from .evaldata import load_real, load_sample_images, quota, read_samples, subset_fingerprint
+from .data.evaldata import load_real, load_sample_images, quota, read_samples, subset_fingerprint
 from .runtime.rundirs import COMPLETE_MARKER, ensure_writable, mark_complete, start_run_dir
 from .runtime.errors import HistoError
 from .runtime.log import closes_stage_logs, get_logger
 from .runtime.distributed import seed_everything
 from .runtime.fileio import write_csv_atomic, write_json_atomic
-from .transforms import DIHEDRAL, dihedral
+from .core.transforms import DIHEDRAL, dihedral
 
 FILTERED_JSON = "filtered.json"
 GENERATIVE_JSON = "generative_metrics.json"
@@ -302,12 +303,12 @@ def selection_summary(scored: list[dict], classes: list[str], real_counts: dict,
 
 
 def _generative(cfg, model, ext_name, real, syn, targets, scored, selector_dir) -> dict:
-    from . import metrics
-    from .models.classifier import FeatureExtractor
+    from .core import metrics
+    from .models.classifier import FeatureExtractor, inception_extractor
 
     extractors = [(ext_name, FeatureExtractor(model))]
     if cfg.inception_weights:
-        extractors.append(("inception_v3", metrics.inception_extractor(cfg.inception_weights)))
+        extractors.append(("inception_v3", inception_extractor(cfg.inception_weights)))
     keep = np.array([bool(s["keep"]) for s in scored])
     out = {"real": {"data": str(cfg.data), "subset": cfg.subset, "n": len(real)}, "results": []}
     for name, ext in extractors:

@@ -23,8 +23,8 @@ from .runtime.config import AutoencoderConfig
 from .runtime.contract import completion_record
 from .data.mixture import EpochIndex, IdRecorder, MixtureDataset, make_loader
 from .runtime.distributed import check_finite
-from .grids import to_uint8, write_grid
-from .modelcards import CARD, autoencoder_card
+from .core.grids import to_uint8, write_grid
+from .models.cards import CARD, autoencoder_card
 from .runtime.errors import HistoError
 from .runtime.log import MetricsLog, closes_stage_logs, get_logger, human_time, progress
 from .runtime.rundirs import check_checkpoint_within, mark_complete, reopen_for_steps, start_run_dir
@@ -143,7 +143,7 @@ def _evenly(n: int, k: int) -> list[int]:
 
 def random_dihedral(x: torch.Tensor) -> torch.Tensor:
     """A random one of the 8 rotations/flips per image (the global torch RNG: resumable)."""
-    from .transforms import DIHEDRAL, dihedral
+    from .core.transforms import DIHEDRAL, dihedral
 
     ks = torch.randint(0, DIHEDRAL, (len(x),)).tolist()
     return torch.stack([dihedral(img, k) for img, k in zip(x, ks)])

@@ -16,7 +16,7 @@ from ..runtime.artifacts import (INDEX, INDEX_COLUMNS, SHARDS_DIR, latent_shard_
                          read_meta, subset_ids)
 from ..runtime.errors import HistoError
 from ..runtime.fileio import read_csv
-from ..seeds import torch_generator
+from ..core.seeds import torch_generator
 
 
 class _ShardReader:

@@ -23,7 +23,8 @@ import numpy as np
 
 from .. import FORMAT_VERSION, __version__
 from ..runtime.artifacts import UNLABELED_SPLIT
-from ..runtime.config import PrepareConfig, config_to_dict
+from ..runtime.config import PrepareConfig
+from ..runtime.configtypes import config_to_dict
 from ..runtime.contract import completion_record
 from ..runtime.rundirs import CONFIG_FILE, ensure_writable, is_complete
 from ..runtime.errors import HistoError
@@ -31,7 +32,7 @@ from ..runtime.log import closes_stage_logs, get_logger, progress
 from ..runtime.fileio import read_csv, read_json, sha256_file, write_csv_atomic, write_json_atomic
 from . import default, scale, slides
 from .leakage import SOURCES_COLUMNS, SOURCES_CSV, find_overlap
-from .resolution import check_scale, resolution_record, scale_warnings  # noqa: F401  (check_scale: callers import it here)
+from .resolution import resolution_record, scale_warnings
 from .splits import fewshot_groups, group_labels, holdout_groups, split_groups
 from .writer import DatasetWriter
 

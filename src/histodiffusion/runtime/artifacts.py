@@ -128,3 +128,8 @@ def model_info(directory: str | Path) -> dict:
 
 def format_meta(**fields) -> dict:
     return {"format_version": FORMAT_VERSION, **fields}
+
+
+def confusion_name(testset: str, arm: str) -> str:
+    """File name of an arm's confusion matrix PNG under confusion/."""
+    return f"{testset}__{arm.replace('@', '_at_').replace('/', '_')}.png"

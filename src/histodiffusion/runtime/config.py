@@ -10,8 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from .configtypes import (F, _field_types, coerce, config_to_dict, help_of, input_fields,  # noqa: F401
-                          load_config_file)
+from .configtypes import F, coerce
 from .errors import HistoError
 
 

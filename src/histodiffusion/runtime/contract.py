@@ -17,7 +17,7 @@ from typing import Any
 
 from . import config as C
 from .artifacts import selection_dir
-from .config import config_to_dict, input_fields
+from .configtypes import config_to_dict, input_fields
 from .rundirs import COMPLETE_MARKER, MARKER_FORMAT, comparable_config
 from .errors import HistoError
 from .distributed import dist_info

@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from .config import F
+from .configtypes import F
 from .errors import HistoError
 from .log import human_time, logging_settings, set_logging
 

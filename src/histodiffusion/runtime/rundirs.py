@@ -96,7 +96,7 @@ def start_run_dir(out: str | os.PathLike, config: Any, stage: str, is_main: bool
     error (the user picks another --out or deletes the old run), so two runs never mix. Fields named in
     `neutral` (and _RESUME_NEUTRAL) may differ: they do not change the artifacts (e.g. a sampling batch size).
     """
-    from .config import config_to_dict
+    from .configtypes import config_to_dict
 
     out = Path(out)
     cfg = {"format_version": FORMAT_VERSION, "version": __version__, "stage": stage,

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .runtime.artifacts import FILTERED_COLUMNS, FILTERED_CSV, SAMPLES_CSV, SELECT_DIR, read_dataset, subset_ids
-from .runtime.errors import HistoError
-from .runtime.rundirs import is_complete
-from .runtime.fileio import read_csv
+from ..runtime.artifacts import FILTERED_COLUMNS, FILTERED_CSV, SAMPLES_CSV, SELECT_DIR, read_dataset, subset_ids
+from ..runtime.errors import HistoError
+from ..runtime.rundirs import is_complete
+from ..runtime.fileio import read_csv
 
 
 @dataclass
@@ -46,7 +46,7 @@ def dataset_classes(data: str | Path) -> tuple[dict, list[dict], list[str]]:
 
 def load_real(data: str | Path, subset: str, ids: list[str] | None = None) -> Tiles:
     """All tiles of `subset` (split name, 'all' or few-shot subset) of a labeled dataset, in manifest order."""
-    from .data.datasets import PixelDataset
+    from .datasets import PixelDataset
 
     ds = PixelDataset(data, subset=subset, ids=ids)
     if len(ds.classes) < 2:

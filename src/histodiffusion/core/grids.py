@@ -34,7 +34,7 @@ def write_grid(images, path: str | os.PathLike, cols: int | None = None) -> None
     """Atomically write uint8 tiles [N, H, W, 3] as one PNG grid (see tile_grid)."""
     from PIL import Image
 
-    from .runtime.fileio import atomic_path
+    from ..runtime.fileio import atomic_path
 
     with atomic_path(path) as tmp:
         Image.fromarray(tile_grid(images, cols)).save(tmp, format="PNG")

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .runtime.artifacts import LDM_UNET, LDM_VAE, MODEL_INFO
-from .runtime.fileio import read_json
+from ..runtime.artifacts import LDM_UNET, LDM_VAE, MODEL_INFO
+from ..runtime.fileio import read_json
 
 CARD = "README.md"
 CITATION = ("Ye, J. et al. *Synthetic Augmentation with Large-scale Unconditional Pre-training.* MICCAI 2023 "

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import torch
 
-from .runtime.artifacts import selection_dir
-from .runtime.config import EvaluateConfig
+from ..runtime.artifacts import selection_dir
+from ..runtime.config import EvaluateConfig
 from .evaldata import Tiles, load_sample_images, quota, read_filtered, read_samples
-from .runtime.errors import HistoError
-from .runtime.log import get_logger
-from .seeds import numpy_rng
+from ..runtime.errors import HistoError
+from ..runtime.log import get_logger
+from ..core.seeds import numpy_rng
 
 ARM_KINDS = ("real", "real_aa", "classic", "selected", "unselected")
 REAL_KINDS = ("real", "real_aa", "classic")  # arms without synthetic images

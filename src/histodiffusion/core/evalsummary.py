@@ -1,9 +1,8 @@
 """The merged outputs of `evaluate`, from the per-(arm, seed) scores.json records: per_seed.csv rows,
 per-arm mean and 95% t-CI with paired deltas against the real arm (real_aa's delta is the A/A noise
-floor), validation curves (curves.csv and their per-arm summary) and the confusion-matrix PNGs."""
+floor), validation curves (curves.csv and their per-arm summary). Pure: `evaluate` writes the files."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 
@@ -11,10 +10,6 @@ from . import metrics as M
 
 CURVE_COLUMNS = ["arm", "seed", "step", "val_loss", "val_accuracy", "val_macro_f1", "best"]
 
-
-def confusion_name(testset: str, arm: str) -> str:
-    """File name of an arm's confusion matrix PNG under confusion/."""
-    return f"{testset}__{arm.replace('@', '_at_').replace('/', '_')}.png"
 
 
 def per_seed_columns(classes: list[str]) -> list[str]:
@@ -53,31 +48,6 @@ def summarise(results: dict, arm_names: list[str], seeds: list[int], classes: li
         out["testsets"][ts] = {"arms": arms, "deltas_vs_real": deltas}
     return out
 
-
-def plot_confusion(cm: np.ndarray, classes: list[str], title: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .runtime.fileio import atomic_path
-
-    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(classes), 1.0 + 0.9 * len(classes)), dpi=100)
-    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    for i in range(len(classes)):
-        for j in range(len(classes)):
-            ax.text(j, i, f"{norm[i, j]:.2f}\n({int(cm[i, j])})", ha="center", va="center", fontsize=8,
-                    color="white" if norm[i, j] > 0.6 else "black")
-    ax.set_xticks(range(len(classes)), classes, rotation=30, fontsize=8)
-    ax.set_yticks(range(len(classes)), classes, fontsize=8)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
 
 
 def curve_rows(results: dict) -> list[dict]:

@@ -6,7 +6,7 @@
   confusion matrix (scikit-learn).
 - `frechet_distance` / `kernel_distance`: torchmetrics' FrechetInceptionDistance and
   KernelInceptionDistance with the feature extractor passed in. Only with Inception-v3 weights
-  (`inception_extractor`, a local file) is the result an "FID"/"KID"; with the domain extractor
+  (`models.classifier.inception_extractor`, a local file) is the result an "FID"/"KID"; with the domain extractor
   (the selection classifier's penultimate features) we call it `FD_<name>` / `KD_<name>`
   (`metric_names`). KID is torchmetrics' unbiased polynomial-kernel MMD^2, averaged over subsets.
 - `precision_recall`: improved precision and recall of Kynkäänniemi et al. (NeurIPS 2019): k-NN
@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .runtime.errors import HistoError
-from .runtime.fileio import atomic_path
+from ..runtime.errors import HistoError
+from ..runtime.fileio import atomic_path
 
 
 # --------------------------------------------------------------------------------------------
@@ -90,42 +90,6 @@ def metric_names(extractor_name: str) -> tuple[str, str]:
         return "FID", "KID"
     return f"FD_{extractor_name}", f"KD_{extractor_name}"
 
-
-def inception_extractor(weights: str):
-    """torchvision Inception-v3 from a LOCAL weights file -> 2048-d pool features of uint8 images.
-
-    Images are resized to 299 px and normalised with ImageNet statistics. torchvision's weights give
-    values close to, but not identical with, the TF-Inception numbers papers report.
-    """
-    import torch
-    from torch import nn
-    from torchvision.models import inception_v3
-
-    from .models.classifier import load_state_dict
-
-    net = inception_v3(weights=None, aux_logits=True, init_weights=False)
-    missing, _ = net.load_state_dict(load_state_dict(weights), strict=False)
-    if [k for k in missing if not k.startswith("AuxLogits")]:
-        raise HistoError(f"{weights} is not an Inception-v3 state dict (missing {missing[:3]} ...)")
-    net.fc = nn.Identity()
-    net.eval()
-
-    class _Inception(nn.Module):
-        num_features = 2048
-
-        def __init__(self):
-            super().__init__()
-            self.net = net
-            self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
-            self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
-
-        @torch.no_grad()
-        def forward(self, x):
-            x = x.float() / 255.0
-            x = nn.functional.interpolate(x, size=(299, 299), mode="bilinear", antialias=True, align_corners=False)
-            return self.net((x - self.mean) / self.std)
-
-    return _Inception()
 
 
 def extract_features(extractor, images, batch_size: int = 256) -> np.ndarray:
