@@ -29,7 +29,7 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 def prepare_target(out: Path, labels_csv: Path) -> Path:
     from histodiffusion.runtime.config import PrepareConfig
-    from histodiffusion.data import prepare
+    from histodiffusion.stages import prepare
 
     d = out / "target"
     prepare.run(PrepareConfig(out=str(d), labels_csv=str(labels_csv), tile_size=64, fewshot_fracs=(0.05, 0.1)))

@@ -54,7 +54,8 @@ def source_classifier(dirs: list[str], out: Path, steps: int):
 def unconditional_samples(base: Path, n: int, steps: int, seed: int, batch: int = 32) -> np.ndarray:
     from histodiffusion.models.unet import load_ldm
     from histodiffusion.diffusers_pipeline import decode_uint8, guided_sample
-    from histodiffusion.sample import make_scheduler, sample_seed
+    from histodiffusion.diffusers_pipeline import make_scheduler
+    from histodiffusion.core.seeds import sample_seed
 
     m = load_ldm(base)
     from histodiffusion.runtime.latent_space import of_model

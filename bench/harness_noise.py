@@ -53,7 +53,7 @@ def main() -> None:
     import torch
 
     from histodiffusion.data.evaldata import load_real
-    from histodiffusion.evaluate import score
+    from histodiffusion.stages.evaluate import score
     from histodiffusion.core.metrics import mean_ci
     from histodiffusion.models.classifier import build_classifier, train_classifier
     from histodiffusion.runtime.distributed import seed_everything

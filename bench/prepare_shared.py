@@ -26,7 +26,7 @@ def child(spec: dict) -> None:
     import tracemalloc
 
     from histodiffusion.runtime.config import PrepareConfig
-    from histodiffusion.data.prepare import run
+    from histodiffusion.stages.prepare import run
 
     tracemalloc.start()
     t0 = time.perf_counter()

@@ -80,7 +80,7 @@ def main() -> None:
     p.add_argument("--variants", default=",".join(VARIANTS))
     args = p.parse_args()
 
-    from histodiffusion import evaluate, select
+    from histodiffusion.stages import evaluate, select
     from histodiffusion.runtime.artifacts import read_meta
     from histodiffusion.runtime.config import EvaluateConfig, RunConfig, SelectConfig, config_from_dict
     from histodiffusion.models.autoencoder import load_vae

@@ -107,7 +107,7 @@ def main() -> None:
     args = p.parse_args()
     if not args.data and not (SHARED / "lc25000_lung" / "labels.csv").is_file():
         sys.exit(f"needs the real data in {SHARED}")
-    from histodiffusion import evaluate, select
+    from histodiffusion.stages import evaluate, select
     from histodiffusion.runtime.config import EvaluateConfig, SelectConfig
     from histodiffusion.runtime.rundirs import is_complete
 

@@ -65,7 +65,7 @@ def make_cache(tmp: str | Path, name: str = "unl", n: int = 24, vae: str | Path 
                classes: tuple[str, ...] = (), seed: int = 0, shard_size: int = 4096) -> Path:
     """dataset + (vae) + latent cache under `tmp`; returns the cache directory."""
     from histodiffusion.runtime.config import EncodeConfig
-    from histodiffusion.encode import run
+    from histodiffusion.stages.encode import run
 
     tmp = Path(tmp)
     data = make_dataset(tmp / "data" / name, n=n, seed=seed, classes=classes)

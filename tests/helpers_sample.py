@@ -59,7 +59,7 @@ def make_vae32(folder: str | Path, seed: int = 0) -> Path:
 def make_labeled_cache(tmp: str | Path, n: int = 40, vae: str | Path | None = None) -> tuple[Path, Path, Path]:
     """(dataset dir, vae dir, latent cache dir) under `tmp`."""
     from histodiffusion.runtime.config import EncodeConfig
-    from histodiffusion.encode import run
+    from histodiffusion.stages.encode import run
 
     tmp = Path(tmp)
     data = make_labeled_dataset(tmp / "data", n=n)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from helpers_sample import SIZE, make_ldm, make_vae32
-from histodiffusion.basemodel import CHECKSUMS, verify_base
+from histodiffusion.models.base import CHECKSUMS, verify_base
 from histodiffusion.cli import main
 from histodiffusion.runtime.errors import HistoError
 
@@ -24,10 +24,10 @@ def base(tmp_path) -> Path:
 
 def _resum(base: Path) -> None:
     """Re-write checksums.json after a deliberate edit (to reach the checks behind the checksums)."""
-    from histodiffusion.basemodel import _checksummed_files
+    from histodiffusion.models.base import checksummed_files
     from histodiffusion.runtime.fileio import sha256_file
 
-    files = {rel: sha256_file(base / rel) for rel in _checksummed_files(base)}
+    files = {rel: sha256_file(base / rel) for rel in checksummed_files(base)}
     (base / CHECKSUMS).write_text(json.dumps({"algorithm": "sha256", "files": files}))
 
 
@@ -159,7 +159,7 @@ def test_adapting_the_base_on_unlabeled_target_tiles(base, tmp_path):
     from helpers_sample import make_labeled_cache
     from histodiffusion.runtime.config import PretrainConfig, RunConfig
     from histodiffusion.pipeline import plan
-    from histodiffusion.pretrain import run as pretrain
+    from histodiffusion.stages.pretrain import run as pretrain
 
     steps = {s.name: s for s in plan(RunConfig(out=str(tmp_path / "r"), base=str(base), tile_size=SIZE,
                                                adapt_unlabeled_steps=30))}

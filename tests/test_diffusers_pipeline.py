@@ -20,7 +20,7 @@ from histodiffusion import api
 from histodiffusion.runtime.config import SampleConfig
 from histodiffusion.diffusers_pipeline import HistoDiffusionPipeline
 from histodiffusion.runtime.errors import HistoError
-from histodiffusion.sample import run
+from histodiffusion.stages.sample import run
 
 from helpers_sample import make_guided_chain, make_latent_classifier
 

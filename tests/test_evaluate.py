@@ -10,7 +10,7 @@ import pytest
 from helpers_eval import make_class_samples, make_dataset, one_thread, write_filtered
 from histodiffusion.cli import main
 from histodiffusion.runtime.config import EvaluateConfig
-from histodiffusion.evaluate import run
+from histodiffusion.stages.evaluate import run
 from histodiffusion.runtime.errors import HistoError
 
 ARMS = ["real", "real_aa", "classic", "selected@1", "unselected@1"]
@@ -112,7 +112,7 @@ def test_resume_skips_finished_classifiers(evaluated):
 
 def test_best_validation_checkpoint_is_the_one_scored(evaluated):
     from histodiffusion.data.evaldata import load_real
-    from histodiffusion.evaluate import score, val_record
+    from histodiffusion.stages.evaluate import score, val_record
     from histodiffusion.models.classifier import load_classifier
 
     cfg, root = evaluated
@@ -241,7 +241,7 @@ def test_tta_prediction_does_not_depend_on_the_tile_orientation():
 def test_aa_arm_is_real_with_its_own_seed_stream(evaluated, tmp_path):
     from safetensors.torch import load_file
 
-    from histodiffusion import evaluate
+    from histodiffusion.stages import evaluate
     from histodiffusion.core.evalsummary import summarise
 
     cfg, root = evaluated

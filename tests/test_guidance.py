@@ -8,7 +8,7 @@ from histodiffusion.core.guidance import classifier_grad, eps_from_output, guide
 from histodiffusion.models.latent_classifier import LatentClassifier
 from histodiffusion.models.unet import build_scheduler, build_unet
 from histodiffusion.diffusers_pipeline import guided_sample
-from histodiffusion.sample import make_scheduler
+from histodiffusion.diffusers_pipeline import make_scheduler
 
 from helpers_sample import ToyClassifier
 

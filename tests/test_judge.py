@@ -5,11 +5,11 @@ judge, and `score --samples --judge`."""
 import csv
 import json
 
-import numpy as np
 import pytest
 
 from helpers_eval import make_class_samples, make_dataset, one_thread, write_filtered
-from histodiffusion import judge
+from histodiffusion.core.fidelity import class_fidelity
+from histodiffusion.stages import judge
 from histodiffusion.cli import main
 from histodiffusion.runtime.config import JudgeConfig
 from histodiffusion.runtime.errors import HistoError
@@ -40,7 +40,7 @@ def test_fidelity_per_class_on_a_constructed_example():
     targets = ["a"] * 4 + ["b"] * 3 + ["c"] * 2
     preds = ["a", "a", "b", "a", "b", "c", "c", "c", "c"]
     keep = [1, 0, 1, 1, 1, 1, 0, 0, 0]
-    f = judge.class_fidelity(targets, preds, classes, keep)
+    f = class_fidelity(targets, preds, classes, keep)
     a = f["all"]
     assert (a["n"], a["hits"]) == (9, 6) and a["fidelity"] == pytest.approx(6 / 9)
     assert [a["per_class"][c]["fidelity"] for c in classes] == [pytest.approx(3 / 4), pytest.approx(1 / 3), 1.0]
@@ -55,9 +55,9 @@ def test_fidelity_per_class_on_a_constructed_example():
     assert k["macro_fidelity"] == pytest.approx((2 / 3 + 0.5) / 2)  # classes without kept samples left out
     lo, hi = a["per_class"]["c"]["ci95"]  # Wilson: 2 of 2 -> [0.342, 1]
     assert lo == pytest.approx(0.3424, abs=1e-3) and hi == 1.0
-    assert judge.class_fidelity(targets, preds, classes)["kept"] is None
+    assert class_fidelity(targets, preds, classes)["kept"] is None
     with pytest.raises(HistoError, match="not classes of the judge"):
-        judge.class_fidelity(["z"], ["a"], classes)
+        class_fidelity(["z"], ["a"], classes)
 
 
 def test_judge_refuses_validation_and_test_tiles(world, tmp_path):
@@ -138,7 +138,7 @@ def test_score_writes_the_fidelity_table(world, tmp_path):
     assert f["realism"] is not None  # the judge's dataset is readable
     with pytest.raises(HistoError, match="needs --judge"):
         from histodiffusion.runtime.config import ScoreConfig
-        from histodiffusion.evaluate import run_score
+        from histodiffusion.stages.evaluate import run_score
 
         run_score(ScoreConfig(samples=str(world["samples"]), out=str(tmp_path / "s2")))
     with pytest.raises(HistoError, match="no trained judge"):

@@ -12,7 +12,7 @@ from histodiffusion.runtime.config import PrepareConfig
 from histodiffusion.data import default
 from histodiffusion.data.datasets import PixelDataset
 from histodiffusion.data.leakage import check_no_overlap
-from histodiffusion.data.prepare import run
+from histodiffusion.stages.prepare import run
 from histodiffusion.data.splits import fewshot_groups, group_labels, split_groups
 from histodiffusion.runtime.errors import HistoError
 from histodiffusion.runtime.fileio import read_csv, sha256_file

@@ -10,7 +10,7 @@ from helpers_prepare import labels_csv
 from histodiffusion.runtime.config import PrepareConfig
 from histodiffusion.data import default
 from histodiffusion.data.resolution import check_scale
-from histodiffusion.data.prepare import run
+from histodiffusion.stages.prepare import run
 from histodiffusion.data.scale import TileSample, mismatch, nucleus_size, tile_nuclei
 from histodiffusion.data.slides import resize_tile
 

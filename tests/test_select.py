@@ -12,7 +12,7 @@ from histodiffusion.runtime.artifacts import FILTERED_COLUMNS
 from histodiffusion.cli import main
 from histodiffusion.runtime.config import SelectConfig
 from histodiffusion.runtime.errors import HistoError
-from histodiffusion.select import memorization_threshold, run, score_samples, selection_summary
+from histodiffusion.stages.select import memorization_threshold, run, score_samples, selection_summary
 
 @pytest.fixture(autouse=True)
 def _one_thread():

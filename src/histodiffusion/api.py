@@ -88,7 +88,7 @@ def report(**fields: Any) -> Path:
 def load_base(spec: str = "default") -> dict:
     """A pretrained base, verified (files, format, checksums, latent shape): its record, with "path" (the
     folder: pass it as `model=` to load_pipeline or sample) and "id"."""
-    from .basemodel import resolve_base, verify_base
+    from .models.base import resolve_base, verify_base
 
     return verify_base(resolve_base(spec))
 

@@ -156,7 +156,7 @@ def plan(cfg: C.RunConfig, base: dict | None | str = "verify") -> list[Step]:
 
 def _base(cfg: C.RunConfig) -> dict | None:
     """The verified base record (None with --base none); refuses options that contradict it."""
-    from .basemodel import resolve_base, verify_base
+    from .models.base import resolve_base, verify_base
 
     if cfg.base == "none":
         return None
@@ -182,7 +182,7 @@ def _check_steps(cfg: C.RunConfig, steps: list[Step], of_dataset: dict[str, str]
     (fields, types, ranges), the subsets stages ask of the run's datasets and caches (`of_dataset`: path
     -> the dataset it holds or encodes; prepare must make the subset), and a labels CSV of >= 2 classes."""
     from .runtime.artifacts import HOLDOUT_SPLIT, SPLITS, UNLABELED_SPLIT
-    from .data.prepare import read_labels_csv
+    from .stages.prepare import read_labels_csv
 
     where = f"stage_config {cfg.stage_config}" if cfg.stage_config else "run"
     configs = []
@@ -239,7 +239,7 @@ def run(cfg: C.RunConfig) -> Path:
     root = start_run_dir(cfg.out, cfg, "run", neutral=("until",))
     with log_to(RunLayout(root).log):  # every stage's lines, with the pipeline's
         if base:
-            from .basemodel import base_summary
+            from .models.base import base_summary
 
             write_json_atomic(RunLayout(root).base_record, {k: base[k] for k in ("id", "path")} | {
                 k: base["base"][k] for k in ("name", "version", "tile_size")} | {"vae_hash": base["vae_hash"]})

@@ -1,12 +1,14 @@
 """Model cards (README.md) of exported model folders: what the model is, what data it saw, how it was
 trained, its key measurements and how to load it in two lines. Pure text builders from the records the
-stages already write (histodiffusion.json, metrics.json, config.json); the base's card is basemodel.py's.
+stages already write (histodiffusion.json, metrics.json, config.json); and the base's card (`base_card`).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
+from ..data.leakage import SOURCES_CSV
 from ..runtime.artifacts import LDM_UNET, LDM_VAE, MODEL_INFO
+from ..runtime.errors import HistoError
 from ..runtime.fileio import read_json
 
 CARD = "README.md"
@@ -251,3 +253,56 @@ def classifier_card(folder: Path, name: str, scores: dict | None = None) -> str:
         "from histodiffusion.models.classifier import load_classifier, predict",
         f"model, info = load_classifier('{name}'); probs, features = predict(model, tiles)"],
         "`tiles`: uint8 tensor [N, H, W, 3]; class names in `info['classes']`."))
+
+
+def base_card(record: dict, folder: Path, notes: Path | None) -> str:
+    """README.md of a base: what it is, what it saw, how it was trained, how to load it."""
+    from .base import CHECKSUMS
+
+    b = record["base"]
+    unet = read_json(folder / LDM_UNET / "config.json", "UNet config")
+    vae = read_json(folder / LDM_VAE / "config.json", "autoencoder config")
+    vae_info = read_json(folder / LDM_VAE / MODEL_INFO, "autoencoder info")
+    size = sum(p.stat().st_size for p in folder.rglob("*.safetensors")) / 1e6
+    mix = ", ".join(f"{n} {w:.2f}" for n, w in zip(record.get("sources", []), record.get("weights", [])))
+    lines = [
+        f"# {b['name']} (version {b['version']})", "",
+        "A latent diffusion base for histopathology, pretrained **without labels** for "
+        "histodiffusion (HistoDiffusion, Ye et al., MICCAI 2023): a KL "
+        f"autoencoder (f={2 ** (len(vae['block_out_channels']) - 1)}, {vae['latent_channels']} latent channels) "
+        f"and an unconditional UNet on {record['latent_shape']} latents of {b['tile_size']} px H&E tiles. "
+        "`histodiffusion run` adapts it to a small labeled set (latent classifier, decoder fine-tune, "
+        "classifier-guided sampling).", "",
+        "## Load it", "", "```python",
+        "from diffusers import AutoencoderKL, UNet2DModel, DDIMScheduler",
+        f"vae = AutoencoderKL.from_pretrained('{b['name']}/vae'); unet = UNet2DModel.from_pretrained('{b['name']}/unet_ema')",
+        "```", "",
+        "or `histodiffusion run --base PATH` (the shipped one is the default). Latents are `vae.encode(x).latent_dist"
+        f".mean * {record['scaling_factor']:.5f}` (the scaling factor, also in `vae/config.json`).", "",
+        "## Data (unlabeled)", "",
+        "| dataset | tiles (train / held out) | source files | tiling |", "|---|---|---|---|"]
+    for d in b["data"]:
+        t = {k: sum(v.values()) for k, v in (d.get("tiles") or {}).items()}
+        r = d.get("resolution") or {}
+        lines.append(f"| {d['name']} | {t.get('unlabeled', 0)} / {t.get('holdout', 0)} | {d['source_files']} "
+                     f"| {r.get('source_px') or r.get('patch_size') or '-'} px patches -> {r.get('tile_size')} px "
+                     f"(nuclei {r.get('nucleus_px') or '?'} px) |")
+    lines += ["", f"Mixture weights: {mix or 'proportional to size'}. Held-out groups were never trained on. "
+              f"Every source file's sha256 is in `{SOURCES_CSV}` (the leakage guard refuses a target that shares one).",
+              "", "## Training", "",
+              f"- Autoencoder: widths {vae['block_out_channels']}, {vae_info.get('steps')} steps; held-out "
+              f"{_metric_line(vae_info.get('holdout_metrics'))}.",
+              f"- UNet: widths {unet['block_out_channels']}, {record.get('steps')} steps, "
+              f"{record.get('loss')} loss on {record.get('prediction_type')}, EMA weights.",
+              f"- Weights: {b['dtype']} safetensors, {size:.1f} MB; checksums in `{CHECKSUMS}` (verified at load).", ""]
+    if notes is not None:
+        if not notes.is_file():
+            raise HistoError(f"card_notes file not found: {notes}")
+        lines += [notes.read_text().rstrip(), ""]
+    return "\n".join(lines)
+
+
+def _metric_line(m: dict | None) -> str:
+    if not m:
+        return "metrics not recorded"
+    return ", ".join(f"{k.upper()} {v:.3f}" for k, v in m.items())

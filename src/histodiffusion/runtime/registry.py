@@ -36,67 +36,67 @@ class Stage:
 
 # run functions: each imports its stage module on call (no module-name strings)
 def _prepare(cfg):
-    from ..data.prepare import run
+    from ..stages.prepare import run
     return run(cfg)
 
 
 def _train_autoencoder(cfg):
-    from ..train_autoencoder import run
+    from ..stages.train_autoencoder import run
     return run(cfg)
 
 
 def _encode(cfg):
-    from ..encode import run
+    from ..stages.encode import run
     return run(cfg)
 
 
 def _pretrain(cfg):
-    from ..pretrain import run
+    from ..stages.pretrain import run
     return run(cfg)
 
 
 def _export_base(cfg):
-    from ..basemodel import run
+    from ..stages.export_base import run
     return run(cfg)
 
 
 def _latent_classifier(cfg):
-    from ..adapt import run_latent_classifier
-    return run_latent_classifier(cfg)
+    from ..stages.latent_classifier import run
+    return run(cfg)
 
 
 def _finetune_decoder(cfg):
-    from ..adapt import run_finetune_decoder
-    return run_finetune_decoder(cfg)
+    from ..stages.finetune_decoder import run
+    return run(cfg)
 
 
 def _sample(cfg):
-    from ..sample import run
+    from ..stages.sample import run
     return run(cfg)
 
 
 def _select(cfg):
-    from ..select import run
+    from ..stages.select import run
     return run(cfg)
 
 
 def _evaluate(cfg):
-    from ..evaluate import run
+    from ..stages.evaluate import run
     return run(cfg)
 
 
 def _score(cfg):
-    from ..evaluate import run_score
+    from ..stages.evaluate import run_score
     return run_score(cfg)
 
 
 def _judge(cfg):
-    from ..judge import run
+    from ..stages.judge import run
     return run(cfg)
 
 
 def _report(cfg):
-    from ..report import run
+    from ..stages.report import run
     return run(cfg)
 
 

@@ -125,6 +125,17 @@ def start_run_dir(out: str | os.PathLike, config: Any, stage: str, is_main: bool
     return out
 
 
+
+def start_stage(acc, config: Any, stage: str, neutral: tuple[str, ...] = ()):
+    """(out, log) of a stage run under accelerate `acc`: its run directory started by the main process
+    (start_run_dir(config.out, ...)) while the others wait, and its logger writing <out>/log.txt."""
+    from .log import get_logger
+
+    out = start_run_dir(config.out, config, stage, acc.is_main_process, neutral=neutral)
+    acc.wait_for_everyone()
+    return out, get_logger(stage, out / "log.txt", is_main=acc.is_main_process)
+
+
 _STARTED_ONLY = {CONFIG_FILE, "log.txt"}  # what a run refused at its input checks leaves behind
 _RESUME_NEUTRAL = {"out", "num_workers", "resume", "progress", "batch_size_eval", "device"}
 

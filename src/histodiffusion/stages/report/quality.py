@@ -4,15 +4,8 @@ classifier's validation accuracy per timestep bucket against an image-space clas
 independent judge (<samples>/fidelity.json, written by `histodiffusion judge`)."""
 from __future__ import annotations
 
-from .report import Doc, _fmt
-from .runtime.fileio import read_json, sha256_file
-
-
-def _rate(block: dict | None) -> str:
-    if not block or block.get("fidelity") is None:
-        return "–"
-    lo, hi = block["ci95"]
-    return f"{block['fidelity']:.3f} [{lo:.3f}, {hi:.3f}]"
+from .doc import Doc, fmt, rate
+from ...runtime.fileio import read_json, sha256_file
 
 
 def section_latent_classifier(doc: Doc, p: dict) -> None:
@@ -29,13 +22,13 @@ def section_latent_classifier(doc: Doc, p: dict) -> None:
     doc.p(f"Validation accuracy of the noise-aware latent classifier p(y | z_t, t) on the {m.get('n_val')} "
           f"{m.get('val_subset')!r} latents, noised at a random t inside each timestep bucket (trained on "
           f"{m.get('n_train')} latents of {m.get('train_subset')!r} for {m.get('steps')} steps; chance "
-          f"{_fmt(m.get('chance'))}).")
+          f"{fmt(m.get('chance'))}).")
     if image:
         doc.p(f"Image classifier: {image['backbone']} on the pixels of the same {image['n_train']} training tiles "
               f"with the same budget ({image['steps']} steps of {image['batch_size']}, lr {image['lr']}, weight decay "
               f"{image['weight_decay']}, class-balanced batches, augment {image['augment']}), scored on the clean "
-              f"pixels of the same validation tiles: accuracy {_fmt(image['val_accuracy'])}.")
-    rows = [[b, _fmt(a), _fmt(image["val_accuracy"]) if image else "–", _fmt(ratios.get(b), 2)]
+              f"pixels of the same validation tiles: accuracy {fmt(image['val_accuracy'])}.")
+    rows = [[b, fmt(a), fmt(image["val_accuracy"]) if image else "–", fmt(ratios.get(b), 2)]
             for b, a in by_t.items()]
     doc.table(["timestep bucket", "latent classifier val accuracy", "image classifier val accuracy",
                "ratio latent / image"], rows, "latent classifier strength per timestep bucket")
@@ -56,8 +49,8 @@ def section_fidelity(doc: Doc, p: dict) -> None:
           f"intervals). The judge ({j.get('name')}, id {j.get('id')}) was trained on the {j.get('n_train')} labeled "
           f"tiles of {j.get('subset')!r} of {j.get('data')} (train split only: never a validation or test tile) and "
           f"is neither the latent classifier that guided the samples nor the selection classifier; its accuracy "
-          f"on {j.get('n_val')} {j.get('val_subset')!r} tiles is {_fmt(j.get('val_accuracy'))}. Macro fidelity: all "
-          f"{_fmt(f['all'].get('macro_fidelity'))}, kept {_fmt((f.get('kept') or {}).get('macro_fidelity'))}.")
+          f"on {j.get('n_val')} {j.get('val_subset')!r} tiles is {fmt(j.get('val_accuracy'))}. Macro fidelity: all "
+          f"{fmt(f['all'].get('macro_fidelity'))}, kept {fmt((f.get('kept') or {}).get('macro_fidelity'))}.")
     filtered = p["select"] / "filtered.csv"
     now = sha256_file(filtered) if filtered.is_file() else None
     if now != f.get("filtered_csv_sha256"):
@@ -67,9 +60,9 @@ def section_fidelity(doc: Doc, p: dict) -> None:
     for c in f["classes"]:
         a = f["all"]["per_class"][c]
         k = kept["per_class"][c] if kept else None
-        rows.append([c, a["n"], a["hits"], _rate(a), k["n"] if k else "–", k["hits"] if k else "–", _rate(k)])
-    rows.append(["all classes", f["all"]["n"], f["all"]["hits"], _rate(f["all"]), kept["n"] if kept else "–",
-                 kept["hits"] if kept else "–", _rate(kept)])
+        rows.append([c, a["n"], a["hits"], rate(a), k["n"] if k else "–", k["hits"] if k else "–", rate(k)])
+    rows.append(["all classes", f["all"]["n"], f["all"]["hits"], rate(f["all"]), kept["n"] if kept else "–",
+                 kept["hits"] if kept else "–", rate(kept)])
     doc.table(["target class", "samples", "judged as target", "fidelity (all)", "kept", "kept judged as target",
                "fidelity (kept)"], rows, "class fidelity per target class")
     real = f.get("realism")
@@ -77,5 +70,5 @@ def section_fidelity(doc: Doc, p: dict) -> None:
         fd, kd = real["fd_name"], real["kd_name"]
         o = real["overall"]
         doc.p(f"Realism in the judge's feature space against its training tiles (all samples): {fd} "
-              f"{_fmt(o.get(fd), 4)}, {kd} {_fmt(o.get(kd), 5)}, precision {_fmt(o.get('precision'))}, recall "
-              f"{_fmt(o.get('recall'))}.")
+              f"{fmt(o.get(fd), 4)}, {kd} {fmt(o.get(kd), 5)}, precision {fmt(o.get('precision'))}, recall "
+              f"{fmt(o.get('recall'))}.")

@@ -19,18 +19,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .runtime.config import AutoencoderConfig
-from .runtime.contract import completion_record
-from .data.mixture import EpochIndex, IdRecorder, MixtureDataset, make_loader
-from .runtime.distributed import check_finite
-from .core.grids import to_uint8, write_grid
-from .models.cards import CARD, autoencoder_card
-from .runtime.errors import HistoError
-from .runtime.log import MetricsLog, closes_stage_logs, get_logger, human_time, progress
-from .runtime.rundirs import check_checkpoint_within, mark_complete, reopen_for_steps, start_run_dir
-from .runtime.distributed import (load_latest_checkpoint, make_accelerator, save_checkpoint, save_final_checkpoint,
+from ..runtime.config import AutoencoderConfig
+from ..runtime.contract import completion_record
+from ..data.mixture import EpochIndex, IdRecorder, MixtureDataset, make_loader
+from ..runtime.distributed import check_finite
+from ..core.grids import to_uint8, write_grid
+from ..models.cards import CARD, autoencoder_card
+from ..runtime.errors import HistoError
+from ..runtime.log import MetricsLog, closes_stage_logs, get_logger, human_time, progress
+from ..runtime.rundirs import check_checkpoint_within, mark_complete, reopen_for_steps, start_run_dir
+from ..runtime.distributed import (load_latest_checkpoint, make_accelerator, save_checkpoint, save_final_checkpoint,
                                   seed_everything)
-from .runtime.fileio import write_csv_atomic, write_text_atomic
+from ..runtime.fileio import write_csv_atomic, write_text_atomic
 
 STAGE = "train-autoencoder"
 
@@ -102,8 +102,8 @@ def load_sources(cfg: AutoencoderConfig, holdout: int):
     up to `holdout` of them evenly spaced; a dataset without that split lends every k-th tile instead."""
     from torch.utils.data import Subset
 
-    from .runtime.artifacts import HOLDOUT_SPLIT
-    from .data.datasets import PixelDataset
+    from ..runtime.artifacts import HOLDOUT_SPLIT
+    from ..data.datasets import PixelDataset
 
     sources = [PixelDataset(d, "all") for d in cfg.data]
     names = [s.meta.get("name") or Path(d).name for s, d in zip(sources, cfg.data)]
@@ -143,7 +143,7 @@ def _evenly(n: int, k: int) -> list[int]:
 
 def random_dihedral(x: torch.Tensor) -> torch.Tensor:
     """A random one of the 8 rotations/flips per image (the global torch RNG: resumable)."""
-    from .core.transforms import DIHEDRAL, dihedral
+    from ..core.transforms import DIHEDRAL, dihedral
 
     ks = torch.randint(0, DIHEDRAL, (len(x),)).tolist()
     return torch.stack([dihedral(img, k) for img, k in zip(x, ks)])
@@ -191,7 +191,7 @@ def measure_scaling_factor(vae, dataset, device, max_items: int = 1024, batch: i
 
 def train_step(cfg, acc, model, opt, disc, opt_d, lpips, x, step: int, out: Path) -> dict:
     """One optimisation step of the autoencoder (and of the discriminator once adv_start is reached)."""
-    from .models.discriminator import hinge_d_loss, hinge_g_loss
+    from ..models.discriminator import hinge_d_loss, hinge_g_loss
 
     use_adv = disc is not None
     with acc.autocast():
@@ -222,8 +222,8 @@ def train_step(cfg, acc, model, opt, disc, opt_d, lpips, x, step: int, out: Path
 
 @closes_stage_logs
 def run(cfg: AutoencoderConfig) -> Path:
-    from .models.autoencoder import build_vae_from_config
-    from .models.discriminator import build_discriminator
+    from ..models.autoencoder import build_vae_from_config
+    from ..models.discriminator import build_discriminator
 
     _check_config(cfg)
     acc = make_accelerator(cfg.mixed_precision)
@@ -295,7 +295,7 @@ def run(cfg: AutoencoderConfig) -> Path:
 
 
 def _finish(cfg, vae, train_ds, sources, held, device, out, model_dir, metrics, log, seconds) -> None:
-    from .models.autoencoder import save_vae
+    from ..models.autoencoder import save_vae
 
     final = evaluate(vae, sources, held, device, out, cfg.steps) if held else {}
     sf = measure_scaling_factor(vae, train_ds, device, seed=cfg.seed)

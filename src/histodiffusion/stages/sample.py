@@ -26,17 +26,17 @@ from pathlib import Path
 
 import numpy as np
 
-from .runtime.artifacts import INDEX, SAMPLES_COLUMNS, SAMPLES_CSV, read_dataset, read_meta, subset_ids
-from .runtime.config import SampleConfig
-from .runtime.contract import completion_record
-from .diffusers_pipeline import SCHEDULERS, make_scheduler
-from .core.grids import write_grid
-from .runtime.errors import HistoError
-from .runtime.fileio import atomic_path, read_csv, write_csv_atomic
-from .runtime.log import closes_stage_logs, get_logger, progress
-from .runtime.rundirs import is_complete, mark_complete, start_run_dir
-from .runtime.distributed import make_accelerator
-from .core.seeds import sample_seed, torch_generator
+from ..runtime.artifacts import INDEX, SAMPLES_COLUMNS, SAMPLES_CSV, read_dataset, read_meta, subset_ids
+from ..runtime.config import SampleConfig
+from ..runtime.contract import completion_record
+from ..diffusers_pipeline import SCHEDULERS, make_scheduler
+from ..core.grids import write_grid
+from ..runtime.errors import HistoError
+from ..runtime.fileio import atomic_path, read_csv, write_csv_atomic
+from ..runtime.log import closes_stage_logs, get_logger, progress
+from ..runtime.rundirs import is_complete, mark_complete, start_run_dir
+from ..runtime.distributed import make_accelerator
+from ..core.seeds import sample_seed, torch_generator
 
 PROGRESS_DIR = "_progress"
 PIPELINE_DIR = "pipeline"  # the diffusers pipeline that made the samples (model_index.json, model card)
@@ -52,8 +52,8 @@ def safe_name(name: str) -> str:
 # --------------------------------------------------------------------------------------------------
 def load_models(cfg: SampleConfig) -> dict:
     """The checked components (models/bundle.py) and "pipe": the HistoDiffusionPipeline that samples."""
-    from .diffusers_pipeline import HistoDiffusionPipeline
-    from .models.bundle import load_components
+    from ..diffusers_pipeline import HistoDiffusionPipeline
+    from ..models.bundle import load_components
 
     m = load_components(cfg.model, cfg.classifier, cfg.vae)
     m["pipe"] = HistoDiffusionPipeline.from_components(m, cfg.scheduler)
@@ -203,7 +203,7 @@ def generate(items: list[dict], m: dict, cfg: SampleConfig, window: tuple[int, i
 
 def write_pipeline(folder: Path, m: dict, cfg: SampleConfig, window: tuple[int, int]) -> Path:
     """The pipeline that made the samples, as a diffusers folder (DiffusionPipeline.from_pretrained)."""
-    from .diffusers_pipeline import export_pipeline
+    from ..diffusers_pipeline import export_pipeline
 
     m["pipe"].scheduler = make_scheduler(cfg.scheduler, m["scheduler_config"])
     record = {**{k: str(Path(m[f"{k}_dir"]).resolve()) for k in ("model", "classifier", "vae")},

@@ -44,17 +44,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .runtime.artifacts import FILTERED_COLUMNS, FILTERED_CSV, selection_dir
-from .runtime.config import SelectConfig
-from .runtime.configtypes import config_to_dict
-from .runtime.contract import check_complete, completion_record
-from .data.evaldata import load_real, load_sample_images, quota, read_samples, subset_fingerprint
-from .runtime.rundirs import COMPLETE_MARKER, ensure_writable, mark_complete, start_run_dir
-from .runtime.errors import HistoError
-from .runtime.log import closes_stage_logs, get_logger
-from .runtime.distributed import seed_everything
-from .runtime.fileio import write_csv_atomic, write_json_atomic
-from .core.transforms import DIHEDRAL, dihedral
+from ..runtime.artifacts import FILTERED_COLUMNS, FILTERED_CSV, selection_dir
+from ..runtime.config import SelectConfig
+from ..runtime.configtypes import config_to_dict
+from ..runtime.contract import check_complete, completion_record
+from ..data.evaldata import load_real, load_sample_images, quota, read_samples, subset_fingerprint
+from ..runtime.rundirs import COMPLETE_MARKER, ensure_writable, mark_complete, start_run_dir
+from ..runtime.errors import HistoError
+from ..runtime.log import closes_stage_logs, get_logger
+from ..runtime.distributed import seed_everything
+from ..runtime.fileio import write_csv_atomic, write_json_atomic
+from ..core.transforms import DIHEDRAL, dihedral
 
 FILTERED_JSON = "filtered.json"
 GENERATIVE_JSON = "generative_metrics.json"
@@ -161,7 +161,7 @@ def score_samples(real_feats, real_labels, real_ids, real_groups, syn_feats, syn
 # --------------------------------------------------------------------------------------------
 def feature_model(cfg: SelectConfig, real, selector_dir: Path, log):
     """(model, confidence function(features)->probs, extractor name); trained or loaded from selector_dir."""
-    from .models.classifier import (build_classifier, load_classifier, predict, save_classifier, small_cnn_width,
+    from ..models.classifier import (build_classifier, load_classifier, predict, save_classifier, small_cnn_width,
                                     train_classifier)
 
     size = int(real.images.shape[1])
@@ -212,8 +212,8 @@ def _softmax_head(model):
 # --------------------------------------------------------------------------------------------
 @closes_stage_logs
 def run(cfg: SelectConfig) -> Path:
-    from .models.classifier import predict
-    from .runtime.distributed import dist_info
+    from ..models.classifier import predict
+    from ..runtime.distributed import dist_info
 
     rank, _ = dist_info()
     samples_dir = Path(cfg.samples)
@@ -303,8 +303,8 @@ def selection_summary(scored: list[dict], classes: list[str], real_counts: dict,
 
 
 def _generative(cfg, model, ext_name, real, syn, targets, scored, selector_dir) -> dict:
-    from .core import metrics
-    from .models.classifier import FeatureExtractor, inception_extractor
+    from ..core import metrics
+    from ..models.classifier import FeatureExtractor, inception_extractor
 
     extractors = [(ext_name, FeatureExtractor(model))]
     if cfg.inception_weights:

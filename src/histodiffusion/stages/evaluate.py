@@ -40,21 +40,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .core import metrics as M
-from .runtime.artifacts import FILTERED_CSV, confusion_name, selection_dir
-from .runtime.config import EvaluateConfig, ScoreConfig
-from .runtime.contract import completion_record
-from .data.evalarms import (check_groups_disjoint, expand_arms, relabel, synthetic_sets, train_seed,
+from ..core import metrics as M
+from ..runtime.artifacts import FILTERED_CSV, confusion_name, selection_dir
+from ..runtime.config import EvaluateConfig, ScoreConfig
+from ..runtime.contract import completion_record
+from ..data.evalarms import (check_groups_disjoint, expand_arms, relabel, synthetic_sets, train_seed,
                             training_set)
-from .data.evaldata import Tiles, dataset_classes, load_real
-from .core.evalsummary import (CURVE_COLUMNS, curve_rows, per_seed_columns, per_seed_rows, summarise,
+from ..data.evaldata import Tiles, dataset_classes, load_real
+from ..core.evalsummary import (CURVE_COLUMNS, curve_rows, per_seed_columns, per_seed_rows, summarise,
                                validation_summary)
-from .models.cards import CARD, classifier_card
-from .runtime.errors import HistoError
-from .runtime.log import closes_stage_logs, get_logger
-from .runtime.distributed import dist_info, raise_if_any_rank_failed, seed_everything
-from .runtime.rundirs import is_complete, mark_complete, start_run_dir
-from .runtime.fileio import atomic_path, read_json, write_csv_atomic, write_json_atomic, write_text_atomic
+from ..models.cards import CARD, classifier_card
+from ..runtime.errors import HistoError
+from ..runtime.log import closes_stage_logs, get_logger
+from ..runtime.distributed import dist_info, raise_if_any_rank_failed, seed_everything
+from ..runtime.rundirs import is_complete, mark_complete, start_run_dir
+from ..runtime.fileio import atomic_path, read_json, write_csv_atomic, write_json_atomic, write_text_atomic
 
 TEST = "test"
 
@@ -64,7 +64,7 @@ TEST = "test"
 # --------------------------------------------------------------------------------------------
 def score(model, tiles: Tiles, tta: bool = False) -> dict:
     """Test metrics of a model on tiles; `tta`: probabilities averaged over the 8 dihedral views."""
-    from .models.classifier import predict
+    from ..models.classifier import predict
 
     probs, _ = predict(model, tiles.images, tta=tta)
     return M.classification_metrics(tiles.labels.numpy(), probs.argmax(1).numpy(), tiles.classes)
@@ -72,7 +72,7 @@ def score(model, tiles: Tiles, tta: bool = False) -> dict:
 
 def val_record(model, tiles: Tiles) -> dict:
     """Validation accuracy, macro-F1 and mean cross-entropy of a model on tiles (eval mode)."""
-    from .models.classifier import predict
+    from ..models.classifier import predict
 
     probs, _ = predict(model, tiles.images)
     m = M.classification_metrics(tiles.labels.numpy(), probs.argmax(1).numpy(), tiles.classes)
@@ -81,7 +81,7 @@ def val_record(model, tiles: Tiles) -> dict:
 
 
 def load_external(paths, classes: list[str], train_hashes: set[str]) -> dict[str, Tiles]:
-    from .runtime.artifacts import read_dataset
+    from ..runtime.artifacts import read_dataset
 
     out = {}
     for p in paths:
@@ -102,7 +102,7 @@ def load_external(paths, classes: list[str], train_hashes: set[str]) -> dict[str
 # --------------------------------------------------------------------------------------------
 @closes_stage_logs
 def run(cfg: EvaluateConfig) -> Path:
-    from .runtime.artifacts import read_dataset
+    from ..runtime.artifacts import read_dataset
 
     rank, world = dist_info()
     out = start_run_dir(cfg.out, cfg, "evaluate", is_main=rank == 0)
@@ -132,7 +132,7 @@ def run(cfg: EvaluateConfig) -> Path:
     # 2. train and score the jobs of this rank (finished ones are skipped)
     sets = {TEST: test, **externals}
     if world > 1:
-        from .runtime.distributed import make_accelerator
+        from ..runtime.distributed import make_accelerator
 
         make_accelerator(cpu=True)  # the process group, for the collective error check below
     try:
@@ -154,7 +154,7 @@ KEEP_LIST = "keep_list.json"  # the keep-list an evaluation uses, recorded when 
 def check_keep_list(cfg: EvaluateConfig, out: Path, arms, is_main: bool) -> None:
     """Record the keep-list (filtered.csv hash) the selected arms train on; on resume, refuse another one,
     so classifiers of an old and a new selection never mix in one evaluation."""
-    from .runtime.fileio import sha256_file
+    from ..runtime.fileio import sha256_file
 
     if not any(kind == "selected" for _, kind, _ in arms):
         return
@@ -192,7 +192,7 @@ def load_val(cfg: EvaluateConfig, real: Tiles, test: Tiles) -> Tiles:
 def _train_jobs(cfg: EvaluateConfig, out: Path, jobs, sets, val, classes, size: int, steps: int, real, syn,
                 log) -> None:
     """Train, save and score one rank's (arm, seed) jobs; finished ones are skipped (or scored on new sets)."""
-    from .models.classifier import build_classifier, load_classifier, save_classifier, train_classifier, val_rank
+    from ..models.classifier import build_classifier, load_classifier, save_classifier, train_classifier, val_rank
 
     for (name, kind, ratio), seed in jobs:
         d = out / "classifiers" / f"{name}_{seed}"
@@ -284,8 +284,8 @@ def find_classifiers(path: str | Path) -> list[Path]:
 
 @closes_stage_logs
 def run_score(cfg: ScoreConfig) -> Path:
-    from .judge import score_fidelity
-    from .models.classifier import load_classifier
+    from ..models.judge import score_fidelity
+    from ..models.classifier import load_classifier
 
     if not cfg.classifiers and not cfg.samples:
         raise HistoError("score needs --classifiers (saved classifiers) and/or --samples with --judge")

@@ -16,7 +16,7 @@ def grid_figure(images, keep=None, title: str = "", cols: int = 8, scale: int = 
     """A grid of uint8 [N, H, W, 3] tiles (upscaled to >= 48 px); keep==0 tiles get a red frame."""
     from PIL import Image, ImageDraw
 
-    from .core.grids import tile_grid
+    from ...core.grids import tile_grid
 
     imgs = np.asarray(images)
     n = len(imgs)
@@ -51,7 +51,7 @@ def reduce_2d(x: np.ndarray, method: str = "auto", seed: int = 0) -> tuple[np.nd
             return umap.UMAP(n_neighbors=min(15, n - 1), random_state=seed).fit_transform(x), "UMAP"
         except ImportError:
             if method == "umap":
-                from .runtime.errors import HistoError
+                from ...runtime.errors import HistoError
 
                 raise HistoError("embedding=umap needs umap-learn (pip install umap-learn); use tsne or pca") from None
     if method in ("auto", "umap", "tsne") and n >= 5:

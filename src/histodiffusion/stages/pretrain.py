@@ -18,18 +18,18 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from .runtime.artifacts import LDM_SCHEDULER, LDM_UNET, LDM_VAE, MODEL_INFO, format_meta
-from .runtime.config import PretrainConfig
-from .runtime.contract import completion_record
-from .data.mixture import EpochIndex, IdRecorder, MixtureDataset, make_loader
-from .runtime.distributed import check_finite
-from .core.grids import write_grid
-from .models.cards import CARD, ldm_card
-from .runtime.errors import HistoError
-from .runtime.log import MetricsLog, closes_stage_logs, get_logger, human_time, progress
-from .runtime.fileio import atomic_path, write_json_atomic, write_text_atomic
-from .runtime.rundirs import check_checkpoint_within, mark_complete, reopen_for_steps, start_run_dir
-from .runtime.distributed import (load_latest_checkpoint, make_accelerator, save_checkpoint, save_final_checkpoint,
+from ..runtime.artifacts import LDM_SCHEDULER, LDM_UNET, LDM_VAE, MODEL_INFO, format_meta
+from ..runtime.config import PretrainConfig
+from ..runtime.contract import completion_record
+from ..data.mixture import EpochIndex, IdRecorder, MixtureDataset, make_loader
+from ..runtime.distributed import check_finite
+from ..core.grids import write_grid
+from ..models.cards import CARD, ldm_card
+from ..runtime.errors import HistoError
+from ..runtime.log import MetricsLog, closes_stage_logs, get_logger, human_time, progress
+from ..runtime.fileio import atomic_path, write_json_atomic, write_text_atomic
+from ..runtime.rundirs import check_checkpoint_within, mark_complete, reopen_for_steps, start_run_dir
+from ..runtime.distributed import (load_latest_checkpoint, make_accelerator, save_checkpoint, save_final_checkpoint,
                                   seed_everything)
 
 STAGE = "pretrain"
@@ -52,8 +52,8 @@ def _check_config(cfg: PretrainConfig) -> None:
 
 def load_caches(paths, subset: str = "all") -> tuple[list, list[str], object]:
     """LatentDatasets of the caches, their names, and their one latent space (latent_space.py)."""
-    from .data.datasets import LatentDataset
-    from .runtime.latent_space import check_compatible
+    from ..data.datasets import LatentDataset
+    from ..runtime.latent_space import check_compatible
 
     sets = [LatentDataset(p, subset, sample=True) for p in paths]
     names = [ds.meta.get("dataset_name") or Path(p).name for ds, p in zip(sets, paths)]
@@ -73,7 +73,7 @@ def load_caches(paths, subset: str = "all") -> tuple[list, list[str], object]:
 
 def check_vae(vae_dir: str | Path, vae_hash: str, where: str) -> Path:
     """The autoencoder folder named by a cache must still hold the weights the cache was made with."""
-    from .runtime.latent_space import latent_hash
+    from ..runtime.latent_space import latent_hash
 
     vae_dir = Path(vae_dir)
     if latent_hash(vae_dir) != vae_hash:
@@ -89,8 +89,8 @@ def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch
 
 def build_model(cfg: PretrainConfig, shared, log):
     """A fresh UNet from cfg, or the UNet of an exported model (init_from) after checking it fits."""
-    from .runtime.latent_space import check_compatible, of_model
-    from .models.unet import build_unet_from_config, load_unet
+    from ..runtime.latent_space import check_compatible, of_model
+    from ..models.unet import build_unet_from_config, load_unet
 
     if not cfg.init_from:
         return build_unet_from_config(cfg, shared.latent_shape)
@@ -136,7 +136,7 @@ def sample_grid(unet, scheduler, vae, scaling_factor: float, path: Path, n: int 
                 seed: int = 0, prediction_type: str = "epsilon") -> None:
     """A quick unguided DDIM sample of n latents, decoded through the autoencoder, as a PNG grid: the sample
     stage's loop (diffusers_pipeline.guided_sample) with guidance scale 0 and no classifier."""
-    from .diffusers_pipeline import decode_uint8, guided_sample, make_scheduler
+    from ..diffusers_pipeline import decode_uint8, guided_sample, make_scheduler
 
     device = next(unet.parameters()).device
     cfg = unet.config
@@ -179,7 +179,7 @@ def run(cfg: PretrainConfig) -> Path:
              index.batches_per_epoch)
     vae = None
     if main:  # sample grids (every sample_every steps and at the end) are decoded on the main process
-        from .models.autoencoder import load_vae
+        from ..models.autoencoder import load_vae
 
         vae = load_vae(vae_dir).to(acc.device)
     t0 = time.time()
@@ -202,7 +202,7 @@ class _Trainer:
         from diffusers.optimization import get_scheduler
         from diffusers.training_utils import EMAModel
 
-        from .models.unet import build_scheduler_from_config
+        from ..models.unet import build_scheduler_from_config
 
         self.cfg, self.acc, self.out, self.log = cfg, acc, out, log
         self.noise = build_scheduler_from_config(cfg)

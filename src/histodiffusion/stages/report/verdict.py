@@ -7,9 +7,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .report import ARM_HEADER, Doc, _fmt, arm_rows
-from .report_quality import _rate
-from .runtime.fileio import read_json
+from .doc import ARM_HEADER, Doc, arm_rows, fmt, rate
+from ...runtime.fileio import read_json
 
 TEST = "test"
 
@@ -97,8 +96,8 @@ def section_fidelity_summary(doc: Doc, samples: Path) -> None:
         return
     f = read_json(path, "class fidelity")
     kept = f.get("kept")
-    rows = [[c, _rate(f["all"]["per_class"][c]), _rate(kept["per_class"][c]) if kept else "–"] for c in f["classes"]]
-    rows.append(["macro", _fmt(f["all"].get("macro_fidelity")), _fmt((kept or {}).get("macro_fidelity"))])
+    rows = [[c, rate(f["all"]["per_class"][c]), rate(kept["per_class"][c]) if kept else "–"] for c in f["classes"]]
+    rows.append(["macro", fmt(f["all"].get("macro_fidelity")), fmt((kept or {}).get("macro_fidelity"))])
     doc.table(["target class", "all samples", "kept samples"], rows,
               f"class fidelity: share of samples the independent judge assigns to their target class "
-              f"(95% Wilson interval; judge's val accuracy {_fmt(f['judge'].get('val_accuracy'))})")
+              f"(95% Wilson interval; judge's val accuracy {fmt(f['judge'].get('val_accuracy'))})")

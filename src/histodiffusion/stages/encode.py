@@ -16,16 +16,16 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from .runtime.artifacts import INDEX, INDEX_COLUMNS, META, SUBSETS_DIR, format_meta, latent_shard_name, read_dataset
-from .runtime.config import EncodeConfig
-from .runtime.configtypes import config_to_dict
-from .runtime.contract import completion_record
-from .runtime.rundirs import CONFIG_FILE, is_complete, mark_complete
-from .runtime.errors import HistoError
-from .runtime.log import closes_stage_logs, get_logger, progress
-from .runtime.distributed import make_accelerator, raise_if_any_rank_failed
-from .runtime.fileio import read_csv, read_json, remove_path, write_csv_atomic, write_json_atomic
-from .core.transforms import DIHEDRAL, dihedral
+from ..runtime.artifacts import INDEX, INDEX_COLUMNS, META, SUBSETS_DIR, format_meta, latent_shard_name, read_dataset
+from ..runtime.config import EncodeConfig
+from ..runtime.configtypes import config_to_dict
+from ..runtime.contract import completion_record
+from ..runtime.rundirs import CONFIG_FILE, is_complete, mark_complete
+from ..runtime.errors import HistoError
+from ..runtime.log import closes_stage_logs, get_logger, progress
+from ..runtime.distributed import make_accelerator, raise_if_any_rank_failed
+from ..runtime.fileio import read_csv, read_json, remove_path, write_csv_atomic, write_json_atomic
+from ..core.transforms import DIHEDRAL, dihedral
 
 
 def variant_id(tile_id: str, k: int) -> str:
@@ -34,7 +34,7 @@ def variant_id(tile_id: str, k: int) -> str:
 
 def _check_existing(out: Path, space, data: Path, flips: bool, log) -> bool:
     """True when `out` is a complete cache of the same inputs (skip); error when it is of other inputs."""
-    from .runtime.latent_space import of_cache
+    from ..runtime.latent_space import of_cache
 
     if not out.exists():
         return False
@@ -60,9 +60,9 @@ def run(cfg: EncodeConfig) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from .data.datasets import PixelDataset
-    from .runtime.latent_space import of_autoencoder
-    from .models.autoencoder import encode_posterior, load_vae
+    from ..data.datasets import PixelDataset
+    from ..runtime.latent_space import of_autoencoder
+    from ..models.autoencoder import encode_posterior, load_vae
 
     if cfg.batch_size < 1 or cfg.shard_size < 1:
         raise HistoError(f"batch_size and shard_size must be >= 1, got {cfg.batch_size}, {cfg.shard_size}")
@@ -141,7 +141,7 @@ def run(cfg: EncodeConfig) -> Path:
 def _finish(cfg, ds, ds_meta, data, space, shards, tmp: Path, out: Path):
     from safetensors import safe_open
 
-    from .runtime.latent_space import write_cache_record
+    from ..runtime.latent_space import write_cache_record
 
     with safe_open(str(tmp / latent_shard_name(0)), framework="pt") as fh:
         latent_shape = list(fh.get_slice("mean").get_shape()[1:])
