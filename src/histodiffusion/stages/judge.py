@@ -10,7 +10,8 @@ are checked again once loaded; validation tiles are only scored after training, 
 can be trusted: they never choose its weights, which are the last ones).
 
 Judge folder (cfg.out), trained once per dataset and reused: config.json first, model/ (the saved
-classifier), judge.json (training tiles, counts, fingerprint of the training tiles, validation
+classifier), judge.json (training tiles, counts, fingerprint of the training tiles, "trained_on": what
+the loaded training tiles were (count, splits, sha256 of their sorted ids and pixel hashes), validation
 accuracy), _COMPLETE.json last. A dataset whose training tiles changed since is refused.
 
 Per judged sample directory (`judge --samples S`; `score --samples S --judge J` writes the same two
@@ -25,6 +26,7 @@ Single process: under a launcher, only rank 0 works and writes.
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from ..data.evaldata import dataset_classes, load_real, read_samples, subset_fingerprint
@@ -67,8 +69,10 @@ def judge_training_ids(data: str | Path, subset: str) -> list[str]:
     return ids
 
 
-def assert_train_only(tiles, data: str | Path) -> None:
-    """Checked again on the tiles actually loaded for training (a second line of defence)."""
+def assert_train_only(tiles, data: str | Path) -> dict:
+    """Checked again on the tiles actually loaded for training (a second line of defence); returns what
+    judge.json records of them ("trained_on"): their count, the splits they lie in, and sha256 digests of
+    their sorted ids and of their sorted pixel hashes, so anyone can check what the judge saw."""
     from ..runtime.artifacts import read_dataset
 
     _, rows = read_dataset(data)
@@ -77,6 +81,10 @@ def assert_train_only(tiles, data: str | Path) -> None:
     if bad:
         raise HistoError(f"judge: refusing to train on {len(bad)} tile(s) outside the train split of {data}, "
                          f"e.g. {bad[0]!r}")
+    pixels = sorted(hashlib.sha256(t.numpy().tobytes()).hexdigest() for t in tiles.images)
+    return {"n": len(tiles), "splits": sorted({split[i] for i in tiles.ids}),
+            "ids_sha256": hashlib.sha256("\n".join(sorted(tiles.ids)).encode()).hexdigest(),
+            "pixels_sha256": hashlib.sha256("\n".join(pixels).encode()).hexdigest()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -96,7 +104,7 @@ def ensure_judge(cfg: JudgeConfig, ids: list[str], out: Path, log):
                  info.get("val_accuracy"))
         return model, info
     tiles = load_real(cfg.data, cfg.subset, ids=ids)
-    assert_train_only(tiles, cfg.data)
+    trained_on = assert_train_only(tiles, cfg.data)
     from ..runtime.distributed import seed_everything
 
     seed_everything(cfg.seed)
@@ -107,7 +115,8 @@ def ensure_judge(cfg: JudgeConfig, ids: list[str], out: Path, log):
     train_classifier(model, tiles.images, tiles.labels, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
                      seed=cfg.seed, augment=True, desc="judge")
     record = {"data": str(cfg.data), "subset": cfg.subset, "fingerprint": fingerprint, "n_train": len(tiles),
-              "train_counts": tiles.counts(), "train_splits": [TRAIN_SPLIT], "val_subset": cfg.val_subset,
+              "train_counts": tiles.counts(), "train_splits": [TRAIN_SPLIT], "trained_on": trained_on,
+              "val_subset": cfg.val_subset,
               "val_accuracy": None, "n_val": 0}
     if cfg.val_subset:  # scored after training only: no checkpoint is chosen on it
         from ..models.classifier import predict
