@@ -241,15 +241,15 @@ def test_tta_prediction_does_not_depend_on_the_tile_orientation():
 def test_aa_arm_is_real_with_its_own_seed_stream(evaluated, tmp_path):
     from safetensors.torch import load_file
 
-    from histodiffusion.stages import evaluate
+    from histodiffusion.data.evalarms import AA_SEED_OFFSET
     from histodiffusion.core.evalsummary import summarise
 
     cfg, root = evaluated
     base = {**cfg.__dict__, "samples": "", "external": (), "seeds": (0, 1)}
     # real_aa seed s is exactly real seed s + AA_SEED_OFFSET (nothing else differs)
-    run(EvaluateConfig(**{**base, "arms": ("real",), "seeds": (evaluate.AA_SEED_OFFSET,), "out": str(tmp_path / "r")}))
+    run(EvaluateConfig(**{**base, "arms": ("real",), "seeds": (AA_SEED_OFFSET,), "out": str(tmp_path / "r")}))
     a = load_file(str(root / "eval" / "classifiers" / "real_aa_0" / "model.safetensors"))
-    b = load_file(str(tmp_path / "r" / "classifiers" / f"real_{evaluate.AA_SEED_OFFSET}" / "model.safetensors"))
+    b = load_file(str(tmp_path / "r" / "classifiers" / f"real_{AA_SEED_OFFSET}" / "model.safetensors"))
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
     # the noise floor is the paired real_aa - real difference on the test split, seed by seed
     m = json.loads((root / "eval" / "metrics.json").read_text())

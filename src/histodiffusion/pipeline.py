@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Callable
 
 from .runtime import config as C
+from .runtime.configrules import validate_config
+from .runtime.configtypes import load_config_file
 from .runtime.contract import check_complete
 from .data.splits import fewshot_names
 from .runtime.layout import RunLayout
@@ -46,11 +48,11 @@ def plan(cfg: C.RunConfig, base: dict | None | str = "verify") -> list[Step]:
     base record when the caller has it already, else it is resolved and verified here)."""
     from .runtime.presets import PRESETS, preset_overrides
 
-    C.validate_config(cfg)
+    validate_config(cfg)
     root = Path(cfg.out)
     preset_overrides(cfg.preset, "run")  # validates the name
     preset = PRESETS[cfg.preset]
-    user = C.load_config_file(cfg.stage_config) if cfg.stage_config else {}
+    user = load_config_file(cfg.stage_config) if cfg.stage_config else {}
     unknown = sorted(set(user) - set(STAGES) - set(EXTRA_KEYS))
     if unknown:
         raise HistoError(f"stage_config {cfg.stage_config}: unknown stage(s) {unknown}")

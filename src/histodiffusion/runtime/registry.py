@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from . import config as C
+from .configtypes import input_fields
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,7 @@ class Stage:
     @property
     def inputs(self) -> tuple[str, ...]:
         """The config fields naming the artifacts it reads (hashed into its _COMPLETE.json; contract.py)."""
-        return C.input_fields(self.config)
+        return input_fields(self.config)
 
     def __call__(self, cfg: Any) -> Any:
         """Run the stage (CLI, `run` and the API call stages this way). An output complete from other
