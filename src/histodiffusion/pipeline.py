@@ -46,33 +46,47 @@ class Step:
 def plan(cfg: C.RunConfig, base: dict | None | str = "verify") -> list[Step]:
     """The chain of stages for this run, with each stage's resolved config fields (`base`: the verified
     base record when the caller has it already, else it is resolved and verified here)."""
+    validate_config(cfg)
+    fields = _fields_of(cfg)
+    base = _base(cfg) if base == "verify" else base
+    L = RunLayout(Path(cfg.out))
+    ldm_model = Path(base["path"]) if base else L.model(L.ldm)
+    ae_vae = ldm_model / "vae" if base else L.ae_vae
+    steps, ldm_model, labels_csv = _model_steps(cfg, L, fields, base, ldm_model, ae_vae)
+    steps += _synthesis_steps(cfg, L, fields, ldm_model, ae_vae)
+    steps.append(Step("report", "report", L.report, fields("report", {
+        "run": str(L.root), "out": str(L.report), "data": str(L.data_target), "samples": str(L.samples()),
+        "eval": str(L.evaluation()), "latent_classifier": str(L.latent_classifier)}, {})))
+    d_tgt, d_unl = str(L.data_target), str(L.data_unlabeled)
+    of_dataset = {d_tgt: d_tgt, str(L.cache_target): d_tgt, d_unl: d_unl, str(L.cache_unlabeled): d_unl}
+    _check_steps(cfg, steps, of_dataset, d_tgt, labels_csv)
+    return steps
+
+
+Fields = Callable[..., dict]  # fields(key, layout, settings, stage=None) -> a stage's resolved config fields
+
+
+def _fields_of(cfg: C.RunConfig) -> Fields:
+    """The merger of a stage's config fields: preset < the run's settings < the user's --stage-config (of
+    the stage, then of its key, e.g. "prepare-target"); the layout's paths last: the user may not move a
+    stage's inputs or outputs (a clear error). Every --stage-config entry is checked here, also of stages
+    this run does not reach (fields, types, ranges)."""
     from .runtime.presets import PRESETS, preset_overrides
 
-    validate_config(cfg)
-    root = Path(cfg.out)
     preset_overrides(cfg.preset, "run")  # validates the name
     preset = PRESETS[cfg.preset]
     user = load_config_file(cfg.stage_config) if cfg.stage_config else {}
     unknown = sorted(set(user) - set(STAGES) - set(EXTRA_KEYS))
     if unknown:
         raise HistoError(f"stage_config {cfg.stage_config}: unknown stage(s) {unknown}")
-    for key, values in user.items():  # every entry, also of stages this run does not reach (fields, types, ranges)
+    for key, values in user.items():
         stage = key if key in STAGES else key.rsplit("-", 1)[0]
         try:
             build(stage, values)
         except HistoError as e:
             raise HistoError(f"stage_config {cfg.stage_config}, entry {key!r}: {e}") from None
 
-    base = _base(cfg) if base == "verify" else base
-    unlabeled_sources, labels_csv = _sources(cfg)
-    L = RunLayout(root)
-    d_unl, d_tgt, c_unl, c_tgt = L.data_unlabeled, L.data_target, L.cache_unlabeled, L.cache_target
-    ldm_model = Path(base["path"]) if base else L.model(L.ldm)
-    ae_vae = ldm_model / "vae" if base else L.ae_vae
-
     def fields(key: str, layout: dict, settings: dict, stage: str | None = None) -> dict:
-        """preset < the run's settings < the user's --stage-config (of the stage, then of this key); the
-        layout's paths last: the user may not move a stage's inputs or outputs (a clear error)."""
         stage = stage or key
         merged = {**preset.get(stage, {}), **preset.get(key, {}), **settings}
         for k in dict.fromkeys((stage, key)):
@@ -83,7 +97,16 @@ def plan(cfg: C.RunConfig, base: dict | None | str = "verify") -> list[Step]:
                                  f"overridden; run the stage by hand (histodiffusion {stage}) to use other paths")
             merged.update(user.get(k, {}))
         return {**merged, **layout}
+    return fields
 
+
+def _model_steps(cfg: C.RunConfig, L: RunLayout, fields: Fields, base: dict | None, ldm_model: Path,
+                 ae_vae: Path) -> tuple[list[Step], Path, str]:
+    """The data and the unconditional models: prepare, autoencoder, encode, pretrain (or the base instead),
+    and the optional unlabeled adaptation to the target. Returns (steps, the LDM the later stages use,
+    the labels CSV of the target)."""
+    unlabeled_sources, labels_csv = _sources(cfg)
+    d_unl, d_tgt, c_unl, c_tgt = L.data_unlabeled, L.data_target, L.cache_unlabeled, L.cache_target
     target_fields = fields("prepare-target", {"out": str(d_tgt), "exclude": (str(ldm_model if base else d_unl),)}, {
         "kind": "labeled", "labels_csv": labels_csv, "tile_size": cfg.tile_size, "seed": cfg.split_seed}, "prepare")
     prepare_target = Step("prepare target", "prepare", d_tgt, target_fields,
@@ -111,7 +134,14 @@ def plan(cfg: C.RunConfig, base: dict | None | str = "verify") -> list[Step]:
             "pretrain-target", {"cache": (str(c_tgt),), "init_from": str(ldm_model), "out": str(L.ldm_target)},
             {"subset": "train", "steps": cfg.adapt_unlabeled_steps}, "pretrain")))
         ldm_model = L.model(L.ldm_target)
-    steps += [
+    return steps, ldm_model, labels_csv
+
+
+def _synthesis_steps(cfg: C.RunConfig, L: RunLayout, fields: Fields, ldm_model: Path, ae_vae: Path) -> list[Step]:
+    """Adaptation to the labels (latent classifier, decoder fine-tune), then per arm (the main chain and the
+    optional no-pretraining ablation): sample, select, evaluate."""
+    d_tgt, c_tgt = L.data_target, L.cache_target
+    steps = [
         Step("latent classifier", "train-latent-classifier", L.latent_classifier,
              fields("train-latent-classifier", {"cache": str(c_tgt), "scheduler": str(ldm_model / "scheduler"),
                                                 "out": str(L.latent_classifier)}, {"subset": cfg.subset})),
@@ -148,11 +178,6 @@ def plan(cfg: C.RunConfig, base: dict | None | str = "verify") -> list[Step]:
                 "subset": cfg.subset, "quota_ratio": max(evaluate["ratios"])}, "select")),
             Step(f"evaluate{suffix}", "evaluate", L.evaluation(suffix), evaluate),
         ]
-    steps.append(Step("report", "report", L.report, fields("report", {
-        "run": str(root), "out": str(L.report), "data": str(d_tgt), "samples": str(L.samples()),
-        "eval": str(L.evaluation()), "latent_classifier": str(L.latent_classifier)}, {})))
-    of_dataset = {str(d_tgt): str(d_tgt), str(c_tgt): str(d_tgt), str(d_unl): str(d_unl), str(c_unl): str(d_unl)}
-    _check_steps(cfg, steps, of_dataset, str(d_tgt), labels_csv)
     return steps
 
 

@@ -40,6 +40,21 @@ class _Decoder(torch.nn.Module):
         return self.vae.decode(z).sample
 
 
+def _aux_classifier(cfg: FinetuneDecoderConfig, acc, ds, by_class, size: int, out: Path, log):
+    """The frozen auxiliary classifier of <out>/aux_classifier, trained there by the main process first."""
+    from ..models.classifier import load_classifier
+
+    aux_dir = out / "aux_classifier"
+    if acc.is_main_process and not (aux_dir / "classifier.json").is_file():
+        log.info("training the auxiliary classifier on %d real images (%d steps)", len(ds), cfg.aux_steps)
+        log.info("aux classifier train accuracy %.3f",
+                 _train_aux_classifier(cfg, ds, by_class, ds.classes, size, aux_dir, log))
+    acc.wait_for_everyone()
+    clf, _ = load_classifier(aux_dir)
+    clf.requires_grad_(False)
+    return clf
+
+
 def _train_aux_classifier(cfg: FinetuneDecoderConfig, ds, by_class, classes, size: int, path: Path, log):
     """small_cnn on the real labeled subset (class-balanced), saved to `path`; returns its train accuracy."""
     from ..models.classifier import build_classifier, save_classifier
@@ -77,7 +92,6 @@ def run(cfg: FinetuneDecoderConfig) -> Path:
     from ..data.datasets import PixelDataset
     from ..runtime.latent_space import latent_hash, of_autoencoder
     from ..models.autoencoder import load_vae, save_vae
-    from ..models.classifier import load_classifier
 
     acc = make_accelerator()
     out, log = start_stage(acc, cfg, "finetune-decoder")
@@ -91,21 +105,12 @@ def run(cfg: FinetuneDecoderConfig) -> Path:
     ds = PixelDataset(cfg.data, cfg.subset)
     classes = ds.classes
     by_class = class_members(np.array([ds.label_index(i) for i in range(len(ds))]), classes,
-                              f"subset {cfg.subset!r} of {cfg.data}")
+                             f"subset {cfg.subset!r} of {cfg.data}")
     size = int(ds[0][0].shape[-1])
     vae = load_vae(cfg.vae)
     base_hash = latent_hash(cfg.vae)
     scaling = of_autoencoder(cfg.vae, vae).scaling_factor  # a foreign autoencoder's default is not trusted
-    clf = None
-    if cfg.aux_weight > 0:
-        aux_dir = out / "aux_classifier"
-        if acc.is_main_process and not (aux_dir / "classifier.json").is_file():
-            log.info("training the auxiliary classifier on %d real images (%d steps)", len(ds), cfg.aux_steps)
-            log.info("aux classifier train accuracy %.3f",
-                     _train_aux_classifier(cfg, ds, by_class, classes, size, aux_dir, log))
-        acc.wait_for_everyone()
-        clf, _ = load_classifier(aux_dir)
-        clf.requires_grad_(False)
+    clf = _aux_classifier(cfg, acc, ds, by_class, size, out, log) if cfg.aux_weight > 0 else None
     vae.requires_grad_(False)
     vae.decoder.requires_grad_(True)
     if vae.post_quant_conv is not None:

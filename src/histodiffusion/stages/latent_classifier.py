@@ -116,6 +116,7 @@ def run(cfg: LatentClassifierConfig) -> Path:
     if not 0 < max_t <= T:
         raise HistoError(f"max_timestep must be in [1, {T}] (or 0 for all), got {cfg.max_timestep}")
     val = LatentDataset(cfg.cache, cfg.val_subset, sample=False) if cfg.val_subset else None
+    image_data = None
     if val is not None and cfg.image_baseline:  # checked before training: its dataset must be readable
         image_data = baseline_data(cfg, meta)
     # 2. model and optimiser, resumed from the newest checkpoint
@@ -156,30 +157,37 @@ def run(cfg: LatentClassifierConfig) -> Path:
     # 4. validation per timestep bucket, export
     model = acc.unwrap_model(model).eval()
     if acc.is_main_process:
-        result = {"steps": cfg.steps, "classes": classes, "train_subset": cfg.subset, "n_train": len(ds),
-                  "chance": 1.0 / len(classes)}
-        if val is not None:
-            by_t = bucket_accuracy(model, val, sched)
-            result.update(val_subset=cfg.val_subset, n_val=len(val), val_accuracy_by_t=by_t,
-                          val_accuracy=float(np.mean(list(by_t.values()))))
-            log.info("validation accuracy by timestep: %s", ", ".join(f"t in {k}: {v:.3f}" for k, v in by_t.items()))
-            if cfg.image_baseline:
-                image = image_baseline(cfg, image_data, _base_ids(ds), _base_ids(val), classes, out, log)
-                result.update(image_classifier=image, **strength_summary(by_t, image["val_accuracy"]))
-                for line in strength_lines(by_t, image, result):
-                    log.info("latent vs image classifier: %s", line)
-        write_json_atomic(out / "metrics.json", result)
-        with atomic_path(out / "model") as tmp:
-            model.save_pretrained(str(tmp), safe_serialization=True)
-            write_json_atomic(tmp / MODEL_INFO, format_meta(
-                kind="latent_classifier", classes=classes, **ds.space.fields(),
-                cache=str(Path(cfg.cache).resolve()), subset=cfg.subset,
-                scheduler=dict(sched.config), max_timestep=max_t))
-            write_text_atomic(tmp / CARD, latent_classifier_card(tmp, str(out / "model"), result))
-        mark_complete(out, **completion_record(cfg))
-        log.info("latent classifier exported: %s", out / "model")
+        _validate_and_export(cfg, model, ds, val, sched, max_t, classes, image_data, out, log)
     acc.wait_for_everyone()
     return out
+
+
+def _validate_and_export(cfg: LatentClassifierConfig, model, ds, val, sched, max_t: int, classes: list[str],
+                         image_data: Path | None, out: Path, log) -> None:
+    """Main process: accuracy per timestep bucket on the validation subset (and against the image
+    baseline), metrics.json, the exported model/ with its record and card, _COMPLETE.json."""
+    result = {"steps": cfg.steps, "classes": classes, "train_subset": cfg.subset, "n_train": len(ds),
+              "chance": 1.0 / len(classes)}
+    if val is not None:
+        by_t = bucket_accuracy(model, val, sched)
+        result.update(val_subset=cfg.val_subset, n_val=len(val), val_accuracy_by_t=by_t,
+                      val_accuracy=float(np.mean(list(by_t.values()))))
+        log.info("validation accuracy by timestep: %s", ", ".join(f"t in {k}: {v:.3f}" for k, v in by_t.items()))
+        if cfg.image_baseline:
+            image = image_baseline(cfg, image_data, _base_ids(ds), _base_ids(val), classes, out, log)
+            result.update(image_classifier=image, **strength_summary(by_t, image["val_accuracy"]))
+            for line in strength_lines(by_t, image, result):
+                log.info("latent vs image classifier: %s", line)
+    write_json_atomic(out / "metrics.json", result)
+    with atomic_path(out / "model") as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        write_json_atomic(tmp / MODEL_INFO, format_meta(
+            kind="latent_classifier", classes=classes, **ds.space.fields(),
+            cache=str(Path(cfg.cache).resolve()), subset=cfg.subset,
+            scheduler=dict(sched.config), max_timestep=max_t))
+        write_text_atomic(tmp / CARD, latent_classifier_card(tmp, str(out / "model"), result))
+    mark_complete(out, **completion_record(cfg))
+    log.info("latent classifier exported: %s", out / "model")
 
 
 def _base_ids(ds) -> list[str]:
@@ -238,7 +246,7 @@ def image_baseline(cfg, data: Path, train_ids: list[str], val_ids: list[str], cl
     if list(ds.classes) != list(classes):
         raise HistoError(f"image baseline: dataset {data} has classes {ds.classes}, the latent cache {classes}")
     by_class = class_members(np.array([ds.label_index(i) for i in range(len(ds))]), classes,
-                              f"image baseline subset {cfg.subset!r} of {data}")
+                             f"image baseline subset {cfg.subset!r} of {data}")
     size = int(ds[0][0].shape[-1])
     torch.manual_seed(cfg.seed)
     clf = build_classifier(cfg.image_backbone, len(classes), size)

@@ -26,9 +26,9 @@ from ..runtime.distributed import check_finite
 from ..core.grids import write_grid
 from ..models.cards import CARD, ldm_card
 from ..runtime.errors import HistoError
-from ..runtime.log import MetricsLog, closes_stage_logs, get_logger, human_time, progress
+from ..runtime.log import MetricsLog, closes_stage_logs, human_time, progress
 from ..runtime.fileio import atomic_path, write_json_atomic, write_text_atomic
-from ..runtime.rundirs import check_checkpoint_within, mark_complete, reopen_for_steps, start_run_dir
+from ..runtime.rundirs import check_checkpoint_within, mark_complete, reopen_for_steps, start_stage
 from ..runtime.distributed import (load_latest_checkpoint, make_accelerator, save_checkpoint, save_final_checkpoint,
                                   seed_everything)
 
@@ -156,9 +156,7 @@ def run(cfg: PretrainConfig) -> Path:
     _check_config(cfg)
     acc = make_accelerator(cfg.mixed_precision, cfg.grad_accum)
     main = acc.is_main_process
-    out = start_run_dir(cfg.out, cfg, STAGE, is_main=main, neutral=("steps",))
-    acc.wait_for_everyone()
-    log = get_logger("pretrain", out / "log.txt", is_main=main)
+    out, log = start_stage(acc, cfg, STAGE, neutral=("steps",))
     model_dir = out / "model"
     if reopen_for_steps(out, cfg.steps, acc, log):
         log.info("%s is complete: skipped (model: %s)", out, model_dir)

@@ -33,8 +33,8 @@ from ..diffusers_pipeline import SCHEDULERS, make_scheduler
 from ..core.grids import write_grid
 from ..runtime.errors import HistoError
 from ..runtime.fileio import atomic_path, read_csv, write_csv_atomic
-from ..runtime.log import closes_stage_logs, get_logger, progress
-from ..runtime.rundirs import is_complete, mark_complete, start_run_dir
+from ..runtime.log import closes_stage_logs, progress
+from ..runtime.rundirs import is_complete, mark_complete, start_stage
 from ..runtime.distributed import make_accelerator
 from ..core.seeds import sample_seed, torch_generator
 
@@ -220,9 +220,7 @@ def write_pipeline(folder: Path, m: dict, cfg: SampleConfig, window: tuple[int, 
 @closes_stage_logs
 def run(cfg: SampleConfig) -> Path:
     acc = make_accelerator()
-    out = start_run_dir(cfg.out, cfg, "sample", acc.is_main_process, neutral=("batch_size",))
-    acc.wait_for_everyone()
-    log = get_logger("sample", out / "log.txt", is_main=acc.is_main_process)
+    out, log = start_stage(acc, cfg, "sample", neutral=("batch_size",))
     if is_complete(out):
         if acc.is_main_process:  # a run killed after its completion marker: drop the progress files
             shutil.rmtree(out / PROGRESS_DIR, ignore_errors=True)

@@ -26,8 +26,8 @@ from ..runtime.distributed import check_finite
 from ..core.grids import to_uint8, write_grid
 from ..models.cards import CARD, autoencoder_card
 from ..runtime.errors import HistoError
-from ..runtime.log import MetricsLog, closes_stage_logs, get_logger, human_time, progress
-from ..runtime.rundirs import check_checkpoint_within, mark_complete, reopen_for_steps, start_run_dir
+from ..runtime.log import MetricsLog, closes_stage_logs, human_time, progress
+from ..runtime.rundirs import check_checkpoint_within, mark_complete, reopen_for_steps, start_stage
 from ..runtime.distributed import (load_latest_checkpoint, make_accelerator, save_checkpoint, save_final_checkpoint,
                                   seed_everything)
 from ..runtime.fileio import write_csv_atomic, write_text_atomic
@@ -228,9 +228,7 @@ def run(cfg: AutoencoderConfig) -> Path:
     _check_config(cfg)
     acc = make_accelerator(cfg.mixed_precision)
     main = acc.is_main_process
-    out = start_run_dir(cfg.out, cfg, STAGE, is_main=main, neutral=("steps",))
-    acc.wait_for_everyone()
-    log = get_logger("train-autoencoder", out / "log.txt", is_main=main)
+    out, log = start_stage(acc, cfg, STAGE, neutral=("steps",))
     model_dir = out / "model" / "vae"
     if reopen_for_steps(out, cfg.steps, acc, log):
         log.info("%s is complete: skipped (model: %s)", out, model_dir)
