@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from histodiffusion.runtime.artifacts import SAMPLES_COLUMNS
 from histodiffusion.data.writer import DatasetWriter
+from histodiffusion.runtime.artifacts import SAMPLES_COLUMNS
 from histodiffusion.runtime.fileio import write_csv_atomic
 
 CLASSES = ["aca", "benign", "scc"]

@@ -8,12 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from histodiffusion.stages import finetune_decoder, latent_classifier
-from histodiffusion.runtime.config import FinetuneDecoderConfig, LatentClassifierConfig, SampleConfig
 from histodiffusion.models.autoencoder import vae_id
-from histodiffusion.runtime.latent_space import latent_hash
 from histodiffusion.models.latent_classifier import load_latent_classifier
+from histodiffusion.runtime.config import FinetuneDecoderConfig, LatentClassifierConfig, SampleConfig
 from histodiffusion.runtime.errors import HistoError
+from histodiffusion.runtime.latent_space import latent_hash
+from histodiffusion.stages import finetune_decoder, latent_classifier
 
 from helpers_interrupt import interrupt_at
 from helpers_sample import make_labeled_cache, make_ldm

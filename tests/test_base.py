@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from helpers_sample import SIZE, make_ldm, make_vae32
-from histodiffusion.models.base import CHECKSUMS, verify_base
 from histodiffusion.cli import main
+from histodiffusion.models.base import CHECKSUMS, verify_base
 from histodiffusion.runtime.errors import HistoError
 
 

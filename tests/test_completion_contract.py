@@ -9,8 +9,8 @@ from helpers_eval import make_class_samples, make_dataset, one_thread
 
 from histodiffusion.cli import main
 from histodiffusion.runtime.contract import check_complete, fingerprint
-from histodiffusion.runtime.registry import build
 from histodiffusion.runtime.errors import HistoError
+from histodiffusion.runtime.registry import build
 
 SELECT = ["--subset", "train", "--backbone", "small_cnn_w8", "--feature-steps", "5", "--generative-metrics", "false"]
 EVALUATE = ["--subset", "frac0.5", "--arms", "real,selected", "--ratios", "0.25", "--seeds", "0",

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from histodiffusion import api
-from histodiffusion.runtime.config import SampleConfig
 from histodiffusion.diffusers_pipeline import HistoDiffusionPipeline
+from histodiffusion.runtime.config import SampleConfig
 from histodiffusion.runtime.errors import HistoError
 from histodiffusion.stages.sample import run
 

@@ -10,8 +10,8 @@ import pytest
 from helpers_eval import make_class_samples, make_dataset, one_thread, write_filtered
 from histodiffusion.cli import main
 from histodiffusion.runtime.config import EvaluateConfig
-from histodiffusion.stages.evaluate import run
 from histodiffusion.runtime.errors import HistoError
+from histodiffusion.stages.evaluate import run
 
 ARMS = ["real", "real_aa", "classic", "selected@1", "unselected@1"]
 

@@ -9,11 +9,11 @@ import pytest
 
 from histodiffusion import api
 from histodiffusion.cli import main
-from histodiffusion.runtime.config import RunConfig
 from histodiffusion.info import COMPLETE, NOT_STARTED, STARTED, run_plan
+from histodiffusion.runtime.config import RunConfig
 from histodiffusion.runtime.errors import HistoError
-from histodiffusion.runtime.rundirs import mark_complete, start_run_dir
 from histodiffusion.runtime.fileio import write_json_atomic
+from histodiffusion.runtime.rundirs import mark_complete, start_run_dir
 
 DELTA = {"mean": 0.02, "ci95": [0.005, 0.035], "half_width": 0.015, "std": 0.01, "n": 5}
 

@@ -9,11 +9,11 @@ import json
 import pytest
 
 from helpers_eval import make_class_samples, make_dataset, one_thread, write_filtered
-from histodiffusion.core.fidelity import class_fidelity
-from histodiffusion.stages import judge
 from histodiffusion.cli import main
+from histodiffusion.core.fidelity import class_fidelity
 from histodiffusion.runtime.config import JudgeConfig
 from histodiffusion.runtime.errors import HistoError
+from histodiffusion.stages import judge
 
 
 @pytest.fixture(autouse=True)

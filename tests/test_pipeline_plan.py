@@ -4,8 +4,8 @@ import json
 import pytest
 
 from histodiffusion.cli import main
-from histodiffusion.runtime.config import RunConfig
 from histodiffusion.pipeline import plan
+from histodiffusion.runtime.config import RunConfig
 from histodiffusion.runtime.errors import HistoError
 
 

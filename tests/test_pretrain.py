@@ -17,8 +17,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from helpers_pretrain import make_cache, make_dataset, make_vae  # noqa: E402
 
 from histodiffusion.runtime.config import AutoencoderConfig, EncodeConfig, PretrainConfig  # noqa: E402
-from histodiffusion.runtime.errors import HistoError
 from histodiffusion.runtime.distributed import list_checkpoints
+from histodiffusion.runtime.errors import HistoError
 
 TINY_UNET = dict(block_out_channels=(16, 32), layers_per_block=1, batch_size=4, warmup=2, sample_every=0)
 

@@ -30,8 +30,8 @@ import pytest
 import torch
 
 from histodiffusion.cli import main as cli_main
-from histodiffusion.runtime.errors import HistoError
 from histodiffusion.runtime.distributed import list_checkpoints
+from histodiffusion.runtime.errors import HistoError
 
 pytestmark = pytest.mark.slow
 

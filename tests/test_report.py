@@ -7,11 +7,11 @@ import pytest
 from helpers_eval import make_class_samples, make_dataset, one_thread
 import json
 
-from histodiffusion.stages import evaluate, judge, select
 from histodiffusion.runtime.config import EvaluateConfig, JudgeConfig, ReportConfig, SelectConfig
+from histodiffusion.runtime.errors import HistoError
+from histodiffusion.stages import evaluate, judge, select
 from histodiffusion.stages.latent_classifier import strength_summary
 from histodiffusion.stages.report import run
-from histodiffusion.runtime.errors import HistoError
 
 
 @pytest.fixture(autouse=True)

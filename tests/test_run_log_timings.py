@@ -4,8 +4,8 @@ of the stages it skips."""
 import logging
 import re
 
-from histodiffusion.runtime.config import RunConfig
 from histodiffusion.pipeline import run
+from histodiffusion.runtime.config import RunConfig
 from histodiffusion.runtime.log import closes_stage_logs, get_logger, log_to
 
 

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from histodiffusion.stages import sample as sample_mod
 from histodiffusion.cli import main as cli_main
-from histodiffusion.runtime.config import SampleConfig
-from histodiffusion.runtime.errors import HistoError
 from histodiffusion.diffusers_pipeline import guided_sample
 from histodiffusion.diffusers_pipeline import make_scheduler
+from histodiffusion.runtime.config import SampleConfig
+from histodiffusion.runtime.errors import HistoError
+from histodiffusion.stages import sample as sample_mod
 from histodiffusion.stages.sample import plan_samples, run
 
 from helpers_interrupt import interrupt_at

@@ -7,12 +7,12 @@ import pytest
 from PIL import Image
 
 from helpers_prepare import labels_csv
-from histodiffusion.runtime.config import PrepareConfig
 from histodiffusion.data import default
 from histodiffusion.data.resolution import check_scale
-from histodiffusion.stages.prepare import run
 from histodiffusion.data.scale import TileSample, mismatch, nucleus_size, tile_nuclei
 from histodiffusion.data.slides import resize_tile
+from histodiffusion.runtime.config import PrepareConfig
+from histodiffusion.stages.prepare import run
 
 EOSIN, NUCLEUS = (230, 150, 190), (70, 40, 120)  # pink stroma, haematoxylin-dark nucleus
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from helpers_eval import CLASSES, make_class_samples, make_dataset, make_samples, one_thread
-from histodiffusion.runtime.artifacts import FILTERED_COLUMNS
 from histodiffusion.cli import main
+from histodiffusion.runtime.artifacts import FILTERED_COLUMNS
 from histodiffusion.runtime.config import SelectConfig
 from histodiffusion.runtime.errors import HistoError
 from histodiffusion.stages.select import memorization_threshold, run, score_samples, selection_summary

@@ -9,8 +9,8 @@ import sys
 
 import numpy as np
 
-from histodiffusion.runtime.artifacts import read_dataset
 from histodiffusion.data.writer import ROWS_TMP, DatasetWriter
+from histodiffusion.runtime.artifacts import read_dataset
 
 
 def _tile(i: int) -> np.ndarray:

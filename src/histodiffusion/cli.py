@@ -16,8 +16,8 @@ import typing
 from . import __version__
 from .runtime.config import config_from_dict
 from .runtime.configtypes import help_of, load_config_file
-from .runtime.registry import STAGES
 from .runtime.errors import HistoError
+from .runtime.registry import STAGES
 
 # commands that are not stages: name -> (function(RUN_DIR) -> exit code, description)
 def _info(run_dir: str) -> int:

@@ -32,9 +32,9 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
 from .core.guidance import classifier_grad, eps_from_output, guided_eps, in_window
+from .core.seeds import sample_seed  # noqa: F401  (the model cards name it here: the seed of sample i)
 from .models.latent_classifier import LatentClassifier  # noqa: F401  (diffusers resolves the component here)
 from .runtime.errors import HistoError
-from .core.seeds import sample_seed  # noqa: F401  (the model cards name it here: the seed of sample i)
 
 SCHEDULERS = ("ddim", "dpmsolver++")
 MICRO_BATCH = 16

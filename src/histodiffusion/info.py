@@ -12,11 +12,11 @@ import dataclasses
 import json
 from pathlib import Path
 
+from .runtime.errors import HistoError
+from .runtime.fileio import read_json
 from .runtime.layout import RunLayout
 from .runtime.registry import STAGES
 from .runtime.rundirs import COMPLETE_MARKER, CONFIG_FILE, check_format_version
-from .runtime.errors import HistoError
-from .runtime.fileio import read_json
 
 COMPLETE, STARTED, NOT_STARTED = "complete", "started", "not started"
 

@@ -15,17 +15,17 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from .data.splits import fewshot_names
 from .runtime import config as C
 from .runtime.configrules import validate_config
 from .runtime.configtypes import load_config_file
 from .runtime.contract import check_complete
-from .data.splits import fewshot_names
-from .runtime.layout import RunLayout
-from .runtime.registry import STAGES, build
 from .runtime.errors import HistoError
-from .runtime.log import get_logger, human_time, log_to
-from .runtime.rundirs import start_run_dir
 from .runtime.fileio import write_json_atomic, write_text_atomic
+from .runtime.layout import RunLayout
+from .runtime.log import get_logger, human_time, log_to
+from .runtime.registry import STAGES, build
+from .runtime.rundirs import start_run_dir
 
 
 # stage_config keys besides the stage names: one stage run twice, or the no-pretraining ablation's own

@@ -1,4 +1,5 @@
-"""Classifier guidance in latent space: small pure functions, called by sample.py and by the tests.
+"""Classifier guidance in latent space: small pure functions, called by the guided sampling loop
+(diffusers_pipeline.py) and by the tests.
 
     eps'(z_t, t) = eps(z_t, t) - sqrt(1 - alpha_bar_t) * s * grad_z log p(y | z_t, t)
 

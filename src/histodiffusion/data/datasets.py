@@ -12,11 +12,11 @@ import torch
 from safetensors import safe_open
 from torch.utils.data import Dataset
 
+from ..core.seeds import torch_generator
 from ..runtime.artifacts import (INDEX, INDEX_COLUMNS, SHARDS_DIR, latent_shard_name, pixel_shard_name, read_dataset,
-                         read_meta, subset_ids)
+                                 read_meta, subset_ids)
 from ..runtime.errors import HistoError
 from ..runtime.fileio import read_csv
-from ..core.seeds import torch_generator
 
 
 class _ShardReader:

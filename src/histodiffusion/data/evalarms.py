@@ -1,4 +1,4 @@
-"""The arms of the downstream harness (evaluate.py) and the images each arm trains on:
+"""The arms of the downstream harness (stages/evaluate.py) and the images each arm trains on:
   real            the real training subset only, no augmentation
   real_aa         exactly `real` with another seed stream (training seed + AA_SEED_OFFSET): the
                   paired delta real_aa - real is the harness's A/A noise floor
@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import torch
 
+from ..core.seeds import numpy_rng
 from ..runtime.artifacts import selection_dir
 from ..runtime.config import EvaluateConfig
-from .evaldata import Tiles, load_sample_images, quota, read_filtered, read_samples
 from ..runtime.errors import HistoError
 from ..runtime.log import get_logger
-from ..core.seeds import numpy_rng
+from .evaldata import Tiles, load_sample_images, quota, read_filtered, read_samples
 
 ARM_KINDS = ("real", "real_aa", "classic", "selected", "unselected")
 REAL_KINDS = ("real", "real_aa", "classic")  # arms without synthetic images

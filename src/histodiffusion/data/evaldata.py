@@ -16,8 +16,8 @@ import torch
 
 from ..runtime.artifacts import FILTERED_COLUMNS, FILTERED_CSV, SAMPLES_CSV, SELECT_DIR, read_dataset, subset_ids
 from ..runtime.errors import HistoError
-from ..runtime.rundirs import is_complete
 from ..runtime.fileio import read_csv
+from ..runtime.rundirs import is_complete
 
 
 @dataclass

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from ..runtime.artifacts import MODEL_INFO
 from ..runtime.errors import HistoError
-from ..runtime.rundirs import check_format_version
 from ..runtime.fileio import read_json, sha256_dir
+from ..runtime.rundirs import check_format_version
 from . import norm_groups
 
 

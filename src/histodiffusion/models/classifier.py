@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 from .. import FORMAT_VERSION
-from ..runtime.errors import HistoError
-from ..runtime.rundirs import check_format_version
-from ..runtime.fileio import read_json, write_json_atomic
 from ..core.transforms import DIHEDRAL, dihedral, flip_then_rotate
+from ..runtime.errors import HistoError
+from ..runtime.fileio import read_json, write_json_atomic
+from ..runtime.rundirs import check_format_version
 
 
 class SmallCNN(nn.Module):

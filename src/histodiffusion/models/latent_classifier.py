@@ -24,8 +24,8 @@ from torch import nn
 
 from ..runtime.artifacts import MODEL_INFO, model_info
 from ..runtime.errors import HistoError
-from ..runtime.rundirs import check_format_version
 from ..runtime.fileio import sha256_dir
+from ..runtime.rundirs import check_format_version
 
 
 class LatentClassifier(ModelMixin, ConfigMixin):

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from ..runtime.artifacts import LDM_SCHEDULER, LDM_UNET, LDM_VAE, MODEL_INFO
 from ..runtime.errors import HistoError
-from ..runtime.rundirs import check_format_version
 from ..runtime.fileio import read_json
+from ..runtime.rundirs import check_format_version
 from . import norm_groups
 
 

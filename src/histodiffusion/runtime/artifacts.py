@@ -30,8 +30,8 @@ from pathlib import Path
 
 from .. import FORMAT_VERSION
 from .errors import HistoError
-from .rundirs import check_format_version, is_complete
 from .fileio import read_csv, read_json
+from .rundirs import check_format_version, is_complete
 
 # dataset directory
 MANIFEST = "manifest.csv"

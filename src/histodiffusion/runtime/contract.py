@@ -18,10 +18,10 @@ from typing import Any
 from . import config as C
 from .artifacts import selection_dir
 from .configtypes import config_to_dict, input_fields
-from .rundirs import COMPLETE_MARKER, MARKER_FORMAT, comparable_config
-from .errors import HistoError
 from .distributed import dist_info
+from .errors import HistoError
 from .fileio import read_json, sha256_file
+from .rundirs import COMPLETE_MARKER, MARKER_FORMAT, comparable_config
 
 REMADE = (C.ReportConfig, C.SelectConfig)  # cheap stages re-made (not refused) when their inputs changed
 _UP = 3  # an input inside a stage's directory (e.g. ldm/model/scheduler) is hashed by that stage's marker

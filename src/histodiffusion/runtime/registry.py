@@ -1,8 +1,10 @@
 """The stage registry: one record per stage (name, config class, run function, what it reads and writes).
 
 The CLI builds one subcommand per record, `run` (pipeline.py) calls stages through it, `info` and the
-report read it. A record's `run` imports its stage module only when called, so `histodiffusion --help`
-answers without importing torch. Order: pipeline order, then the stand-alone stages.
+API read it. A record's `run` imports its stage module only when called, so `histodiffusion --help`
+answers without importing torch; these call-time imports are the only ones from runtime/ up to the
+stages (nothing below the stages imports this module: cli, pipeline, api and info do). Order: pipeline
+order, then the stand-alone stages.
 """
 from __future__ import annotations
 

@@ -16,16 +16,16 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from ..core.transforms import DIHEDRAL, dihedral
 from ..runtime.artifacts import INDEX, INDEX_COLUMNS, META, SUBSETS_DIR, format_meta, latent_shard_name, read_dataset
 from ..runtime.config import EncodeConfig
 from ..runtime.configtypes import config_to_dict
 from ..runtime.contract import completion_record
-from ..runtime.rundirs import CONFIG_FILE, is_complete, mark_complete
-from ..runtime.errors import HistoError
-from ..runtime.log import closes_stage_logs, get_logger, progress
 from ..runtime.distributed import make_accelerator, raise_if_any_rank_failed
+from ..runtime.errors import HistoError
 from ..runtime.fileio import read_csv, read_json, remove_path, write_csv_atomic, write_json_atomic
-from ..core.transforms import DIHEDRAL, dihedral
+from ..runtime.log import closes_stage_logs, get_logger, progress
+from ..runtime.rundirs import CONFIG_FILE, is_complete, mark_complete
 
 
 def variant_id(tile_id: str, k: int) -> str:

@@ -30,7 +30,7 @@ Multi-process (torchrun / accelerate launch): rank r trains jobs r, r+W, ...; ea
 written by the rank that trained it (atomically); rank 0 waits for all and writes the merged outputs.
 
 `score` re-scores saved classifiers (one folder or a folder of them) on any labeled dataset, and
-with --samples and --judge writes the class fidelity of a sample directory (judge.py) beside them.
+with --samples and --judge writes the class fidelity of a sample directory (models/judge.py) beside them.
 """
 from __future__ import annotations
 
@@ -41,20 +41,20 @@ import numpy as np
 import torch
 
 from ..core import metrics as M
+from ..core.evalsummary import (CURVE_COLUMNS, curve_rows, per_seed_columns, per_seed_rows, summarise,
+                                validation_summary)
+from ..data.evalarms import (check_groups_disjoint, expand_arms, relabel, synthetic_sets, train_seed,
+                             training_set)
+from ..data.evaldata import Tiles, dataset_classes, load_real
+from ..models.cards import CARD, classifier_card
 from ..runtime.artifacts import FILTERED_CSV, confusion_name, selection_dir
 from ..runtime.config import EvaluateConfig, ScoreConfig
 from ..runtime.contract import completion_record
-from ..data.evalarms import (check_groups_disjoint, expand_arms, relabel, synthetic_sets, train_seed,
-                            training_set)
-from ..data.evaldata import Tiles, dataset_classes, load_real
-from ..core.evalsummary import (CURVE_COLUMNS, curve_rows, per_seed_columns, per_seed_rows, summarise,
-                               validation_summary)
-from ..models.cards import CARD, classifier_card
-from ..runtime.errors import HistoError
-from ..runtime.log import closes_stage_logs, get_logger
 from ..runtime.distributed import dist_info, raise_if_any_rank_failed, seed_everything
-from ..runtime.rundirs import is_complete, mark_complete, start_run_dir
+from ..runtime.errors import HistoError
 from ..runtime.fileio import atomic_path, read_json, write_csv_atomic, write_json_atomic, write_text_atomic
+from ..runtime.log import closes_stage_logs, get_logger
+from ..runtime.rundirs import is_complete, mark_complete, start_run_dir
 
 TEST = "test"
 

@@ -22,19 +22,19 @@ from pathlib import Path
 import numpy as np
 
 from .. import FORMAT_VERSION, __version__
-from ..runtime.artifacts import UNLABELED_SPLIT
-from ..runtime.config import PrepareConfig
-from ..runtime.configtypes import config_to_dict
-from ..runtime.contract import completion_record
-from ..runtime.rundirs import CONFIG_FILE, ensure_writable, is_complete
-from ..runtime.errors import HistoError
-from ..runtime.log import closes_stage_logs, get_logger, progress
-from ..runtime.fileio import read_csv, read_json, sha256_file, write_csv_atomic, write_json_atomic
 from ..data import default, scale, slides
 from ..data.leakage import SOURCES_COLUMNS, SOURCES_CSV, find_overlap
 from ..data.resolution import resolution_record, scale_warnings
 from ..data.splits import fewshot_groups, group_labels, holdout_groups, split_groups
 from ..data.writer import DatasetWriter
+from ..runtime.artifacts import UNLABELED_SPLIT
+from ..runtime.config import PrepareConfig
+from ..runtime.configtypes import config_to_dict
+from ..runtime.contract import completion_record
+from ..runtime.errors import HistoError
+from ..runtime.fileio import read_csv, read_json, sha256_file, write_csv_atomic, write_json_atomic
+from ..runtime.log import closes_stage_logs, get_logger, progress
+from ..runtime.rundirs import CONFIG_FILE, ensure_writable, is_complete
 
 MAX_LISTED_SKIPS = 200  # meta.json lists this many skipped files (the count is always complete)
 SHOWN_SKIPS = 5  # the warning names this many

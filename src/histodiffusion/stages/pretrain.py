@@ -18,19 +18,19 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
+from ..core.grids import write_grid
+from ..data.mixture import EpochIndex, IdRecorder, MixtureDataset, make_loader
+from ..models.cards import CARD, ldm_card
 from ..runtime.artifacts import LDM_SCHEDULER, LDM_UNET, LDM_VAE, MODEL_INFO, format_meta
 from ..runtime.config import PretrainConfig
 from ..runtime.contract import completion_record
-from ..data.mixture import EpochIndex, IdRecorder, MixtureDataset, make_loader
 from ..runtime.distributed import check_finite
-from ..core.grids import write_grid
-from ..models.cards import CARD, ldm_card
-from ..runtime.errors import HistoError
-from ..runtime.log import MetricsLog, closes_stage_logs, human_time, progress
-from ..runtime.fileio import atomic_path, write_json_atomic, write_text_atomic
-from ..runtime.rundirs import check_checkpoint_within, mark_complete, reopen_for_steps, start_stage
 from ..runtime.distributed import (load_latest_checkpoint, make_accelerator, save_checkpoint, save_final_checkpoint,
-                                  seed_everything)
+                                   seed_everything)
+from ..runtime.errors import HistoError
+from ..runtime.fileio import atomic_path, write_json_atomic, write_text_atomic
+from ..runtime.log import MetricsLog, closes_stage_logs, human_time, progress
+from ..runtime.rundirs import check_checkpoint_within, mark_complete, reopen_for_steps, start_stage
 
 STAGE = "pretrain"
 EMA_FILE = "ema.safetensors"

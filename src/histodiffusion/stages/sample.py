@@ -26,17 +26,17 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.grids import write_grid
+from ..core.seeds import sample_seed, torch_generator
+from ..diffusers_pipeline import SCHEDULERS, make_scheduler
 from ..runtime.artifacts import INDEX, SAMPLES_COLUMNS, SAMPLES_CSV, read_dataset, read_meta, subset_ids
 from ..runtime.config import SampleConfig
 from ..runtime.contract import completion_record
-from ..diffusers_pipeline import SCHEDULERS, make_scheduler
-from ..core.grids import write_grid
+from ..runtime.distributed import make_accelerator
 from ..runtime.errors import HistoError
 from ..runtime.fileio import atomic_path, read_csv, write_csv_atomic
 from ..runtime.log import closes_stage_logs, progress
 from ..runtime.rundirs import is_complete, mark_complete, start_stage
-from ..runtime.distributed import make_accelerator
-from ..core.seeds import sample_seed, torch_generator
 
 PROGRESS_DIR = "_progress"
 PIPELINE_DIR = "pipeline"  # the diffusers pipeline that made the samples (model_index.json, model card)

@@ -44,17 +44,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..core.transforms import DIHEDRAL, dihedral
+from ..data.evaldata import load_real, load_sample_images, quota, read_samples, subset_fingerprint
 from ..runtime.artifacts import FILTERED_COLUMNS, FILTERED_CSV, selection_dir
 from ..runtime.config import SelectConfig
 from ..runtime.configtypes import config_to_dict
 from ..runtime.contract import check_complete, completion_record
-from ..data.evaldata import load_real, load_sample_images, quota, read_samples, subset_fingerprint
-from ..runtime.rundirs import COMPLETE_MARKER, ensure_writable, mark_complete, start_run_dir
-from ..runtime.errors import HistoError
-from ..runtime.log import closes_stage_logs, get_logger
 from ..runtime.distributed import seed_everything
+from ..runtime.errors import HistoError
 from ..runtime.fileio import write_csv_atomic, write_json_atomic
-from ..core.transforms import DIHEDRAL, dihedral
+from ..runtime.log import closes_stage_logs, get_logger
+from ..runtime.rundirs import COMPLETE_MARKER, ensure_writable, mark_complete, start_run_dir
 
 FILTERED_JSON = "filtered.json"
 GENERATIVE_JSON = "generative_metrics.json"
@@ -162,7 +162,7 @@ def score_samples(real_feats, real_labels, real_ids, real_groups, syn_feats, syn
 def feature_model(cfg: SelectConfig, real, selector_dir: Path, log):
     """(model, confidence function(features)->probs, extractor name); trained or loaded from selector_dir."""
     from ..models.classifier import (build_classifier, load_classifier, predict, save_classifier, small_cnn_width,
-                                    train_classifier)
+                                     train_classifier)
 
     size = int(real.images.shape[1])
     n_cls = len(real.classes)

@@ -19,18 +19,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..core.grids import to_uint8, write_grid
+from ..data.mixture import EpochIndex, IdRecorder, MixtureDataset, make_loader
+from ..models.cards import CARD, autoencoder_card
 from ..runtime.config import AutoencoderConfig
 from ..runtime.contract import completion_record
-from ..data.mixture import EpochIndex, IdRecorder, MixtureDataset, make_loader
 from ..runtime.distributed import check_finite
-from ..core.grids import to_uint8, write_grid
-from ..models.cards import CARD, autoencoder_card
+from ..runtime.distributed import (load_latest_checkpoint, make_accelerator, save_checkpoint, save_final_checkpoint,
+                                   seed_everything)
 from ..runtime.errors import HistoError
+from ..runtime.fileio import write_csv_atomic, write_text_atomic
 from ..runtime.log import MetricsLog, closes_stage_logs, human_time, progress
 from ..runtime.rundirs import check_checkpoint_within, mark_complete, reopen_for_steps, start_stage
-from ..runtime.distributed import (load_latest_checkpoint, make_accelerator, save_checkpoint, save_final_checkpoint,
-                                  seed_everything)
-from ..runtime.fileio import write_csv_atomic, write_text_atomic
 
 STAGE = "train-autoencoder"
 

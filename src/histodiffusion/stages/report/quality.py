@@ -4,8 +4,8 @@ classifier's validation accuracy per timestep bucket against an image-space clas
 independent judge (<samples>/fidelity.json, written by `histodiffusion judge`)."""
 from __future__ import annotations
 
-from .doc import Doc, fmt, rate
 from ...runtime.fileio import read_json, sha256_file
+from .doc import Doc, fmt, rate
 
 
 def section_latent_classifier(doc: Doc, p: dict) -> None:

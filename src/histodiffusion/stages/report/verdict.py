@@ -1,14 +1,14 @@
 """The report's first screen: the verdict (one sentence per synthetic ratio, against the A/A noise floor and
 classic augmentation), the efficacy table of the test split, class fidelity by the independent judge, and
-the sample grids (report.section_grids). Sentences are built by a pure function from metrics.json.
+the sample grids (images.section_grids). Sentences are built by a pure function from metrics.json.
 """
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
-from .doc import ARM_HEADER, Doc, arm_rows, fmt, rate
 from ...runtime.fileio import read_json
+from .doc import ARM_HEADER, Doc, arm_rows, fmt, rate
 
 TEST = "test"
 
