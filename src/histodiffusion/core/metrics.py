@@ -229,7 +229,8 @@ def load_reference(path: str | Path) -> dict:
     return out
 
 
-def _identity_extractor(dim: int):
+def identity_extractor(dim: int):
+    """A feature extractor that passes precomputed features through (generative metrics on given features)."""
     from torch import nn
 
     class _Identity(nn.Module):
@@ -251,7 +252,7 @@ def generative_metrics(extractor, extractor_name: str, real, real_labels, fake, 
     rl, fl = np.asarray(real_labels), np.asarray(fake_labels)
     fd_name, kd_name = metric_names(extractor_name)
     rf, ff = extract_features(extractor, _nchw(real)), extract_features(extractor, _nchw(fake))
-    ident = _identity_extractor(rf.shape[1])
+    ident = identity_extractor(rf.shape[1])
     real, fake = torch.from_numpy(rf), torch.from_numpy(ff)
 
     def block(r_idx, f_idx):

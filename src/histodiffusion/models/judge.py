@@ -95,13 +95,13 @@ def realism(model, info: dict, real, images, targets: list[str], seed: int = 0, 
     (`real_feats`: the real tiles' features when already computed, e.g. once for a whole sweep)."""
     import torch
 
-    from ..core.metrics import _identity_extractor, generative_metrics
+    from ..core.metrics import generative_metrics, identity_extractor
 
     classes = list(info["classes"])
     fake_labels = np.array([classes.index(t) for t in targets])
     rf = judge_features(model, real.images) if real_feats is None else real_feats
     ff = judge_features(model, images)
-    return generative_metrics(_identity_extractor(rf.shape[1]), f"judge_{info['name']}", torch.from_numpy(rf),
+    return generative_metrics(identity_extractor(rf.shape[1]), f"judge_{info['name']}", torch.from_numpy(rf),
                               real.labels.numpy(), torch.from_numpy(ff), fake_labels, classes, seed=seed)
 
 
