@@ -28,8 +28,8 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def prepare_target(out: Path, labels_csv: Path) -> Path:
-    from histodiffusion.config import PrepareConfig
-    from histodiffusion.data import prepare
+    from histodiffusion.runtime.config import PrepareConfig
+    from histodiffusion.stages import prepare
 
     d = out / "target"
     prepare.run(PrepareConfig(out=str(d), labels_csv=str(labels_csv), tile_size=64, fewshot_fracs=(0.05, 0.1)))
@@ -38,7 +38,7 @@ def prepare_target(out: Path, labels_csv: Path) -> Path:
 
 def judge(out: Path, target: Path, steps: int, backbone: str):
     """(model, raw test accuracy): trained once on every train tile of the target, cached."""
-    from histodiffusion.evaldata import load_real
+    from histodiffusion.data.evaldata import load_real
     from histodiffusion.models.classifier import (build_classifier, load_classifier, predict, save_classifier,
                                                   train_classifier)
 
@@ -87,7 +87,7 @@ def psnr_ssim(a_u8: torch.Tensor, b_u8: torch.Tensor) -> tuple[float, float]:
 def latent_probe(vae, target: Path, subset: str, test_means: torch.Tensor, test_labels: torch.Tensor) -> float:
     from sklearn.linear_model import LogisticRegression
 
-    from histodiffusion.evaldata import load_real
+    from histodiffusion.data.evaldata import load_real
 
     sub = load_real(target, subset)
     _, means = roundtrip(vae, sub.images)
@@ -108,7 +108,7 @@ def main() -> None:
     args = p.parse_args()
 
     from histodiffusion.data.datasets import PixelDataset
-    from histodiffusion.evaldata import load_real
+    from histodiffusion.data.evaldata import load_real
     from histodiffusion.models.autoencoder import load_vae
     from histodiffusion.models.classifier import predict
 

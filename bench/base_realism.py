@@ -85,10 +85,12 @@ def cached_samples(base: Path, n: int, steps: int, seed: int, out: Path) -> tupl
 @torch.no_grad()
 def unconditional_samples(base: Path, n: int, steps: int, seed: int, batch: int = 32) -> np.ndarray:
     from histodiffusion.models.unet import load_ldm
-    from histodiffusion.sample import decode_uint8, guided_sample, make_scheduler, sample_seed
+    from histodiffusion.diffusers_pipeline import decode_uint8, guided_sample
+    from histodiffusion.diffusers_pipeline import make_scheduler
+    from histodiffusion.core.seeds import sample_seed
 
     m = load_ldm(base)
-    from histodiffusion.latent_space import of_model
+    from histodiffusion.runtime.latent_space import of_model
 
     unet, vae, sf = m["unet"], m["vae"], of_model(base).scaling_factor  # the base's latent-space record
     c, s = unet.config.in_channels, unet.config.sample_size
@@ -118,7 +120,7 @@ def reconstructions(base: Path, images: torch.Tensor, batch: int = 64) -> np.nda
 
 
 def scores(extractor, real: torch.Tensor, fake: torch.Tensor) -> dict:
-    from histodiffusion.metrics import extract_features, frechet_distance, precision_recall
+    from histodiffusion.core.metrics import extract_features, frechet_distance, precision_recall
 
     fd = frechet_distance(extractor, fake.permute(0, 3, 1, 2), real.permute(0, 3, 1, 2))
     pr = precision_recall(extract_features(extractor, real.permute(0, 3, 1, 2)),

@@ -57,7 +57,7 @@ def main() -> None:
     if not (SHARED / "lc25000_lung" / "labels.csv").is_file():
         sys.exit(f"needs the real data in {SHARED}")
 
-    from histodiffusion.config import RunConfig
+    from histodiffusion.runtime.config import RunConfig
     from histodiffusion.data.splits import draw_name
     from histodiffusion.pipeline import run
 
@@ -97,7 +97,7 @@ def main() -> None:
 def subset_stage_config(path: str, fracs: list[float], draws: int, out: Path) -> str:
     """The --stage-config file, or (when it does not make every fraction or draw) a copy in <out> whose
     prepare-target also makes them; an existing run keeps its config when nothing has to change."""
-    from histodiffusion.config import load_config_file
+    from histodiffusion.runtime.configtypes import load_config_file
 
     cfg = load_config_file(path) if path else {}
     tgt = dict(cfg.get("prepare-target", {}))
@@ -125,7 +125,7 @@ def pooled_table(out: Path, fracs: list[float], draws: int) -> str:
     import numpy as np
 
     from histodiffusion.data.splits import draw_name
-    from histodiffusion.metrics import mean_ci
+    from histodiffusion.core.metrics import mean_ci
 
     lines = [f"Pooled over {draws} draws of the labeled subset (paired by draw and seed):", "",
              "| labels | arm | pairs | accuracy mean | delta acc vs real [95% CI] |", "|---|---|---:|---|---|"]
@@ -157,7 +157,7 @@ def test_accuracies(eval_dir: Path) -> dict[str, dict[str, float]]:
 
 def paired_vs(eval_dir: Path, arm: str, baseline: str) -> str:
     """Paired delta of test accuracy arm - baseline over their common seeds (per_seed.csv), formatted."""
-    from histodiffusion.metrics import mean_ci
+    from histodiffusion.core.metrics import mean_ci
 
     acc = test_accuracies(eval_dir)
     if arm == baseline:

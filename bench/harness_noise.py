@@ -55,11 +55,12 @@ def main() -> None:
 
     import torch
 
-    from histodiffusion.evaldata import load_real
-    from histodiffusion.evaluate import score
-    from histodiffusion.metrics import mean_ci
+    from histodiffusion.data.evaldata import load_real
+    from histodiffusion.stages.evaluate import score
+    from histodiffusion.core.metrics import mean_ci
     from histodiffusion.models.classifier import build_classifier, train_classifier
-    from histodiffusion.runtime import seed_everything, write_json_atomic
+    from histodiffusion.runtime.distributed import seed_everything
+    from histodiffusion.runtime.fileio import write_json_atomic
 
     out = Path(args.out)
     (out / "runs").mkdir(parents=True, exist_ok=True)

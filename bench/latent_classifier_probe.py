@@ -5,7 +5,7 @@ For one run directory (e.g. a bench/efficacy fraction) this prints
    augmentation of train-latent-classifier assumes they are close),
 2. the ceiling: a logistic regression on clean posterior-mean latents of the few-shot subset, and
 3. validation accuracy per timestep bucket for latent-classifier variants (steps, width, augmentation),
-   each trained by the real stage (`run_latent_classifier`) into <out>/<variant>, next to the stage's
+   each trained by the real stage (`stages.latent_classifier.run`) into <out>/<variant>, next to the stage's
    image-space classifier trained on the same tiles with the same budget, and the ratio latent / image
    in the lowest-noise bucket (goal of issue 12: >= 0.9 at t < 250).
 
@@ -34,7 +34,7 @@ def equivariance_error(run: Path, n: int = 64) -> dict[str, float]:
     import torch
 
     from histodiffusion.data.datasets import PixelDataset
-    from histodiffusion.encode import DIHEDRAL, dihedral
+    from histodiffusion.core.transforms import DIHEDRAL, dihedral
     from histodiffusion.models.autoencoder import load_vae
 
     vae = load_vae(run / "ae" / "model" / "vae")
@@ -75,9 +75,9 @@ def main() -> None:
     p.add_argument("--variants", default=",".join(VARIANTS))
     args = p.parse_args()
 
-    from histodiffusion.adapt import run_latent_classifier
-    from histodiffusion.config import LatentClassifierConfig
-    from histodiffusion.runtime import read_json
+    from histodiffusion.stages import latent_classifier
+    from histodiffusion.runtime.config import LatentClassifierConfig
+    from histodiffusion.runtime.fileio import read_json
 
     run = Path(args.run)
     out = Path(args.out) if args.out else run / "probe_latent_classifier"
@@ -92,7 +92,7 @@ def main() -> None:
         cfg = dataclasses.replace(LatentClassifierConfig(**base), out=str(out / name), steps=base["steps"] * factor,
                                   checkpoint_every=10**9, **ov)
         t0 = time.time()
-        run_latent_classifier(cfg)
+        latent_classifier.run(cfg)
         m = read_json(out / name / "metrics.json")
         rows.append((name, cfg.steps, cfg.width, cfg.augment, m["val_accuracy_by_t"], m.get("image_classifier"),
                      m.get("goal"), time.time() - t0))

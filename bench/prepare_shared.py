@@ -25,8 +25,8 @@ def child(spec: dict) -> None:
     import resource
     import tracemalloc
 
-    from histodiffusion.config import PrepareConfig
-    from histodiffusion.data.prepare import run
+    from histodiffusion.runtime.config import PrepareConfig
+    from histodiffusion.stages.prepare import run
 
     tracemalloc.start()
     t0 = time.perf_counter()

@@ -68,11 +68,11 @@ def tile_images(out: Path, size: int = 64) -> tuple[Path, str]:
 
 
 def make_vae_and_cache(work: Path, data: Path, latent_channels: int = 8) -> Path:
-    from histodiffusion.config import AutoencoderConfig, EncodeConfig
+    from histodiffusion.runtime.config import AutoencoderConfig, EncodeConfig
     from histodiffusion.data.datasets import PixelDataset
-    from histodiffusion.encode import run as encode
+    from histodiffusion.stages.encode import run as encode
     from histodiffusion.models.autoencoder import build_vae_from_config, save_vae
-    from histodiffusion.train_autoencoder import measure_scaling_factor
+    from histodiffusion.stages.train_autoencoder import measure_scaling_factor
 
     cache = work / "cache"
     if (cache / "_COMPLETE.json").is_file():
@@ -89,12 +89,12 @@ def make_vae_and_cache(work: Path, data: Path, latent_channels: int = 8) -> Path
 
 def throughput(mode: str, data: Path, cache: Path, work: Path, steps: int, batch: int) -> tuple[float, float]:
     """(images per wall-clock second, images per CPU second of this process) of `steps` training steps."""
-    from histodiffusion.config import PretrainConfig
+    from histodiffusion.runtime.config import PretrainConfig
     from histodiffusion.data.datasets import LatentDataset, PixelDataset
     from histodiffusion.data.mixture import EpochIndex, MixtureDataset, make_loader
     from histodiffusion.models.autoencoder import load_vae
     from histodiffusion.models.unet import build_scheduler_from_config, build_unet_from_config
-    from histodiffusion.pretrain import diffusion_loss
+    from histodiffusion.stages.pretrain import diffusion_loss
 
     cfg = PretrainConfig()
     lat = LatentDataset(cache)
@@ -127,7 +127,7 @@ def throughput(mode: str, data: Path, cache: Path, work: Path, steps: int, batch
 
 def replicate_cache(cache: Path, out: Path, times: int) -> Path:
     """A cache holding the shards of `cache` `times` times (hard links), ids made unique."""
-    from histodiffusion.runtime import read_csv, write_csv_atomic
+    from histodiffusion.runtime.fileio import read_csv, write_csv_atomic
 
     if (out / "_COMPLETE.json").is_file():
         return out

@@ -50,8 +50,8 @@ def write_samples(ds, idx: list[int], classes: list[str], vae, out: Path, batch:
     import torch
     from PIL import Image
 
-    from histodiffusion.runtime import write_csv_atomic
-    from histodiffusion.sample import decode_uint8
+    from histodiffusion.runtime.fileio import write_csv_atomic
+    from histodiffusion.diffusers_pipeline import decode_uint8
 
     (out / "images").mkdir(parents=True, exist_ok=True)
     rows = []
@@ -80,12 +80,12 @@ def main() -> None:
     p.add_argument("--variants", default=",".join(VARIANTS))
     args = p.parse_args()
 
-    from histodiffusion import evaluate, select
-    from histodiffusion.artifacts import read_meta
-    from histodiffusion.config import EvaluateConfig, RunConfig, SelectConfig, config_from_dict
+    from histodiffusion.stages import evaluate, select
+    from histodiffusion.runtime.artifacts import read_meta
+    from histodiffusion.runtime.config import EvaluateConfig, RunConfig, SelectConfig, config_from_dict
     from histodiffusion.models.autoencoder import load_vae
     from histodiffusion.pipeline import plan
-    from histodiffusion.runtime import read_json
+    from histodiffusion.runtime.fileio import read_json
 
     run = Path(args.run)
     out = Path(args.out) if args.out else run / "recon_ceiling"

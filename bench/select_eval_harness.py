@@ -64,9 +64,9 @@ def standins(data: Path, out: Path, subset: str) -> dict:
     """A sample directory of real tiles with known answers; returns {kind: ids}."""
     from PIL import Image
 
-    from histodiffusion.artifacts import SAMPLES_COLUMNS
-    from histodiffusion.evaldata import load_real
-    from histodiffusion.runtime import write_csv_atomic
+    from histodiffusion.runtime.artifacts import SAMPLES_COLUMNS
+    from histodiffusion.data.evaldata import load_real
+    from histodiffusion.runtime.fileio import write_csv_atomic
 
     real, val = load_real(data, subset), load_real(data, "val")
     rng = np.random.default_rng(0)
@@ -107,9 +107,9 @@ def main() -> None:
     args = p.parse_args()
     if not args.data and not (SHARED / "lc25000_lung" / "labels.csv").is_file():
         sys.exit(f"needs the real data in {SHARED}")
-    from histodiffusion import evaluate, select
-    from histodiffusion.config import EvaluateConfig, SelectConfig
-    from histodiffusion.runtime import is_complete
+    from histodiffusion.stages import evaluate, select
+    from histodiffusion.runtime.config import EvaluateConfig, SelectConfig
+    from histodiffusion.runtime.rundirs import is_complete
 
     out = Path(args.out)
     data = Path(args.data) if args.data else out / "data"

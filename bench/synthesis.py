@@ -61,16 +61,17 @@ def floats(text: str) -> list[float]:
 
 def load_or_train_judge(args, data: str, out: Path):
     """(model, info) of the judge folder; trained by the judge stage (train split only) when absent."""
-    from histodiffusion import judge
-    from histodiffusion.config import JudgeConfig
-    from histodiffusion.runtime import is_complete
+    from histodiffusion.models.judge import load_judge
+    from histodiffusion.runtime.config import JudgeConfig
+    from histodiffusion.stages import judge
+    from histodiffusion.runtime.rundirs import is_complete
 
     folder = Path(args.judge) if args.judge else out / "judge"
     if not is_complete(folder):
         if not data:
             raise SystemExit(f"no trained judge in {folder}: give --data (the target dataset) to train one there")
         judge.run(JudgeConfig(data=data, out=str(folder), backbone=args.judge_backbone, steps=args.judge_steps))
-    model, info = judge.load_judge(folder)
+    model, info = load_judge(folder)
     print(f"judge {info['id']}: {info['name']} trained on {info['n_train']} tiles of {info['data']} "
           f"({info['subset']}), accuracy on {info['n_val']} {info['val_subset']} tiles: {info['val_accuracy']}")
     return model, info
@@ -93,9 +94,10 @@ def run_setting(name, cfg, window, m, plan, judged, batch_size: int, warm_up: bo
     """Time the synthesis of every planned sample with one setting, then judge the images."""
     import numpy as np
 
-    from histodiffusion import judge
+    from histodiffusion.core.fidelity import class_fidelity
     from histodiffusion.models.classifier import predict
-    from histodiffusion.sample import generate
+    from histodiffusion.models.judge import realism
+    from histodiffusion.stages.sample import generate
 
     model, info, real, real_feats = judged
     if warm_up:
@@ -112,14 +114,14 @@ def run_setting(name, cfg, window, m, plan, judged, batch_size: int, warm_up: bo
     probs, _ = predict(model, x)
     preds = [classes[int(i)] for i in probs.argmax(1)]
     targets = [it["target"] for it in plan]
-    fid = judge.class_fidelity(targets, preds, classes)["all"]
+    fid = class_fidelity(targets, preds, classes)["all"]
     res = {"setting": name, "scheduler": cfg.scheduler, "steps": cfg.steps, "eta": cfg.eta, "scale": cfg.scale,
            "window": list(window), "samples": len(plan), "seconds": secs, "samples_per_s": len(plan) / secs,
            "fidelity": fid["fidelity"], "fidelity_ci95": fid["ci95"], "macro_fidelity": fid["macro_fidelity"],
            "per_class": {c: v["fidelity"] for c, v in fid["per_class"].items()},
            "latent_confidence": float(np.mean(conf)), "realism": None}
     if real is not None:
-        r = judge.realism(model, info, real, x, targets, real_feats=real_feats)
+        r = realism(model, info, real, x, targets, real_feats=real_feats)
         o = r["overall"]
         res["realism"] = {"fd_name": r["fd_name"], "kd_name": r["kd_name"], "fd": o[r["fd_name"]],
                           "kd": o[r["kd_name"]], "precision": o["precision"], "recall": o["recall"]}
@@ -194,10 +196,10 @@ def main() -> None:
 
     import torch
 
-    from histodiffusion import judge
-    from histodiffusion.config import SampleConfig
-    from histodiffusion.evaldata import load_real
-    from histodiffusion.sample import load_models, plan_samples
+    from histodiffusion.models.judge import judge_features
+    from histodiffusion.runtime.config import SampleConfig
+    from histodiffusion.data.evaldata import load_real
+    from histodiffusion.stages.sample import load_models, plan_samples
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -218,7 +220,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     jmodel, jinfo = load_or_train_judge(args, data, out)
     real = load_real(jinfo["data"], jinfo["subset"]) if args.realism.lower() in ("1", "true", "yes") else None
-    real_feats = judge.judge_features(jmodel, real.images) if real is not None else None  # once for all settings
+    real_feats = judge_features(jmodel, real.images) if real is not None else None  # once for all settings
     lo, hi = (int(v) for v in args.window.split(","))
     base = SampleConfig(model=model, classifier=classifier, vae=vae, out=str(out), n_per_class=args.n_per_class,
                         scale=args.scale, batch_size=args.batch_size, seed=args.seed)

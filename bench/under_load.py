@@ -157,7 +157,7 @@ def main() -> None:
                   f"{p['peak_process_mb']:.0f} MB (largest process); at that moment {p['rss_tree_mb_at']} MB")
         first_samples = first_samples or s_out
     if not args.skip_eval:
-        from histodiffusion.artifacts import read_dataset
+        from histodiffusion.runtime.artifacts import read_dataset
 
         _, rows = read_dataset(arts["data"])
         real = {c: sum(r["split"] == "train" and r["label"] == c for r in rows) for c in classes}

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from histodiffusion.artifacts import SAMPLES_COLUMNS
 from histodiffusion.data.writer import DatasetWriter
-from histodiffusion.runtime import write_csv_atomic
+from histodiffusion.runtime.artifacts import SAMPLES_COLUMNS
+from histodiffusion.runtime.fileio import write_csv_atomic
 
 CLASSES = ["aca", "benign", "scc"]
 _BASE = np.array([[200, 60, 90], [90, 80, 200], [70, 190, 80]], dtype=np.float64)
@@ -85,8 +85,8 @@ def write_filtered(sample_dir: str | Path, keep_every: int = 2) -> Path:
     of each class kept, ranked in file order, and its completion marker."""
     import csv
 
-    from histodiffusion.artifacts import FILTERED_COLUMNS, selection_dir
-    from histodiffusion.runtime import mark_complete
+    from histodiffusion.runtime.artifacts import FILTERED_COLUMNS, selection_dir
+    from histodiffusion.runtime.rundirs import mark_complete
 
     sample_dir = Path(sample_dir)
     with open(sample_dir / "samples.csv", newline="") as f:

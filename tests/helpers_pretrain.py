@@ -64,8 +64,8 @@ def make_vae(folder: str | Path, block_out_channels=(8, 16), latent_channels: in
 def make_cache(tmp: str | Path, name: str = "unl", n: int = 24, vae: str | Path | None = None,
                classes: tuple[str, ...] = (), seed: int = 0, shard_size: int = 4096) -> Path:
     """dataset + (vae) + latent cache under `tmp`; returns the cache directory."""
-    from histodiffusion.config import EncodeConfig
-    from histodiffusion.encode import run
+    from histodiffusion.runtime.config import EncodeConfig
+    from histodiffusion.stages.encode import run
 
     tmp = Path(tmp)
     data = make_dataset(tmp / "data" / name, n=n, seed=seed, classes=classes)

@@ -58,8 +58,8 @@ def make_vae32(folder: str | Path, seed: int = 0) -> Path:
 
 def make_labeled_cache(tmp: str | Path, n: int = 40, vae: str | Path | None = None) -> tuple[Path, Path, Path]:
     """(dataset dir, vae dir, latent cache dir) under `tmp`."""
-    from histodiffusion.config import EncodeConfig
-    from histodiffusion.encode import run
+    from histodiffusion.runtime.config import EncodeConfig
+    from histodiffusion.stages.encode import run
 
     tmp = Path(tmp)
     data = make_labeled_dataset(tmp / "data", n=n)
@@ -72,8 +72,8 @@ def make_ldm(folder: str | Path, vae: str | Path, seed: int = 0, prediction_type
     """An exported (untrained) LDM folder on 4x8x8 latents sharing `vae`."""
     import torch
 
-    from histodiffusion.artifacts import MODEL_INFO
-    from histodiffusion.latent_space import measured_factor
+    from histodiffusion.runtime.artifacts import MODEL_INFO
+    from histodiffusion.runtime.latent_space import measured_factor
     from histodiffusion.models.autoencoder import vae_id
     from histodiffusion.models.unet import build_scheduler, build_unet
 
@@ -94,8 +94,8 @@ def make_latent_classifier(folder: str | Path, cache: str | Path, scheduler_dir:
     """An exported latent classifier folder for `cache` (untrained unless `model` is given)."""
     import torch
 
-    from histodiffusion.artifacts import MODEL_INFO
-    from histodiffusion.latent_space import of_cache
+    from histodiffusion.runtime.artifacts import MODEL_INFO
+    from histodiffusion.runtime.latent_space import of_cache
     from histodiffusion.models.latent_classifier import LatentClassifier
 
     meta = json.loads((Path(cache) / "meta.json").read_text())

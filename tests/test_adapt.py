@@ -1,4 +1,5 @@
-"""adapt.py: the noise-aware latent classifier learns a separable toy problem and reports accuracy per
+"""stages/latent_classifier.py, stages/finetune_decoder.py: the noise-aware latent classifier learns a
+separable toy problem and reports accuracy per
 timestep bucket; resume continues exactly; decoder fine-tune changes the decoder only."""
 import dataclasses
 import json
@@ -7,12 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from histodiffusion import adapt
-from histodiffusion.config import FinetuneDecoderConfig, LatentClassifierConfig, SampleConfig
 from histodiffusion.models.autoencoder import vae_id
-from histodiffusion.latent_space import latent_hash
 from histodiffusion.models.latent_classifier import load_latent_classifier
-from histodiffusion.runtime import HistoError
+from histodiffusion.runtime.config import FinetuneDecoderConfig, LatentClassifierConfig, SampleConfig
+from histodiffusion.runtime.errors import HistoError
+from histodiffusion.runtime.latent_space import latent_hash
+from histodiffusion.stages import finetune_decoder, latent_classifier
 
 from helpers_interrupt import interrupt_at
 from helpers_sample import make_labeled_cache, make_ldm
@@ -35,7 +36,7 @@ def lc_cfg(target, out, **kw):
 
 def test_latent_classifier_learns_and_reports_buckets(target, tmp_path):
     # the toy autoencoder is untrained (not rotation-equivariant): learn from the latents as they are
-    out = adapt.run_latent_classifier(lc_cfg(target, tmp_path / "lc", augment=False))
+    out = latent_classifier.run(lc_cfg(target, tmp_path / "lc", augment=False))
     m = json.loads((out / "metrics.json").read_text())
     by_t = m["val_accuracy_by_t"]
     assert list(by_t) == ["[0,250)", "[250,500)", "[500,750)", "[750,1000)"]
@@ -63,7 +64,7 @@ def test_latent_classifier_learns_and_reports_buckets(target, tmp_path):
 
 
 def test_strength_summary_ratios_and_goal():
-    from histodiffusion.latent_strength import strength_summary
+    from histodiffusion.stages.latent_classifier import strength_summary
 
     s = strength_summary({"[0,250)": 0.72, "[250,500)": 0.4}, 0.8)
     assert s["ratio_to_image_by_t"] == {"[0,250)": pytest.approx(0.9), "[250,500)": pytest.approx(0.5)}
@@ -75,14 +76,14 @@ def test_strength_summary_ratios_and_goal():
 
 def test_image_baseline_needs_a_readable_dataset(target, tmp_path):
     with pytest.raises(HistoError, match="image baseline.*--image-baseline false"):
-        adapt.run_latent_classifier(lc_cfg(target, tmp_path / "a", data=str(tmp_path / "moved")))
+        latent_classifier.run(lc_cfg(target, tmp_path / "a", data=str(tmp_path / "moved")))
     assert not (tmp_path / "a" / "checkpoints").exists()  # refused before training
 
 
 def test_latent_augmentation_draws_dihedral_transforms(target):
     """augment=True feeds each latent as one of its 8 flips/rotations, drawn from the step's generator."""
     from histodiffusion.data.datasets import LatentDataset
-    from histodiffusion.transforms import DIHEDRAL, dihedral
+    from histodiffusion.core.transforms import DIHEDRAL, dihedral
 
     class NoNoise:  # add_noise as the identity, so the batch shows the (transformed) clean latents
         def add_noise(self, z, noise, t):
@@ -90,8 +91,8 @@ def test_latent_augmentation_draws_dihedral_transforms(target):
 
     ds = LatentDataset(target["cache"], "train", sample=False)
     idx = list(range(len(ds))) * 4
-    plain, _, y = adapt.noised_batch(ds, idx, NoNoise(), torch.Generator().manual_seed(0), 1000)
-    aug, _, y2 = adapt.noised_batch(ds, idx, NoNoise(), torch.Generator().manual_seed(0), 1000, augment=True)
+    plain, _, y = latent_classifier.noised_batch(ds, idx, NoNoise(), torch.Generator().manual_seed(0), 1000)
+    aug, _, y2 = latent_classifier.noised_batch(ds, idx, NoNoise(), torch.Generator().manual_seed(0), 1000, augment=True)
     assert torch.equal(y, y2)
     seen = set()
     for z, za in zip(plain, aug):
@@ -99,19 +100,19 @@ def test_latent_augmentation_draws_dihedral_transforms(target):
         assert ks, "an augmented latent is not a dihedral transform of its latent"
         seen.add(ks[0])
     assert len(seen) >= 4  # transforms vary across the batch
-    again, _, _ = adapt.noised_batch(ds, idx, NoNoise(), torch.Generator().manual_seed(0), 1000, augment=True)
+    again, _, _ = latent_classifier.noised_batch(ds, idx, NoNoise(), torch.Generator().manual_seed(0), 1000, augment=True)
     assert torch.equal(aug, again)  # reproducible from the generator (exact resume)
 
 
 def test_latent_classifier_resume_is_exact(target, tmp_path):
     cfg = lc_cfg(target, tmp_path / "lc", steps=60, checkpoint_every=20, val_subset="")
-    ref = adapt.run_latent_classifier(dataclasses.replace(cfg, out=str(tmp_path / "ref")))
+    ref = latent_classifier.run(dataclasses.replace(cfg, out=str(tmp_path / "ref")))
     # stopped when step 50 is logged: 10 steps after the checkpoint at step 40 are lost
     with interrupt_at("histodiffusion.train-latent-classifier", "step 50/60 "), pytest.raises(KeyboardInterrupt):
-        adapt.run_latent_classifier(cfg)
+        latent_classifier.run(cfg)
     assert [p.name for p in sorted((tmp_path / "lc" / "checkpoints").iterdir())] == ["step_20", "step_40"]
     assert not (tmp_path / "lc" / "model").exists()
-    out = adapt.run_latent_classifier(cfg)
+    out = latent_classifier.run(cfg)
     assert "resumed from step 40" in (out / "log.txt").read_text()
     a = load_file(str(out / "model" / "diffusion_pytorch_model.safetensors"))
     b = load_file(str(ref / "model" / "diffusion_pytorch_model.safetensors"))
@@ -120,18 +121,18 @@ def test_latent_classifier_resume_is_exact(target, tmp_path):
 
 def test_latent_classifier_bad_input(target, tmp_path):
     with pytest.raises(HistoError, match="unknown subset"):
-        adapt.run_latent_classifier(lc_cfg(target, tmp_path / "a", subset="frac0.5"))
+        latent_classifier.run(lc_cfg(target, tmp_path / "a", subset="frac0.5"))
     with pytest.raises(HistoError, match="scheduler folder not found"):
-        adapt.run_latent_classifier(lc_cfg(target, tmp_path / "b", scheduler=str(tmp_path / "none")))
+        latent_classifier.run(lc_cfg(target, tmp_path / "b", scheduler=str(tmp_path / "none")))
     with pytest.raises(HistoError, match="max_timestep"):
-        adapt.run_latent_classifier(lc_cfg(target, tmp_path / "c", max_timestep=5000))
+        latent_classifier.run(lc_cfg(target, tmp_path / "c", max_timestep=5000))
 
 
 def test_finetune_decoder_changes_decoder_only(target, tmp_path):
     cfg = FinetuneDecoderConfig(data=str(target["data"]), subset="train", vae=str(target["vae"]),
                                 out=str(tmp_path / "ft"), aux_weight=0.5, aux_steps=10, steps=6, batch_size=8,
                                 lr=1e-3, checkpoint_every=3)
-    out = adapt.run_finetune_decoder(cfg)
+    out = finetune_decoder.run(cfg)
     new = load_file(str(out / "model" / "vae" / "diffusion_pytorch_model.safetensors"))
     old = load_file(str(target["vae"] / "diffusion_pytorch_model.safetensors"))
     enc = [k for k in old if k.startswith(("encoder.", "quant_conv."))]
@@ -152,7 +153,7 @@ def test_finetune_decoder_changes_decoder_only(target, tmp_path):
     assert f"is that of {target['vae']}" in card and "AutoencoderKL.from_pretrained(" in card
     # sampling accepts the fine-tuned decoder with a classifier trained on base latents
     from helpers_sample import make_latent_classifier
-    from histodiffusion.sample import load_models
+    from histodiffusion.stages.sample import load_models
 
     clf = make_latent_classifier(tmp_path / "clf", target["cache"], target["ldm"] / "scheduler")
     m = load_models(SampleConfig(model=str(target["ldm"]), classifier=str(clf), vae=str(out / "model" / "vae")))
@@ -162,8 +163,8 @@ def test_finetune_decoder_changes_decoder_only(target, tmp_path):
 def test_finetune_decoder_plain_reconstruction(target, tmp_path):
     cfg = FinetuneDecoderConfig(data=str(target["data"]), subset="few", vae=str(target["vae"]),
                                 out=str(tmp_path / "ft0"), aux_weight=0.0, steps=3, batch_size=4)
-    out = adapt.run_finetune_decoder(cfg)
+    out = finetune_decoder.run(cfg)
     m = json.loads((out / "metrics.json").read_text())
     assert "aux_accuracy_on_recon" not in m["after"] and not (out / "aux_classifier").exists()
     with pytest.raises(HistoError, match="aux_weight"):
-        adapt.run_finetune_decoder(dataclasses.replace(cfg, out=str(tmp_path / "bad"), aux_weight=-1.0))
+        finetune_decoder.run(dataclasses.replace(cfg, out=str(tmp_path / "bad"), aux_weight=-1.0))

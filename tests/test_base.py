@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from helpers_sample import SIZE, make_ldm, make_vae32
-from histodiffusion.basemodel import CHECKSUMS, verify_base
 from histodiffusion.cli import main
-from histodiffusion.runtime import HistoError
+from histodiffusion.models.base import CHECKSUMS, verify_base
+from histodiffusion.runtime.errors import HistoError
 
 
 @pytest.fixture
@@ -24,10 +24,10 @@ def base(tmp_path) -> Path:
 
 def _resum(base: Path) -> None:
     """Re-write checksums.json after a deliberate edit (to reach the checks behind the checksums)."""
-    from histodiffusion.basemodel import _checksummed_files
-    from histodiffusion.runtime import sha256_file
+    from histodiffusion.models.base import checksummed_files
+    from histodiffusion.runtime.fileio import sha256_file
 
-    files = {rel: sha256_file(base / rel) for rel in _checksummed_files(base)}
+    files = {rel: sha256_file(base / rel) for rel in checksummed_files(base)}
     (base / CHECKSUMS).write_text(json.dumps({"algorithm": "sha256", "files": files}))
 
 
@@ -113,7 +113,7 @@ def test_bad_base_is_one_clear_error_and_run_writes_nothing(base, tmp_path, caps
 
 
 def test_run_plan_with_a_base_skips_pretraining_and_guards_leakage(base, tmp_path):
-    from histodiffusion.config import RunConfig
+    from histodiffusion.runtime.config import RunConfig
     from histodiffusion.pipeline import plan
 
     steps = plan(RunConfig(out=str(tmp_path / "r"), base=str(base), tile_size=SIZE))
@@ -135,7 +135,7 @@ def test_leakage_guard_refuses_a_target_the_base_was_trained_on(tmp_path):
     """prepare --exclude BASE: a labeled image whose file is in the base's sources.csv is refused."""
     from PIL import Image
 
-    from histodiffusion.runtime import sha256_file
+    from histodiffusion.runtime.fileio import sha256_file
 
     img_dir = tmp_path / "imgs"
     img_dir.mkdir()
@@ -157,9 +157,9 @@ def test_adapting_the_base_on_unlabeled_target_tiles(base, tmp_path):
     """--adapt-unlabeled-steps: continued unconditional training from the base on the target's train tiles
     (labels unused) feeds guidance; the leakage guard refuses validation/test tiles."""
     from helpers_sample import make_labeled_cache
-    from histodiffusion.config import PretrainConfig, RunConfig
+    from histodiffusion.runtime.config import PretrainConfig, RunConfig
     from histodiffusion.pipeline import plan
-    from histodiffusion.pretrain import run as pretrain
+    from histodiffusion.stages.pretrain import run as pretrain
 
     steps = {s.name: s for s in plan(RunConfig(out=str(tmp_path / "r"), base=str(base), tile_size=SIZE,
                                                adapt_unlabeled_steps=30))}
@@ -179,7 +179,7 @@ def test_adapting_the_base_on_unlabeled_target_tiles(base, tmp_path):
 
 def test_scale_check_against_a_base_uses_its_pretraining_mixture(tmp_path):
     """A target is compared with the mixture-weighted nucleus width of the base's datasets."""
-    from histodiffusion.data.prepare import scale_warnings
+    from histodiffusion.data.resolution import scale_warnings
 
     base = tmp_path / "b"
     base.mkdir()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from histodiffusion.data import default
-from histodiffusion.layout import RunLayout
+from histodiffusion.runtime.layout import RunLayout
 
 TINY = {
     "prepare-unlabeled": {"stride": 16},

@@ -8,9 +8,9 @@ import pytest
 from helpers_eval import make_class_samples, make_dataset, one_thread
 
 from histodiffusion.cli import main
-from histodiffusion.contract import check_complete, fingerprint
-from histodiffusion.registry import build
-from histodiffusion.runtime import HistoError
+from histodiffusion.runtime.contract import check_complete, fingerprint
+from histodiffusion.runtime.errors import HistoError
+from histodiffusion.runtime.registry import build
 
 SELECT = ["--subset", "train", "--backbone", "small_cnn_w8", "--feature-steps", "5", "--generative-metrics", "false"]
 EVALUATE = ["--subset", "frac0.5", "--arms", "real,selected", "--ratios", "0.25", "--seeds", "0",
@@ -100,7 +100,7 @@ def test_marker_of_an_older_histodiffusion_is_refused(chain, tmp_path):
 
 
 def test_fingerprint_follows_the_stage_that_made_an_input(tmp_path):
-    from histodiffusion.runtime import mark_complete
+    from histodiffusion.runtime.rundirs import mark_complete
 
     stage = tmp_path / "ldm"
     (stage / "model" / "unet_ema").mkdir(parents=True)

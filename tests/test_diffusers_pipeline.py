@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from histodiffusion import api
-from histodiffusion.config import SampleConfig
 from histodiffusion.diffusers_pipeline import HistoDiffusionPipeline
-from histodiffusion.runtime import HistoError
-from histodiffusion.sample import run
+from histodiffusion.runtime.config import SampleConfig
+from histodiffusion.runtime.errors import HistoError
+from histodiffusion.stages.sample import run
 
 from helpers_sample import make_guided_chain, make_latent_classifier
 

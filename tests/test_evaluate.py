@@ -9,9 +9,9 @@ import pytest
 
 from helpers_eval import make_class_samples, make_dataset, one_thread, write_filtered
 from histodiffusion.cli import main
-from histodiffusion.config import EvaluateConfig
-from histodiffusion.evaluate import run
-from histodiffusion.runtime import HistoError
+from histodiffusion.runtime.config import EvaluateConfig
+from histodiffusion.runtime.errors import HistoError
+from histodiffusion.stages.evaluate import run
 
 ARMS = ["real", "real_aa", "classic", "selected@1", "unselected@1"]
 
@@ -111,8 +111,8 @@ def test_resume_skips_finished_classifiers(evaluated):
 
 
 def test_best_validation_checkpoint_is_the_one_scored(evaluated):
-    from histodiffusion.evaldata import load_real
-    from histodiffusion.evaluate import score, val_record
+    from histodiffusion.data.evaldata import load_real
+    from histodiffusion.stages.evaluate import score, val_record
     from histodiffusion.models.classifier import load_classifier
 
     cfg, root = evaluated
@@ -224,7 +224,7 @@ def test_tta_prediction_does_not_depend_on_the_tile_orientation():
     import torch
 
     from histodiffusion.models.classifier import build_classifier, predict, train_classifier
-    from histodiffusion.transforms import dihedral
+    from histodiffusion.core.transforms import dihedral
 
     torch.manual_seed(0)
     x = torch.randint(0, 256, (6, 16, 16, 3), dtype=torch.uint8)
@@ -241,15 +241,15 @@ def test_tta_prediction_does_not_depend_on_the_tile_orientation():
 def test_aa_arm_is_real_with_its_own_seed_stream(evaluated, tmp_path):
     from safetensors.torch import load_file
 
-    from histodiffusion import evaluate
-    from histodiffusion.evalsummary import summarise
+    from histodiffusion.data.evalarms import AA_SEED_OFFSET
+    from histodiffusion.core.evalsummary import summarise
 
     cfg, root = evaluated
     base = {**cfg.__dict__, "samples": "", "external": (), "seeds": (0, 1)}
     # real_aa seed s is exactly real seed s + AA_SEED_OFFSET (nothing else differs)
-    run(EvaluateConfig(**{**base, "arms": ("real",), "seeds": (evaluate.AA_SEED_OFFSET,), "out": str(tmp_path / "r")}))
+    run(EvaluateConfig(**{**base, "arms": ("real",), "seeds": (AA_SEED_OFFSET,), "out": str(tmp_path / "r")}))
     a = load_file(str(root / "eval" / "classifiers" / "real_aa_0" / "model.safetensors"))
-    b = load_file(str(tmp_path / "r" / "classifiers" / f"real_{evaluate.AA_SEED_OFFSET}" / "model.safetensors"))
+    b = load_file(str(tmp_path / "r" / "classifiers" / f"real_{AA_SEED_OFFSET}" / "model.safetensors"))
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
     # the noise floor is the paired real_aa - real difference on the test split, seed by seed
     m = json.loads((root / "eval" / "metrics.json").read_text())

@@ -3,7 +3,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from histodiffusion.grids import tile_grid, to_uint8, write_grid
+from histodiffusion.core.grids import tile_grid, to_uint8, write_grid
 
 
 def test_tiles_sit_in_rows_with_white_gaps(tmp_path):

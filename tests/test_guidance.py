@@ -4,10 +4,11 @@ import math
 import pytest
 import torch
 
-from histodiffusion.guidance import classifier_grad, eps_from_output, guided_eps, in_window
+from histodiffusion.core.guidance import classifier_grad, eps_from_output, guided_eps, in_window
+from histodiffusion.diffusers_pipeline import guided_sample
+from histodiffusion.diffusers_pipeline import make_scheduler
 from histodiffusion.models.latent_classifier import LatentClassifier
 from histodiffusion.models.unet import build_scheduler, build_unet
-from histodiffusion.sample import guided_sample, make_scheduler
 
 from helpers_sample import ToyClassifier
 

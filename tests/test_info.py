@@ -9,9 +9,11 @@ import pytest
 
 from histodiffusion import api
 from histodiffusion.cli import main
-from histodiffusion.config import RunConfig
 from histodiffusion.info import COMPLETE, NOT_STARTED, STARTED, run_plan
-from histodiffusion.runtime import HistoError, mark_complete, start_run_dir, write_json_atomic
+from histodiffusion.runtime.config import RunConfig
+from histodiffusion.runtime.errors import HistoError
+from histodiffusion.runtime.fileio import write_json_atomic
+from histodiffusion.runtime.rundirs import mark_complete, start_run_dir
 
 DELTA = {"mean": 0.02, "ci95": [0.005, 0.035], "half_width": 0.015, "std": 0.01, "n": 5}
 
@@ -98,7 +100,7 @@ def test_not_a_run_is_a_clear_error(tmp_path, capsys):
 
 
 def test_dataset_line_names_the_licence_where_known(tmp_path):
-    from histodiffusion.modelcards import dataset_line
+    from histodiffusion.models.cards import dataset_line
 
     src = tmp_path / "src"
     src.mkdir()

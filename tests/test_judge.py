@@ -1,18 +1,19 @@
 """judge: the independent class-fidelity judge trains on the train split only (val/test refused, and
-asserted on the tiles it trains on), fidelity per class for all and kept samples (a constructed
-example with known predictions), fidelity.json / fidelity.csv of a sample directory, reuse of a trained
-judge, and `score --samples --judge`."""
+asserted on the tiles it trains on, whose count, splits and id/pixel digests judge.json records), fidelity
+per class for all and kept samples (a constructed example with known predictions), fidelity.json /
+fidelity.csv of a sample directory, reuse of a trained judge, and `score --samples --judge`."""
 import csv
+import hashlib
 import json
 
-import numpy as np
 import pytest
 
 from helpers_eval import make_class_samples, make_dataset, one_thread, write_filtered
-from histodiffusion import judge
 from histodiffusion.cli import main
-from histodiffusion.config import JudgeConfig
-from histodiffusion.runtime import HistoError
+from histodiffusion.core.fidelity import class_fidelity
+from histodiffusion.runtime.config import JudgeConfig
+from histodiffusion.runtime.errors import HistoError
+from histodiffusion.stages import judge
 
 
 @pytest.fixture(autouse=True)
@@ -40,7 +41,7 @@ def test_fidelity_per_class_on_a_constructed_example():
     targets = ["a"] * 4 + ["b"] * 3 + ["c"] * 2
     preds = ["a", "a", "b", "a", "b", "c", "c", "c", "c"]
     keep = [1, 0, 1, 1, 1, 1, 0, 0, 0]
-    f = judge.class_fidelity(targets, preds, classes, keep)
+    f = class_fidelity(targets, preds, classes, keep)
     a = f["all"]
     assert (a["n"], a["hits"]) == (9, 6) and a["fidelity"] == pytest.approx(6 / 9)
     assert [a["per_class"][c]["fidelity"] for c in classes] == [pytest.approx(3 / 4), pytest.approx(1 / 3), 1.0]
@@ -55,9 +56,9 @@ def test_fidelity_per_class_on_a_constructed_example():
     assert k["macro_fidelity"] == pytest.approx((2 / 3 + 0.5) / 2)  # classes without kept samples left out
     lo, hi = a["per_class"]["c"]["ci95"]  # Wilson: 2 of 2 -> [0.342, 1]
     assert lo == pytest.approx(0.3424, abs=1e-3) and hi == 1.0
-    assert judge.class_fidelity(targets, preds, classes)["kept"] is None
+    assert class_fidelity(targets, preds, classes)["kept"] is None
     with pytest.raises(HistoError, match="not classes of the judge"):
-        judge.class_fidelity(["z"], ["a"], classes)
+        class_fidelity(["z"], ["a"], classes)
 
 
 def test_judge_refuses_validation_and_test_tiles(world, tmp_path):
@@ -76,28 +77,26 @@ def test_judge_refuses_validation_and_test_tiles(world, tmp_path):
         (world["data"] / "subsets" / "sneaky.csv").unlink()
 
 
-def test_judge_trains_on_train_tiles_only_and_writes_fidelity(world, tmp_path, monkeypatch):
-    from histodiffusion.models import classifier as C
+def _digest(lines) -> str:
+    return hashlib.sha256("\n".join(sorted(lines)).encode()).hexdigest()
 
-    seen = []
-    real_train = C.train_classifier
 
-    def spy(model, images, labels, **kw):
-        seen.append(images.clone())
-        return real_train(model, images, labels, **kw)
-
-    monkeypatch.setattr(C, "train_classifier", spy)
+def test_judge_trains_on_train_tiles_only_and_writes_fidelity(world, tmp_path):
     out = judge.run(cfg_of(world, tmp_path / "j", samples=(str(world["samples"]),)))
-    # asserted: the judge was trained exactly on the train split's tiles, none of val / test
-    from histodiffusion.evaldata import load_real
+    # asserted through judge.json's record of the tiles it was trained on: exactly the train split's tiles
+    # (same ids, same pixels), none of val / test
+    from histodiffusion.data.evaldata import load_real
 
-    assert len(seen) == 1
     train, held = load_real(world["data"], "train"), [load_real(world["data"], s) for s in ("val", "test")]
-    key = lambda x: {bytes(t.numpy().tobytes()) for t in x}  # noqa: E731
-    assert key(seen[0]) == key(train.images) and len(seen[0]) == len(train)
-    assert not key(seen[0]) & (key(held[0].images) | key(held[1].images))
+    assert not set(train.ids) & (set(held[0].ids) | set(held[1].ids))
+    pixels = lambda x: [hashlib.sha256(t.numpy().tobytes()).hexdigest() for t in x.images]  # noqa: E731
     rec = json.loads((out / "judge.json").read_text())
+    assert rec["trained_on"] == {"n": len(train), "splits": ["train"], "ids_sha256": _digest(train.ids),
+                                 "pixels_sha256": _digest(pixels(train))}
+    assert not set(pixels(train)) & set(pixels(held[0]) + pixels(held[1]))
     assert rec["n_train"] == len(train) and rec["train_splits"] == ["train"] and 0 <= rec["val_accuracy"] <= 1
+    weights = out / "model" / "model.safetensors"
+    trained = weights.stat().st_mtime_ns
     card = (out / "model" / "README.md").read_text()  # its model card, with its real figures
     assert card.startswith("# Independent judge of class fidelity")
     assert f"{rec['n_train']} labeled tiles of subset `train`" in card and "6 steps of batch 8" in card
@@ -119,7 +118,7 @@ def test_judge_trains_on_train_tiles_only_and_writes_fidelity(world, tmp_path, m
     # re-run on another sample directory: the judge is reused, not retrained
     other = make_class_samples(tmp_path / "other", n_per_class=2, seed=5)
     judge.run(cfg_of(world, tmp_path / "j", samples=(str(other),), realism=False))
-    assert len(seen) == 1
+    assert weights.stat().st_mtime_ns == trained and "judge: reusing" in (out / "log.txt").read_text()
     f2 = json.loads((other / "fidelity.json").read_text())
     assert f2["kept"] is None and f2["realism"] is None and f2["judge"]["id"] == f["judge"]["id"]
     with pytest.raises(HistoError, match="different config"):
@@ -137,8 +136,8 @@ def test_score_writes_the_fidelity_table(world, tmp_path):
     assert f["all"]["n"] == 18 and f["kept"]["n"] == 9 and (out / "fidelity.csv").is_file()
     assert f["realism"] is not None  # the judge's dataset is readable
     with pytest.raises(HistoError, match="needs --judge"):
-        from histodiffusion.config import ScoreConfig
-        from histodiffusion.evaluate import run_score
+        from histodiffusion.runtime.config import ScoreConfig
+        from histodiffusion.stages.evaluate import run_score
 
         run_score(ScoreConfig(samples=str(world["samples"]), out=str(tmp_path / "s2")))
     with pytest.raises(HistoError, match="no trained judge"):

@@ -2,10 +2,10 @@
 import pytest
 from helpers_pretrain import make_vae
 
-from histodiffusion.latent_space import (LatentSpace, check_compatible, decoder_factor, of_autoencoder, of_cache,
-                                         write_cache_record)
 from histodiffusion.models.autoencoder import load_vae
-from histodiffusion.runtime import HistoError
+from histodiffusion.runtime.errors import HistoError
+from histodiffusion.runtime.latent_space import (LatentSpace, check_compatible, decoder_factor, of_autoencoder,
+                                                 of_cache, write_cache_record)
 
 
 def test_check_compatible_names_both_sides():

@@ -13,8 +13,9 @@ import termios
 import pytest
 
 from helpers_pretrain import make_cache
-from histodiffusion.progresslog import LogConfig, Progress, apply_log_config, progress_line
-from histodiffusion.runtime import HistoError, get_logger
+from histodiffusion.runtime.errors import HistoError
+from histodiffusion.runtime.log import get_logger
+from histodiffusion.runtime.progresslog import LogConfig, Progress, apply_log_config, progress_line
 
 PRETRAIN = ["--block-out-channels", "16,32", "--layers-per-block", "1", "--batch-size", "4", "--warmup", "2",
             "--sample-every", "0", "--steps", "20", "--checkpoint-every", "10", "--attention", "false"]

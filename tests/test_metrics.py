@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from helpers_eval import one_thread
-from histodiffusion import metrics as M
-from histodiffusion.runtime import HistoError
+from histodiffusion.core import metrics as M
+from histodiffusion.runtime.errors import HistoError
 
 
 @pytest.fixture(autouse=True)

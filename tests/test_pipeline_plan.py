@@ -4,9 +4,9 @@ import json
 import pytest
 
 from histodiffusion.cli import main
-from histodiffusion.config import RunConfig
 from histodiffusion.pipeline import plan
-from histodiffusion.runtime import HistoError
+from histodiffusion.runtime.config import RunConfig
+from histodiffusion.runtime.errors import HistoError
 
 
 def _steps(tmp_path, stage_config: dict | None = None, **kw) -> dict[str, dict]:
@@ -48,7 +48,7 @@ def test_selection_is_class_balanced_at_the_largest_ratio_and_aa_arm_evaluated(t
     assert steps["select"]["quota_ratio"] == 2.0  # selected@r gets r x real per class for every r evaluated
     assert steps["select_nopretrain"]["quota_ratio"] == 0.5  # the user's setting wins
     assert "real_aa" not in steps["evaluate"].get("arms", ())  # evaluate's default arms (with real_aa) apply
-    from histodiffusion.config import EvaluateConfig, config_from_dict
+    from histodiffusion.runtime.config import EvaluateConfig, config_from_dict
 
     cfg = config_from_dict(EvaluateConfig, steps["evaluate"])
     assert "real_aa" in cfg.arms and cfg.steps == 40 and cfg.val_every == 10  # the quick preset's small budget
@@ -121,7 +121,7 @@ def test_one_stage_registry_serves_the_cli_and_the_pipeline(tmp_path):
     import sys
 
     from histodiffusion.cli import build_parser
-    from histodiffusion.registry import STAGES
+    from histodiffusion.runtime.registry import STAGES
 
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     assert set(STAGES) <= set(sub.choices)  # every registered stage is a subcommand (plus `info`)
@@ -137,7 +137,7 @@ def test_one_stage_registry_serves_the_cli_and_the_pipeline(tmp_path):
 
 
 def test_stage_config_cannot_move_the_run_layout(tmp_path, capsys):
-    from histodiffusion.layout import RunLayout
+    from histodiffusion.runtime.layout import RunLayout
 
     L = RunLayout(tmp_path / "run")
     steps = {s.name: s for s in plan(RunConfig(out=str(L.root), base="none"))}

@@ -7,14 +7,15 @@ import numpy as np
 import pytest
 
 from helpers_prepare import class_folders, labels_csv, lung_rows
-from histodiffusion.artifacts import read_dataset, subset_ids
-from histodiffusion.config import PrepareConfig
 from histodiffusion.data import default
 from histodiffusion.data.datasets import PixelDataset
 from histodiffusion.data.leakage import check_no_overlap
-from histodiffusion.data.prepare import run
 from histodiffusion.data.splits import fewshot_groups, group_labels, split_groups
-from histodiffusion.runtime import HistoError, read_csv, sha256_file
+from histodiffusion.runtime.artifacts import read_dataset, subset_ids
+from histodiffusion.runtime.config import PrepareConfig
+from histodiffusion.runtime.errors import HistoError
+from histodiffusion.runtime.fileio import read_csv, sha256_file
+from histodiffusion.stages.prepare import run
 
 
 @pytest.fixture(scope="module")

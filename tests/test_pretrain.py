@@ -16,8 +16,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from helpers_pretrain import make_cache, make_dataset, make_vae  # noqa: E402
 
-from histodiffusion.config import AutoencoderConfig, EncodeConfig, PretrainConfig  # noqa: E402
-from histodiffusion.runtime import HistoError, list_checkpoints  # noqa: E402
+from histodiffusion.runtime.config import AutoencoderConfig, EncodeConfig, PretrainConfig  # noqa: E402
+from histodiffusion.runtime.distributed import list_checkpoints
+from histodiffusion.runtime.errors import HistoError
 
 TINY_UNET = dict(block_out_channels=(16, 32), layers_per_block=1, batch_size=4, warmup=2, sample_every=0)
 
@@ -34,7 +35,7 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 def test_autoencoder_exports_vae_with_measured_scaling(tmp_path):
     from histodiffusion.models.autoencoder import load_vae
-    from histodiffusion.train_autoencoder import run
+    from histodiffusion.stages.train_autoencoder import run
 
     a = make_dataset(tmp_path / "a", n=20, seed=1)
     b = make_dataset(tmp_path / "b", n=12, seed=2)
@@ -76,7 +77,7 @@ def test_encode_writes_cache_read_by_latent_dataset(tmp_path):
     from safetensors import safe_open
 
     from histodiffusion.data.datasets import LatentDataset
-    from histodiffusion.encode import run
+    from histodiffusion.stages.encode import run
 
     cache = make_cache(tmp_path, "lab", n=20, classes=("x", "y"), shard_size=8)
     meta = json.loads((cache / "meta.json").read_text())
@@ -103,8 +104,8 @@ def test_encode_writes_cache_read_by_latent_dataset(tmp_path):
 
 
 def test_encode_and_pretrain_refuse_mismatched_autoencoders(tmp_path):
-    from histodiffusion.encode import run as encode
-    from histodiffusion.pretrain import run as pretrain
+    from histodiffusion.stages.encode import run as encode
+    from histodiffusion.stages.pretrain import run as pretrain
 
     ca = make_cache(tmp_path, "a", n=8)
     make_vae(tmp_path / "vae2", seed=1)
@@ -125,12 +126,12 @@ def test_encode_and_pretrain_refuse_mismatched_autoencoders(tmp_path):
     with pytest.raises(HistoError, match="scaling-factor"):
         encode(EncodeConfig(data=str(data_b), vae=str(tmp_path / "vae2"), out=str(tmp_path / "cache" / "c")))
     # ... and so does fine-tuning its decoder: its diffusers default factor is never trusted
-    from histodiffusion.adapt import run_finetune_decoder
-    from histodiffusion.config import FinetuneDecoderConfig
+    from histodiffusion.stages import finetune_decoder
+    from histodiffusion.runtime.config import FinetuneDecoderConfig
 
     labeled = make_dataset(tmp_path / "data" / "lab", n=8, classes=("x", "y"))
     with pytest.raises(HistoError, match="no measured scaling factor"):
-        run_finetune_decoder(FinetuneDecoderConfig(data=str(labeled), subset="train", vae=str(tmp_path / "vae2"),
+        finetune_decoder.run(FinetuneDecoderConfig(data=str(labeled), subset="train", vae=str(tmp_path / "vae2"),
                                                    out=str(tmp_path / "dec"), aux_weight=0, steps=1))
     # a cache made before the latent-space record: one clear error, not a KeyError
     (ca / "latent_space.json").unlink()
@@ -140,7 +141,7 @@ def test_encode_and_pretrain_refuse_mismatched_autoencoders(tmp_path):
 
 def test_pretrain_exports_loadable_model_and_fine_tunes(tmp_path):
     from histodiffusion.models.unet import load_ldm
-    from histodiffusion.pretrain import run
+    from histodiffusion.stages.pretrain import run
 
     c1, c2 = make_cache(tmp_path, "a", n=16, seed=1), make_cache(tmp_path, "b", n=8, seed=2)
     cfg = PretrainConfig(cache=(str(c1), str(c2)), weights=(3.0, 1.0), out=str(tmp_path / "ldm"), steps=4,
@@ -209,7 +210,7 @@ def _poison_latent(cache: Path, cfg: PretrainConfig, step: int) -> None:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from histodiffusion.artifacts import latent_shard_name
+    from histodiffusion.runtime.artifacts import latent_shard_name
     from histodiffusion.data.datasets import LatentDataset
     from histodiffusion.data.mixture import EpochIndex
 
@@ -225,7 +226,7 @@ def _poison_latent(cache: Path, cfg: PretrainConfig, step: int) -> None:
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path):
-    from histodiffusion import pretrain
+    from histodiffusion.stages import pretrain
 
     cache = make_cache(tmp_path, "a", n=16)
     cfg = PretrainConfig(cache=(str(cache),), out=str(tmp_path / "ldm"), steps=10, checkpoint_every=2, **TINY_UNET)
@@ -244,7 +245,7 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path):
 
 def test_epoch_index_weights_resume_and_bad_input():
     from histodiffusion.data.mixture import EpochIndex
-    from histodiffusion.runtime import make_accelerator
+    from histodiffusion.runtime.distributed import make_accelerator
 
     idx = EpochIndex([30, 10], [1.0, 3.0], batch_size=4, rank=0, world=1, seed=3)
     first = idx.epoch(0)
@@ -264,9 +265,9 @@ def test_epoch_index_weights_resume_and_bad_input():
 
 
 def test_paper_preset_is_valid_and_paper_scale():
-    from histodiffusion.config import config_from_dict
-    from histodiffusion.presets import PRESETS, preset_overrides
-    from histodiffusion.registry import build
+    from histodiffusion.runtime.config import config_from_dict
+    from histodiffusion.runtime.presets import PRESETS, preset_overrides
+    from histodiffusion.runtime.registry import build
 
     for name, stages in PRESETS.items():
         for stage, fields in stages.items():

@@ -30,7 +30,8 @@ import pytest
 import torch
 
 from histodiffusion.cli import main as cli_main
-from histodiffusion.runtime import HistoError, list_checkpoints
+from histodiffusion.runtime.distributed import list_checkpoints
+from histodiffusion.runtime.errors import HistoError
 
 pytestmark = pytest.mark.slow
 
@@ -151,7 +152,7 @@ def _assert_clean(out: Path) -> None:
 def test_prepare(tmp_path):
     from helpers_prepare import labels_csv, lung_rows
 
-    from histodiffusion.artifacts import read_dataset
+    from histodiffusion.runtime.artifacts import read_dataset
 
     by_class: dict[str, list] = {}
     for r in lung_rows():

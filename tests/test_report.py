@@ -7,11 +7,11 @@ import pytest
 from helpers_eval import make_class_samples, make_dataset, one_thread
 import json
 
-from histodiffusion import evaluate, judge, select
-from histodiffusion.config import EvaluateConfig, JudgeConfig, ReportConfig, SelectConfig
-from histodiffusion.latent_strength import strength_summary
-from histodiffusion.report import run
-from histodiffusion.runtime import HistoError
+from histodiffusion.runtime.config import EvaluateConfig, JudgeConfig, ReportConfig, SelectConfig
+from histodiffusion.runtime.errors import HistoError
+from histodiffusion.stages import evaluate, judge, select
+from histodiffusion.stages.latent_classifier import strength_summary
+from histodiffusion.stages.report import run
 
 
 @pytest.fixture(autouse=True)
@@ -162,7 +162,7 @@ def test_report_leads_with_the_verdict(full_run):
 
 
 def test_verdict_sentences_judge_against_the_noise_floor():
-    from histodiffusion.report_verdict import verdict_sentences
+    from histodiffusion.stages.report.verdict import verdict_sentences
 
     def delta(mean, lo, hi, n=3):
         return {"accuracy": {"mean": mean, "ci95": [lo, hi], "n": n}}

@@ -4,9 +4,9 @@ of the stages it skips."""
 import logging
 import re
 
-from histodiffusion.config import RunConfig
 from histodiffusion.pipeline import run
-from histodiffusion.runtime import closes_stage_logs, get_logger, log_to
+from histodiffusion.runtime.config import RunConfig
+from histodiffusion.runtime.log import closes_stage_logs, get_logger, log_to
 
 
 @closes_stage_logs

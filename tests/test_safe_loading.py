@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from histodiffusion.config import PretrainConfig, SampleConfig, config_from_dict, load_config_file
-from histodiffusion.runtime import HistoError
+from histodiffusion.runtime.config import PretrainConfig, SampleConfig, config_from_dict
+from histodiffusion.runtime.configtypes import load_config_file
+from histodiffusion.runtime.errors import HistoError
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "histodiffusion"
 
@@ -158,7 +159,7 @@ def test_model_folders_of_other_version_refused(arts, tmp_path):
 
 
 def test_run_directory_of_other_version_refused(tmp_path):
-    from histodiffusion.runtime import start_run_dir
+    from histodiffusion.runtime.rundirs import start_run_dir
 
     out = tmp_path / "run"
     out.mkdir()

@@ -11,11 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from histodiffusion import sample as sample_mod
 from histodiffusion.cli import main as cli_main
-from histodiffusion.config import SampleConfig
-from histodiffusion.runtime import HistoError
-from histodiffusion.sample import guided_sample, make_scheduler, plan_samples, run
+from histodiffusion.diffusers_pipeline import guided_sample
+from histodiffusion.diffusers_pipeline import make_scheduler
+from histodiffusion.runtime.config import SampleConfig
+from histodiffusion.runtime.errors import HistoError
+from histodiffusion.stages import sample as sample_mod
+from histodiffusion.stages.sample import plan_samples, run
 
 from helpers_interrupt import interrupt_at
 from helpers_sample import ToyClassifier, make_labeled_cache, make_latent_classifier, make_ldm

@@ -7,11 +7,12 @@ import pytest
 from PIL import Image
 
 from helpers_prepare import labels_csv
-from histodiffusion.config import PrepareConfig
 from histodiffusion.data import default
-from histodiffusion.data.prepare import check_scale, run
+from histodiffusion.data.resolution import check_scale
 from histodiffusion.data.scale import TileSample, mismatch, nucleus_size, tile_nuclei
 from histodiffusion.data.slides import resize_tile
+from histodiffusion.runtime.config import PrepareConfig
+from histodiffusion.stages.prepare import run
 
 EOSIN, NUCLEUS = (230, 150, 190), (70, 40, 120)  # pink stroma, haematoxylin-dark nucleus
 
@@ -171,7 +172,7 @@ def test_real_data_lung_vs_osteosarcoma_native_and_shrunk(shared_data, tmp_path,
 def test_run_checks_scale_of_unlabeled_and_target_also_when_prepare_is_skipped(tmp_path, warnings_logged):
     """The built-in unlabeled images tiled natively (nuclei about 20 px) against the built-in lung
     tiles (about 5 px): `run` warns when it prepares them, and again when a re-run skips them."""
-    from histodiffusion.config import RunConfig
+    from histodiffusion.runtime.config import RunConfig
     from histodiffusion.pipeline import run as run_pipeline
 
     cfg = RunConfig(out=str(tmp_path / "run"), base="none", until="prepare")

@@ -2,7 +2,7 @@
 import numpy as np
 import torch
 
-from histodiffusion.seeds import derive_seed, numpy_rng, sample_seed, torch_generator
+from histodiffusion.core.seeds import derive_seed, numpy_rng, sample_seed, torch_generator
 
 
 def test_seeds_are_stable_and_keys_do_not_collide():

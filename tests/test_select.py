@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from helpers_eval import CLASSES, make_class_samples, make_dataset, make_samples, one_thread
-from histodiffusion.artifacts import FILTERED_COLUMNS
 from histodiffusion.cli import main
-from histodiffusion.config import SelectConfig
-from histodiffusion.runtime import HistoError
-from histodiffusion.select import memorization_threshold, run, score_samples, selection_summary
+from histodiffusion.runtime.artifacts import FILTERED_COLUMNS
+from histodiffusion.runtime.config import SelectConfig
+from histodiffusion.runtime.errors import HistoError
+from histodiffusion.stages.select import memorization_threshold, run, score_samples, selection_summary
 
 @pytest.fixture(autouse=True)
 def _one_thread():
@@ -129,7 +129,7 @@ def test_class_quota_smaller_than_the_passing_samples_caps_them():
 
 @pytest.fixture(scope="module")
 def selected(tmp_path_factory):
-    from histodiffusion.evaldata import load_real
+    from histodiffusion.data.evaldata import load_real
 
     root = tmp_path_factory.mktemp("select")
     data = make_dataset(root / "data")

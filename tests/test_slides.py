@@ -6,7 +6,7 @@ from PIL import Image
 from histodiffusion.data import default
 from histodiffusion.data.slides import (ImageTooSmall, Slide, TileParams, TilingStats, ink_mask, iter_tiles,
                                         read_rgb, tile_grid, tissue_mask)
-from histodiffusion.runtime import HistoError
+from histodiffusion.runtime.errors import HistoError
 
 SVS = default.unlabeled_dir() / "cmu_small_region.svs"
 

@@ -1,7 +1,7 @@
 """The one dihedral transform every stage uses (transforms.py)."""
 import torch
 
-from histodiffusion.transforms import DIHEDRAL, dihedral, flip_then_rotate
+from histodiffusion.core.transforms import DIHEDRAL, dihedral, flip_then_rotate
 
 
 def test_dihedral_gives_the_eight_distinct_symmetries_in_any_layout():

@@ -9,8 +9,8 @@ import sys
 
 import numpy as np
 
-from histodiffusion.artifacts import read_dataset
 from histodiffusion.data.writer import ROWS_TMP, DatasetWriter
+from histodiffusion.runtime.artifacts import read_dataset
 
 
 def _tile(i: int) -> np.ndarray:
@@ -58,7 +58,7 @@ def test_stale_temp_dir_of_a_killed_writer_removed(tmp_path):
 
 
 def test_completion_removes_temporaries_of_killed_writers(tmp_path):
-    from histodiffusion.runtime import mark_complete
+    from histodiffusion.runtime.rundirs import mark_complete
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     pid = dead.stdout.strip()

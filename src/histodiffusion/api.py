@@ -21,7 +21,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .runtime import HistoError, read_json
+from .runtime.errors import HistoError
+from .runtime.fileio import read_json
 
 __all__ = ["config", "run_stage", "prepare", "run", "train_latent_classifier", "sample", "select", "evaluate",
            "report", "load_base", "load_pipeline", "info", "HistoError"]
@@ -32,14 +33,14 @@ __all__ = ["config", "run_stage", "prepare", "run", "train_latent_classifier", "
 # --------------------------------------------------------------------------------------------------
 def config(stage: str, **fields: Any):
     """The frozen config of CLI stage `stage` (e.g. "sample") from its fields, checked as the CLI checks."""
-    from .registry import build
+    from .runtime.registry import build
 
     return build(stage, fields)
 
 
 def run_stage(stage: str, **fields: Any):
     """Run CLI stage `stage` with these config fields; returns what the stage returns (its output)."""
-    from .registry import stage as record
+    from .runtime.registry import stage as record
 
     return record(stage)(config(stage, **fields))
 
@@ -87,7 +88,7 @@ def report(**fields: Any) -> Path:
 def load_base(spec: str = "default") -> dict:
     """A pretrained base, verified (files, format, checksums, latent shape): its record, with "path" (the
     folder: pass it as `model=` to load_pipeline or sample) and "id"."""
-    from .basemodel import resolve_base, verify_base
+    from .models.base import resolve_base, verify_base
 
     return verify_base(resolve_base(spec))
 
@@ -101,8 +102,8 @@ def load_pipeline(path: str | Path = "", *, model: str | Path = "", classifier: 
     - model= (an LDM folder or a base), classifier= (a latent classifier folder), optionally vae=.
     scheduler: ddim | dpmsolver++ (default: the one the folder or run used)."""
     from .diffusers_pipeline import HistoDiffusionPipeline, make_scheduler
-    from .latent_space import SCHEDULE_KEYS
-    from .progresslog import sync_diffusers_bars
+    from .runtime.latent_space import SCHEDULE_KEYS
+    from .runtime.progresslog import sync_diffusers_bars
 
     if model or classifier:
         if path or not (model and classifier):

@@ -14,9 +14,10 @@ import sys
 import typing
 
 from . import __version__
-from .config import config_from_dict, help_of, load_config_file
-from .registry import STAGES
-from .runtime import HistoError
+from .runtime.config import config_from_dict
+from .runtime.configtypes import help_of, load_config_file
+from .runtime.errors import HistoError
+from .runtime.registry import STAGES
 
 # commands that are not stages: name -> (function(RUN_DIR) -> exit code, description)
 def _info(run_dir: str) -> int:
@@ -50,7 +51,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
 
 def log_flags() -> argparse.ArgumentParser:
     """--quiet, --verbose, --progress-every (LogConfig): accepted before and after the subcommand."""
-    from .progresslog import LogConfig
+    from .runtime.progresslog import LogConfig
 
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("output")
@@ -65,7 +66,7 @@ def log_flags() -> argparse.ArgumentParser:
 
 
 def log_config_from_args(args: argparse.Namespace):
-    from .progresslog import LogConfig
+    from .runtime.progresslog import LogConfig
 
     return config_from_dict(LogConfig, {f.name: getattr(args, f.name) for f in dataclasses.fields(LogConfig)
                                         if hasattr(args, f.name)})
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download anything at run time
     try:
-        from .progresslog import apply_log_config
+        from .runtime.progresslog import apply_log_config
 
         apply_log_config(log_config_from_args(args))
         if args.command in COMMANDS:

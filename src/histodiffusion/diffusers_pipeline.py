@@ -31,10 +31,10 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
-from .guidance import classifier_grad, eps_from_output, guided_eps, in_window
+from .core.guidance import classifier_grad, eps_from_output, guided_eps, in_window
+from .core.seeds import sample_seed  # noqa: F401  (the model cards name it here: the seed of sample i)
 from .models.latent_classifier import LatentClassifier  # noqa: F401  (diffusers resolves the component here)
-from .runtime import HistoError
-from .seeds import sample_seed  # noqa: F401  (the model cards name it here: the seed of sample i)
+from .runtime.errors import HistoError
 
 SCHEDULERS = ("ddim", "dpmsolver++")
 MICRO_BATCH = 16
@@ -274,9 +274,9 @@ def export_pipeline(pipe: HistoDiffusionPipeline, folder: str | Path, record: di
     and the latent classifier beside their weights (so each sub-folder also loads as a histodiffusion model
     folder), histodiffusion.json (kind "pipeline": where the models came from, how they were used) and the
     model card README.md. `record` names the source folders "vae" and "classifier" (records copied)."""
-    from .artifacts import MODEL_INFO, format_meta
-    from .modelcards import CARD, pipeline_card
-    from .runtime import atomic_path, write_json_atomic, write_text_atomic
+    from .runtime.artifacts import MODEL_INFO, format_meta
+    from .models.cards import CARD, pipeline_card
+    from .runtime.fileio import atomic_path, write_json_atomic, write_text_atomic
 
     folder = Path(folder)
     record = {**record, "scheduler_class": type(pipe.scheduler).__name__,

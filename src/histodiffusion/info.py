@@ -12,16 +12,18 @@ import dataclasses
 import json
 from pathlib import Path
 
-from .layout import RunLayout
-from .registry import STAGES
-from .runtime import COMPLETE_MARKER, CONFIG_FILE, HistoError, check_format_version, read_json
+from .runtime.errors import HistoError
+from .runtime.fileio import read_json
+from .runtime.layout import RunLayout
+from .runtime.registry import STAGES
+from .runtime.rundirs import COMPLETE_MARKER, CONFIG_FILE, check_format_version
 
 COMPLETE, STARTED, NOT_STARTED = "complete", "started", "not started"
 
 
 def run_plan(run_dir: str | Path):
     """(RunConfig, [pipeline.Step]) of a run directory, its paths under `run_dir`; HistoError if not a run."""
-    from .config import RunConfig, config_from_dict
+    from .runtime.config import RunConfig, config_from_dict
     from .pipeline import plan
 
     root = Path(run_dir)
@@ -143,7 +145,7 @@ def _autoencoder(out: Path) -> str:
 
 
 def _encode(out: Path) -> str:
-    from .latent_space import LATENT_SPACE
+    from .runtime.latent_space import LATENT_SPACE
 
     m, space = _load(out / "meta.json"), _load(out / LATENT_SPACE)
     return f"{m.get('count')} latents of shape {space.get('latent_shape')}"

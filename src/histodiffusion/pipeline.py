@@ -15,13 +15,17 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from . import config as C
-from .contract import check_complete
 from .data.splits import fewshot_names
-from .layout import RunLayout
-from .registry import STAGES, build
-from .runtime import (HistoError, get_logger, human_time, log_to, start_run_dir, write_json_atomic,
-                      write_text_atomic)
+from .runtime import config as C
+from .runtime.configrules import validate_config
+from .runtime.configtypes import load_config_file
+from .runtime.contract import check_complete
+from .runtime.errors import HistoError
+from .runtime.fileio import write_json_atomic, write_text_atomic
+from .runtime.layout import RunLayout
+from .runtime.log import get_logger, human_time, log_to
+from .runtime.registry import STAGES, build
+from .runtime.rundirs import start_run_dir
 
 
 # stage_config keys besides the stage names: one stage run twice, or the no-pretraining ablation's own
@@ -42,33 +46,47 @@ class Step:
 def plan(cfg: C.RunConfig, base: dict | None | str = "verify") -> list[Step]:
     """The chain of stages for this run, with each stage's resolved config fields (`base`: the verified
     base record when the caller has it already, else it is resolved and verified here)."""
-    from .presets import PRESETS, preset_overrides
+    validate_config(cfg)
+    fields = _fields_of(cfg)
+    base = _base(cfg) if base == "verify" else base
+    L = RunLayout(Path(cfg.out))
+    ldm_model = Path(base["path"]) if base else L.model(L.ldm)
+    ae_vae = ldm_model / "vae" if base else L.ae_vae
+    steps, ldm_model, labels_csv = _model_steps(cfg, L, fields, base, ldm_model, ae_vae)
+    steps += _synthesis_steps(cfg, L, fields, ldm_model, ae_vae)
+    steps.append(Step("report", "report", L.report, fields("report", {
+        "run": str(L.root), "out": str(L.report), "data": str(L.data_target), "samples": str(L.samples()),
+        "eval": str(L.evaluation()), "latent_classifier": str(L.latent_classifier)}, {})))
+    d_tgt, d_unl = str(L.data_target), str(L.data_unlabeled)
+    of_dataset = {d_tgt: d_tgt, str(L.cache_target): d_tgt, d_unl: d_unl, str(L.cache_unlabeled): d_unl}
+    _check_steps(cfg, steps, of_dataset, d_tgt, labels_csv)
+    return steps
 
-    C.validate_config(cfg)
-    root = Path(cfg.out)
+
+Fields = Callable[..., dict]  # fields(key, layout, settings, stage=None) -> a stage's resolved config fields
+
+
+def _fields_of(cfg: C.RunConfig) -> Fields:
+    """The merger of a stage's config fields: preset < the run's settings < the user's --stage-config (of
+    the stage, then of its key, e.g. "prepare-target"); the layout's paths last: the user may not move a
+    stage's inputs or outputs (a clear error). Every --stage-config entry is checked here, also of stages
+    this run does not reach (fields, types, ranges)."""
+    from .runtime.presets import PRESETS, preset_overrides
+
     preset_overrides(cfg.preset, "run")  # validates the name
     preset = PRESETS[cfg.preset]
-    user = C.load_config_file(cfg.stage_config) if cfg.stage_config else {}
+    user = load_config_file(cfg.stage_config) if cfg.stage_config else {}
     unknown = sorted(set(user) - set(STAGES) - set(EXTRA_KEYS))
     if unknown:
         raise HistoError(f"stage_config {cfg.stage_config}: unknown stage(s) {unknown}")
-    for key, values in user.items():  # every entry, also of stages this run does not reach (fields, types, ranges)
+    for key, values in user.items():
         stage = key if key in STAGES else key.rsplit("-", 1)[0]
         try:
             build(stage, values)
         except HistoError as e:
             raise HistoError(f"stage_config {cfg.stage_config}, entry {key!r}: {e}") from None
 
-    base = _base(cfg) if base == "verify" else base
-    unlabeled_sources, labels_csv = _sources(cfg)
-    L = RunLayout(root)
-    d_unl, d_tgt, c_unl, c_tgt = L.data_unlabeled, L.data_target, L.cache_unlabeled, L.cache_target
-    ldm_model = Path(base["path"]) if base else L.model(L.ldm)
-    ae_vae = ldm_model / "vae" if base else L.ae_vae
-
     def fields(key: str, layout: dict, settings: dict, stage: str | None = None) -> dict:
-        """preset < the run's settings < the user's --stage-config (of the stage, then of this key); the
-        layout's paths last: the user may not move a stage's inputs or outputs (a clear error)."""
         stage = stage or key
         merged = {**preset.get(stage, {}), **preset.get(key, {}), **settings}
         for k in dict.fromkeys((stage, key)):
@@ -79,7 +97,16 @@ def plan(cfg: C.RunConfig, base: dict | None | str = "verify") -> list[Step]:
                                  f"overridden; run the stage by hand (histodiffusion {stage}) to use other paths")
             merged.update(user.get(k, {}))
         return {**merged, **layout}
+    return fields
 
+
+def _model_steps(cfg: C.RunConfig, L: RunLayout, fields: Fields, base: dict | None, ldm_model: Path,
+                 ae_vae: Path) -> tuple[list[Step], Path, str]:
+    """The data and the unconditional models: prepare, autoencoder, encode, pretrain (or the base instead),
+    and the optional unlabeled adaptation to the target. Returns (steps, the LDM the later stages use,
+    the labels CSV of the target)."""
+    unlabeled_sources, labels_csv = _sources(cfg)
+    d_unl, d_tgt, c_unl, c_tgt = L.data_unlabeled, L.data_target, L.cache_unlabeled, L.cache_target
     target_fields = fields("prepare-target", {"out": str(d_tgt), "exclude": (str(ldm_model if base else d_unl),)}, {
         "kind": "labeled", "labels_csv": labels_csv, "tile_size": cfg.tile_size, "seed": cfg.split_seed}, "prepare")
     prepare_target = Step("prepare target", "prepare", d_tgt, target_fields,
@@ -107,7 +134,14 @@ def plan(cfg: C.RunConfig, base: dict | None | str = "verify") -> list[Step]:
             "pretrain-target", {"cache": (str(c_tgt),), "init_from": str(ldm_model), "out": str(L.ldm_target)},
             {"subset": "train", "steps": cfg.adapt_unlabeled_steps}, "pretrain")))
         ldm_model = L.model(L.ldm_target)
-    steps += [
+    return steps, ldm_model, labels_csv
+
+
+def _synthesis_steps(cfg: C.RunConfig, L: RunLayout, fields: Fields, ldm_model: Path, ae_vae: Path) -> list[Step]:
+    """Adaptation to the labels (latent classifier, decoder fine-tune), then per arm (the main chain and the
+    optional no-pretraining ablation): sample, select, evaluate."""
+    d_tgt, c_tgt = L.data_target, L.cache_target
+    steps = [
         Step("latent classifier", "train-latent-classifier", L.latent_classifier,
              fields("train-latent-classifier", {"cache": str(c_tgt), "scheduler": str(ldm_model / "scheduler"),
                                                 "out": str(L.latent_classifier)}, {"subset": cfg.subset})),
@@ -144,17 +178,12 @@ def plan(cfg: C.RunConfig, base: dict | None | str = "verify") -> list[Step]:
                 "subset": cfg.subset, "quota_ratio": max(evaluate["ratios"])}, "select")),
             Step(f"evaluate{suffix}", "evaluate", L.evaluation(suffix), evaluate),
         ]
-    steps.append(Step("report", "report", L.report, fields("report", {
-        "run": str(root), "out": str(L.report), "data": str(d_tgt), "samples": str(L.samples()),
-        "eval": str(L.evaluation()), "latent_classifier": str(L.latent_classifier)}, {})))
-    of_dataset = {str(d_tgt): str(d_tgt), str(c_tgt): str(d_tgt), str(d_unl): str(d_unl), str(c_unl): str(d_unl)}
-    _check_steps(cfg, steps, of_dataset, str(d_tgt), labels_csv)
     return steps
 
 
 def _base(cfg: C.RunConfig) -> dict | None:
     """The verified base record (None with --base none); refuses options that contradict it."""
-    from .basemodel import resolve_base, verify_base
+    from .models.base import resolve_base, verify_base
 
     if cfg.base == "none":
         return None
@@ -179,8 +208,8 @@ def _check_steps(cfg: C.RunConfig, steps: list[Step], of_dataset: dict[str, str]
     """Plan-time checks of what would otherwise fail only when a late stage starts: every stage's config
     (fields, types, ranges), the subsets stages ask of the run's datasets and caches (`of_dataset`: path
     -> the dataset it holds or encodes; prepare must make the subset), and a labels CSV of >= 2 classes."""
-    from .artifacts import HOLDOUT_SPLIT, SPLITS, UNLABELED_SPLIT
-    from .data.prepare import read_labels_csv
+    from .runtime.artifacts import HOLDOUT_SPLIT, SPLITS, UNLABELED_SPLIT
+    from .stages.prepare import read_labels_csv
 
     where = f"stage_config {cfg.stage_config}" if cfg.stage_config else "run"
     configs = []
@@ -237,7 +266,7 @@ def run(cfg: C.RunConfig) -> Path:
     root = start_run_dir(cfg.out, cfg, "run", neutral=("until",))
     with log_to(RunLayout(root).log):  # every stage's lines, with the pipeline's
         if base:
-            from .basemodel import base_summary
+            from .models.base import base_summary
 
             write_json_atomic(RunLayout(root).base_record, {k: base[k] for k in ("id", "path")} | {
                 k: base["base"][k] for k in ("name", "version", "tile_size")} | {"vae_hash": base["vae_hash"]})

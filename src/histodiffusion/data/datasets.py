@@ -12,10 +12,11 @@ import torch
 from safetensors import safe_open
 from torch.utils.data import Dataset
 
-from ..artifacts import (INDEX, INDEX_COLUMNS, SHARDS_DIR, latent_shard_name, pixel_shard_name, read_dataset,
-                         read_meta, subset_ids)
-from ..runtime import HistoError, read_csv
-from ..seeds import torch_generator
+from ..core.seeds import torch_generator
+from ..runtime.artifacts import (INDEX, INDEX_COLUMNS, SHARDS_DIR, latent_shard_name, pixel_shard_name, read_dataset,
+                                 read_meta, subset_ids)
+from ..runtime.errors import HistoError
+from ..runtime.fileio import read_csv
 
 
 class _ShardReader:
@@ -86,7 +87,7 @@ class LatentDataset(Dataset):
         self.rows = [r for r in rows if r["id"] in wanted]
         if not self.rows:
             raise HistoError(f"no latents selected from {self.directory} (subset {subset!r})")
-        from ..latent_space import of_cache
+        from ..runtime.latent_space import of_cache
 
         self.space = of_cache(self.directory)
         self.scaling_factor = self.space.scaling_factor

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..runtime import HistoError
+from ..runtime.errors import HistoError
 from .slides import is_image_file
 
 ROOT = Path(__file__).resolve().parents[1] / "default_data"

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..artifacts import MANIFEST, MANIFEST_COLUMNS, read_meta
-from ..runtime import HistoError, read_csv
+from ..runtime.artifacts import MANIFEST, MANIFEST_COLUMNS, read_meta
+from ..runtime.errors import HistoError
+from ..runtime.fileio import read_csv
 
 SOURCES_CSV = "sources.csv"  # path,sha256 of every source file of a dataset (written by prepare)
 SOURCES_COLUMNS = ["path", "sha256"]

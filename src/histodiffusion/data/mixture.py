@@ -21,7 +21,7 @@ from typing import Iterator, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from ..runtime import HistoError
+from ..runtime.errors import HistoError
 
 RECORD_IDS_ENV = "HISTODIFFUSION_RECORD_IDS"
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..artifacts import read_meta
-from ..config import PrepareConfig
-from ..runtime import read_json
+from ..runtime.artifacts import read_meta
+from ..runtime.config import PrepareConfig
+from ..runtime.fileio import read_json
 from . import scale
 
 
@@ -58,7 +58,7 @@ def scale_warnings(name: str, nucleus_px: float | None, others, tolerance: float
 def _nucleus_px_of(other: Path) -> list[tuple[str, float | None]]:
     """[(name, nucleus width)] of a prepared dataset, or of a pretrained base: the mean of its datasets'
     widths weighted by their share of the pretraining mixture (what the UNet saw)."""
-    from ..artifacts import MODEL_INFO
+    from ..runtime.artifacts import MODEL_INFO
 
     if not (other / "meta.json").is_file() and (other / MODEL_INFO).is_file():  # a base folder
         record = read_json(other / MODEL_INFO, "base record")

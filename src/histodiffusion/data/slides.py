@@ -33,7 +33,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ..runtime import HistoError
+from ..runtime.errors import HistoError
 
 IMAGE_SUFFIXES = {".svs", ".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp"}
 OPENSLIDE_SUFFIXES = {".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide"}

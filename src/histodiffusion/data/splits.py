@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from collections import defaultdict
 
-from ..runtime import HistoError
+from ..runtime.errors import HistoError
 
 
 def group_labels(rows: list[dict]) -> dict[str, str]:
@@ -100,7 +100,7 @@ def fewshot_groups(groups: dict[str, str], split: dict[str, str], fracs: tuple[f
 def holdout_groups(rows, frac: float, seed: int) -> dict[str, str]:
     """group -> "holdout" for a seeded `frac` of the groups of an unlabeled dataset (at least one, never
     all), else "unlabeled": a slice kept out of training, for measurement only."""
-    from ..artifacts import HOLDOUT_SPLIT, UNLABELED_SPLIT
+    from ..runtime.artifacts import HOLDOUT_SPLIT, UNLABELED_SPLIT
 
     groups = sorted({r["group"] for r in rows})
     if len(groups) < 2:

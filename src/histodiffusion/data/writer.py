@@ -23,8 +23,10 @@ from typing import Iterator
 
 import numpy as np
 
-from ..artifacts import MANIFEST, MANIFEST_COLUMNS, META, SHARDS_DIR, SUBSETS_DIR, format_meta, pixel_shard_name
-from ..runtime import HistoError, pid_alive, mark_complete, write_csv_atomic, write_json_atomic
+from ..runtime.artifacts import MANIFEST, MANIFEST_COLUMNS, META, SHARDS_DIR, SUBSETS_DIR, format_meta, pixel_shard_name
+from ..runtime.errors import HistoError
+from ..runtime.fileio import write_csv_atomic, write_json_atomic
+from ..runtime.rundirs import pid_alive, mark_complete
 
 ROWS_TMP = "_rows.csv"  # manifest rows as added (removed before the rename)
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..artifacts import MODEL_INFO
-from ..runtime import HistoError, check_format_version, read_json, sha256_dir
+from ..runtime.artifacts import MODEL_INFO
+from ..runtime.errors import HistoError
+from ..runtime.fileio import read_json, sha256_dir
+from ..runtime.rundirs import check_format_version
 from . import norm_groups
 
 
@@ -80,8 +82,8 @@ def save_vae(vae, folder: str | Path, scaling_factor: float, **info) -> Path:
     plus histodiffusion.json (scaling factor, downsampling, latent channels and `info`)."""
     import math
 
-    from ..artifacts import format_meta
-    from ..runtime import atomic_path, write_json_atomic
+    from ..runtime.artifacts import format_meta
+    from ..runtime.fileio import atomic_path, write_json_atomic
 
     if not (scaling_factor > 0 and math.isfinite(scaling_factor)):
         raise HistoError(f"measured latent scaling factor is {scaling_factor}: the autoencoder's latents are "

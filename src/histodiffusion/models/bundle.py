@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..artifacts import LDM_SCHEDULER, LDM_UNET, LDM_VAE, MODEL_INFO
-from ..latent_space import check_compatible, decoder_factor, latent_hash, of_model
-from ..runtime import HistoError, check_format_version, read_json, sha256_dir
+from ..runtime.artifacts import LDM_SCHEDULER, LDM_UNET, LDM_VAE, MODEL_INFO
+from ..runtime.errors import HistoError
+from ..runtime.fileio import read_json, sha256_dir
+from ..runtime.latent_space import check_compatible, decoder_factor, latent_hash, of_model
+from ..runtime.rundirs import check_format_version
 
 
 def load_components(model: str | Path, classifier: str | Path, vae: str | Path = "") -> dict:

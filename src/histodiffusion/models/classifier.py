@@ -15,8 +15,10 @@ import torch
 from torch import nn
 
 from .. import FORMAT_VERSION
-from ..runtime import HistoError, check_format_version, read_json, write_json_atomic
-from ..transforms import DIHEDRAL, dihedral, flip_then_rotate
+from ..core.transforms import DIHEDRAL, dihedral, flip_then_rotate
+from ..runtime.errors import HistoError
+from ..runtime.fileio import read_json, write_json_atomic
+from ..runtime.rundirs import check_format_version
 
 
 class SmallCNN(nn.Module):
@@ -116,7 +118,7 @@ def save_classifier(model: nn.Module, directory: str | Path, info: dict) -> None
     """model.safetensors + classifier.json (name, classes, image_size, ...) into `directory`."""
     from safetensors.torch import save_file
 
-    from ..runtime import atomic_path
+    from ..runtime.fileio import atomic_path
 
     directory = Path(directory)
     with atomic_path(directory) as tmp:
@@ -199,7 +201,8 @@ def train_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     validation call, or of the last step). Averaging removes most of the step-to-step jitter of the
     final weights, the main source of seed-to-seed spread of a small classifier on a few hundred tiles.
     """
-    from ..runtime import progress, seed_everything
+    from ..runtime.log import progress
+    from ..runtime.distributed import seed_everything
 
     if steps <= 0:
         raise HistoError(f"training steps must be positive, got {steps}")
@@ -295,3 +298,38 @@ class FeatureExtractor(nn.Module):
             x = nn.functional.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
                                           antialias=True, align_corners=False)
         return self.model.features(x)
+
+
+def inception_extractor(weights: str):
+    """torchvision Inception-v3 from a LOCAL weights file -> 2048-d pool features of uint8 images.
+
+    Images are resized to 299 px and normalised with ImageNet statistics. torchvision's weights give
+    values close to, but not identical with, the TF-Inception numbers papers report.
+    """
+    import torch
+    from torch import nn
+    from torchvision.models import inception_v3
+
+    net = inception_v3(weights=None, aux_logits=True, init_weights=False)
+    missing, _ = net.load_state_dict(load_state_dict(weights), strict=False)
+    if [k for k in missing if not k.startswith("AuxLogits")]:
+        raise HistoError(f"{weights} is not an Inception-v3 state dict (missing {missing[:3]} ...)")
+    net.fc = nn.Identity()
+    net.eval()
+
+    class _Inception(nn.Module):
+        num_features = 2048
+
+        def __init__(self):
+            super().__init__()
+            self.net = net
+            self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+            self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+
+        @torch.no_grad()
+        def forward(self, x):
+            x = x.float() / 255.0
+            x = nn.functional.interpolate(x, size=(299, 299), mode="bilinear", antialias=True, align_corners=False)
+            return self.net((x - self.mean) / self.std)
+
+    return _Inception()

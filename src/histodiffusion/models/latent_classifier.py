@@ -22,8 +22,10 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.resnet import Downsample2D, ResnetBlock2D
 from torch import nn
 
-from ..artifacts import MODEL_INFO, model_info
-from ..runtime import HistoError, check_format_version, sha256_dir
+from ..runtime.artifacts import MODEL_INFO, model_info
+from ..runtime.errors import HistoError
+from ..runtime.fileio import sha256_dir
+from ..runtime.rundirs import check_format_version
 
 
 class LatentClassifier(ModelMixin, ConfigMixin):

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..artifacts import LDM_SCHEDULER, LDM_UNET, LDM_VAE, MODEL_INFO
-from ..runtime import HistoError, check_format_version, read_json
+from ..runtime.artifacts import LDM_SCHEDULER, LDM_UNET, LDM_VAE, MODEL_INFO
+from ..runtime.errors import HistoError
+from ..runtime.fileio import read_json
+from ..runtime.rundirs import check_format_version
 from . import norm_groups
 
 

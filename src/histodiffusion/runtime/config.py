@@ -1,0 +1,316 @@
+"""Configuration: one frozen dataclass per stage, every field with a default and a one-line help.
+
+The help text (`F(default, "help")`) is the field's one-line comment and also its `--flag` help in
+the CLI, which builds its flags from these classes. Configs round-trip through JSON (never pickle);
+a config file can be JSON or TOML and may only name known fields of the right type.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from .configrules import validate_config
+from .configtypes import F, coerce
+from .errors import HistoError
+
+
+# --------------------------------------------------------------------------------------------
+# Stage configs
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PrepareConfig:
+    out: str = F("data/default", "output dataset directory")
+    name: str = F("", "dataset name (default: the output directory's name)")
+    kind: str = F("auto", "labeled | unlabeled | auto (labeled when labels are given)")
+    sources: tuple[str, ...] = F((), "slides / large images / folders of them to tile (unlabeled sources)")
+    labels_csv: str = F("", "CSV with path,label[,group_id] (paths relative to the CSV)")
+    class_folders: str = F("", "root folder with one sub-folder of tiles per class (NCT-CRC-HE layout)")
+    classes: tuple[str, ...] = F((), "allowed classes of labels_csv (a label outside them is an error; default: any)")
+    tile_size: int = F(64, "working resolution: every tile is stored at tile_size x tile_size")
+    patch_size: int = F(0, "tile edge in source pixels before resizing (0: tile_size * downscale)")
+    stride: int = F(0, "tiling stride in source pixels (0: patch_size, no overlap)")
+    downscale: float = F(1.0, "downscale factor from the source's level 0 (ignored when target_mpp > 0)")
+    target_mpp: float = F(0.0, "target microns per pixel when the file states its resolution (0: off)")
+    min_tissue: float = F(0.5, "keep a tile when at least this fraction of it is tissue")
+    max_gray_mean: float = F(220.0, "background filter: tissue pixels have grey value below this")
+    min_saturation: float = F(0.07, "tissue pixels have HSV saturation above this (0..1)")
+    tissue_method: str = F("fixed", "fixed (the two thresholds) | otsu (raise the saturation threshold to Otsu's on slides with background)")
+    max_ink: float = F(0.05, "drop a tile when more than this fraction of it is green pen ink (1: off)")
+    image_mode: str = F("convert", "grayscale/RGBA/16-bit images: convert (to 8-bit RGB) or refuse")
+    val_frac: float = F(0.15, "fraction of groups in the validation split (stratified by class)")
+    test_frac: float = F(0.15, "fraction of groups in the test split (stratified by class)")
+    fewshot_fracs: tuple[float, ...] = F((0.05, 0.1, 0.25), "few-shot subsets of train: fractions of groups")
+    fewshot_k: tuple[int, ...] = F((), "few-shot subsets of train: k groups per class")
+    fewshot_draws: int = F(1, "draws of every few-shot subset from other groups: >1 adds <name>_d1.. (a second level of repetition for benchmarks)")
+    seed: int = F(0, "seed for splits and few-shot subsets")
+    shard_size: int = F(1024, "tiles per pixel shard")
+    strict: bool = F(False, "stop at the first unreadable image instead of skipping and counting")
+    exclude: tuple[str, ...] = F((), "prepared datasets that must share no image with this one (leakage guard)", input=True)
+    holdout_frac: float = F(0.0, "unlabeled: fraction of groups held out for measurement only (split 'holdout', never trained on)")
+    group_px: int = F(0, "unlabeled: group tiles by square regions of this many source pixels (0: one group per image)")
+    scale_sample: int = F(256, "tiles sampled (by content hash) to measure the scale: the width of nuclei in px (0: off)")
+    scale_tolerance: float = F(1.5, "warn when nuclei of this dataset and of an --exclude dataset differ in width by more than this ratio (0: off)")
+
+
+@dataclass(frozen=True)
+class AutoencoderConfig:
+    data: tuple[str, ...] = F(("data/unlabeled",), "prepared unlabeled dataset directories", input=True)
+    out: str = F("runs/ae", "run directory")
+    block_out_channels: tuple[int, ...] = F((32, 64, 128), "encoder/decoder widths; f = 2**(len-1)")
+    layers_per_block: int = F(1, "ResNet layers per block")
+    latent_channels: int = F(4, "channels of the latent")
+    steps: int = F(400, "optimisation steps")
+    batch_size: int = F(16, "batch size per process")
+    crop: int = F(32, "train on random crops of this size (0: whole tiles); evaluation uses whole tiles")
+    flips: bool = F(True, "random dihedral transform (rotation/flip) of every training tile")
+    lr: float = F(4e-4, "AdamW learning rate")
+    kl_weight: float = F(1e-6, "weight of the KL term")
+    adv_weight: float = F(0.0, "weight of the PatchGAN adversarial loss (0: off)")
+    adv_start: int = F(300, "step at which the adversarial loss starts")
+    lpips_weights: str = F("", "local path to LPIPS/VGG weights (optional; nothing is downloaded)")
+    lpips_weight: float = F(0.0, "weight of the LPIPS loss (needs lpips_weights)")
+    holdout: int = F(64, "held-out tiles for PSNR/SSIM")
+    eval_every: int = F(200, "evaluate and write a reconstruction grid every N steps")
+    checkpoint_every: int = F(200, "save resumable state every N steps")
+    keep_checkpoints: int = F(2, "resumable checkpoints to keep")
+    mixed_precision: str = F("no", "no | bf16 | fp16 (fp16 needs a GPU)")
+    num_workers: int = F(0, "data loader workers")
+    seed: int = F(0, "random seed")
+
+
+@dataclass(frozen=True)
+class ExportBaseConfig:
+    model: str = F("runs/ldm/model", "exported LDM folder of pretrain (unet_ema/, scheduler/, vae/)", input=True)
+    out: str = F("base/histodiffusion-base-64", "base folder to write (replaced atomically)")
+    name: str = F("histodiffusion-base-64", "name of the base")
+    version: str = F("1", "version of the base")
+    dtype: str = F("fp16", "fp16 | fp32: dtype of the stored weights (they load as float32)")
+    data: tuple[str, ...] = F((), "prepared unlabeled datasets it was trained on (counts and source hashes for the card and the leakage guard)", input=True)
+    card_notes: str = F("", "Markdown file appended to the model card (measurements, licences, citations)")
+
+
+@dataclass(frozen=True)
+class EncodeConfig:
+    data: str = F("data/unlabeled", "prepared dataset directory", input=True)
+    vae: str = F("runs/ae/model/vae", "autoencoder folder (save_pretrained)", input=True)
+    out: str = F("cache/unlabeled", "latent cache directory")
+    batch_size: int = F(64, "encode batch size")
+    shard_size: int = F(4096, "latents per shard")
+    scaling_factor: float = F(0.0, "latent scaling (0: the one measured by train-autoencoder, stored in the vae)")
+    flips: bool = F(False, "also cache the 8 dihedral transforms of each tile (ids <id>~d1..d7)")
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    cache: tuple[str, ...] = F(("cache/unlabeled",), "latent caches of the unlabeled datasets", input=True)
+    weights: tuple[float, ...] = F((), "sampling weight per cache (default: proportional to size)")
+    out: str = F("runs/ldm", "run directory")
+    block_out_channels: tuple[int, ...] = F((64, 128, 128), "UNet widths")
+    layers_per_block: int = F(1, "ResNet layers per UNet block")
+    attention: bool = F(True, "attention in the lowest-resolution blocks")
+    num_train_timesteps: int = F(1000, "diffusion steps T")
+    beta_schedule: str = F("linear", "linear | scaled_linear | squaredcos_cap_v2")
+    beta_start: float = F(0.0015, "first beta (paper: 0.0015)")
+    beta_end: float = F(0.0155, "last beta (paper: 0.0155)")
+    prediction_type: str = F("epsilon", "epsilon | v_prediction")
+    loss: str = F("l1", "l1 | l2 (paper: l1)")
+    steps: int = F(300, "optimisation steps")
+    batch_size: int = F(32, "batch size per process")
+    lr: float = F(4e-4, "AdamW peak learning rate")
+    weight_decay: float = F(0.0, "AdamW weight decay")
+    warmup: int = F(50, "linear warm-up steps")
+    grad_clip: float = F(1.0, "max gradient norm (0: off)")
+    grad_accum: int = F(1, "gradient accumulation steps")
+    ema_decay: float = F(0.999, "EMA decay")
+    mixed_precision: str = F("no", "no | bf16 | fp16 (fp16 needs a GPU)")
+    sample_every: int = F(200, "write a sample grid every N steps (0: off)")
+    checkpoint_every: int = F(200, "save resumable state every N steps")
+    keep_checkpoints: int = F(2, "resumable checkpoints to keep")
+    init_from: str = F("", "start from this exported model folder (fine-tuning), else from scratch", input=True)
+    subset: str = F("all", "subset of every cache to train on: all, a split, or a few-shot subset")
+    num_workers: int = F(0, "data loader workers")
+    seed: int = F(0, "random seed")
+
+
+@dataclass(frozen=True)
+class LatentClassifierConfig:
+    cache: str = F("cache/target", "latent cache of the labeled target dataset", input=True)
+    subset: str = F("train", "split or few-shot subset to train on (e.g. train, frac0.05)")
+    val_subset: str = F("val", "split for validation")
+    scheduler: str = F("runs/ldm/model/scheduler", "noise scheduler folder (same as the UNet's)", input=True)
+    out: str = F("runs/adapt/latent_classifier", "run directory")
+    width: int = F(64, "base channel width")
+    depth: int = F(2, "down-sampling stages")
+    steps: int = F(400, "optimisation steps")
+    batch_size: int = F(64, "batch size per process")
+    lr: float = F(3e-4, "AdamW learning rate")
+    weight_decay: float = F(0.05, "AdamW weight decay")
+    max_timestep: int = F(0, "train on t in [0, max_timestep) (0: all T)")
+    augment: bool = F(False, "random flips/rotations of the latents (approximate: encoders are not equivariant)")
+    checkpoint_every: int = F(500, "save resumable state every N steps")
+    keep_checkpoints: int = F(2, "resumable checkpoints to keep")
+    image_baseline: bool = F(True, "also train an image-space classifier on the same subset with the same budget (steps, batch, lr, weight decay, balanced batches, augment) and report the latent accuracy per timestep bucket as a ratio of its validation accuracy (goal: >= 0.9 in the lowest-noise bucket)")
+    image_backbone: str = F("small_cnn", "that image-space classifier: small_cnn[_w<width>] or a timm model name (from scratch)")
+    data: str = F("", "prepared dataset of the cache's tiles, for the image baseline (default: the one named in the cache's meta.json)", input=True)
+    num_workers: int = F(0, "data loader workers")
+    seed: int = F(0, "random seed")
+
+
+@dataclass(frozen=True)
+class FinetuneDecoderConfig:
+    data: str = F("data/target", "prepared labeled target dataset", input=True)
+    subset: str = F("train", "split or few-shot subset to fine-tune on")
+    vae: str = F("runs/ae/model/vae", "autoencoder to start from", input=True)
+    out: str = F("runs/adapt/decoder", "run directory")
+    aux_weight: float = F(0.1, "weight of the auxiliary image classifier's loss on decoded images")
+    aux_steps: int = F(100, "steps to train the auxiliary classifier on the real labeled subset first")
+    steps: int = F(60, "optimisation steps")
+    batch_size: int = F(16, "batch size per process")
+    lr: float = F(5e-5, "AdamW learning rate for the decoder")
+    checkpoint_every: int = F(200, "save resumable state every N steps")
+    keep_checkpoints: int = F(2, "resumable checkpoints to keep")
+    seed: int = F(0, "random seed")
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    model: str = F("runs/ldm/model", "exported LDM folder (unet_ema/, scheduler/, vae/)", input=True)
+    classifier: str = F("runs/adapt/latent_classifier/model", "latent classifier folder", input=True)
+    vae: str = F("", "decoder to use (default: model/vae; e.g. the fine-tuned decoder)", input=True)
+    out: str = F("samples/run", "output directory")
+    classes: tuple[str, ...] = F((), "classes to synthesise (default: all of the classifier's)")
+    n_per_class: int = F(0, "images per class (0: use ratio)")
+    ratio: float = F(1.0, "synthetic images as a fraction of the real labeled subset, per class")
+    real_counts: str = F("", "latent cache or dataset whose subset counts define the ratio (default: the classifier's cache)", input=True)
+    real_subset: str = F("train", "subset whose per-class counts the ratio refers to")
+    scale: float = F(10.0, "classifier guidance scale s (reference: 10)")
+    guidance_window: tuple[int, int] = F((0, 0), "guide only for t in [lo, hi] ((0,0): every step)")
+    scheduler: str = F("dpmsolver++", "ddim | dpmsolver++")
+    steps: int = F(20, "sampling steps")
+    eta: float = F(0.0, "DDIM eta (1.0 is the reference's setting)")
+    batch_size: int = F(64, "samples per batch (does not change the images)")
+    seed: int = F(0, "run seed; sample i uses a generator seeded from (seed, i)")
+    grid: bool = F(True, "write a sample grid per class")
+
+
+@dataclass(frozen=True)
+class SelectConfig:
+    samples: str = F("samples/run", "sample directory with samples.csv", input=True)
+    data: str = F("data/target", "prepared labeled target dataset", input=True)
+    subset: str = F("train", "real labeled subset: centroids, feature classifier, memorization")
+    out: str = F("", "select's output directory: filtered.csv, filtered.json, _COMPLETE.json (default: <samples>/select)")
+    backbone: str = F("small_cnn", "feature extractor: small_cnn[_w<width>] (trained here) or a timm model name")
+    backbone_weights: str = F("", "local weights for a timm backbone (nothing is downloaded)")
+    feature_steps: int = F(300, "optimisation steps (batch 32, augmented) of the small_cnn feature classifier")
+    min_confidence: float = F(0.5, "keep only samples with target-class confidence at least this")
+    require_nearest_centroid: bool = F(True, "keep only samples whose nearest centroid is the target")
+    memorization_quantile: float = F(0.01, "flag a sample closer to a real image than this quantile of real-real distances")
+    drop_memorized: bool = F(True, "drop flagged near-copies")
+    dihedral_memorization: bool = F(True, "memorization distance: minimum over the 8 flips/rotations of a sample")
+    max_ratio: float = F(0.0, "cap kept samples per class at this ratio of real (0: no cap)")
+    quota_ratio: float = F(0.0, "class-balanced: keep the best-ranked quota_ratio x real count of every class, filling with samples that missed the confidence/centroid filters when too few pass; never memorized ones (0: filters only; run sets the largest ratio)")
+    generative_metrics: bool = F(True, "also write generative_metrics.json (FD/KD, precision/recall)")
+    inception_weights: str = F("", "local Inception-v3 weights (torchvision) for FID/KID (default: domain features only)")
+    seed: int = F(0, "random seed")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    data: str = F("data/target", "prepared labeled target dataset", input=True)
+    subset: str = F("frac0.05", "real training subset (a few-shot subset or train)")
+    samples: str = F("", "sample directory (samples.csv, images/); empty: real arms only", input=True)
+    selection: str = F("", "select's output directory with the keep-list filtered.csv (default: <samples>/select)", input=True)
+    out: str = F("eval/run", "output directory")
+    arms: tuple[str, ...] = F(("real", "real_aa", "classic", "selected", "unselected"),
+                              "arms: real, real_aa (real-only with another seed stream: the A/A noise floor), classic, selected, unselected")
+    ratios: tuple[float, ...] = F((1.0,), "synthetic ratios for the selected/unselected arms")
+    seeds: tuple[int, ...] = F((0, 1, 2, 3, 4), "training seeds (5: the 95% t-interval is half as wide as with 3: t/sqrt(n) = 1.24 vs 2.48 std)")
+    backbone: str = F("small_cnn", "small_cnn[_w<width>] (a 4-block CNN) or a timm model name (e.g. resnet18, vit_small_patch16_224)")
+    backbone_weights: str = F("", "local pretrained weights for the backbone (default: from scratch)")
+    steps: int = F(500, "optimisation steps per classifier, equal for every arm (500 = 74 passes over LC25000 5%, 432 tiles at batch 64: 7x the 70 that left real-only undertrained; an estimate until the benchmark's curves.csv shows the plateau; the best-validation checkpoint makes extra steps cost time, not accuracy)")
+    epochs: int = F(0, "budget in passes over the real subset instead: epochs x steps_per_epoch steps (0: use steps)")
+    steps_per_epoch: int = F(0, "optimisation steps per epoch when epochs > 0 (0: one pass over the real data)")
+    val_every: int = F(50, "score the val split every N steps and after the last; test scores use the best-validation checkpoint (0: the last weights, no validation)")
+    val_subset: str = F("val", "split used for validation and checkpoint choice (groups disjoint from the training subset and test)")
+    batch_size: int = F(64, "batch size")
+    lr: float = F(1e-3, "AdamW learning rate")
+    ema_decay: float = F(0.0, "exponential moving average of the weights (0: off); validation and test score the average")
+    tta: bool = F(False, "test-time augmentation: test probabilities averaged over the 8 flips/rotations of each tile")
+    external: tuple[str, ...] = F((), "external labeled test sets (prepared dataset directories; all their tiles are scored)", input=True)
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    classifiers: str = F("", "a saved classifier folder or a folder of them (evaluate's classifiers/); empty: none", input=True)
+    data: str = F("data/external", "prepared labeled dataset the classifiers are scored on", input=True)
+    subset: str = F("all", "split or subset of that dataset (all, test, ...)")
+    samples: str = F("", "sample directory whose class fidelity --judge measures (fidelity.json, fidelity.csv in out)", input=True)
+    judge: str = F("", "judge folder written by `histodiffusion judge` (needed with --samples)", input=True)
+    out: str = F("eval/run/score", "output directory (scores.csv, scores.json, fidelity.json)")
+
+
+@dataclass(frozen=True)
+class JudgeConfig:
+    data: str = F("data/target", "prepared labeled target dataset: the judge trains on tiles of its train split only", input=True)
+    subset: str = F("train", "tiles the judge trains on: the train split (all its labels) or a subset of it; any validation or test tile is refused")
+    out: str = F("judge", "judge folder, trained once per dataset and reused (model/, judge.json)")
+    samples: tuple[str, ...] = F((), "sample directories to judge: each gets fidelity.json and fidelity.csv (per class, all and kept samples)")
+    backbone: str = F("small_cnn", "judge architecture: small_cnn[_w<width>] or a timm model name (from scratch)")
+    steps: int = F(600, "optimisation steps (AdamW, cosine schedule, classic augmentation); the last weights are kept")
+    batch_size: int = F(64, "batch size")
+    lr: float = F(1e-3, "AdamW learning rate")
+    val_subset: str = F("val", "split the judge's accuracy is measured on after training, to show it can be trusted (never used to choose its weights; empty: not measured)")
+    realism: bool = F(True, "also FD/KD and precision/recall of the samples against the judge's training tiles, in its feature space")
+    seed: int = F(0, "random seed")
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    run: str = F("runs/default", "run directory (or any directory holding the stage outputs)")
+    out: str = F("", "report directory (default: <run>/report)")
+    data: str = F("", "target dataset (default: <run>/data/target)", input=True)
+    samples: str = F("", "sample directory (default: <run>/samples)", input=True)
+    eval: str = F("", "evaluation directory (default: <run>/eval)", input=True)
+    subset: str = F("", "real subset shown in grids and the embedding (default: evaluate's subset, else train)")
+    grid_per_class: int = F(16, "images per class in the sample grids (real and synthetic each)")
+    grid_scale: int = F(0, "display scale of the grid tiles (0: tiles at least 128 px wide, i.e. 2x for 64 px tiles)")
+    embedding: str = F("auto", "auto (UMAP if installed, else t-SNE) | umap | tsne | pca")
+    latent_classifier: str = F("", "latent classifier run directory (default: <run>/adapt/latent_classifier)", input=True)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    out: str = F("runs/default", "run directory for the whole chain")
+    preset: str = F("quick", "quick (2-core CPU, ~15 min on the built-in data) | paper (GPU scale)")
+    base: str = F("default", "pretrained base to adapt: 'default' (the shipped histodiffusion-base-64), a base folder, or 'none' (pretrain from scratch on --unlabeled)")
+    unlabeled: tuple[str, ...] = F((), "with --base none: unlabeled sources to pretrain on (default: the built-in unlabeled images)")
+    labels_csv: str = F("", "labeled target CSV path,label[,group_id] (default: the built-in default data)")
+    tile_size: int = F(64, "working resolution of every tile (px)")
+    split_seed: int = F(0, "seed of the group split and few-shot subsets of the target data")
+    subset: str = F("frac0.25", "labeled few-shot subset used for adaptation, synthesis and evaluation")
+    seeds: tuple[int, ...] = F((0, 1, 2), "evaluation seeds")
+    ratios: tuple[float, ...] = F((1.0,), "synthetic ratios to evaluate")
+    oversample: float = F(2.0, "sample oversample x the largest ratio, so selection has candidates to keep")
+    adapt_unlabeled_steps: int = F(0, "continue the base's unconditional training on the target's train-split tiles, without their labels, for this many steps before guidance (0: off)")
+    finetune_decoder: bool = F(True, "fine-tune the decoder with an auxiliary classifier before sampling")
+    ablations: bool = F(False, "also run the no-pretraining ablation and write ablation.md")
+    stage_config: str = F("", "JSON/TOML file of per-stage overrides: {stage: {field: value}}")
+    until: str = F("", "stop after this stage (e.g. pretrain); empty: the whole chain")
+
+
+# --------------------------------------------------------------------------------------------
+# (De)serialisation with type checks
+# --------------------------------------------------------------------------------------------
+def config_from_dict(cls: type, d: dict, base: Any = None) -> Any:
+    """Build `cls` from a dict (e.g. a config file): unknown fields and wrong types are errors."""
+    if not isinstance(d, dict):
+        raise HistoError(f"{cls.__name__}: config must be a mapping, not {type(d).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise HistoError(f"unknown config field(s) for {cls.__name__}: {unknown}; known: {sorted(names)}")
+    kw = {k: coerce(cls, k, v) for k, v in d.items()}
+    cfg = dataclasses.replace(base, **kw) if base is not None else cls(**kw)
+    validate_config(cfg)
+    return cfg

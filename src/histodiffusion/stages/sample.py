@@ -1,0 +1,262 @@
+"""Stage: class-conditional synthesis by classifier guidance in latent space.
+
+An unconditional latent diffusion UNet is steered towards class y by the noise-aware latent
+classifier: eps' = eps - sqrt(1 - alpha_bar_t) * s * grad log p(y | z_t, t) (guidance.py), at the
+steps whose t lies in the guidance window, with diffusers' DDIM (eta configurable, no clipping) or
+DPM-Solver++ (multistep, order 2). Final latents are decoded with the (optionally fine-tuned) decoder.
+
+Sample i (its place in the plan: classes in order, then k = 0..count-1) uses its own torch.Generator
+seeded from (run seed, i) for its initial noise and DDIM's per-step noise, so images do not depend on
+the batch size or on how ids are split over processes. Each process writes the PNGs of its share of
+pending ids and appends their rows to _progress/rank<r>.jsonl; a re-run skips ids listed there whose
+PNG exists. Rank 0 then writes grids/, samples.csv, pipeline/ and _COMPLETE.json (last).
+
+The models are loaded and checked together (models/bundle.py) into a HistoDiffusionPipeline, whose
+call runs the one guided sampling loop (diffusers_pipeline.py). pipeline/ is that pipeline as a
+diffusers folder (model_index.json, vae/, unet/, scheduler/, latent_classifier/, model card):
+`DiffusionPipeline.from_pretrained` on it, given the same seeds, makes the same images.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from ..core.grids import write_grid
+from ..core.seeds import sample_seed, torch_generator
+from ..diffusers_pipeline import SCHEDULERS, make_scheduler
+from ..runtime.artifacts import INDEX, SAMPLES_COLUMNS, SAMPLES_CSV, read_dataset, read_meta, subset_ids
+from ..runtime.config import SampleConfig
+from ..runtime.contract import completion_record
+from ..runtime.distributed import make_accelerator
+from ..runtime.errors import HistoError
+from ..runtime.fileio import atomic_path, read_csv, write_csv_atomic
+from ..runtime.log import closes_stage_logs, progress
+from ..runtime.rundirs import is_complete, mark_complete, start_stage
+
+PROGRESS_DIR = "_progress"
+PIPELINE_DIR = "pipeline"  # the diffusers pipeline that made the samples (model_index.json, model card)
+GRID_MAX = 64
+
+
+def safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "_"
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading the models into one pipeline
+# --------------------------------------------------------------------------------------------------
+def load_models(cfg: SampleConfig) -> dict:
+    """The checked components (models/bundle.py) and "pipe": the HistoDiffusionPipeline that samples."""
+    from ..diffusers_pipeline import HistoDiffusionPipeline
+    from ..models.bundle import load_components
+
+    m = load_components(cfg.model, cfg.classifier, cfg.vae)
+    m["pipe"] = HistoDiffusionPipeline.from_components(m, cfg.scheduler)
+    return m
+
+
+def resolve_classes(wanted, classes: list[str]) -> list[int]:
+    """Class names or indices -> indices into the classifier's classes."""
+    if not wanted:
+        return list(range(len(classes)))
+    out = []
+    for w in wanted:
+        w = str(w)
+        if w in classes:
+            out.append(classes.index(w))
+        elif w.isdigit() and int(w) < len(classes):
+            out.append(int(w))
+        else:
+            raise HistoError(f"class {w!r} is not one of the latent classifier's classes {classes} "
+                             f"(or an index 0..{len(classes) - 1})")
+    if len(set(out)) != len(out):
+        raise HistoError(f"classes listed twice: {list(wanted)}")
+    return out
+
+
+def real_class_counts(path: str | Path, subset: str) -> dict[str, int]:
+    """Per-class counts of `subset` of a latent cache or a prepared dataset."""
+    path = Path(path)
+    if (path / INDEX).is_file():
+        read_meta(path, "latent cache")
+        rows = read_csv(path / INDEX, ["id", "label", "split"], "latent index")
+    else:
+        _, rows = read_dataset(path)
+    ids = set(subset_ids(path, rows, subset))
+    counts: dict[str, int] = {}
+    for r in rows:
+        if r["id"] in ids and r["label"]:
+            counts[r["label"]] = counts.get(r["label"], 0) + 1
+    return counts
+
+
+def plan_samples(cfg: SampleConfig, classes: list[str], default_real: str = "") -> list[dict]:
+    """One entry per sample: index i (its seed), id, target class; the order defines i.
+
+    With a ratio, per-class counts come from cfg.real_counts (else `default_real`: the latent
+    classifier's own cache) restricted to cfg.real_subset."""
+    targets = resolve_classes(cfg.classes, classes)
+    if cfg.n_per_class < 0:
+        raise HistoError(f"n_per_class must be positive (or 0 to use ratio), got {cfg.n_per_class}")
+    if cfg.n_per_class > 0:
+        counts = {c: cfg.n_per_class for c in targets}
+    else:
+        if not cfg.ratio > 0:
+            raise HistoError(f"ratio must be positive, got {cfg.ratio}")
+        source = cfg.real_counts or default_real
+        if not source:
+            raise HistoError("give n_per_class, or ratio with real_counts (the labeled cache or dataset)")
+        real = real_class_counts(source, cfg.real_subset)
+        counts = {c: int(round(cfg.ratio * real.get(classes[c], 0))) for c in targets}
+        zero = [classes[c] for c, n in counts.items() if n <= 0]
+        if zero:
+            raise HistoError(f"ratio {cfg.ratio} of subset {cfg.real_subset!r} of {source} gives no "
+                             f"samples for class(es) {zero} (real counts {real})")
+    plan, i = [], 0
+    for c in targets:
+        for k in range(counts[c]):
+            sid = f"{safe_name(classes[c])}_{k:05d}"
+            plan.append({"i": i, "id": sid, "target": classes[c], "target_index": c})
+            i += 1
+    return plan
+
+
+def check_sampling_args(cfg: SampleConfig, T: int) -> tuple[int, int]:
+    if cfg.scheduler not in SCHEDULERS:
+        raise HistoError(f"scheduler must be one of {', '.join(SCHEDULERS)}, not {cfg.scheduler!r}")
+    if cfg.steps <= 0 or cfg.steps > T:
+        raise HistoError(f"steps must be in [1, {T}], got {cfg.steps}")
+    if cfg.batch_size <= 0:
+        raise HistoError(f"batch_size must be positive, got {cfg.batch_size}")
+    if cfg.scale < 0:
+        raise HistoError(f"guidance scale must be >= 0, got {cfg.scale}")
+    if not 0 <= cfg.eta <= 1 or (cfg.eta and cfg.scheduler != "ddim"):
+        raise HistoError(f"eta must be in [0, 1] and is only used by ddim, got eta={cfg.eta} with {cfg.scheduler}")
+    lo, hi = cfg.guidance_window
+    if not (0 <= lo <= hi <= T):
+        raise HistoError(f"guidance_window {lo},{hi} must satisfy 0 <= lo <= hi <= T={T}")
+    return lo, hi
+
+
+# --------------------------------------------------------------------------------------------------
+# Progress (resume) and outputs
+# --------------------------------------------------------------------------------------------------
+def read_progress(out: Path) -> dict[str, dict]:
+    """Rows of finished samples (listed in a progress file and with their PNG on disk)."""
+    done: dict[str, dict] = {}
+    for f in sorted((out / PROGRESS_DIR).glob("rank*.jsonl")):
+        for line in f.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by a kill
+                continue
+            if isinstance(row, dict) and (out / row.get("file", "\0")).is_file():
+                done[row["id"]] = row
+    return done
+
+
+def _save_batch(out: Path, rank: int, rows: list[dict], images: np.ndarray) -> None:
+    from PIL import Image
+
+    for row, img in zip(rows, images):
+        with atomic_path(out / row["file"]) as tmp:
+            Image.fromarray(img).save(tmp, format="PNG")
+    with open(out / PROGRESS_DIR / f"rank{rank}.jsonl", "a", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_grids(out: Path, rows: list[dict]) -> None:
+    from PIL import Image
+
+    by_class: dict[str, list[dict]] = {}
+    for r in rows:
+        by_class.setdefault(r["target"], []).append(r)
+    for cls, rs in by_class.items():
+        ims = np.stack([np.asarray(Image.open(out / r["file"]).convert("RGB")) for r in rs[:GRID_MAX]])
+        write_grid(ims, out / "grids" / f"{safe_name(cls)}.png")  # a near-square grid
+
+
+def generate(items: list[dict], m: dict, cfg: SampleConfig, window: tuple[int, int]) -> tuple[list[dict], np.ndarray]:
+    """Images and samples.csv rows of plan entries `items` (one batch), through the pipeline."""
+    pipe = m["pipe"]
+    pipe.scheduler = make_scheduler(cfg.scheduler, m["scheduler_config"])  # fresh solver state per batch
+    gens = [torch_generator(cfg.seed, it["i"]) for it in items]
+    out = pipe(class_labels=[it["target_index"] for it in items], guidance_scale=cfg.scale,
+               num_inference_steps=cfg.steps, generator=gens, guidance_window=window, eta=cfg.eta,
+               output_type="latent")
+    images = pipe.decode_uint8(out.images)
+    rows = [{"id": it["id"], "file": f"images/{it['id']}.png", "seed": sample_seed(cfg.seed, it["i"]),
+             "target": it["target"], "target_index": it["target_index"], "scale": cfg.scale,
+             "scheduler": cfg.scheduler, "steps": cfg.steps, "eta": cfg.eta, "window_lo": window[0],
+             "window_hi": window[1], "confidence": f"{float(c):.6f}", "unet_id": m["unet_id"],
+             "classifier_id": m["classifier_id"], "vae_id": m["vae_id"]} for it, c in zip(items, out.confidence)]
+    return rows, images
+
+
+def write_pipeline(folder: Path, m: dict, cfg: SampleConfig, window: tuple[int, int]) -> Path:
+    """The pipeline that made the samples, as a diffusers folder (DiffusionPipeline.from_pretrained)."""
+    from ..diffusers_pipeline import export_pipeline
+
+    m["pipe"].scheduler = make_scheduler(cfg.scheduler, m["scheduler_config"])
+    record = {**{k: str(Path(m[f"{k}_dir"]).resolve()) for k in ("model", "classifier", "vae")},
+              "unet_id": m["unet_id"], "classifier_id": m["classifier_id"], "vae_id": m["vae_id"],
+              "classifier_cache": m["info"].get("cache"), "classifier_subset": m["info"].get("subset"),
+              "sampling": {"scheduler": cfg.scheduler, "steps": cfg.steps, "scale": cfg.scale,
+                           "guidance_window": list(window), "eta": cfg.eta, "seed": cfg.seed}}
+    return export_pipeline(m["pipe"], folder, record)
+
+
+# --------------------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------------------
+@closes_stage_logs
+def run(cfg: SampleConfig) -> Path:
+    acc = make_accelerator()
+    out, log = start_stage(acc, cfg, "sample", neutral=("batch_size",))
+    if is_complete(out):
+        if acc.is_main_process:  # a run killed after its completion marker: drop the progress files
+            shutil.rmtree(out / PROGRESS_DIR, ignore_errors=True)
+        log.info("samples already complete: %s", out)
+        return out
+    m = load_models(cfg)
+    window = check_sampling_args(cfg, m["T"])
+    plan = plan_samples(cfg, list(m["info"]["classes"]), str(m["info"].get("cache") or ""))
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / PROGRESS_DIR).mkdir(parents=True, exist_ok=True)
+    done = read_progress(out)
+    acc.wait_for_everyone()  # every rank sees the same finished set before anyone writes
+    pending = [p for p in plan if p["id"] not in done]
+    mine = pending[acc.process_index::acc.num_processes]
+    log.info("sampling %d images (%d done before, %d pending) with %s, %d steps, scale %g, window %s, %d process(es)",
+             len(plan), len(plan) - len(pending), len(pending), cfg.scheduler, cfg.steps, cfg.scale, window,
+             acc.num_processes)
+    bar = progress(total=len(mine), desc="sample", disable=not acc.is_main_process, log=log)
+    for b in range(0, len(mine), cfg.batch_size):
+        rows, images = generate(mine[b:b + cfg.batch_size], m, cfg, window)
+        _save_batch(out, acc.process_index, rows, images)
+        bar.update(len(rows))
+    bar.close()
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        done = read_progress(out)
+        missing = [p["id"] for p in plan if p["id"] not in done]
+        if missing:
+            raise HistoError(f"{len(missing)} sample(s) missing after sampling (e.g. {missing[:3]}); re-run to resume")
+        rows = [{k: done[p["id"]][k] for k in SAMPLES_COLUMNS} for p in plan]
+        if cfg.grid:
+            write_grids(out, rows)
+        write_csv_atomic(out / SAMPLES_CSV, rows, SAMPLES_COLUMNS)
+        write_pipeline(out / PIPELINE_DIR, m, cfg, window)
+        mark_complete(out, **completion_record(cfg), count=len(rows))
+        shutil.rmtree(out / PROGRESS_DIR, ignore_errors=True)
+        log.info("wrote %d samples to %s", len(rows), out)
+    acc.wait_for_everyone()
+    return out
