@@ -265,6 +265,35 @@ def test_aa_arm_is_real_with_its_own_seed_stream(evaluated, tmp_path):
     assert aa["real_aa"]["macro_f1"]["mean"] == 0.0
 
 
+
+def test_classic_aa_is_classic_with_its_own_seed_stream(evaluated, tmp_path):
+    """The augmented harness's A/A arm: classic_aa seed s trains exactly as classic seed s + offset, and its
+    paired delta against classic is reported as noise_floors["classic_aa"]; alone it is refused."""
+    from safetensors.torch import load_file
+
+    from histodiffusion.core.evalsummary import summarise
+    from histodiffusion.data.evalarms import AA_OF, AA_SEED_OFFSET
+
+    cfg, _ = evaluated
+    base = {**cfg.__dict__, "samples": "", "external": (), "seeds": (0,)}
+    run(EvaluateConfig(**{**base, "arms": ("classic", "classic_aa"), "out": str(tmp_path / "aa")}))
+    run(EvaluateConfig(**{**base, "arms": ("classic",), "seeds": (AA_SEED_OFFSET,), "out": str(tmp_path / "c")}))
+    a = load_file(str(tmp_path / "aa" / "classifiers" / "classic_aa_0" / "model.safetensors"))
+    b = load_file(str(tmp_path / "c" / "classifiers" / f"classic_{AA_SEED_OFFSET}" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    m = json.loads((tmp_path / "aa" / "metrics.json").read_text())
+    acc = {r["arm"]: float(r["accuracy"]) for r in csv.DictReader(open(tmp_path / "aa" / "per_seed.csv"))
+           if r["testset"] == "test"}
+    assert m["noise_floors"]["classic_aa"]["accuracy"]["mean"] == pytest.approx(acc["classic_aa"] - acc["classic"], abs=1e-5)
+    assert m["noise_floor"] is None  # no real_aa arm in this run
+    # identical scores in both arms: a floor of exactly 0
+    sc = json.loads((tmp_path / "aa" / "classifiers" / "classic_0" / "scores.json").read_text())
+    floors = summarise({("classic", 0): sc, ("classic_aa", 0): sc}, ["classic", "classic_aa"], [0], m["classes"],
+                       ["test"], AA_OF)["testsets"]["test"]["noise_floors"]
+    assert floors["classic_aa"]["accuracy"]["mean"] == 0.0
+    with pytest.raises(HistoError, match="classic_aa.*add 'classic'"):
+        run(EvaluateConfig(**{**base, "arms": ("real", "classic_aa"), "out": str(tmp_path / "alone")}))
+
 def test_test_group_in_training_is_refused(tmp_path):
     data = make_dataset(tmp_path / "leaky", leak=True)
     cfg = EvaluateConfig(data=str(data), subset="frac0.5", out=str(tmp_path / "eval"), arms=("real",), seeds=(0,),

@@ -188,12 +188,15 @@ def _select(out: Path) -> str:  # out: the selection directory
 
 def _evaluate(out: Path) -> str:
     m = _load(out / "metrics.json")
-    deltas = {a: d["accuracy"] for a, d in (m.get("deltas") or {}).items() if a != "real_aa" and "accuracy" in d}
+    deltas = {a: d["accuracy"] for a, d in (m.get("deltas") or {}).items() if a not in ("real_aa", "classic_aa") and "accuracy" in d}
     real = (m.get("arms") or {}).get("real", {}).get("accuracy")
     parts = [f"real accuracy {real['mean']:.3f}"] if real else []
     parts += [f"delta {a} {_ci(d)}" for a, d in deltas.items()]
     if m.get("noise_floor"):
         parts.append(f"noise floor {_ci(m['noise_floor']['accuracy'])}")
+    classic_floor = (m.get("noise_floors") or {}).get("classic_aa")
+    if classic_floor:
+        parts.append(f"noise floor with augmentation {_ci(classic_floor['accuracy'])}")
     seeds = m.get("seeds")
     return "; ".join(parts) + (f" ({len(seeds)} seeds)" if seeds else "")
 

@@ -340,6 +340,8 @@ def _ablation_table(root: Path) -> None:
     """One table over the main evaluation and the no-pretraining evaluation (same seeds, same harness)."""
     import json
 
+    from .data.evalarms import REAL_KINDS as real_kinds  # imports torch: only when the table is written
+
     rows = ["| arm | accuracy (mean, 95% CI) | macro-F1 (mean, 95% CI) | delta acc vs real |", "|---|---|---|---|"]
     layout = RunLayout(root)
     for suffix, label in (("", ""), ("_nopretrain", " (no pretraining)")):
@@ -348,7 +350,7 @@ def _ablation_table(root: Path) -> None:
             continue
         m = json.loads(path.read_text())
         for arm, res in m.get("arms", {}).items():
-            if suffix and arm in ("real", "real_aa", "classic"):
+            if suffix and arm in real_kinds:
                 continue
             acc, f1 = res.get("accuracy", {}), res.get("macro_f1", {})
             d = m.get("deltas", {}).get(arm, {}).get("accuracy", {})

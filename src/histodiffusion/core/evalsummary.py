@@ -28,8 +28,12 @@ def per_seed_rows(results: dict, classes: list[str]) -> list[dict]:
     return rows
 
 
-def summarise(results: dict, arm_names: list[str], seeds: list[int], classes: list[str], testsets: list[str]) -> dict:
-    """{"testsets": {ts: {"arms": {arm: {metric: mean_ci}}, "deltas_vs_real": {arm: {metric: paired_diff}}}}}."""
+def summarise(results: dict, arm_names: list[str], seeds: list[int], classes: list[str], testsets: list[str],
+              aa_of: dict[str, str] | None = None) -> dict:
+    """{"testsets": {ts: {"arms": {arm: {metric: mean_ci}}, "deltas_vs_real": {arm: {metric: paired_diff}},
+    "noise_floors": {aa arm: {metric: paired_diff against the arm it repeats}}}}}; aa_of maps each A/A arm
+    to that arm (evaluate passes data.evalarms.AA_OF)."""
+    aa_of = aa_of or {}
     out = {"classes": classes, "seeds": seeds, "ci": "95% t-interval over seeds (n-1 dof)", "testsets": {}}
     for ts in testsets:
         arms, deltas = {}, {}
@@ -45,7 +49,10 @@ def summarise(results: dict, arm_names: list[str], seeds: list[int], classes: li
                 if a != "real":
                     deltas[a] = {k: M.paired_diff({s: per[a][s][k] for s in seeds}, {s: per["real"][s][k] for s in seeds})
                                  for k in ("accuracy", "macro_f1")}
-        out["testsets"][ts] = {"arms": arms, "deltas_vs_real": deltas}
+        floors = {aa: {k: M.paired_diff({s: per[aa][s][k] for s in seeds}, {s: per[of][s][k] for s in seeds})
+                       for k in ("accuracy", "macro_f1")}
+                  for aa, of in aa_of.items() if aa in arm_names and of in arm_names}
+        out["testsets"][ts] = {"arms": arms, "deltas_vs_real": deltas, "noise_floors": floors}
     return out
 
 

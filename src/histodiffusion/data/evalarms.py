@@ -3,6 +3,8 @@
   real_aa         exactly `real` with another seed stream (training seed + AA_SEED_OFFSET): the
                   paired delta real_aa - real is the harness's A/A noise floor
   classic         real + classic augmentation
+  classic_aa      exactly `classic` with another seed stream: classic_aa - classic is the A/A noise floor of
+                  the augmented harness, the one every synthetic arm trains with
   selected@R      real + the synthetic images kept in filtered.csv, best-ranked first, at most
                   quota(R, real count) per class
   unselected@R    real + synthetic images drawn at random (seeded by the training seed and the class)
@@ -19,9 +21,11 @@ from ..runtime.errors import HistoError
 from ..runtime.log import get_logger
 from .evaldata import Tiles, load_sample_images, quota, read_filtered, read_samples
 
-ARM_KINDS = ("real", "real_aa", "classic", "selected", "unselected")
-REAL_KINDS = ("real", "real_aa", "classic")  # arms without synthetic images
-AA_SEED_OFFSET = 1_000_003  # real_aa with seed s trains exactly as real with seed s + AA_SEED_OFFSET
+ARM_KINDS = ("real", "real_aa", "classic", "classic_aa", "selected", "unselected")
+REAL_KINDS = ("real", "real_aa", "classic", "classic_aa")  # arms without synthetic images
+AA_OF = {"real_aa": "real", "classic_aa": "classic"}  # A/A arm -> the arm it repeats with other seeds
+AA_SEED_OFFSET = 1_000_003  # real_aa (classic_aa) with seed s trains exactly as real (classic) with seed s + offset
+UNAUGMENTED_KINDS = ("real", "real_aa")  # every other arm trains with classic augmentation
 
 
 def expand_arms(arms, ratios, has_samples: bool) -> list[tuple[str, str, float]]:
@@ -41,7 +45,11 @@ def expand_arms(arms, ratios, has_samples: bool) -> list[tuple[str, str, float]]
             if r <= 0:
                 raise HistoError(f"ratio must be positive, got {r}")
             out.append((f"{a}@{r:g}", a, float(r)))
-    if len({n for n, _, _ in out}) != len(out):
+    names = {n for n, _, _ in out}
+    for aa, of in AA_OF.items():
+        if aa in names and of not in names:
+            raise HistoError(f"arm {aa!r} is the A/A repeat of {of!r}: add {of!r} to the arms")
+    if len(names) != len(out):
         raise HistoError(f"duplicate arms in {list(arms)} x ratios {list(ratios)}")
     return out
 
@@ -56,7 +64,7 @@ def check_groups_disjoint(train: Tiles, test: Tiles, what: str, train_what: str 
 
 def train_seed(kind: str, seed: int) -> int:
     """The seed a job trains with: the seed itself, or the A/A arm's own stream."""
-    return seed + AA_SEED_OFFSET if kind == "real_aa" else seed
+    return seed + AA_SEED_OFFSET if kind in AA_OF else seed
 
 
 def relabel(tiles: Tiles, classes: list[str], what: str) -> Tiles:

@@ -223,7 +223,7 @@ class EvaluateConfig:
     selection: str = F("", "select's output directory with the keep-list filtered.csv (default: <samples>/select)", input=True)
     out: str = F("eval/run", "output directory")
     arms: tuple[str, ...] = F(("real", "real_aa", "classic", "selected", "unselected"),
-                              "arms: real, real_aa (real-only with another seed stream: the A/A noise floor), classic, selected, unselected")
+                              "arms: real, real_aa (real-only with another seed stream: the A/A noise floor), classic, classic_aa (classic with another seed stream: the floor of the augmented harness the synthetic arms use), selected, unselected")
     ratios: tuple[float, ...] = F((1.0,), "synthetic ratios for the selected/unselected arms")
     seeds: tuple[int, ...] = F((0, 1, 2, 3, 4), "training seeds (5: the 95% t-interval is half as wide as with 3: t/sqrt(n) = 1.24 vs 2.48 std)")
     backbone: str = F("small_cnn", "small_cnn[_w<width>] (a 4-block CNN) or a timm model name (e.g. resnet18, vit_small_patch16_224)")

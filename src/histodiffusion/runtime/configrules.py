@@ -73,7 +73,7 @@ VALUE_RULES: dict[str, dict] = {
     "JudgeConfig": {},  # the common rules (steps, batch_size, lr)
     "ReportConfig": {"grid_per_class": _at_least(1), "grid_scale": _at_least(0),
                      "embedding": _one_of("auto", "umap", "tsne", "pca")},
-    "EvaluateConfig": {"arms": _each(_one_of("real", "real_aa", "classic", "selected", "unselected")),
+    "EvaluateConfig": {"arms": _each(_one_of("real", "real_aa", "classic", "classic_aa", "selected", "unselected")),
                        "epochs": _at_least(0), "steps_per_epoch": _at_least(0), "val_every": _at_least(0),
                        "ratios": _each(_above(0)), "ema_decay": _within(0, 1, True)},
 }

@@ -7,6 +7,8 @@ cosine schedule, backbone, validation rule) and differs only in the training ima
   real_aa         exactly `real` with another seed stream (training seed + AA_SEED_OFFSET): the
                   paired delta real_aa - real is the harness's A/A noise floor ("noise_floor")
   classic         real + classic augmentation (flips, 90-degree rotations, colour jitter)
+  classic_aa      exactly `classic` with another seed stream: classic_aa - classic is the noise floor of the
+                  augmented harness ("noise_floors"), the one the synthetic arms train with
   selected@R      real + synthetic images kept in filtered.csv, best-ranked first, at most
                   quota(R, real count) per class; with classic augmentation
   unselected@R    real + synthetic images drawn at random (seeded by the training seed) from
@@ -43,8 +45,8 @@ import torch
 from ..core import metrics as M
 from ..core.evalsummary import (CURVE_COLUMNS, curve_rows, per_seed_columns, per_seed_rows, summarise,
                                 validation_summary)
-from ..data.evalarms import (check_groups_disjoint, expand_arms, relabel, synthetic_sets, train_seed,
-                             training_set)
+from ..data.evalarms import (AA_OF, UNAUGMENTED_KINDS, check_groups_disjoint, expand_arms, relabel, synthetic_sets,
+                             train_seed, training_set)
 from ..data.evaldata import Tiles, dataset_classes, load_real
 from ..models.cards import CARD, classifier_card
 from ..runtime.artifacts import FILTERED_CSV, confusion_name, selection_dir
@@ -211,7 +213,7 @@ def _train_jobs(cfg: EvaluateConfig, out: Path, jobs, sets, val, classes, size: 
         model = build_classifier(cfg.backbone, len(classes), size, cfg.backbone_weights)
         curve: list[dict] = []
         train_classifier(model, x, y, steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=tseed,
-                         augment=kind not in ("real", "real_aa"), desc=f"{name} seed {seed}",
+                         augment=kind not in UNAUGMENTED_KINDS, desc=f"{name} seed {seed}",
                          validate=(lambda m: val_record(m, val)) if val is not None else None,
                          val_every=cfg.val_every, history=curve, ema_decay=cfg.ema_decay)
         best = min(curve, key=val_rank) if curve else None  # the weights train_classifier restored
@@ -241,7 +243,7 @@ def _merge(cfg, out: Path, arms, jobs, sets, classes, real, val, test, externals
             raise HistoError(f"classifier {d} did not finish (a rank failed?): re-run the same command")
         results[(name, seed)] = read_json(d / "scores.json", "classifier scores")
     names = [a[0] for a in arms]
-    summary = summarise(results, names, list(cfg.seeds), classes, list(sets))
+    summary = summarise(results, names, list(cfg.seeds), classes, list(sets), AA_OF)
     deltas = summary["testsets"][TEST]["deltas_vs_real"]
     summary.update({"budget": {"steps": steps, "steps_per_epoch": steps_per_epoch, "epochs": cfg.epochs,
                                "batch_size": cfg.batch_size, "lr": cfg.lr, "backbone": cfg.backbone,
@@ -257,7 +259,8 @@ def _merge(cfg, out: Path, arms, jobs, sets, classes, real, val, test, externals
                     "validation": validation_summary(results, names, list(cfg.seeds)),
                     # the test split's results also at the top level (pipeline / bench tables read these)
                     "arms": summary["testsets"][TEST]["arms"], "deltas": deltas,
-                    "noise_floor": deltas.get("real_aa")})
+                    "noise_floor": deltas.get("real_aa"),
+                    "noise_floors": summary["testsets"][TEST]["noise_floors"]})
     write_csv_atomic(out / "per_seed.csv", per_seed_rows(results, classes), per_seed_columns(classes))
     write_csv_atomic(out / "curves.csv", curve_rows(results), CURVE_COLUMNS)
     write_json_atomic(out / "metrics.json", summary)

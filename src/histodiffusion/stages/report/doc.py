@@ -116,7 +116,7 @@ def arm_rows(r: dict) -> list[list]:
     rows = []
     for arm, v in r["arms"].items():
         d = r["deltas_vs_real"].get(arm)
-        rows.append([f"{arm} (A/A noise floor)" if arm == "real_aa" else arm,
+        rows.append([f"{arm} (A/A noise floor)" if arm in ("real_aa", "classic_aa") else arm,
                      sum(v.get("n_synthetic", {}).values()), ci(v["accuracy"]), ci(v["macro_f1"]),
                      ci(d["accuracy"]) if d else "–", ci(d["macro_f1"]) if d else "–"])
     return rows

@@ -124,6 +124,11 @@ def section_results(doc: Doc, p: dict, eval_dir: Path, title: str = "Downstream 
         doc.p(f"Noise floor (A/A: real_aa is real-only with another seed stream): Δ accuracy {ci(aa['accuracy'])}, "
               f"Δ macro-F1 {ci(aa['macro_f1'])}. A delta inside this interval is not distinguishable from seed "
               f"noise.")
+    aa = (m.get("noise_floors") or {}).get("classic_aa")
+    if aa:
+        doc.p(f"Noise floor of the augmented harness (A/A: classic_aa is classic with another seed stream; the "
+              f"synthetic arms also train with classic augmentation): Δ accuracy {ci(aa['accuracy'])}, "
+              f"Δ macro-F1 {ci(aa['macro_f1'])}.")
     classes = m["classes"]
     for ts, r in m["testsets"].items():
         first = next(iter(r["arms"].values()))
