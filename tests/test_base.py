@@ -175,6 +175,13 @@ def test_adapting_the_base_on_unlabeled_target_tiles(base, tmp_path):
         pretrain(PretrainConfig(out=str(tmp_path / "bad"), subset="all", **common))
     model = pretrain(PretrainConfig(out=str(tmp_path / "ok"), subset="train", **common))
     assert (model / "unet_ema" / "config.json").is_file()
+    # a base exported from a continued model says where its training started and the total
+    assert main(["export-base", "--model", str(model), "--out", str(tmp_path / "base2"), "--version", "4"]) == 0
+    assert "2 steps, continued from the EMA weights of `base`" in (tmp_path / "base2" / "README.md").read_text()
+    again = pretrain(PretrainConfig(out=str(tmp_path / "ok2"), subset="train", **{**common, "init_from": str(tmp_path / "base2")}))
+    assert main(["export-base", "--model", str(again), "--out", str(tmp_path / "base3"), "--version", "5"]) == 0
+    card = (tmp_path / "base3" / "README.md").read_text()
+    assert "2 steps, continued from the EMA weights of `base2` (itself 2 steps: 4 in total)" in card
 
 
 def test_scale_check_against_a_base_uses_its_pretraining_mixture(tmp_path):

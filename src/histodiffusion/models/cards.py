@@ -255,6 +255,16 @@ def classifier_card(folder: Path, name: str, scores: dict | None = None) -> str:
         "`tiles`: uint8 tensor [N, H, W, 3]; class names in `info['classes']`."))
 
 
+def _continued(record: dict) -> str:
+    """', continued from <folder> (itself N steps: M in total)' for a UNet trained from another model's weights."""
+    init = record.get("init_from")
+    if not init:
+        return ""
+    prior = Path(init) / MODEL_INFO
+    steps = read_json(prior, "init_from model info").get("steps") if prior.is_file() else None
+    total = f" (itself {steps} steps: {steps + int(record.get('steps') or 0)} in total)" if steps else ""
+    return f", continued from the EMA weights of `{Path(init).name}`{total}"
+
 def base_card(record: dict, folder: Path, notes: Path | None) -> str:
     """README.md of a base: what it is, what it saw, how it was trained, how to load it."""
     from .base import CHECKSUMS
@@ -292,7 +302,7 @@ def base_card(record: dict, folder: Path, notes: Path | None) -> str:
               "", "## Training", "",
               f"- Autoencoder: widths {vae['block_out_channels']}, {vae_info.get('steps')} steps; held-out "
               f"{_metric_line(vae_info.get('holdout_metrics'))}.",
-              f"- UNet: widths {unet['block_out_channels']}, {record.get('steps')} steps, "
+              f"- UNet: widths {unet['block_out_channels']}, {record.get('steps')} steps{_continued(record)}, "
               f"{record.get('loss')} loss on {record.get('prediction_type')}, EMA weights.",
               f"- Weights: {b['dtype']} safetensors, {size:.1f} MB; checksums in `{CHECKSUMS}` (verified at load).", ""]
     if notes is not None:
