@@ -10,8 +10,9 @@
 # models on GPUs). Every stage resumes from its last checkpoint; raising AE_STEPS or LDM_STEPS continues a
 # finished stage. BASE_FROM=PATH continues an existing base instead (its autoencoder encodes the corpus, its
 # EMA UNet is where pretraining starts, for LDM_STEPS more steps with a fresh optimizer). The v2 candidate
-# (measured, not shipped: no better than v1, see BENCHMARKS.md) was built from v1 with `BASE_FROM=src/histodiffusion/base/histodiffusion-base-64 LDM_STEPS=3000 VERSION=2 \
-#  LDM_FLAGS="--lr 1e-4 --warmup 100" bash recipes/base-64.sh` (a lower learning rate to finish training).
+# (measured, not shipped: no better than v1, see BENCHMARKS.md) was built from v1 with
+#   BASE_FROM=src/histodiffusion/base/histodiffusion-base-64 LDM_STEPS=3000 VERSION=2 \
+#   LDM_FLAGS="--lr 1e-4 --warmup 100" bash recipes/base-64.sh runs/base-64-v2
 # The held-out groups (--holdout-frac) are never trained on: bench/ae_fidelity.py and
 # bench/base_realism.py measure on them.
 set -euo pipefail
