@@ -57,13 +57,14 @@ def source_classifier(dirs: list[str], out: Path, steps: int, seed: int):
 
 
 def model_id(base: Path) -> str:
-    """Short id of a base (its checksums.json) or of pretrain's model folder (its EMA UNet weights)."""
-    import hashlib
+    """Short id of a base (the sha256 of its checksums.json, as verify_base gives it) or of pretrain's model
+    folder (its EMA UNet weights)."""
+    from histodiffusion.runtime.fileio import sha256_file
 
     f = base / "checksums.json"
     if not f.is_file():
         f = base / "unet_ema" / "diffusion_pytorch_model.safetensors"
-    return hashlib.sha256(f.read_bytes()).hexdigest()[:12]
+    return sha256_file(f)[:12]
 
 
 def cached_samples(base: Path, n: int, steps: int, seed: int, out: Path) -> tuple[np.ndarray, float]:
@@ -75,10 +76,10 @@ def cached_samples(base: Path, n: int, steps: int, seed: int, out: Path) -> tupl
     t0 = time.time()
     samples = unconditional_samples(base, n, steps, seed)
     seconds = time.time() - t0
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = f.with_suffix(".tmp.npz")
-    np.savez(tmp, samples=samples, seconds=seconds)
-    tmp.replace(f)
+    from histodiffusion.runtime.fileio import atomic_path
+
+    with atomic_path(f) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, samples=samples, seconds=seconds)
     return samples, seconds
 
 

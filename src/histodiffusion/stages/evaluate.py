@@ -244,7 +244,7 @@ def _merge(cfg, out: Path, arms, jobs, sets, classes, real, val, test, externals
         results[(name, seed)] = read_json(d / "scores.json", "classifier scores")
     names = [a[0] for a in arms]
     summary = summarise(results, names, list(cfg.seeds), classes, list(sets), AA_OF)
-    deltas = summary["testsets"][TEST]["deltas_vs_real"]
+    deltas, floors = summary["testsets"][TEST]["deltas_vs_real"], summary["testsets"][TEST]["noise_floors"]
     summary.update({"budget": {"steps": steps, "steps_per_epoch": steps_per_epoch, "epochs": cfg.epochs,
                                "batch_size": cfg.batch_size, "lr": cfg.lr, "backbone": cfg.backbone,
                                "val_every": cfg.val_every, "val_subset": cfg.val_subset if val else "",
@@ -259,8 +259,7 @@ def _merge(cfg, out: Path, arms, jobs, sets, classes, real, val, test, externals
                     "validation": validation_summary(results, names, list(cfg.seeds)),
                     # the test split's results also at the top level (pipeline / bench tables read these)
                     "arms": summary["testsets"][TEST]["arms"], "deltas": deltas,
-                    "noise_floor": deltas.get("real_aa"),
-                    "noise_floors": summary["testsets"][TEST]["noise_floors"]})
+                    "noise_floor": floors.get("real_aa"), "noise_floors": floors})
     write_csv_atomic(out / "per_seed.csv", per_seed_rows(results, classes), per_seed_columns(classes))
     write_csv_atomic(out / "curves.csv", curve_rows(results), CURVE_COLUMNS)
     write_json_atomic(out / "metrics.json", summary)
