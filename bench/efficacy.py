@@ -155,17 +155,6 @@ def test_accuracies(eval_dir: Path) -> dict[str, dict[str, float]]:
     return acc
 
 
-def paired_vs(eval_dir: Path, arm: str, baseline: str) -> str:
-    """Paired delta of test accuracy arm - baseline over their common seeds (per_seed.csv), formatted."""
-    from histodiffusion.core.metrics import mean_ci
-
-    acc = test_accuracies(eval_dir)
-    if arm == baseline:
-        return "—"
-    keys = sorted(set(acc.get(arm, {})) & set(acc.get(baseline, {})))
-    return fmt(mean_ci([acc[arm][k] - acc[baseline][k] for k in keys])) if len(keys) > 1 else "—"
-
-
 def results_table(out: Path, fracs: list[float]) -> str:
     """One row per fraction and arm; deltas paired by seed, vs real (no augmentation) and vs classic
     (real with classic augmentation: the baseline every synthetic arm, trained with it, has to beat)."""
@@ -182,9 +171,9 @@ def results_table(out: Path, fracs: list[float]) -> str:
                     continue
                 d = m.get("deltas", {}).get(arm, {}).get("accuracy")
                 label = "real_aa (A/A noise floor)" if arm == "real_aa" else arm
-                vs_classic = paired_vs(path.parent, arm, "classic") if arm not in ("real", "real_aa") else "—"
+                c = (m.get("deltas_vs_classic") or {}).get(arm, {}).get("accuracy")
                 lines.append(f"| {frac:.0%} | {label}{tag} | {synthetic_used(path.parent, arm)} | {fmt(res['accuracy'])} "
-                             f"| {fmt(res['macro_f1'])} | {fmt(d) if d else '—'} | {vs_classic} |")
+                             f"| {fmt(res['macro_f1'])} | {fmt(d) if d else '—'} | {fmt(c) if c else '—'} |")
     return "\n".join(lines) + "\n"
 
 

@@ -3,7 +3,8 @@
 Every synthetic image is decoded by the autoencoder, so no sample can be better than what the decoder
 makes of a real tile. Three "perfect generators", each written as a sample directory (samples.csv with
 the true labels) and run through the product's own `select` and `evaluate` (same harness and seeds as
-the run; arms real, selected@1, unselected@1):
+the run; arms real, selected@1, unselected@1 by default; `--arms classic,selected` measures the gain over
+classic augmentation, the harness the synthetic arms train with):
 
   recon_subset  the autoencoder's reconstructions of the few-shot subset itself (no new content)
   real_new      NEW real tiles of the train split (other groups than the subset), as many per class
@@ -14,6 +15,11 @@ the run; arms real, selected@1, unselected@1):
 If real_new helps and recon_new does not, the autoencoder is the bottleneck, whatever the guidance.
 
     .venv/bin/python bench/recon_ceiling.py --run bench/out/efficacy/frac0.05
+    .venv/bin/python bench/recon_ceiling.py --run bench/out/efficacy_base/frac0.05 --variants real_new,recon_new \
+        --arms classic,selected --reuse bench/out/efficacy_base/frac0.05/eval5
+
+With the run's class-balanced selection (quota 1) selected@1 holds every tile of a variant, so the ceiling
+share is the gain of recon_new over the baseline divided by that of real_new (goal of issue 11: >= 70%).
 """
 from __future__ import annotations
 
@@ -72,12 +78,44 @@ def write_samples(ds, idx: list[int], classes: list[str], vae, out: Path, batch:
     return len(rows)
 
 
+BASELINE_ARMS = ("real", "real_aa", "classic", "classic_aa")  # arms that do not depend on the samples
+SAME_HARNESS = ("data", "subset", "backbone", "backbone_weights", "steps", "epochs", "steps_per_epoch", "val_every",
+                "val_subset", "batch_size", "lr", "ema_decay", "tta")
+
+
+def reuse_baselines(reuse: Path, ev: dict, arms: list[str], seeds: list[int], eval_out: Path) -> int:
+    """Copy the finished baseline classifiers (real/classic arms: they do not depend on the samples) of another
+    evaluation with the same harness into eval_out/classifiers, so evaluate skips them; returns how many."""
+    import shutil
+
+    from histodiffusion.runtime.fileio import read_json
+
+    other = read_json(reuse / "config.json", "evaluation config")["config"]
+    diff = [k for k in SAME_HARNESS if other.get(k) != (list(ev[k]) if isinstance(ev[k], tuple) else ev[k])]
+    if diff:
+        raise SystemExit(f"--reuse {reuse}: another harness (fields {diff} differ), its classifiers do not apply")
+    n = 0
+    for arm in (a for a in arms if a in BASELINE_ARMS):
+        for seed in seeds:
+            src, dst = reuse / "classifiers" / f"{arm}_{seed}", eval_out / "classifiers" / f"{arm}_{seed}"
+            if (src / "_COMPLETE.json").is_file() and not dst.exists():
+                shutil.copytree(src, dst)
+                n += 1
+    return n
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="a `histodiffusion run` directory (data/target, ae/, adapt/decoder/)")
     p.add_argument("--vae", default="", help="decoder (default: the run's fine-tuned decoder, else ae/model/vae)")
     p.add_argument("--out", default="", help="default: <run>/recon_ceiling")
     p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--arms", default="real,selected,unselected",
+                   help="evaluate's arms (ratio 1); with the run's class-balanced selection (quota 1), selected@1 holds "
+                        "every 'sample' of a variant (all new tiles), and classic is the baseline it trains with")
+    p.add_argument("--seeds", default="", help="training seeds (default: the run's)")
+    p.add_argument("--reuse", default="", help="a finished evaluation with the same harness: its real/classic "
+                                               "classifiers are copied in instead of trained again")
     args = p.parse_args()
 
     from histodiffusion.stages import evaluate, select
@@ -94,11 +132,10 @@ def main() -> None:
     # the select / evaluate settings of the run itself (preset + stage config), as `histodiffusion run` resolves them
     fields = {s.name: s.fields for s in plan(config_from_dict(RunConfig, read_json(run / "config.json")["config"]))}
     ev, sel = fields["evaluate"], fields["select"]
+    arms = args.arms.split(",")
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(ev["seeds"])
     classes = list(read_meta(run / "data" / "target", "dataset")["classes"])
     vae = load_vae(vae_dir)
-    table = ["| variant | passing selection | FD | precision / recall | arm | accuracy mean [95% CI] "
-             "| delta vs real [95% CI] |", "|---|---|---:|---|---|---|---|"]
-    fmt = lambda r: f"{r['mean']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]"  # noqa: E731
     for variant in args.variants.split(","):
         samples = out / variant / "samples"
         if not (samples / "samples.csv").is_file():
@@ -106,22 +143,50 @@ def main() -> None:
             n = write_samples(ds, idx, classes, vae if variant.startswith("recon") else None, samples)
             print(f"{variant}: {n} images -> {samples}")
         selection = select.run(config_from_dict(SelectConfig, {**sel, "samples": str(samples), "out": ""}))
-        keep = json.loads((selection / "filtered.json").read_text())  # select's own directory: <samples>/select
-        gm = json.loads((selection / "generative_metrics.json").read_text())["results"][0]["overall"]
-        fd = next(v for k, v in gm.items() if k.startswith("FD_"))
-        evaluate.run(config_from_dict(EvaluateConfig, {**ev, "samples": str(samples), "selection": str(selection),
-                                                       "out": str(out / variant / "eval"),
-                                                       "arms": ["real", "selected", "unselected"], "ratios": [1.0]}))
-        m = json.loads((out / variant / "eval" / "metrics.json").read_text())
-        for arm, res in m["arms"].items():
-            d = m.get("deltas", {}).get(arm, {}).get("accuracy")
-            table.append(f"| {variant} | {keep['kept']}/{keep['samples']} "
-                         f"({'/'.join(str(v['kept']) for v in keep['per_class'].values())}) | {fd:.1f} "
-                         f"| {gm['precision']:.2f} / {gm['recall']:.2f} | {arm} | {fmt(res['accuracy'])} "
-                         f"| {fmt(d) if d else '—'} |")
-    text = "\n".join(table) + "\n"
+        cfg = {**ev, "samples": str(samples), "selection": str(selection), "out": str(out / variant / "eval"),
+               "arms": arms, "ratios": [1.0], "seeds": seeds}
+        if args.reuse and not (out / variant / "eval" / "_COMPLETE.json").is_file():
+            print(f"{variant}: {reuse_baselines(Path(args.reuse), cfg, arms, seeds, out / variant / 'eval')} "
+                  f"baseline classifiers reused from {args.reuse}")
+        evaluate.run(config_from_dict(EvaluateConfig, cfg))
+    text = results_table(out)
     (out / "results.md").write_text(text)
     print(text)
+
+
+def results_table(out: Path) -> str:
+    """One row per (finished variant, arm): accuracy, paired deltas vs real and vs classic; then the ceiling share:
+    the gain of recon_new over the baseline as a share of real_new's (both selected@1: every new tile)."""
+
+    fmt = lambda r: f"{r['mean']:+.3f} [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]"  # noqa: E731
+    table = ["| variant | kept of samples (per class) | FD | precision / recall | arm | accuracy mean [95% CI] "
+             "| delta vs real [95% CI] | delta vs classic [95% CI] |", "|---|---|---:|---|---|---|---|---|"]
+    gains = {}
+    for variant in VARIANTS:
+        mpath = out / variant / "eval" / "metrics.json"
+        if not mpath.is_file():
+            continue
+        m = json.loads(mpath.read_text())
+        sel_dir = Path(json.loads((out / variant / "eval" / "config.json").read_text())["config"]["selection"])
+        keep = json.loads((sel_dir / "filtered.json").read_text())
+        gm = json.loads((sel_dir / "generative_metrics.json").read_text())["results"][0]["overall"]
+        fd = next(v for k, v in gm.items() if k.startswith("FD_"))
+        for arm, res in m["arms"].items():
+            d = m.get("deltas", {}).get(arm, {}).get("accuracy")
+            c = (m.get("deltas_vs_classic") or {}).get(arm, {}).get("accuracy")
+            table.append(f"| {variant} | {keep['kept']}/{keep['samples']} "
+                         f"({'/'.join(str(v['kept']) for v in keep['per_class'].values())}) | {fd:.1f} "
+                         f"| {gm['precision']:.2f} / {gm['recall']:.2f} | {arm} | {fmt(res['accuracy'])[1:]} "
+                         f"| {fmt(d) if d else '—'} | {fmt(c) if c else '—'} |")
+        base = "classic" if "classic" in m["arms"] else "real"
+        per = m["deltas_vs_classic"] if base == "classic" else m.get("deltas", {})
+        if "selected@1" in per:
+            gains[variant] = per["selected@1"]["accuracy"]["mean"]
+    if "real_new" in gains and "recon_new" in gains:
+        share = gains["recon_new"] / gains["real_new"] if gains["real_new"] > 0 else float("nan")
+        table += ["", f"Ceiling share (selected@1 gain over {base} of recon_new / of real_new): "
+                      f"{gains['recon_new']:+.3f} / {gains['real_new']:+.3f} = {share:.0%}"]
+    return "\n".join(table) + "\n"
 
 
 if __name__ == "__main__":

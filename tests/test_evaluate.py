@@ -398,3 +398,27 @@ def test_help_shows_the_budget_and_seed_defaults(capsys):
     assert e.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "(default: 500)" in text and "5%" in text and "real_aa" in text and "(default: 0,1,2,3,4)" in text
+
+
+def test_synthetic_arms_are_also_paired_against_classic():
+    """The synthetic arms train with classic augmentation: summarise pairs them against classic as well as
+    real, seed by seed; the A/A and real arms get no delta vs classic, and without a classic arm there is none."""
+    from histodiffusion.core.evalsummary import summarise
+    from histodiffusion.data.evalarms import AA_OF
+
+    def sc(acc):
+        return {"scores": {"test": {"accuracy": acc, "macro_f1": acc / 2, "n": 10, "sensitivity": {"a": acc},
+                                    "specificity": {"a": acc}}}}
+
+    acc = {"real": (0.70, 0.74), "classic": (0.72, 0.80), "classic_aa": (0.75, 0.77), "selected@1": (0.80, 0.83)}
+    results = {(arm, s): sc(v[s]) for arm, v in acc.items() for s in (0, 1)}
+    r = summarise(results, list(acc), [0, 1], ["a"], ["test"], AA_OF)["testsets"]["test"]
+    assert set(r["deltas_vs_classic"]) == {"selected@1"}
+    d = r["deltas_vs_classic"]["selected@1"]["accuracy"]
+    assert d["mean"] == pytest.approx(((0.80 - 0.72) + (0.83 - 0.80)) / 2) and d["seeds"] == [0, 1]
+    assert r["deltas_vs_classic"]["selected@1"]["macro_f1"]["mean"] == pytest.approx(d["mean"] / 2)
+    assert r["deltas_vs_real"]["selected@1"]["accuracy"]["mean"] == pytest.approx(((0.80 - 0.70) + (0.83 - 0.74)) / 2)
+    assert r["noise_floors"]["classic_aa"]["accuracy"]["mean"] == pytest.approx(((0.75 - 0.72) + (0.77 - 0.80)) / 2)
+    no_classic = {k: v for k, v in results.items() if k[0] in ("real", "selected@1")}
+    assert summarise(no_classic, ["real", "selected@1"], [0, 1], ["a"], ["test"])["testsets"]["test"][
+        "deltas_vs_classic"] == {}

@@ -179,3 +179,13 @@ def test_verdict_sentences_judge_against_the_noise_floor():
     assert s[1].startswith("Selected synthetic tiles at ratio 2 ") and s[1].endswith(": a gain beyond seed noise.")
     del m["testsets"]["test"]["deltas_vs_real"]["real_aa"]
     assert verdict_sentences(m)[0].endswith("for classic augmentation: a gain beyond seed noise.")
+    # with deltas vs classic: a second clause judges the gain over classic against the classic_aa floor
+    m["testsets"]["test"]["deltas_vs_classic"] = {"selected@0.5": delta(0.02, -0.01, 0.05),
+                                                  "selected@2": delta(0.08, 0.06, 0.10)}
+    m["testsets"]["test"]["noise_floors"] = {"classic_aa": delta(0.0, -0.03, 0.03)}
+    s = verdict_sentences(m)
+    assert s[0].endswith("Over classic augmentation alone (which the synthetic arms also use): +0.020 [95% CI "
+                         "-0.010, 0.050], against +0.000 [95% CI -0.030, 0.030] between two classic runs: not "
+                         "distinguishable from seed noise.")
+    assert "Over classic augmentation alone (which the synthetic arms also use): +0.080 [95% CI 0.060, 0.100]" in s[1]
+    assert s[1].endswith("a gain beyond seed noise.")

@@ -31,12 +31,13 @@ def per_seed_rows(results: dict, classes: list[str]) -> list[dict]:
 def summarise(results: dict, arm_names: list[str], seeds: list[int], classes: list[str], testsets: list[str],
               aa_of: dict[str, str] | None = None) -> dict:
     """{"testsets": {ts: {"arms": {arm: {metric: mean_ci}}, "deltas_vs_real": {arm: {metric: paired_diff}},
-    "noise_floors": {aa arm: {metric: paired_diff against the arm it repeats}}}}}; aa_of maps each A/A arm
-    to that arm (evaluate passes data.evalarms.AA_OF)."""
+    "deltas_vs_classic": {synthetic arm: {metric: paired_diff}} (when classic is an arm), "noise_floors": {aa arm:
+    {metric: paired_diff against the arm it repeats}}}}}; aa_of maps each A/A arm to that arm (evaluate passes
+    data.evalarms.AA_OF)."""
     aa_of = aa_of or {}
     out = {"classes": classes, "seeds": seeds, "ci": "95% t-interval over seeds (n-1 dof)", "testsets": {}}
     for ts in testsets:
-        arms, deltas = {}, {}
+        arms = {}
         per = {a: {s: results[(a, s)]["scores"][ts] for s in seeds} for a in arm_names}
         for a in arm_names:
             arms[a] = {"accuracy": M.mean_ci([per[a][s]["accuracy"] for s in seeds]),
@@ -44,16 +45,27 @@ def summarise(results: dict, arm_names: list[str], seeds: list[int], classes: li
                        "sensitivity": {c: M.mean_ci([per[a][s]["sensitivity"][c] for s in seeds]) for c in classes},
                        "specificity": {c: M.mean_ci([per[a][s]["specificity"][c] for s in seeds]) for c in classes},
                        "n_synthetic": results[(a, seeds[0])].get("n_synthetic", {}), "n_test": per[a][seeds[0]]["n"]}
-        if "real" in arm_names:
-            for a in arm_names:
-                if a != "real":
-                    deltas[a] = {k: M.paired_diff({s: per[a][s][k] for s in seeds}, {s: per["real"][s][k] for s in seeds})
-                                 for k in ("accuracy", "macro_f1")}
-        floors = {aa: {k: M.paired_diff({s: per[aa][s][k] for s in seeds}, {s: per[of][s][k] for s in seeds})
-                       for k in ("accuracy", "macro_f1")}
-                  for aa, of in aa_of.items() if aa in arm_names and of in arm_names}
-        out["testsets"][ts] = {"arms": arms, "deltas_vs_real": deltas, "noise_floors": floors}
+        deltas = _paired_deltas(per, arm_names, seeds, "real")
+        # the synthetic arms train with classic augmentation: their gain over it is the synthetic tiles' own
+        vs_classic = _paired_deltas(per, [a for a in arm_names if a not in ("real", "real_aa", "classic_aa")],
+                                    seeds, "classic")
+        floors = {aa: _paired(per, aa, of, seeds) for aa, of in aa_of.items() if aa in arm_names and of in arm_names}
+        out["testsets"][ts] = {"arms": arms, "deltas_vs_real": deltas, "deltas_vs_classic": vs_classic,
+                               "noise_floors": floors}
     return out
+
+
+def _paired_deltas(per: dict, arm_names: list[str], seeds: list[int], base: str) -> dict:
+    """{arm: {metric: paired_diff against `base`}} for every other arm; {} when `base` is not an arm."""
+    if base not in per:
+        return {}
+    return {a: _paired(per, a, base, seeds) for a in arm_names if a != base}
+
+
+def _paired(per: dict, arm: str, base: str, seeds: list[int]) -> dict:
+    """{metric: paired_diff arm - base over the seeds} for accuracy and macro-F1."""
+    return {k: M.paired_diff({s: per[arm][s][k] for s in seeds}, {s: per[base][s][k] for s in seeds})
+            for k in ("accuracy", "macro_f1")}
 
 
 

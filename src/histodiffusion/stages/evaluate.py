@@ -23,7 +23,7 @@ scored on the test split and on every external labeled dataset (cfg.external: AL
 matched by name; a tile identical to a training tile is an error). Outputs (cfg.out): config.json
 first, classifiers/<arm>_<seed>/ (model.safetensors, classifier.json, scores.json, _COMPLETE.json),
 per_seed.csv, curves.csv, metrics.json ("testsets": {test, <external>...}: per arm mean, 95% t-CI, n
-and paired deltas vs the real arm; "arms" / "deltas" / "noise_floor": the test split's, at the top
+and paired deltas vs the real arm, and of the synthetic arms vs classic; "arms" / "deltas" / "noise_floor": the test split's, at the top
 level; "validation": per arm best step and mean curve), confusion/<testset>__<arm>.png (confusion
 summed over seeds, rows normalised), _COMPLETE.json last. A finished (arm, seed) is skipped on
 re-run, so a killed run resumes.
@@ -259,6 +259,7 @@ def _merge(cfg, out: Path, arms, jobs, sets, classes, real, val, test, externals
                     "validation": validation_summary(results, names, list(cfg.seeds)),
                     # the test split's results also at the top level (pipeline / bench tables read these)
                     "arms": summary["testsets"][TEST]["arms"], "deltas": deltas,
+                    "deltas_vs_classic": summary["testsets"][TEST]["deltas_vs_classic"],
                     "noise_floor": floors.get("real_aa"), "noise_floors": floors})
     write_csv_atomic(out / "per_seed.csv", per_seed_rows(results, classes), per_seed_columns(classes))
     write_csv_atomic(out / "curves.csv", curve_rows(results), CURVE_COLUMNS)

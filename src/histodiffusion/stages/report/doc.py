@@ -108,15 +108,19 @@ def rate(block: dict | None) -> str:
     return f"{block['fidelity']:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
-ARM_HEADER = ["arm", "synthetic images", "accuracy", "macro-F1", "Δ accuracy vs real", "Δ macro-F1 vs real"]
+ARM_HEADER = ["arm", "synthetic images", "accuracy", "macro-F1", "Δ accuracy vs real", "Δ macro-F1 vs real",
+              "Δ accuracy vs classic"]
 
 
 def arm_rows(r: dict) -> list[list]:
-    """Rows of ARM_HEADER for one test set of metrics.json (mean [95% CI]; deltas paired against real)."""
+    """Rows of ARM_HEADER for one test set of metrics.json (mean [95% CI]; deltas paired against real, and of
+    the synthetic arms against classic augmentation, which they train with; classic_aa's is its noise floor)."""
     rows = []
     for arm, v in r["arms"].items():
         d = r["deltas_vs_real"].get(arm)
+        c = (r.get("noise_floors") if arm == "classic_aa" else r.get("deltas_vs_classic") or {}).get(arm)
         rows.append([f"{arm} (A/A noise floor)" if arm in ("real_aa", "classic_aa") else arm,
                      sum(v.get("n_synthetic", {}).values()), ci(v["accuracy"]), ci(v["macro_f1"]),
-                     ci(d["accuracy"]) if d else "–", ci(d["macro_f1"]) if d else "–"])
+                     ci(d["accuracy"]) if d else "–", ci(d["macro_f1"]) if d else "–",
+                     ci(c["accuracy"]) if c else "–"])
     return rows

@@ -47,13 +47,17 @@ def verdict_sentences(metrics: dict, metric: str = "accuracy") -> list[str]:
     """One sentence per ratio of the selected synthetic arms on the test split, e.g. 'Selected synthetic tiles
     at ratio 1 changed test accuracy by +0.012 [95% CI -0.030, 0.054] over 3 seeds, against +0.004 [...]
     between two real-only runs (A/A noise floor) and +0.020 [...] for classic augmentation: not
-    distinguishable from seed noise.' Unselected arms get a sentence when there is no selected one."""
-    deltas = metrics["testsets"][TEST]["deltas_vs_real"]
+    distinguishable from seed noise.' When the evaluation has a classic arm, a second clause judges the gain
+    over classic augmentation (which the synthetic arms train with) against classic_aa's floor. Unselected
+    arms get a sentence when there is no selected one."""
+    r = metrics["testsets"][TEST]
+    deltas, vs_classic = r["deltas_vs_real"], r.get("deltas_vs_classic") or {}
     floor = deltas.get("real_aa", {}).get(metric)
     classic = deltas.get("classic", {}).get(metric)
+    classic_floor = (r.get("noise_floors") or {}).get("classic_aa", {}).get(metric)
     name = "macro-F1" if metric == "macro_f1" else metric
-    arms = [(r, a, "selected synthetic tiles") for r, a in ratio_arms(deltas, "selected")] or \
-           [(r, a, "synthetic tiles without selection") for r, a in ratio_arms(deltas, "unselected")]
+    arms = [(q, a, "selected synthetic tiles") for q, a in ratio_arms(deltas, "selected")] or \
+           [(q, a, "synthetic tiles without selection") for q, a in ratio_arms(deltas, "unselected")]
     out = []
     for ratio, arm, what in arms:
         d = deltas[arm][metric]
@@ -63,9 +67,14 @@ def verdict_sentences(metrics: dict, metric: str = "accuracy") -> list[str]:
         if classic:
             against.append(f"{_interval(classic)} for classic augmentation")
         seeds = f"{d['n']} seed{'s' if d['n'] != 1 else ''}"
-        out.append(f"{what[0].upper()}{what[1:]} at ratio {ratio:g} changed test {name} by {_interval(d)} over "
-                   f"{seeds}" + (", against " + " and ".join(against) if against else "")
-                   + f": {judgement(d, floor)}.")
+        text = (f"{what[0].upper()}{what[1:]} at ratio {ratio:g} changed test {name} by {_interval(d)} over "
+                f"{seeds}" + (", against " + " and ".join(against) if against else "") + f": {judgement(d, floor)}.")
+        if arm in vs_classic:
+            c = vs_classic[arm][metric]
+            text += (f" Over classic augmentation alone (which the synthetic arms also use): {_interval(c)}"
+                     + (f", against {_interval(classic_floor)} between two classic runs" if classic_floor else "")
+                     + f": {judgement(c, classic_floor)}.")
+        out.append(text)
     return out
 
 
@@ -85,7 +94,8 @@ def section_verdict(doc: Doc, eval_dir: Path) -> dict | None:
     r = m["testsets"][TEST]
     first = next(iter(r["arms"].values()))
     doc.table(ARM_HEADER, arm_rows(r), f"efficacy on the test split ({first['n_test']} tiles; mean [95% CI] over seeds {m['seeds']}; "
-                    f"Δ: paired differences against real)")
+                    f"Δ: paired differences against real, and against classic augmentation, which the synthetic arms "
+                    f"train with; classic_aa's is the augmented harness's A/A floor)")
     return m
 
 
