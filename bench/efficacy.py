@@ -13,7 +13,8 @@ made once (in the first fraction's run directory) and reused by the other fracti
     .venv/bin/python bench/efficacy.py --out bench/out/efficacy
 
 Writes <out>/results.md (one table over fractions) and prints it; each fraction's run directory holds
-the full report.
+the full report. The evaluate stages train their classifiers in --procs processes (default 2: one per
+core of the development machine), with the same results as one process.
 """
 from __future__ import annotations
 
@@ -53,6 +54,7 @@ def main() -> None:
                         "with subset frac<f>_d<d>; the table pools (draw, seed) pairs")
     p.add_argument("--table-only", action="store_true", help="only (re)write results.md from finished runs")
     p.add_argument("--no-ablations", action="store_true")
+    p.add_argument("--procs", type=int, default=2, help="processes for the evaluate stages (one per core)")
     args = p.parse_args()
     if not (SHARED / "lc25000_lung" / "labels.csv").is_file():
         sys.exit(f"needs the real data in {SHARED}")
@@ -85,7 +87,7 @@ def main() -> None:
             subset=name, seeds=tuple(int(s) for s in args.seeds.split(",")),
             ratios=tuple(float(r) for r in args.ratios.split(",")), oversample=args.oversample,
             ablations=not args.no_ablations,
-            stage_config=stage_config, until=args.until)
+            stage_config=stage_config, until=args.until, procs=args.procs)
         run(cfg)
         if args.until:
             break

@@ -3,6 +3,7 @@ and a second invocation that skips every finished stage."""
 import csv
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -31,11 +32,11 @@ def _cli(*args) -> subprocess.CompletedProcess:
                           timeout=900)
 
 
-def _run(out: Path, cfg: Path, *base) -> subprocess.CompletedProcess:
+def _run(out: Path, cfg: Path, *base, extra: tuple = ()) -> subprocess.CompletedProcess:
     src = [str(p) for p in default.unlabeled_sources() if p.name.startswith(("stardist", "slideflow"))]
     data = ("--base", *base) if base else ("--base", "none", "--unlabeled", ",".join(src))
     return _cli("run", "--out", out, "--tile-size", "16", *data, "--seeds", "0,1", "--subset", "frac0.1",
-                "--ratios", "0.5", "--stage-config", cfg)
+                "--ratios", "0.5", "--stage-config", cfg, *extra)
 
 
 @pytest.mark.slow
@@ -116,6 +117,16 @@ def test_run_end_to_end_and_skip(tmp_path):
     assert recorded["id"] == hashlib.sha256((base / "checksums.json").read_bytes()).hexdigest()
     assert json.loads((L2.cache_target / "latent_space.json").read_text())["vae_hash"] == recorded["vae_hash"]
     assert (L2.evaluation() / "metrics.json").is_file() and L2.report_index.is_file()
+
+    # 4. --procs 2: the evaluate stage's classifiers in two processes (torchrun), the same results as in one
+    one = (L2.evaluation() / "per_seed.csv").read_text()
+    shutil.rmtree(L2.evaluation())
+    shutil.rmtree(L2.report)
+    r5 = _run(out2, cfg, base, extra=("--procs", "2"))
+    assert r5.returncode == 0, r5.stderr[-3000:]
+    assert (L2.evaluation() / "per_seed.csv").read_text() == one
+    assert "| evaluate | " in (t := L2.timings.read_text()) and t.count("| ran |") == 2  # evaluate and report
+    assert L2.report_index.is_file()
 
 
 def test_run_refuses_other_config_in_same_dir(tmp_path):

@@ -69,6 +69,10 @@ def test_unknown_stage_key_and_bad_oversample_are_refused(tmp_path):
         _steps(tmp_path, oversample=0.5)
     assert main(["run", "--out", str(tmp_path / "r"), "--base", "none", "--oversample", "0.5"]) == 2
     assert not (tmp_path / "r").exists()
+    with pytest.raises(HistoError, match="procs"):
+        _steps(tmp_path, procs=0)
+    assert main(["run", "--out", str(tmp_path / "r"), "--procs", "0"]) == 2
+    assert not (tmp_path / "r").exists()
 
 
 def test_subset_not_made_by_prepare_fails_at_plan_time(tmp_path, capsys):

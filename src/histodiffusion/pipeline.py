@@ -20,6 +20,7 @@ from .runtime import config as C
 from .runtime.configrules import validate_config
 from .runtime.configtypes import load_config_file
 from .runtime.contract import check_complete
+from .runtime.distributed import launch_stage
 from .runtime.errors import HistoError
 from .runtime.fileio import write_json_atomic, write_text_atomic
 from .runtime.layout import RunLayout
@@ -263,7 +264,7 @@ def _sources(cfg: C.RunConfig) -> tuple[tuple[str, ...], str]:
 def run(cfg: C.RunConfig) -> Path:
     base = _base(cfg)
     steps = plan(cfg, base)  # validates the run config and the stage overrides before anything is written
-    root = start_run_dir(cfg.out, cfg, "run", neutral=("until",))
+    root = start_run_dir(cfg.out, cfg, "run", neutral=("until", "procs"))
     with log_to(RunLayout(root).log):  # every stage's lines, with the pipeline's
         if base:
             from .models.base import base_summary
@@ -302,7 +303,10 @@ def _run_steps(cfg: C.RunConfig, steps: list[Step], root: Path) -> Path:
             continue
         log.info(f"{head} -> {step.out}")
         t0 = time.time()
-        STAGES[step.stage](stage_cfg)
+        if step.stage == "evaluate" and cfg.procs > 1:  # independent classifiers: one process each
+            launch_stage(step.stage, stage_cfg, cfg.procs)
+        else:
+            STAGES[step.stage](stage_cfg)
         dt = time.time() - t0
         timings[step.name] = (dt, "ran")
         _write_timings(layout.timings, timings, order)

@@ -69,6 +69,26 @@ def raise_if_any_rank_failed(error: BaseException | None, what: str) -> None:
 _STEP_RE = re.compile(r"^step_(\d+)$")
 
 
+def launch_stage(stage: str, config, procs: int) -> None:
+    """Run stage `stage` with `config` in `procs` local processes (torchrun --standalone; its CLI reads the
+    config from a temporary file); the processes' output goes to this one's. A failure is one HistoError."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from .configtypes import config_to_dict
+
+    with tempfile.TemporaryDirectory(prefix="histodiffusion-launch-") as tmp:
+        path = Path(tmp) / f"{stage}.json"
+        write_json_atomic(path, config_to_dict(config))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
+               "-m", "histodiffusion", stage, "--config", str(path)]
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        code = subprocess.run(cmd, env=env).returncode
+    if code != 0:
+        raise HistoError(f"stage {stage} failed in {procs} processes (exit code {code}; its error is above)")
+
+
 def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     """Complete checkpoints under run_dir/checkpoints, oldest first."""
     ck = Path(run_dir) / "checkpoints"
