@@ -118,8 +118,58 @@ def write_table(out: Path, fracs: list[float], draws: int = 1) -> None:
     table = results_table(out, fracs)
     if draws > 1:
         table += "\n" + pooled_table(out, fracs, draws)
+    for frac in fracs:
+        if (out / f"frac{frac:g}").is_dir():
+            table += "\n" + signal_chain(out / f"frac{frac:g}")
     (out / "results.md").write_text(table)
     print(table)
+
+
+def signal_chain(run: Path, eval_dir: Path | None = None) -> str:
+    """Where the class signal goes, link by link, from one run directory's artifacts (a link whose artifact is
+    missing says how to make it): guidance (latent classifier vs an image classifier on the same tiles), the
+    samples' class fidelity by the independent judge (all, and kept by selection), the autoencoder's
+    ceiling (bench/recon_ceiling.py: new real tiles through the decoder vs as they are), the downstream gain."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from recon_ceiling import ceiling_gains, ceiling_share
+
+    rows = []
+    lc = run / "adapt" / "latent_classifier" / "metrics.json"
+    if lc.is_file():
+        m = json.loads(lc.read_text())
+        b = m["goal"]["bucket"]
+        rows.append(f"| guidance | latent classifier val accuracy at t in {b} / image classifier on the same tiles | "
+                    f"{m['val_accuracy_by_t'][b]:.3f} / {m['image_classifier']['val_accuracy']:.3f} = "
+                    f"{m['goal']['ratio']:.2f}x (goal {m['goal']['target']}x) |")
+    fid = run / "samples" / "fidelity.json"
+    if fid.is_file():
+        f = json.loads(fid.read_text())
+        for part, what in (("all", "all samples"), ("kept", "kept by selection")):
+            if f.get(part):
+                per = ", ".join(f"{c} {v['fidelity']:.2f}" for c, v in f[part]["per_class"].items())
+                rate = {"mean": f[part]["fidelity"], "ci95": f[part]["ci95"]}
+                rows.append(f"| class fidelity ({what}) | share the judge (val accuracy "
+                            f"{f['judge']['val_accuracy']:.3f}) assigns to the target class, n={f[part]['n']} | "
+                            f"{fmt(rate)} ({per}) |")
+    else:
+        rows.append("| class fidelity | not measured | `histodiffusion judge --samples <run>/samples` |")
+    base, gains = ceiling_gains(run / "recon_ceiling")
+    for v, what in (("real_new", "new real tiles (more labels)"), ("recon_new", "the same tiles through the decoder")):
+        if v in gains:
+            rows.append(f"| autoencoder ceiling | selected@1 = {what}, gain over {base} | {fmt(gains[v])} |")
+    share = ceiling_share(gains)
+    rows.append(f"| autoencoder ceiling | share of the new tiles' gain that survives the decoder | "
+                + (f"{share:.0%} |" if share is not None else "not measured: `bench/recon_ceiling.py --run <run>` |"))
+    ev = (eval_dir or run / "eval") / "metrics.json"
+    if ev.is_file():
+        m = json.loads(ev.read_text())
+        for arm, d in (m.get("deltas_vs_classic") or {}).items():
+            rows.append(f"| downstream | {arm} vs classic augmentation (paired over seeds) | {fmt(d['accuracy'])} |")
+        floor = (m.get("noise_floors") or {}).get("classic_aa")
+        if floor:
+            rows.append(f"| downstream | A/A floor of the augmented harness (classic_aa vs classic) | {fmt(floor['accuracy'])} |")
+    head = [f"Where the signal goes ({run.name}):", "", "| link | measure | value |", "|---|---|---|"]
+    return "\n".join(head + rows) + "\n"
 
 
 def pooled_table(out: Path, fracs: list[float], draws: int) -> str:

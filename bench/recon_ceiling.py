@@ -154,14 +154,31 @@ def main() -> None:
     print(text)
 
 
+def ceiling_gains(out: Path) -> tuple[str, dict[str, dict]]:
+    """(baseline arm, {variant: paired delta of selected@1's test accuracy against it}) of the finished
+    variants under `out`; the baseline is classic when the evaluations have it (the harness the synthetic
+    arms train with), else real."""
+    found = {v: json.loads((out / v / "eval" / "metrics.json").read_text()) for v in VARIANTS
+             if (out / v / "eval" / "metrics.json").is_file()}
+    base = "classic" if found and all("classic" in m["arms"] for m in found.values()) else "real"
+    key = "deltas_vs_classic" if base == "classic" else "deltas"
+    return base, {v: m[key]["selected@1"]["accuracy"] for v, m in found.items() if "selected@1" in m.get(key, {})}
+
+
+def ceiling_share(gains: dict[str, dict]) -> float | None:
+    """recon_new's gain as a share of real_new's (None without both; nan when real_new gains nothing)."""
+    if "real_new" not in gains or "recon_new" not in gains:
+        return None
+    real = gains["real_new"]["mean"]
+    return gains["recon_new"]["mean"] / real if real > 0 else float("nan")
+
+
 def results_table(out: Path) -> str:
     """One row per (finished variant, arm): accuracy, paired deltas vs real and vs classic; then the ceiling share:
     the gain of recon_new over the baseline as a share of real_new's (both selected@1: every new tile)."""
-
-    fmt = lambda r: f"{r['mean']:+.3f} [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]"  # noqa: E731
+    ci = lambda r, sign="": f"{r['mean']:{sign}.3f} [{r['ci95'][0]:{sign}.3f}, {r['ci95'][1]:{sign}.3f}]"  # noqa: E731
     table = ["| variant | kept of samples (per class) | FD | precision / recall | arm | accuracy mean [95% CI] "
              "| delta vs real [95% CI] | delta vs classic [95% CI] |", "|---|---|---:|---|---|---|---|---|"]
-    gains = {}
     for variant in VARIANTS:
         mpath = out / variant / "eval" / "metrics.json"
         if not mpath.is_file():
@@ -176,16 +193,13 @@ def results_table(out: Path) -> str:
             c = (m.get("deltas_vs_classic") or {}).get(arm, {}).get("accuracy")
             table.append(f"| {variant} | {keep['kept']}/{keep['samples']} "
                          f"({'/'.join(str(v['kept']) for v in keep['per_class'].values())}) | {fd:.1f} "
-                         f"| {gm['precision']:.2f} / {gm['recall']:.2f} | {arm} | {fmt(res['accuracy'])[1:]} "
-                         f"| {fmt(d) if d else '—'} | {fmt(c) if c else '—'} |")
-        base = "classic" if "classic" in m["arms"] else "real"
-        per = m["deltas_vs_classic"] if base == "classic" else m.get("deltas", {})
-        if "selected@1" in per:
-            gains[variant] = per["selected@1"]["accuracy"]["mean"]
-    if "real_new" in gains and "recon_new" in gains:
-        share = gains["recon_new"] / gains["real_new"] if gains["real_new"] > 0 else float("nan")
-        table += ["", f"Ceiling share (selected@1 gain over {base} of recon_new / of real_new): "
-                      f"{gains['recon_new']:+.3f} / {gains['real_new']:+.3f} = {share:.0%}"]
+                         f"| {gm['precision']:.2f} / {gm['recall']:.2f} | {arm} | {ci(res['accuracy'])} "
+                         f"| {ci(d, '+') if d else '—'} | {ci(c, '+') if c else '—'} |")
+    base, gains = ceiling_gains(out)
+    share = ceiling_share(gains)
+    if share is not None:
+        table += ["", f"Ceiling share (selected@1's gain over {base}, recon_new / real_new): "
+                      f"{gains['recon_new']['mean']:+.3f} / {gains['real_new']['mean']:+.3f} = {share:.0%}"]
     return "\n".join(table) + "\n"
 
 
