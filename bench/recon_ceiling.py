@@ -83,15 +83,17 @@ SAME_HARNESS = ("data", "subset", "backbone", "backbone_weights", "steps", "epoc
                 "val_subset", "batch_size", "lr", "ema_decay", "tta")
 
 
-def reuse_baselines(reuse: Path, ev: dict, arms: list[str], seeds: list[int], eval_out: Path) -> int:
+def reuse_baselines(reuse: Path, cfg, arms: list[str], seeds: list[int], eval_out: Path) -> int:
     """Copy the finished baseline classifiers (real/classic arms: they do not depend on the samples) of another
-    evaluation with the same harness into eval_out/classifiers, so evaluate skips them; returns how many."""
+    evaluation with the same harness (EvaluateConfig `cfg` otherwise) into eval_out/classifiers, so evaluate
+    skips them; returns how many."""
     import shutil
 
+    from histodiffusion.runtime.configtypes import config_to_dict
     from histodiffusion.runtime.fileio import read_json
 
-    other = read_json(reuse / "config.json", "evaluation config")["config"]
-    diff = [k for k in SAME_HARNESS if other.get(k) != (list(ev[k]) if isinstance(ev[k], tuple) else ev[k])]
+    other, ours = read_json(reuse / "config.json", "evaluation config")["config"], config_to_dict(cfg)
+    diff = [k for k in SAME_HARNESS if other.get(k) != ours[k]]
     if diff:
         raise SystemExit(f"--reuse {reuse}: another harness (fields {diff} differ), its classifiers do not apply")
     n = 0
@@ -143,12 +145,13 @@ def main() -> None:
             n = write_samples(ds, idx, classes, vae if variant.startswith("recon") else None, samples)
             print(f"{variant}: {n} images -> {samples}")
         selection = select.run(config_from_dict(SelectConfig, {**sel, "samples": str(samples), "out": ""}))
-        cfg = {**ev, "samples": str(samples), "selection": str(selection), "out": str(out / variant / "eval"),
-               "arms": arms, "ratios": [1.0], "seeds": seeds}
+        cfg = config_from_dict(EvaluateConfig, {**ev, "samples": str(samples), "selection": str(selection),
+                                                "out": str(out / variant / "eval"), "arms": arms, "ratios": [1.0],
+                                                "seeds": seeds})
         if args.reuse and not (out / variant / "eval" / "_COMPLETE.json").is_file():
             print(f"{variant}: {reuse_baselines(Path(args.reuse), cfg, arms, seeds, out / variant / 'eval')} "
                   f"baseline classifiers reused from {args.reuse}")
-        evaluate.run(config_from_dict(EvaluateConfig, cfg))
+        evaluate.run(cfg)
     text = results_table(out)
     (out / "results.md").write_text(text)
     print(text)
