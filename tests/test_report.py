@@ -189,3 +189,9 @@ def test_verdict_sentences_judge_against_the_noise_floor():
                          "distinguishable from seed noise.")
     assert "Over classic augmentation alone (which the synthetic arms also use): +0.080 [95% CI 0.060, 0.100]" in s[1]
     assert s[1].endswith("a gain beyond seed noise.")
+    # without a real arm the synthetic arms are judged against classic alone
+    m["testsets"]["test"]["deltas_vs_real"] = {}
+    s = verdict_sentences(m)
+    assert s[0] == ("Selected synthetic tiles at ratio 0.5 changed test accuracy over classic augmentation alone (which "
+                    "the synthetic arms also use) by +0.020 [95% CI -0.010, 0.050] over 3 seeds, against +0.000 [95% "
+                    "CI -0.030, 0.030] between two classic runs: not distinguishable from seed noise.")

@@ -25,6 +25,10 @@ def _interval(d: dict) -> str:
     return f"{_signed(d['mean'])} [95% CI {lo:.3f}, {hi:.3f}]"
 
 
+def _seeds(d: dict) -> str:
+    return f"{d['n']} seed{'s' if d['n'] != 1 else ''}"
+
+
 def ratio_arms(deltas: dict, kind: str = "selected") -> list[tuple[float, str]]:
     """[(ratio, arm)] of one kind of synthetic arm ('selected@1', 'selected@0.5', ...), by ratio."""
     found = [(float(m.group(1)), a) for a in deltas if (m := re.fullmatch(rf"{kind}@([\d.]+)", a))]
@@ -56,24 +60,29 @@ def verdict_sentences(metrics: dict, metric: str = "accuracy") -> list[str]:
     classic = deltas.get("classic", {}).get(metric)
     classic_floor = (r.get("noise_floors") or {}).get("classic_aa", {}).get(metric)
     name = "macro-F1" if metric == "macro_f1" else metric
-    arms = [(q, a, "selected synthetic tiles") for q, a in ratio_arms(deltas, "selected")] or \
-           [(q, a, "synthetic tiles without selection") for q, a in ratio_arms(deltas, "unselected")]
+    pool = deltas or vs_classic  # an evaluation without a real arm is judged against classic alone
+    arms = [(q, a, "selected synthetic tiles") for q, a in ratio_arms(pool, "selected")] or \
+           [(q, a, "synthetic tiles without selection") for q, a in ratio_arms(pool, "unselected")]
     out = []
     for ratio, arm, what in arms:
-        d = deltas[arm][metric]
-        against = []
-        if floor:
-            against.append(f"{_interval(floor)} between two real-only runs (A/A noise floor)")
-        if classic:
-            against.append(f"{_interval(classic)} for classic augmentation")
-        seeds = f"{d['n']} seed{'s' if d['n'] != 1 else ''}"
-        text = (f"{what[0].upper()}{what[1:]} at ratio {ratio:g} changed test {name} by {_interval(d)} over "
-                f"{seeds}" + (", against " + " and ".join(against) if against else "") + f": {judgement(d, floor)}.")
+        head = f"{what[0].upper()}{what[1:]} at ratio {ratio:g} changed test {name}"
+        text = ""
+        if arm in deltas:
+            d = deltas[arm][metric]
+            against = []
+            if floor:
+                against.append(f"{_interval(floor)} between two real-only runs (A/A noise floor)")
+            if classic:
+                against.append(f"{_interval(classic)} for classic augmentation")
+            text = (f"{head} by {_interval(d)} over {_seeds(d)}" + (", against " + " and ".join(against) if against
+                                                                     else "") + f": {judgement(d, floor)}.")
         if arm in vs_classic:
             c = vs_classic[arm][metric]
-            text += (f" Over classic augmentation alone (which the synthetic arms also use): {_interval(c)}"
-                     + (f", against {_interval(classic_floor)} between two classic runs" if classic_floor else "")
-                     + f": {judgement(c, classic_floor)}.")
+            also = (f", against {_interval(classic_floor)} between two classic runs" if classic_floor else "") + \
+                f": {judgement(c, classic_floor)}."
+            text += (f" Over classic augmentation alone (which the synthetic arms also use): {_interval(c)}{also}"
+                     if text else f"{head} over classic augmentation alone (which the synthetic arms also use) by "
+                                  f"{_interval(c)} over {_seeds(c)}{also}")
         out.append(text)
     return out
 
