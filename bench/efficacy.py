@@ -130,7 +130,8 @@ def signal_chain(run: Path, eval_dir: Path | None = None) -> str:
     missing says how to make it): guidance (latent classifier vs an image classifier on the same tiles), the
     samples' class fidelity by the independent judge (all, and kept by selection), the autoencoder's
     ceiling (bench/recon_ceiling.py: new real tiles through the decoder vs as they are), the downstream gain."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    if str(Path(__file__).resolve().parent) not in sys.path:  # the sibling bench script
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
     from recon_ceiling import ceiling_gains, ceiling_share
 
     rows = []

@@ -47,8 +47,8 @@ def summarise(results: dict, arm_names: list[str], seeds: list[int], classes: li
                        "n_synthetic": results[(a, seeds[0])].get("n_synthetic", {}), "n_test": per[a][seeds[0]]["n"]}
         deltas = _paired_deltas(per, arm_names, seeds, "real")
         # the synthetic arms train with classic augmentation: their gain over it is the synthetic tiles' own
-        vs_classic = _paired_deltas(per, [a for a in arm_names if a not in ("real", "real_aa", "classic_aa")],
-                                    seeds, "classic")
+        # (real and the A/A arms are not synthetic; classic_aa's delta against classic is its noise floor)
+        vs_classic = _paired_deltas(per, [a for a in arm_names if a != "real" and a not in aa_of], seeds, "classic")
         floors = {aa: _paired(per, aa, of, seeds) for aa, of in aa_of.items() if aa in arm_names and of in arm_names}
         out["testsets"][ts] = {"arms": arms, "deltas_vs_real": deltas, "deltas_vs_classic": vs_classic,
                                "noise_floors": floors}

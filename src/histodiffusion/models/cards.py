@@ -265,6 +265,7 @@ def _continued(record: dict) -> str:
     total = f" (itself {steps} steps: {steps + int(record.get('steps') or 0)} in total)" if steps else ""
     return f", continued from the EMA weights of `{Path(init).name}`{total}"
 
+
 def base_card(record: dict, folder: Path, notes: Path | None) -> str:
     """README.md of a base: what it is, what it saw, how it was trained, how to load it."""
     from .base import CHECKSUMS

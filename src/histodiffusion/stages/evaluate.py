@@ -23,8 +23,8 @@ scored on the test split and on every external labeled dataset (cfg.external: AL
 matched by name; a tile identical to a training tile is an error). Outputs (cfg.out): config.json
 first, classifiers/<arm>_<seed>/ (model.safetensors, classifier.json, scores.json, _COMPLETE.json),
 per_seed.csv, curves.csv, metrics.json ("testsets": {test, <external>...}: per arm mean, 95% t-CI, n
-and paired deltas vs the real arm, and of the synthetic arms vs classic; "arms" / "deltas" / "noise_floor": the test split's, at the top
-level; "validation": per arm best step and mean curve), confusion/<testset>__<arm>.png (confusion
+and paired deltas vs the real arm, and of the synthetic arms vs classic; "arms" / "deltas" /
+"deltas_vs_classic" / "noise_floor": the test split's, at the top level; "validation": per arm best step and mean curve), confusion/<testset>__<arm>.png (confusion
 summed over seeds, rows normalised), _COMPLETE.json last. A finished (arm, seed) is skipped on
 re-run, so a killed run resumes.
 

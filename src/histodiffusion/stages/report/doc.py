@@ -118,7 +118,7 @@ def arm_rows(r: dict) -> list[list]:
     rows = []
     for arm, v in r["arms"].items():
         d = r["deltas_vs_real"].get(arm)
-        c = (r.get("noise_floors") if arm == "classic_aa" else r.get("deltas_vs_classic") or {}).get(arm)
+        c = ((r.get("noise_floors") if arm == "classic_aa" else r.get("deltas_vs_classic")) or {}).get(arm)
         rows.append([f"{arm} (A/A noise floor)" if arm in ("real_aa", "classic_aa") else arm,
                      sum(v.get("n_synthetic", {}).values()), ci(v["accuracy"]), ci(v["macro_f1"]),
                      ci(d["accuracy"]) if d else "–", ci(d["macro_f1"]) if d else "–",

@@ -78,11 +78,11 @@ def verdict_sentences(metrics: dict, metric: str = "accuracy") -> list[str]:
                                                                      else "") + f": {judgement(d, floor)}.")
         if arm in vs_classic:
             c = vs_classic[arm][metric]
+            over = "over classic augmentation alone (which the synthetic arms also use)"
             also = (f", against {_interval(classic_floor)} between two classic runs" if classic_floor else "") + \
                 f": {judgement(c, classic_floor)}."
-            text += (f" Over classic augmentation alone (which the synthetic arms also use): {_interval(c)}{also}"
-                     if text else f"{head} over classic augmentation alone (which the synthetic arms also use) by "
-                                  f"{_interval(c)} over {_seeds(c)}{also}")
+            text += (f" {over[0].upper()}{over[1:]}: {_interval(c)}{also}" if text  # a second clause
+                     else f"{head} {over} by {_interval(c)} over {_seeds(c)}{also}")
         out.append(text)
     return out
 
