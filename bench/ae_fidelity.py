@@ -104,6 +104,10 @@ def main() -> None:
     p.add_argument("--subset", default="frac0.05", help="few-shot subset for the clean-latent probe")
     p.add_argument("--judge-steps", type=int, default=1200)
     p.add_argument("--judge-backbone", default="small_cnn_w16")
+    p.add_argument("--target", default="", help="a prepared LC25000 lung target (64 px, train/test split by group) "
+                   "instead of preparing one under --out")
+    p.add_argument("--judge", default="", help="a `histodiffusion judge` folder trained on --target's train split "
+                   "instead of training one here")
     p.add_argument("--out", default="bench/out/ae_fidelity")
     args = p.parse_args()
 
@@ -115,11 +119,18 @@ def main() -> None:
     out = Path(args.out)
     if not Path(args.labels_csv).is_file():
         raise SystemExit(f"labels CSV not found: {args.labels_csv} (the shared LC25000 lung data)")
-    target = prepare_target(out, Path(args.labels_csv))
-    model, raw_acc = judge(out, target, args.judge_steps, args.judge_backbone)
+    target = Path(args.target) if args.target else prepare_target(out, Path(args.labels_csv))
     test = load_real(target, "test")
-    print(f"judge ({args.judge_backbone}, {args.judge_steps} steps) on raw test tiles: {raw_acc:.3f} "
-          f"({len(test)} tiles of unseen groups)")
+    if args.judge:
+        from histodiffusion.models.judge import load_judge
+
+        model, jinfo = load_judge(args.judge)
+        raw_acc = float((predict(model, test.images)[0].argmax(1) == test.labels).float().mean())
+        what = f"judge {args.judge} ({jinfo['id']})"
+    else:
+        model, raw_acc = judge(out, target, args.judge_steps, args.judge_backbone)
+        what = f"judge ({args.judge_backbone}, {args.judge_steps} steps)"
+    print(f"{what} on raw test tiles: {raw_acc:.3f} ({len(test)} tiles of unseen groups)")
     held = {}
     for d in filter(None, args.unlabeled.split(",")):
         ds = PixelDataset(d, "holdout")

@@ -9,7 +9,9 @@
 # `histodiffusion`), AE_STEPS / LDM_STEPS (training lengths), AE_FLAGS / LDM_FLAGS (extra flags, e.g. wider
 # models on GPUs). Every stage resumes from its last checkpoint; raising AE_STEPS or LDM_STEPS continues a
 # finished stage. BASE_FROM=PATH continues an existing base instead (its autoencoder encodes the corpus, its
-# EMA UNet is where pretraining starts, for LDM_STEPS more steps with a fresh optimizer). The v2 candidate
+# EMA UNet is where pretraining starts, for LDM_STEPS more steps with a fresh optimizer; LDM_STEPS=0 keeps its UNet).
+# DECODER_STEPS=N trains the decoder alone N steps longer on whole tiles (train-autoencoder --train-part decoder;
+# export-base --vae takes it). The v2 candidate
 # (measured, not shipped: no better than v1, see BENCHMARKS.md) was built from v1 with
 #   BASE_FROM=src/histodiffusion/base/histodiffusion-base-64 LDM_STEPS=3000 VERSION=2 \
 #   LDM_FLAGS="--lr 1e-4 --warmup 100" bash recipes/base-64.sh runs/base-64-v2
@@ -22,6 +24,7 @@ OUT=${1:-runs/base-64}
 HD=${HISTODIFFUSION:-histodiffusion}
 AE_STEPS=${AE_STEPS:-4000}
 LDM_STEPS=${LDM_STEPS:-6000}
+DECODER_STEPS=${DECODER_STEPS:-0}
 VERSION=${VERSION:-1}
 BASE_FROM=${BASE_FROM:-}
 for d in unlabeled_lc25000_colon unlabeled_osteosarcoma_ut unlabeled_he; do
@@ -46,17 +49,32 @@ else
   vae="$OUT/ae/model/vae"; init=()
 fi
 
-# 3. latents of every tile and its 7 dihedral variants (the encoder is not rotation-equivariant)
-for d in colon osteo he; do
-  $HD encode --data "$OUT/data/$d" --vae "$vae" --flips true --out "$OUT/cache/$d"
-done
+if [ -n "$BASE_FROM" ] && [ "$LDM_STEPS" = 0 ]; then
+  model="$BASE_FROM"  # only the decoder below changes
+else
+  # 3. latents of every tile and its 7 dihedral variants (the encoder is not rotation-equivariant)
+  for d in colon osteo he; do
+    $HD encode --data "$OUT/data/$d" --vae "$vae" --flips true --out "$OUT/cache/$d"
+  done
 
-# 4. the unconditional UNet on the weighted mixture (colon: same lab and stain as the LC25000 target)
-$HD pretrain --cache "$OUT/cache/colon,$OUT/cache/osteo,$OUT/cache/he" --weights 0.5,0.35,0.15 \
-             --steps "$LDM_STEPS" --batch-size 32 --warmup 200 --sample-every 1000 --checkpoint-every 250 \
-             "${init[@]}" ${LDM_FLAGS:-} --out "$OUT/ldm"
+  # 4. the unconditional UNet on the weighted mixture (colon: same lab and stain as the LC25000 target)
+  $HD pretrain --cache "$OUT/cache/colon,$OUT/cache/osteo,$OUT/cache/he" --weights 0.5,0.35,0.15 \
+               --steps "$LDM_STEPS" --batch-size 32 --warmup 200 --sample-every 1000 --checkpoint-every 250 \
+               "${init[@]}" ${LDM_FLAGS:-} --out "$OUT/ldm"
+  model="$OUT/ldm/model"
+fi
 
-# 5. the shippable base: fp16 safetensors, checksums, model card (+ the measurements in the card notes)
-$HD export-base --model "$OUT/ldm/model" --data "$data" --version "$VERSION" --card-notes "$here/recipes/base-64-card.md" \
-                --out "$OUT/histodiffusion-base-64"
+# 5. optionally the decoder alone, longer, on whole 64 px tiles (the autoencoder trained on 32 px crops):
+#    encoder, latents, scaling factor and so the UNet stay valid
+vae_flag=()
+if [ "$DECODER_STEPS" -gt 0 ]; then
+  $HD train-autoencoder --data "$data" --init-from "$model" --train-part decoder --latent-channels 8 --crop 0 \
+                        --steps "$DECODER_STEPS" --batch-size 16 --lr 1e-4 --eval-every 250 --checkpoint-every 250 \
+                        --holdout 192 ${AE_FLAGS:-} --out "$OUT/ae_decoder"
+  vae_flag=(--vae "$OUT/ae_decoder/model/vae")
+fi
+
+# 6. the shippable base: fp16 safetensors, checksums, model card (+ the measurements in the card notes)
+$HD export-base --model "$model" "${vae_flag[@]}" --data "$data" --version "$VERSION" \
+                --card-notes "$here/recipes/base-64-card.md" --out "$OUT/histodiffusion-base-64"
 echo "base written to $OUT/histodiffusion-base-64"

@@ -198,3 +198,47 @@ def test_scale_check_against_a_base_uses_its_pretraining_mixture(tmp_path):
     assert c["nucleus_px"] == 8.0 and c["ratio"] == 1.0 and c["warning"] is None  # 0.75 * 4 + 0.25 * 20
     (c,) = scale_warnings("target", 4.0, [base], 1.5)
     assert c["ratio"] == 2.0 and "target" in c["warning"] and str(base) in c["warning"]
+
+
+def test_a_longer_trained_decoder_replaces_the_bases_and_nothing_else(base, tmp_path, capsys):
+    """train-autoencoder --init-from BASE --train-part decoder keeps the encoder (so the UNet's latents) and the
+    scaling factor; export-base --vae takes that decoder and refuses an autoencoder with another encoder."""
+    from helpers_pretrain import make_dataset
+    from histodiffusion.models.autoencoder import load_vae
+
+    data = make_dataset(tmp_path / "unl", n=12, size=SIZE, seed=3)
+    arch = ["--block-out-channels", "8,16,16", "--latent-channels", "4", "--batch-size", "4", "--crop", "0",
+            "--holdout", "2", "--eval-every", "0", "--checkpoint-every", "0", "--data", str(data)]
+    assert main(["train-autoencoder", *arch, "--steps", "2", "--init-from", str(base), "--train-part", "decoder",
+                 "--out", str(tmp_path / "dec")]) == 0
+    old, new = load_vae(base / "vae"), load_vae(tmp_path / "dec" / "model" / "vae")
+    a, b = old.state_dict(), new.state_dict()
+    changed = {k.split(".")[0] for k in a if not torch.equal(a[k], b[k])}
+    assert changed == {"decoder", "post_quant_conv"} and new.config.scaling_factor == old.config.scaling_factor
+    assert "only the decoder was trained" in (tmp_path / "dec" / "model" / "vae" / "README.md").read_text()
+
+    out = tmp_path / "base_dec"
+    assert main(["export-base", "--model", str(base), "--vae", str(tmp_path / "dec" / "model" / "vae"),
+                 "--out", str(out), "--version", "4"]) == 0
+    info = verify_base(out)
+    assert info["vae_hash"] != verify_base(base)["vae_hash"]
+    assert "then the decoder alone 2 more (encoder, latents" in (out / "README.md").read_text()
+    x = torch.randn(1, 4, SIZE // 4, SIZE // 4)
+    assert not torch.equal(load_vae(out / "vae").decode(x).sample, old.decode(x).sample)
+    assert (out / "unet_ema" / "diffusion_pytorch_model.safetensors").read_bytes() == \
+        (base / "unet_ema" / "diffusion_pytorch_model.safetensors").read_bytes()
+
+    # an autoencoder trained whole (another encoder) cannot replace the base's: one clear error, nothing written
+    assert main(["train-autoencoder", *arch, "--steps", "1", "--out", str(tmp_path / "whole")]) == 0
+    assert main(["export-base", "--model", str(base), "--vae", str(tmp_path / "whole" / "model" / "vae"),
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert "its encoder differs" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    # bad values of the new options
+    assert main(["train-autoencoder", *arch, "--train-part", "decoder", "--out", str(tmp_path / "x1")]) == 2
+    assert "needs --init-from" in capsys.readouterr().err
+    assert main(["train-autoencoder", *arch, "--train-part", "encoder", "--out", str(tmp_path / "x2")]) == 2
+    assert "train_part must be one of all, decoder" in capsys.readouterr().err
+    assert main(["train-autoencoder", *arch[:3], "8", *arch[4:], "--init-from", str(base),
+                 "--out", str(tmp_path / "x3")]) == 2
+    assert "latent_channels 4 (config: 8)" in capsys.readouterr().err
+    assert not any((tmp_path / d).exists() for d in ("x1", "x2", "x3"))

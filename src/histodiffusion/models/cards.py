@@ -201,7 +201,9 @@ def autoencoder_card(folder: Path, name: str, metrics: dict | None = None) -> st
             *([f"- {dataset_line(d)}" for d in data] or ["not recorded"]), "",
             "## Training and measurements", "",
             f"- {info.get('steps', '?')} steps (L1 + KL, with the stage's adversarial / LPIPS settings in its "
-            "config.json).",
+            "config.json)" + (f", continued from `{info['init_from']}`" if info.get("init_from") else "")
+            + ("; only the decoder was trained: the encoder and the scaling factor are those of the starting "
+               "autoencoder" if info.get("train_part") == "decoder" else "") + ".",
             f"- Held-out reconstructions: {_figures(hm, 4) if hm else 'no held-out tiles'} (PSNR in dB).", ""]
     return "\n".join(lines + _load_and_cite([
         "from diffusers import AutoencoderKL",
@@ -266,6 +268,14 @@ def _continued(record: dict) -> str:
     return f", continued from the EMA weights of `{Path(init).name}`{total}"
 
 
+def _ae_steps(info: dict) -> str:
+    """'N steps', or 'M steps, then the decoder alone N more' for a decoder trained on (train_part decoder)."""
+    if info.get("train_part") != "decoder":
+        return f"{info.get('steps')} steps"
+    return (f"{info.get('init_steps') or '?'} steps, then the decoder alone {info.get('steps')} more (encoder, latents "
+            f"and scaling factor unchanged)")
+
+
 def base_card(record: dict, folder: Path, notes: Path | None) -> str:
     """README.md of a base: what it is, what it saw, how it was trained, how to load it."""
     from .base import CHECKSUMS
@@ -301,7 +311,7 @@ def base_card(record: dict, folder: Path, notes: Path | None) -> str:
     lines += ["", f"Mixture weights: {mix or 'proportional to size'}. Held-out groups were never trained on. "
               f"Every source file's sha256 is in `{SOURCES_CSV}` (the leakage guard refuses a target that shares one).",
               "", "## Training", "",
-              f"- Autoencoder: widths {vae['block_out_channels']}, {vae_info.get('steps')} steps; held-out "
+              f"- Autoencoder: widths {vae['block_out_channels']}, {_ae_steps(vae_info)}; held-out "
               f"{_metric_line(vae_info.get('holdout_metrics'))}.",
               f"- UNet: widths {unet['block_out_channels']}, {record.get('steps')} steps{_continued(record)}, "
               f"{record.get('loss')} loss on {record.get('prediction_type')}, EMA weights.",

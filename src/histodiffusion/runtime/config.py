@@ -70,6 +70,10 @@ class AutoencoderConfig:
     adv_start: int = F(300, "step at which the adversarial loss starts")
     lpips_weights: str = F("", "local path to LPIPS/VGG weights (optional; nothing is downloaded)")
     lpips_weight: float = F(0.0, "weight of the LPIPS loss (needs lpips_weights)")
+    init_from: str = F("", "start from this autoencoder (a save_pretrained folder, or a base folder: its vae/) "
+                       "instead of fresh weights; the architecture flags must match it", input=True)
+    train_part: str = F("all", "all | decoder: train only the decoder (with --init-from); the encoder, so every "
+                        "latent and a UNet trained on them, and the scaling factor stay exactly as they were")
     holdout: int = F(64, "held-out tiles for PSNR/SSIM")
     eval_every: int = F(200, "evaluate and write a reconstruction grid every N steps")
     checkpoint_every: int = F(200, "save resumable state every N steps")
@@ -88,6 +92,8 @@ class ExportBaseConfig:
     dtype: str = F("fp16", "fp16 | fp32: dtype of the stored weights (they load as float32)")
     data: tuple[str, ...] = F((), "prepared unlabeled datasets it was trained on (counts and source hashes for the card and the leakage guard)", input=True)
     card_notes: str = F("", "Markdown file appended to the model card (measurements, licences, citations)")
+    vae: str = F("", "replace the model's autoencoder by this one (train-autoencoder --train-part decoder): its "
+                 "encoder must be identical, so the UNet's latents stay valid", input=True)
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ checked by `verify_base` before it is renamed into place.
 """
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 
@@ -39,11 +40,12 @@ def run(cfg: ExportBaseConfig) -> Path:
     check_format_version(ldm, src / MODEL_INFO)
     datasets = [_dataset_summary(Path(d)) for d in cfg.data]
     dtype = torch.float16 if cfg.dtype == "fp16" else torch.float32
+    vae_dir = check_same_encoder(src / LDM_VAE, Path(cfg.vae), dtype) if cfg.vae else src / LDM_VAE
     with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
-        vae = AutoencoderKL.from_pretrained(str(src / LDM_VAE), torch_dtype=dtype)
+        vae = AutoencoderKL.from_pretrained(str(vae_dir), torch_dtype=dtype)
         vae.save_pretrained(str(tmp / LDM_VAE), safe_serialization=True)
-        shutil.copy2(src / LDM_VAE / MODEL_INFO, tmp / LDM_VAE / MODEL_INFO)
+        shutil.copy2(vae_dir / MODEL_INFO, tmp / LDM_VAE / MODEL_INFO)
         unet = UNet2DModel.from_pretrained(str(src / LDM_UNET), torch_dtype=dtype)
         unet.save_pretrained(str(tmp / LDM_UNET), safe_serialization=True)
         load_scheduler(src / LDM_SCHEDULER).save_pretrained(str(tmp / LDM_SCHEDULER))
@@ -65,6 +67,28 @@ def run(cfg: ExportBaseConfig) -> Path:
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     log.info("base %s v%s exported to %s (%.1f MB, %s)", cfg.name, cfg.version, out, size / 1e6, cfg.dtype)
     return out
+
+
+def check_same_encoder(model_vae: Path, new_vae: Path, dtype) -> Path:
+    """`new_vae` (replacing the model's autoencoder) after checking that its encoder, quant_conv and scaling factor
+    are the model's at the stored dtype: the UNet was trained on those latents, so only the decoder may differ."""
+    import torch
+
+    from ..models.autoencoder import load_vae
+
+    old, new = load_vae(model_vae), load_vae(new_vae)
+    a = {k: v.to(dtype) for k, v in old.state_dict().items()}
+    b = {k: v.to(dtype) for k, v in new.state_dict().items()}
+    enc = [k for k in a if k.startswith(("encoder.", "quant_conv."))]
+    differ = [k for k in enc if k not in b or a[k].shape != b[k].shape or not torch.equal(a[k], b[k])]
+    if differ or set(a) != set(b):
+        raise HistoError(f"--vae {new_vae}: its encoder differs from the one the UNet of {model_vae.parent} was trained "
+                         f"on ({len(differ) or 'other'} tensors, e.g. {(differ or sorted(set(a) ^ set(b)))[0]}); only a "
+                         f"decoder trained with train-autoencoder --train-part decoder --init-from can replace it")
+    if not math.isclose(old.config.scaling_factor, new.config.scaling_factor, rel_tol=1e-6):
+        raise HistoError(f"--vae {new_vae}: scaling factor {new.config.scaling_factor} is not the model's "
+                         f"{old.config.scaling_factor}")
+    return new_vae
 
 
 def _dataset_summary(d: Path) -> dict:

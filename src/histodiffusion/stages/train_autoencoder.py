@@ -4,6 +4,11 @@ Loss = L1(x, x_rec) + kl_weight * KL / (3 H W) [+ adv_weight * hinge PatchGAN lo
 [+ lpips_weight * LPIPS with local VGG16 weights]. (Dividing the KL by the number of pixel values
 makes kl_weight mean what it means in the LDM code, whose reconstruction term is summed per image.)
 
+`init_from` starts from an exported autoencoder; with `train_part="decoder"` only the decoder (and
+post_quant_conv) learns: the encoder, and so every latent, the scaling factor and a UNet pretrained on those
+latents, stay exactly as they were. That is how a base's decoder is trained longer (for example on whole
+tiles after training on crops) without pretraining its UNet again.
+
 A deterministic held-out set (every k-th tile, holdout.csv) gives PSNR / SSIM and a reconstruction
 grid (real | reconstruction) every eval_every steps and at the end. At the end the latent scaling
 factor is measured on training tiles as 1 / std(z) and stored in the exported model
@@ -33,6 +38,7 @@ from ..runtime.log import MetricsLog, closes_stage_logs, human_time, progress
 from ..runtime.rundirs import check_checkpoint_within, mark_complete, reopen_for_steps, start_stage
 
 STAGE = "train-autoencoder"
+TRAIN_PARTS = ("all", "decoder")
 
 
 class AEWithKL(nn.Module):
@@ -93,6 +99,57 @@ def _check_config(cfg: AutoencoderConfig) -> None:
         raise HistoError(f"steps and batch_size must be >= 1, got {cfg.steps}, {cfg.batch_size}")
     if not cfg.data:
         raise HistoError("no unlabeled dataset given (--data)")
+    if cfg.train_part not in TRAIN_PARTS:
+        raise HistoError(f"train_part must be one of {', '.join(TRAIN_PARTS)}, not {cfg.train_part!r}")
+    if cfg.train_part == "decoder" and not cfg.init_from:
+        raise HistoError("train_part 'decoder' needs --init-from (the autoencoder whose encoder is kept)")
+    if cfg.init_from:
+        _init_folder(cfg)
+
+
+def _init_folder(cfg: AutoencoderConfig) -> Path:
+    """The autoencoder folder of `init_from` (itself, or a base's vae/), checked to be the architecture the
+    config names (before anything is written)."""
+    from ..models.autoencoder import check_vae_folder
+    from ..runtime.artifacts import LDM_VAE
+    from ..runtime.fileio import read_json
+
+    src = Path(cfg.init_from)
+    folder = check_vae_folder(src / LDM_VAE if (src / LDM_VAE).is_dir() else src)
+    have = read_json(folder / "config.json", "autoencoder config")
+    want = {"block_out_channels": list(cfg.block_out_channels), "layers_per_block": cfg.layers_per_block,
+            "latent_channels": cfg.latent_channels}
+    wrong = [f"{k} {have.get(k)} (config: {v})" for k, v in want.items() if have.get(k) != v]
+    if wrong:
+        raise HistoError(f"init_from {folder} has {', '.join(wrong)}: pass the same architecture flags")
+    return folder
+
+
+def _init_steps(cfg: AutoencoderConfig) -> int | None:
+    """Training steps of the init_from autoencoder (from its histodiffusion.json), None when unknown."""
+    from ..runtime.artifacts import MODEL_INFO
+    from ..runtime.fileio import read_json
+
+    info = _init_folder(cfg) / MODEL_INFO if cfg.init_from else None
+    return read_json(info, "autoencoder info").get("steps") if info is not None and info.is_file() else None
+
+
+def initial_vae(cfg: AutoencoderConfig, tile: int):
+    """(A fresh AutoencoderKL from the config and None) or (the autoencoder of `init_from`, its scaling factor)."""
+    from ..models.autoencoder import build_vae_from_config, load_vae
+
+    if not cfg.init_from:
+        return build_vae_from_config(cfg, tile), None
+    vae = load_vae(_init_folder(cfg)).float().train()
+    return vae, float(vae.config.scaling_factor)
+
+
+def trainable(vae, part: str) -> list:
+    """The parameters that learn: all of them, or the decoder's (encoder and quant_conv frozen)."""
+    if part == "decoder":
+        vae.encoder.requires_grad_(False)
+        vae.quant_conv.requires_grad_(False)
+    return [p for p in vae.parameters() if p.requires_grad]
 
 
 def load_sources(cfg: AutoencoderConfig, holdout: int):
@@ -222,7 +279,6 @@ def train_step(cfg, acc, model, opt, disc, opt_d, lpips, x, step: int, out: Path
 
 @closes_stage_logs
 def run(cfg: AutoencoderConfig) -> Path:
-    from ..models.autoencoder import build_vae_from_config
     from ..models.discriminator import build_discriminator
 
     _check_config(cfg)
@@ -240,8 +296,9 @@ def run(cfg: AutoencoderConfig) -> Path:
     index = EpochIndex([len(p) for p in train_ds.sources], [], cfg.batch_size, acc.process_index,
                        acc.num_processes, cfg.seed, train_ds.names)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
-    model = AEWithKL(build_vae_from_config(cfg, tile))
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
+    vae, init_scaling = initial_vae(cfg, tile)
+    model = AEWithKL(vae)
+    opt = torch.optim.AdamW(trainable(vae, cfg.train_part), lr=cfg.lr, betas=(0.5, 0.9))
     use_adv = cfg.adv_weight > 0
     disc = build_discriminator(tile) if use_adv else None
     opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.lr, betas=(0.5, 0.9)) if use_adv else None
@@ -259,9 +316,11 @@ def run(cfg: AutoencoderConfig) -> Path:
     if step:
         metrics.log(resumed_from=step)
     vae = acc.unwrap_model(model).vae
-    log.info("autoencoder: %d train + %d held-out tiles of %d px, f=%d, %.2fM params, %d process(es)",
-             len(train_ds), len(held), tile, 2 ** (len(cfg.block_out_channels) - 1),
-             sum(p.numel() for p in vae.parameters()) / 1e6, acc.num_processes)
+    log.info("autoencoder: %d train + %d held-out tiles of %d px, f=%d, %.2fM params (%.2fM trained%s), "
+             "%d process(es)", len(train_ds), len(held), tile, 2 ** (len(cfg.block_out_channels) - 1),
+             sum(p.numel() for p in vae.parameters()) / 1e6,
+             sum(p.numel() for p in vae.parameters() if p.requires_grad) / 1e6,
+             f", from {cfg.init_from}" if cfg.init_from else "", acc.num_processes)
     bar = progress(total=cfg.steps, initial=step, desc="autoencoder", disable=not main, log=log)
     t0, n_img = time.time(), 0
     model.train()
@@ -287,18 +346,21 @@ def run(cfg: AutoencoderConfig) -> Path:
         save_final_checkpoint(acc, out, step, cfg.keep_checkpoints)
     acc.wait_for_everyone()
     if main:
-        _finish(cfg, vae, train_ds, sources, held, acc.device, out, model_dir, metrics, log, time.time() - t0)
+        _finish(cfg, vae, train_ds, sources, held, acc.device, out, model_dir, metrics, log, time.time() - t0,
+                init_scaling if cfg.train_part == "decoder" else None)
     acc.wait_for_everyone()
     return model_dir
 
 
-def _finish(cfg, vae, train_ds, sources, held, device, out, model_dir, metrics, log, seconds) -> None:
+def _finish(cfg, vae, train_ds, sources, held, device, out, model_dir, metrics, log, seconds,
+            kept_scaling: float | None) -> None:
+    """Evaluate, measure the scaling factor (or keep the one of an unchanged encoder), export, mark complete."""
     from ..models.autoencoder import save_vae
 
     final = evaluate(vae, sources, held, device, out, cfg.steps) if held else {}
-    sf = measure_scaling_factor(vae, train_ds, device, seed=cfg.seed)
+    sf = kept_scaling if kept_scaling is not None else measure_scaling_factor(vae, train_ds, device, seed=cfg.seed)
     save_vae(vae, model_dir, sf, trained_on=[str(Path(d).resolve()) for d in cfg.data], steps=cfg.steps,
-             holdout_metrics=final)
+             holdout_metrics=final, init_from=cfg.init_from, train_part=cfg.train_part, init_steps=_init_steps(cfg))
     write_text_atomic(model_dir / CARD, autoencoder_card(model_dir, str(model_dir)))
     metrics.log(step=cfg.steps, scaling_factor=sf, **final)
     mark_complete(out, **completion_record(cfg), model=str(model_dir), scaling_factor=sf, steps=cfg.steps, **final)
