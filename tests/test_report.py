@@ -27,7 +27,7 @@ def full_run(tmp_path_factory):
     samples = make_class_samples(root / "samples", n_per_class=8)
     with one_thread():
         select.run(SelectConfig(samples=str(samples), data=str(data), subset="frac0.5", backbone="small_cnn_w8",
-                                feature_steps=10, min_confidence=0.0, quota_ratio=1.0))
+                                feature_steps=10, min_confidence=0.0, quota_ratio=1.0, drop_memorized=False))
         evaluate.run(EvaluateConfig(data=str(data), subset="frac0.5", samples=str(samples), out=str(root / "eval"),
                                     arms=("real", "real_aa", "unselected"), seeds=(0, 1), backbone="small_cnn_w8",
                                     epochs=1, steps_per_epoch=2, val_every=1, batch_size=8))
@@ -62,6 +62,8 @@ def test_report_files_and_sections(full_run):
     assert "real_aa (A/A noise floor)" in html and "Noise floor (A/A" in html and "Noise floor (A/A" in md
     assert "Validation curves" in html and "best val accuracy" in md and "checkpoint with the best accuracy" in html
     assert "acceptance" in md and "class-balanced" in html
+    assert re.search(r"nearest real distance <= aca \d\.\d+, benign \d\.\d+, scc \d\.\d+, the 0.01 quantile", md)
+    assert "per class of the nearest real tile" in md
     row = next(line for line in md.splitlines() if line.startswith("| aca | 6 | 8 |"))  # real 6, generated 8
     assert row.split(" | ")[5] == "6" and row.split(" | ")[9] == "0.750"  # kept 6 (quota 1 x 6): acceptance 6/8
     assert re.search(r"\d\.\d{3} \[-?\d\.\d{3}, \d\.\d{3}\]", html)  # mean [CI]

@@ -53,7 +53,7 @@ def test_confidence_threshold():
 
 def test_memorization_flags_exact_copy():
     rows, thr = score([[1.0, 1.0], [0.5, 0.5]], [0, 0], memorization_quantile=0.5, drop_memorized=True)
-    assert thr == pytest.approx(1.0)
+    assert thr == {"a": pytest.approx(1.0), "b": pytest.approx(1.0)}
     copy, fresh = rows
     assert copy["memorized"] == 1 and copy["nn_real_id"] == "r3" and copy["nn_real_dist"] == 0.0
     assert copy["keep"] == 0 and "memorized" in copy["reason"]
@@ -66,6 +66,25 @@ def test_threshold_ignores_same_group_neighbours():
     feats = np.array([[0, 0], [0, 0], [5, 0], [5, 0]], float)
     assert memorization_threshold(feats, ["g", "g", "h", "h"], 0.0) == pytest.approx(5.0)
     assert memorization_threshold(feats, ["g", "g", "g", "g"], 0.5) == 0.0
+
+
+def test_memorization_threshold_per_class_of_the_nearest_real_tile():
+    # class a: distinct tiles 0.1 apart (homogeneous tissue); class b: 2 apart
+    real = np.array([[0, 0], [0, 0.1], [0.1, 0], [0.1, 0.1], [10, 0], [10, 2], [12, 0], [12, 2]], float)
+    syn = np.array([[0.05, 0.2], [0.0, 0.0], [11.0, 1.0]])  # new a tile, a copy of r0, new b tile
+    probs = np.array([SURE, SURE, SURE[::-1]])
+
+    def flagged(per_class):
+        rows, thr = score_samples(real, LABELS, IDS, GROUPS, syn, np.array([0, 0, 1]), probs, ["a", "b"],
+                                  memorization_quantile=0.5, memorization_per_class=per_class)
+        return [r["memorized"] for r in rows], thr
+
+    # one threshold over all classes (the median of 0.1 x 4 and 2 x 4): the new a tile is flagged, the b one not
+    assert flagged(False) == ([1, 1, 0], {"a": pytest.approx(1.05), "b": pytest.approx(1.05)})
+    # per class: each class's new tile is judged against its own spacing; the copy stays flagged
+    assert flagged(True) == ([0, 1, 1], {"a": pytest.approx(0.1), "b": pytest.approx(2.0)})
+    per_class = memorization_threshold(real, GROUPS, 0.5, real_labels=LABELS, n_classes=2)
+    assert per_class.tolist() == pytest.approx([0.1, 2.0])
 
 
 def test_per_class_cap_keeps_best_ranked():

@@ -15,8 +15,11 @@ comes from a logistic regression fitted on the real features. Per sample:
   orientation, so a rotated copy is still a copy). Threshold = the `memorization_quantile` quantile
   of the real-real nearest-neighbour distances (computed the same way), where a real tile's
   neighbours exclude its own group (tiles of one group are flips/rotations of one original, i.e.
-  copies by construction). `memorized` = nn_real_dist <= threshold: by construction about that
-  fraction of genuinely new tiles is flagged too (a false-positive rate chosen by the user);
+  copies by construction); per class (memorization_per_class): the quantile over the real tiles of
+  one class, applied to samples whose nearest real tile is of that class. `memorized` = nn_real_dist
+  <= threshold: by construction about that fraction of genuinely new tiles is flagged too, in every
+  class (a false-positive rate chosen by the user; one global threshold flagged 14% of new benign lung
+  tiles, whose distinct fields lie closer together than tumour tiles, see BENCHMARKS.md);
 - filters: nearest centroid is the target (if require_nearest_centroid), confidence >=
   min_confidence, not memorized (if drop_memorized); `reason` names the filters a sample missed
   (';'-joined; "cap" when it passed but its class's quota was full);
@@ -76,25 +79,36 @@ def min_distance(probes: list, ref: np.ndarray) -> np.ndarray:
 
 
 def memorization_threshold(real_feats: np.ndarray, real_groups: list[str], quantile: float,
-                           real_views: list | None = None) -> float:
+                           real_views: list | None = None, real_labels=None, n_classes: int = 0):
     """quantile of each real tile's distance to its nearest real tile of ANOTHER group (0 when undefined);
-    with `real_views`, the distance is minimised over those views of each tile (as for the samples)."""
+    with `real_views`, the distance is minimised over those views of each tile (as for the samples).
+    With `real_labels`, one threshold per class (an array of n_classes): the quantile over that class's
+    real tiles only, so the false-positive rate on genuinely new tiles is about `quantile` in every class
+    (homogeneous tissue, whose distinct tiles lie close together, is not over-flagged)."""
     if not 0 <= quantile <= 1:
         raise HistoError(f"memorization_quantile must be in [0, 1], got {quantile}")
     d = min_distance(real_views or [real_feats], np.asarray(real_feats, np.float64))
     g = np.asarray(real_groups)
     d[g[:, None] == g[None, :]] = np.inf
     nn = d.min(axis=1)
-    nn = nn[np.isfinite(nn)]
-    return float(np.quantile(nn, quantile)) if nn.size else 0.0
+
+    def q(values):
+        values = values[np.isfinite(values)]
+        return float(np.quantile(values, quantile)) if values.size else 0.0
+    if real_labels is None:
+        return q(nn)
+    labels = np.asarray(real_labels)
+    return np.array([q(nn[labels == c]) for c in range(n_classes)])
 
 
 def score_samples(real_feats, real_labels, real_ids, real_groups, syn_feats, syn_targets, syn_probs,
                   classes: list[str], *, min_confidence: float = 0.5, require_nearest_centroid: bool = True,
-                  memorization_quantile: float = 0.01, drop_memorized: bool = True,
-                  max_ratio: float = 0.0, quota_ratio: float = 0.0, syn_views: list | None = None,
+                  memorization_quantile: float = 0.01, memorization_per_class: bool = True,
+                  drop_memorized: bool = True, max_ratio: float = 0.0, quota_ratio: float = 0.0, syn_views: list | None = None,
                   real_views: list | None = None) -> tuple[list[dict], float]:
-    """Score synthetic features against real ones; returns (rows with OUT_COLUMNS, memorization threshold).
+    """Score synthetic features against real ones; returns (rows with OUT_COLUMNS, {class: memorization
+    threshold}). A sample is a near-copy when its nearest real tile is closer than the threshold of that
+    tile's class (memorization_per_class), else than one threshold over all real tiles.
 
     syn_views / real_views: features of transformed copies (e.g. the 8 dihedral transforms) over
     which the memorization distances are minimised, so a rotated copy of a training tile is found.
@@ -117,12 +131,14 @@ def score_samples(real_feats, real_labels, real_ids, real_groups, syn_feats, syn
     d_real = min_distance(syn_views or [sf], rf)
     nn = d_real.argmin(1)
     nn_dist = d_real[np.arange(len(sf)), nn]
-    thr = memorization_threshold(rf, list(real_groups), memorization_quantile, real_views)
+    thr = memorization_threshold(rf, list(real_groups), memorization_quantile, real_views,
+                                 rl if memorization_per_class else None, len(classes))
+    thr_of_real = thr[rl] if memorization_per_class else np.full(len(rl), thr)
     rows = []
     for i in range(len(sf)):
         t = int(st[i])
         conf = float(probs[i, t])
-        memorized = bool(nn_dist[i] <= thr)
+        memorized = bool(nn_dist[i] <= thr_of_real[nn[i]])
         reasons = []
         if require_nearest_centroid and nearest[i] != t:
             reasons.append("not_nearest_centroid")
@@ -153,7 +169,7 @@ def score_samples(real_feats, real_labels, real_ids, real_groups, syn_feats, syn
     for r in rows:
         r["reason"] = ";".join(r.pop("reasons"))
         r.pop("_t")
-    return rows, thr
+    return rows, {c: float(thr[i] if memorization_per_class else thr) for i, c in enumerate(classes)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -244,14 +260,16 @@ def run(cfg: SelectConfig) -> Path:
     scored, thr = score_samples(rf, real.labels.numpy(), real.ids, real.groups, sf, targets,
                                 conf_fn(sf), real.classes, min_confidence=cfg.min_confidence,
                                 require_nearest_centroid=cfg.require_nearest_centroid,
-                                memorization_quantile=cfg.memorization_quantile, drop_memorized=cfg.drop_memorized,
+                                memorization_quantile=cfg.memorization_quantile,
+                                memorization_per_class=cfg.memorization_per_class, drop_memorized=cfg.drop_memorized,
                                 max_ratio=cfg.max_ratio, quota_ratio=cfg.quota_ratio, syn_views=syn_views,
                                 real_views=real_views)
     for r, s in zip(rows, scored):
         s["id"] = r["id"]
     summary = selection_summary(scored, real.classes, real.counts(), cfg.quota_ratio)
-    log.info("select: kept %d of %d samples (memorization threshold %.4g); acceptance per class: %s",
-             summary["kept"], len(scored), thr, ", ".join(f"{c} {a:.2f}" for c, a in summary["acceptance"].items()))
+    log.info("select: kept %d of %d samples (memorization threshold %s); acceptance per class: %s",
+             summary["kept"], len(scored), ", ".join(f"{c} {v:.4g}" for c, v in thr.items()),
+             ", ".join(f"{c} {a:.2f}" for c, a in summary["acceptance"].items()))
     for c, v in summary["per_class"].items():
         if v["short"]:
             log.warning("select: class %r keeps %d of its quota of %d (%g x %d real): only %d of its %d samples "

@@ -11,6 +11,11 @@ from .doc import ARM_HEADER, Doc, arm_rows, ci, fmt
 from .figures import curve_figure
 
 
+def _thresholds(thr) -> str:
+    """The memorization threshold of a keep-list: one number, or one per class (class: value)."""
+    return ", ".join(f"{c} {fmt(v, 4)}" for c, v in thr.items()) if isinstance(thr, dict) else fmt(thr, 4)
+
+
 def section_configs(doc: Doc, p: dict) -> None:
     found = []
     cands = [("dataset meta.json", p["data"] / "meta.json")]
@@ -82,8 +87,9 @@ def section_selection(doc: Doc, p: dict) -> None:
             if q else f"cap {cfg.get('max_ratio')} x real per class (0: none)")
     doc.p(f"Feature space: {f.get('extractor')}; filters: the nearest centroid is the target "
           f"({cfg.get('require_nearest_centroid')}), confidence >= {cfg.get('min_confidence')}, not memorized "
-          f"(nearest real distance <= {fmt(f.get('memorization_threshold'), 4)}, the "
-          f"{cfg.get('memorization_quantile')} quantile of real-real nearest-neighbour distances across groups; "
+          f"(nearest real distance <= {_thresholds(f.get('memorization_threshold'))}, the "
+          f"{cfg.get('memorization_quantile')} quantile of real-real nearest-neighbour distances across groups"
+          f"{', per class of the nearest real tile' if isinstance(f.get('memorization_threshold'), dict) else ''}; "
           f"dropped: {cfg.get('drop_memorized')}); {rule}. Kept {f['kept']} of {f['samples']}. "
           f"Acceptance = kept / generated; pass rate = passing every filter / generated.")
     pc = f["per_class"]
