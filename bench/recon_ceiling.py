@@ -118,6 +118,7 @@ def main() -> None:
     p.add_argument("--seeds", default="", help="training seeds (default: the run's)")
     p.add_argument("--reuse", default="", help="a finished evaluation with the same harness: its real/classic "
                                                "classifiers are copied in instead of trained again")
+    p.add_argument("--procs", type=int, default=1, help="processes for evaluate (torchrun, one classifier each)")
     args = p.parse_args()
 
     from histodiffusion.stages import evaluate, select
@@ -125,6 +126,7 @@ def main() -> None:
     from histodiffusion.runtime.config import EvaluateConfig, RunConfig, SelectConfig, config_from_dict
     from histodiffusion.models.autoencoder import load_vae
     from histodiffusion.pipeline import plan
+    from histodiffusion.runtime.distributed import launch_stage
     from histodiffusion.runtime.fileio import read_json
 
     run = Path(args.run)
@@ -151,7 +153,10 @@ def main() -> None:
         if args.reuse and not (out / variant / "eval" / "_COMPLETE.json").is_file():
             print(f"{variant}: {reuse_baselines(Path(args.reuse), cfg, arms, seeds, out / variant / 'eval')} "
                   f"baseline classifiers reused from {args.reuse}")
-        evaluate.run(cfg)
+        if args.procs > 1:
+            launch_stage("evaluate", cfg, args.procs)
+        else:
+            evaluate.run(cfg)
     text = results_table(out)
     (out / "results.md").write_text(text)
     print(text)
