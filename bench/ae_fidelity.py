@@ -137,8 +137,9 @@ def main() -> None:
         held[Path(d).name] = torch.stack([ds.uint8(i) for i in range(len(ds))])
     names = list(held)
     head = ("| autoencoder | " + " | ".join(f"{n} PSNR / SSIM" for n in names) + " | lung test PSNR / SSIM "
-            "| judge on recon (x raw) | clean-latent probe |")
-    rows = [head, "|" + "---|" * (len(names) + 4)]
+            "| judge on recon (x raw) | judge per class on recon (raw) | clean-latent probe |")
+    rows = [head, "|" + "---|" * (len(names) + 5)]
+    raw_pred = predict(model, test.images)[0].argmax(1)
     results = []
     for v in args.vae.split(","):
         vae = load_vae(v)
@@ -152,12 +153,17 @@ def main() -> None:
         ps, ss = psnr_ssim(test.images, rec)
         probs, _ = predict(model, rec)
         acc = float((probs.argmax(1) == test.labels).float().mean())
+        # per class: which class's cues the round trip loses (recall of the judge on reconstructions vs raw)
+        per_class = {c: {"recon": float((probs.argmax(1)[test.labels == k] == k).float().mean()),
+                         "raw": float((raw_pred[test.labels == k] == k).float().mean())}
+                     for k, c in enumerate(test.classes)}
         probe = latent_probe(vae, target, args.subset, means, test.labels)
         res.update(lung={"psnr": ps, "ssim": ss}, judge_recon=acc, judge_raw=raw_acc, judge_ratio=acc / raw_acc,
-                   latent_probe=probe)
+                   judge_per_class=per_class, latent_probe=probe)
         results.append(res)
-        rows.append(f"| {v} | " + " | ".join(cells) + f" | {ps:.2f} / {ss:.3f} | {acc:.3f} ({acc / raw_acc:.2f}x) "
-                    f"| {probe:.3f} |")
+        rows.append(f"| {v} | " + " | ".join(cells) + f" | {ps:.2f} / {ss:.3f} | {acc:.3f} ({acc / raw_acc:.2f}x) | "
+                    + ", ".join(f"{c} {r['recon']:.2f} ({r['raw']:.2f})" for c, r in per_class.items())
+                    + f" | {probe:.3f} |")
         print(rows[-1], flush=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))

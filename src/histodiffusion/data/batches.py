@@ -71,5 +71,5 @@ def train_balanced(clf, ds, by_class, steps: int, batch_size: int, lr: float, we
         loss.backward()
         opt.step()
         if log is not None and (step + 1) % 100 == 0:
-            log.info("%s step %d/%d loss %.4f", what, step + 1, steps, float(loss))
+            log.info("%s step %d/%d loss %.4f", what, step + 1, steps, loss.item())
     clf.eval()
