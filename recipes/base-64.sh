@@ -11,10 +11,12 @@
 # finished stage. BASE_FROM=PATH continues an existing base instead (its autoencoder encodes the corpus, its
 # EMA UNet is where pretraining starts, for LDM_STEPS more steps with a fresh optimizer; LDM_STEPS=0 keeps its UNet).
 # DECODER_STEPS=N trains the decoder alone N steps longer on whole tiles (train-autoencoder --train-part decoder;
-# export-base --vae takes it). The v2 candidate
-# (measured, not shipped: no better than v1, see BENCHMARKS.md) was built from v1 with
+# export-base --vae takes it). Two candidates were measured and not shipped (BENCHMARKS.md): a longer UNet,
 #   BASE_FROM=src/histodiffusion/base/histodiffusion-base-64 LDM_STEPS=3000 VERSION=2 \
 #   LDM_FLAGS="--lr 1e-4 --warmup 100" bash recipes/base-64.sh runs/base-64-v2
+# and a longer decoder on whole tiles (sharper, no borders, but no more class-faithful after the run's fine-tune),
+#   BASE_FROM=src/histodiffusion/base/histodiffusion-base-64 LDM_STEPS=0 DECODER_STEPS=1000 VERSION=2 \
+#   bash recipes/base-64.sh runs/base-64-dec
 # The held-out groups (--holdout-frac) are never trained on: bench/ae_fidelity.py and
 # bench/base_realism.py measure on them.
 set -euo pipefail

@@ -18,7 +18,7 @@ comes from a logistic regression fitted on the real features. Per sample:
   copies by construction); per class (memorization_per_class): the quantile over the real tiles of
   one class, applied to samples whose nearest real tile is of that class. `memorized` = nn_real_dist
   <= threshold: by construction about that fraction of genuinely new tiles is flagged too, in every
-  class (a false-positive rate chosen by the user; one global threshold flagged 14% of new benign lung
+  class (a false-positive rate chosen by the user; one global threshold flagged 13% of new benign lung
   tiles, whose distinct fields lie closer together than tumour tiles, see BENCHMARKS.md);
 - filters: nearest centroid is the target (if require_nearest_centroid), confidence >=
   min_confidence, not memorized (if drop_memorized); `reason` names the filters a sample missed
