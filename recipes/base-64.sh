@@ -14,7 +14,7 @@
 # export-base --vae takes it). Two candidates were measured and not shipped (BENCHMARKS.md): a longer UNet,
 #   BASE_FROM=src/histodiffusion/base/histodiffusion-base-64 LDM_STEPS=3000 VERSION=2 \
 #   LDM_FLAGS="--lr 1e-4 --warmup 100" bash recipes/base-64.sh runs/base-64-v2
-# and a longer decoder on whole tiles (sharper, no borders, but no more class-faithful after the run's fine-tune),
+# and a longer decoder on whole tiles (sharper, no borders, reconstruction ceiling 72% vs 45%, samples no more realistic),
 #   BASE_FROM=src/histodiffusion/base/histodiffusion-base-64 LDM_STEPS=0 DECODER_STEPS=1000 VERSION=2 \
 #   bash recipes/base-64.sh runs/base-64-dec
 # The held-out groups (--holdout-frac) are never trained on: bench/ae_fidelity.py and
