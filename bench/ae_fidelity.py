@@ -37,13 +37,12 @@ def prepare_target(out: Path, labels_csv: Path) -> Path:
 
 
 def judge(out: Path, target: Path, steps: int, backbone: str):
-    """(model, raw test accuracy): trained once on every train tile of the target, cached."""
+    """The judge model: trained once on every train tile of the target, cached."""
     from histodiffusion.data.evaldata import load_real
-    from histodiffusion.models.classifier import (build_classifier, load_classifier, predict, save_classifier,
+    from histodiffusion.models.classifier import (build_classifier, load_classifier, save_classifier,
                                                   train_classifier)
 
     d = out / f"judge_{backbone}_{steps}"
-    test = load_real(target, "test")
     if (d / "classifier.json").is_file():
         model, _ = load_classifier(d)
     else:
@@ -55,8 +54,7 @@ def judge(out: Path, target: Path, steps: int, backbone: str):
         save_classifier(model, d, {"name": backbone, "classes": train.classes, "num_classes": len(train.classes),
                                    "image_size": 64, "trained_on": f"{target} train ({len(train)} tiles)",
                                    "steps": steps, "seconds": round(time.time() - t0, 1)})
-    probs, _ = predict(model, test.images)
-    return model, float((probs.argmax(1) == test.labels).float().mean())
+    return model
 
 
 @torch.no_grad()
@@ -125,11 +123,12 @@ def main() -> None:
         from histodiffusion.models.judge import load_judge
 
         model, jinfo = load_judge(args.judge)
-        raw_acc = float((predict(model, test.images)[0].argmax(1) == test.labels).float().mean())
         what = f"judge {args.judge} ({jinfo['id']})"
     else:
-        model, raw_acc = judge(out, target, args.judge_steps, args.judge_backbone)
+        model = judge(out, target, args.judge_steps, args.judge_backbone)
         what = f"judge ({args.judge_backbone}, {args.judge_steps} steps)"
+    raw_pred = predict(model, test.images)[0].argmax(1)  # once: the raw-tile reference of every autoencoder
+    raw_acc = float((raw_pred == test.labels).float().mean())
     print(f"{what} on raw test tiles: {raw_acc:.3f} ({len(test)} tiles of unseen groups)")
     held = {}
     for d in filter(None, args.unlabeled.split(",")):
@@ -139,7 +138,6 @@ def main() -> None:
     head = ("| autoencoder | " + " | ".join(f"{n} PSNR / SSIM" for n in names) + " | lung test PSNR / SSIM "
             "| judge on recon (x raw) | judge per class on recon (raw) | clean-latent probe |")
     rows = [head, "|" + "---|" * (len(names) + 5)]
-    raw_pred = predict(model, test.images)[0].argmax(1)
     results = []
     for v in args.vae.split(","):
         vae = load_vae(v)
