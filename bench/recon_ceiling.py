@@ -14,6 +14,16 @@ classic augmentation, the harness the synthetic arms train with):
 
 If real_new helps and recon_new does not, the autoencoder is the bottleneck, whatever the guidance.
 
+A decoder adapted on the target's unlabeled train tiles (finetune-decoder --unlabeled-subset) must not have
+seen the new tiles it is measured on: `--pool half` draws them only from every other train group outside the
+subset (sorted by name), and `--adapt-subset NAME` writes the complement (every other train tile) as the
+subset file data/target/subsets/NAME.csv to adapt on, then exits:
+
+    .venv/bin/python bench/recon_ceiling.py --run R --pool half --adapt-subset train_adapt
+    .venv/bin/python -m histodiffusion finetune-decoder --config R/adapt/decoder/config.json \
+        --unlabeled-subset train_adapt --steps 1000 --out bench/out/decoder_unl
+    .venv/bin/python bench/recon_ceiling.py --run R --pool half --vae bench/out/decoder_unl/model/vae ...
+
     .venv/bin/python bench/recon_ceiling.py --run bench/out/efficacy/frac0.05
     .venv/bin/python bench/recon_ceiling.py --run bench/out/efficacy_base/frac0.05 --variants real_new,recon_new \
         --arms classic,selected --reuse bench/out/efficacy_base/frac0.05/eval5
@@ -30,8 +40,35 @@ from pathlib import Path
 VARIANTS = ("recon_subset", "real_new", "recon_new")
 
 
-def pick_tiles(run: Path, subset: str, variant: str, seed: int = 0) -> tuple[object, list[int]]:
-    """(PixelDataset, item indices): the subset itself, or as many new train tiles per class from other groups."""
+POOLS = ("all", "half")
+
+
+def pool_groups(train_rows: list[dict], subset_groups: set[str], pool: str) -> set[str]:
+    """The train groups new tiles are drawn from: every group outside the subset ("all"), or every other
+    one of them in sorted order ("half": the other half stays free for unlabeled adaptation)."""
+    if pool not in POOLS:
+        raise SystemExit(f"--pool must be one of {POOLS}, not {pool!r}")
+    groups = sorted({r["group"] for r in train_rows} - subset_groups)
+    return set(groups if pool == "all" else groups[1::2])
+
+
+def write_adapt_subset(run: Path, subset: str, name: str) -> Path:
+    """data/target/subsets/<name>.csv: the train tiles outside pool_groups(..., "half"), for adaptation."""
+    from histodiffusion.data.datasets import PixelDataset
+    from histodiffusion.runtime.fileio import write_csv_atomic
+
+    sub, train = PixelDataset(run / "data" / "target", subset), PixelDataset(run / "data" / "target", "train")
+    held = pool_groups(train.rows, {r["group"] for r in sub.rows}, "half")
+    path = run / "data" / "target" / "subsets" / f"{name}.csv"
+    if path.exists() or name in ("train", "val", "test", "all", subset):
+        raise SystemExit(f"--adapt-subset {name!r}: {path} exists or names a split; choose a new name")
+    write_csv_atomic(path, [{"id": r["id"]} for r in train.rows if r["group"] not in held], ["id"])
+    return path
+
+
+def pick_tiles(run: Path, subset: str, variant: str, seed: int = 0, pool: str = "all") -> tuple[object, list[int]]:
+    """(PixelDataset, item indices): the subset itself, or as many new train tiles per class from other groups
+    (those of pool_groups)."""
     import numpy as np
 
     from histodiffusion.data.datasets import PixelDataset
@@ -40,13 +77,13 @@ def pick_tiles(run: Path, subset: str, variant: str, seed: int = 0) -> tuple[obj
     if variant == "recon_subset":
         return sub, list(range(len(sub)))
     train = PixelDataset(run / "data" / "target", "train")
-    used_groups = {r["group"] for r in sub.rows}
+    allowed = pool_groups(train.rows, {r["group"] for r in sub.rows}, pool)
     rng = np.random.default_rng(seed)
     picked = []
     for c in sorted({sub.label_index(i) for i in range(len(sub))}):
         want = sum(sub.label_index(i) == c for i in range(len(sub)))
-        pool = [i for i in range(len(train)) if train.label_index(i) == c and train.rows[i]["group"] not in used_groups]
-        picked += sorted(rng.choice(pool, size=want, replace=False).tolist())
+        pool_idx = [i for i in range(len(train)) if train.label_index(i) == c and train.rows[i]["group"] in allowed]
+        picked += sorted(rng.choice(pool_idx, size=want, replace=False).tolist())
     return train, picked
 
 
@@ -119,6 +156,10 @@ def main() -> None:
     p.add_argument("--reuse", default="", help="a finished evaluation with the same harness: its real/classic "
                                                "classifiers are copied in instead of trained again")
     p.add_argument("--procs", type=int, default=1, help="processes for evaluate (torchrun, one classifier each)")
+    p.add_argument("--pool", default="all", choices=POOLS, help="train groups the new tiles come from: all outside "
+                                                                "the subset, or half of them (the rest: --adapt-subset)")
+    p.add_argument("--adapt-subset", default="", help="write the train tiles outside the half pool as this subset "
+                                                      "of the run's data/target, then exit")
     args = p.parse_args()
 
     from histodiffusion.stages import evaluate, select
@@ -130,6 +171,10 @@ def main() -> None:
     from histodiffusion.runtime.fileio import read_json
 
     run = Path(args.run)
+    if args.adapt_subset:
+        ev_subset = read_json(run / "config.json")["config"]["subset"]
+        print(f"adaptation subset -> {write_adapt_subset(run, ev_subset, args.adapt_subset)}")
+        return
     out = Path(args.out) if args.out else run / "recon_ceiling"
     vae_dir = Path(args.vae) if args.vae else next(p for p in (run / "adapt/decoder/model/vae", run / "ae/model/vae")
                                                     if p.is_dir())
@@ -143,7 +188,7 @@ def main() -> None:
     for variant in args.variants.split(","):
         samples = out / variant / "samples"
         if not (samples / "samples.csv").is_file():
-            ds, idx = pick_tiles(run, ev["subset"], variant)
+            ds, idx = pick_tiles(run, ev["subset"], variant, pool=args.pool)
             n = write_samples(ds, idx, classes, vae if variant.startswith("recon") else None, samples)
             print(f"{variant}: {n} images -> {samples}")
         selection = select.run(config_from_dict(SelectConfig, {**sel, "samples": str(samples), "out": ""}))

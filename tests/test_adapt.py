@@ -168,3 +168,27 @@ def test_finetune_decoder_plain_reconstruction(target, tmp_path):
     assert "aux_accuracy_on_recon" not in m["after"] and not (out / "aux_classifier").exists()
     with pytest.raises(HistoError, match="aux_weight"):
         finetune_decoder.run(dataclasses.replace(cfg, out=str(tmp_path / "bad"), aux_weight=-1.0))
+
+
+def test_finetune_decoder_unlabeled_stream_and_leakage_guard(target, tmp_path):
+    """The target's unlabeled tiles add a reconstruction stream that changes the decoder; val/test are refused."""
+    cfg = FinetuneDecoderConfig(data=str(target["data"]), subset="few", vae=str(target["vae"]),
+                                out=str(tmp_path / "plain"), aux_weight=0.0, steps=4, batch_size=4,
+                                unlabeled_batch_size=4)
+    plain = finetune_decoder.run(cfg)
+    adapted = finetune_decoder.run(dataclasses.replace(cfg, out=str(tmp_path / "unl"), unlabeled_subset="train"))
+    m = json.loads((adapted / "metrics.json").read_text())
+    from histodiffusion.data.datasets import PixelDataset
+
+    assert m["n_unlabeled"] == len(PixelDataset(target["data"], "train"))
+    assert json.loads((plain / "metrics.json").read_text())["n_unlabeled"] == 0
+    logged = [json.loads(line) for line in (adapted / "metrics.jsonl").read_text().splitlines()]
+    assert logged and all("l1_unlabeled" in r for r in logged)
+    a, b = (load_file(str(d / "model" / "vae" / "diffusion_pytorch_model.safetensors")) for d in (plain, adapted))
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("decoder."))
+    info = json.loads((adapted / "model" / "vae" / "histodiffusion.json").read_text())
+    assert info["unlabeled_subset"] == "train"
+    for held in ("val", "test", "all"):
+        with pytest.raises(HistoError, match="validation/test tiles"):
+            finetune_decoder.run(dataclasses.replace(cfg, out=str(tmp_path / held), unlabeled_subset=held))
+        assert not (tmp_path / held).exists()

@@ -167,6 +167,14 @@ def test_adapting_the_base_on_unlabeled_target_tiles(base, tmp_path):
     assert adapt.stage == "pretrain" and adapt.fields["init_from"] == str(base)
     assert adapt.fields["subset"] == "train" and adapt.fields["steps"] == 30
     assert steps["sample"].fields["model"] == str(tmp_path / "r" / "ldm_target" / "model")
+    assert not steps["finetune decoder"].fields.get("unlabeled_subset")
+    # --adapt-decoder-unlabeled: the decoder fine-tune also reconstructs the train split, labels unused
+    dec = {s.name: s for s in plan(RunConfig(out=str(tmp_path / "r"), base=str(base), tile_size=SIZE,
+                                             adapt_decoder_unlabeled=True))}["finetune decoder"]
+    assert dec.fields["unlabeled_subset"] == "train" and dec.fields["subset"] == "frac0.25"
+    with pytest.raises(HistoError, match="needs --finetune-decoder true"):
+        plan(RunConfig(out=str(tmp_path / "r"), base=str(base), tile_size=SIZE, adapt_decoder_unlabeled=True,
+                       finetune_decoder=False))
 
     _, _, cache = make_labeled_cache(tmp_path / "t", vae=base / "vae")
     common = dict(cache=(str(cache),), init_from=str(base), steps=2, batch_size=4, warmup=0, sample_every=0,

@@ -48,6 +48,8 @@ def plan(cfg: C.RunConfig, base: dict | None | str = "verify") -> list[Step]:
     """The chain of stages for this run, with each stage's resolved config fields (`base`: the verified
     base record when the caller has it already, else it is resolved and verified here)."""
     validate_config(cfg)
+    if cfg.adapt_decoder_unlabeled and not cfg.finetune_decoder:
+        raise HistoError("--adapt-decoder-unlabeled true adapts the decoder fine-tune: it needs --finetune-decoder true")
     fields = _fields_of(cfg)
     base = _base(cfg) if base == "verify" else base
     L = RunLayout(Path(cfg.out))
@@ -151,7 +153,8 @@ def _synthesis_steps(cfg: C.RunConfig, L: RunLayout, fields: Fields, ldm_model: 
     if cfg.finetune_decoder:
         decoder = L.decoder
         steps.append(Step("finetune decoder", "finetune-decoder", decoder, fields("finetune-decoder", {
-            "data": str(d_tgt), "vae": str(ae_vae), "out": str(decoder)}, {"subset": cfg.subset})))
+            "data": str(d_tgt), "vae": str(ae_vae), "out": str(decoder)}, {
+            "subset": cfg.subset, **({"unlabeled_subset": "train"} if cfg.adapt_decoder_unlabeled else {})})))
     vae = str(L.model(decoder) / "vae") if decoder else ""
     arms = [("", ldm_model)]
     if cfg.ablations:
@@ -199,7 +202,7 @@ def _base(cfg: C.RunConfig) -> dict | None:
 
 
 # config fields that name a subset of the dataset or cache the stage reads
-SUBSET_FIELDS = {"train-latent-classifier": ("subset", "val_subset"), "finetune-decoder": ("subset",),
+SUBSET_FIELDS = {"train-latent-classifier": ("subset", "val_subset"), "finetune-decoder": ("subset", "unlabeled_subset"),
                  "sample": ("real_subset",), "select": ("subset",), "evaluate": ("subset",), "report": ("subset",),
                  "pretrain": ("subset",)}
 

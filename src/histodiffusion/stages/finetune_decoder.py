@@ -1,6 +1,9 @@
 """Stage `finetune-decoder`: fine-tune the autoencoder's decoder on the labeled subset with an L1
 reconstruction loss plus aux_weight * cross-entropy of an auxiliary image classifier (trained on the real
-labeled subset first, then frozen) on decoded images. The encoder is frozen, so latents of the base
+labeled subset first, then frozen) on decoded images. With `unlabeled_subset` (beyond the paper), a second
+stream of the target's own tiles without labels (e.g. the whole train split) adds an L1 reconstruction loss,
+so the decoder learns the cohort's stains and structures from every tile a user has, not only labeled ones;
+validation and test tiles are refused. The encoder is frozen, so latents of the base
 autoencoder stay valid: the exported <out>/model/vae/histodiffusion.json names the base hash.
 
 Fine-tuning the UNet unconditionally on target latents is `pretrain --init-from <model> --cache <target>`.
@@ -87,6 +90,20 @@ def _eval_decoder(vae, clf, ds, idx) -> dict:
     return res
 
 
+def _unlabeled_tiles(cfg: FinetuneDecoderConfig):
+    """The PixelDataset of cfg.unlabeled_subset, or None; refuses validation/test tiles (leakage guard)."""
+    from ..data.datasets import PixelDataset
+
+    if not cfg.unlabeled_subset:
+        return None
+    ds = PixelDataset(cfg.data, cfg.unlabeled_subset)
+    held = [r["id"] for r in ds.rows if r.get("split") in ("val", "test")]
+    if held:
+        raise HistoError(f"unlabeled_subset {cfg.unlabeled_subset!r} of {cfg.data} holds {len(held)} validation/test "
+                         f"tiles, e.g. {held[0]}: the decoder must not see them; use train or a subset of it")
+    return ds
+
+
 @closes_stage_logs
 def run(cfg: FinetuneDecoderConfig) -> Path:
     from ..data.datasets import PixelDataset
@@ -94,6 +111,7 @@ def run(cfg: FinetuneDecoderConfig) -> Path:
     from ..models.autoencoder import load_vae, save_vae
 
     acc = make_accelerator()
+    unl = _unlabeled_tiles(cfg)  # before anything is written: a leaking subset is refused up front
     out, log = start_stage(acc, cfg, "finetune-decoder")
     if is_complete(out):
         log.info("fine-tuned decoder already complete: %s", out / "model" / "vae")
@@ -127,22 +145,30 @@ def run(cfg: FinetuneDecoderConfig) -> Path:
         log.info("resumed from step %d", step)
     metrics = MetricsLog(out / "metrics.jsonl", acc.is_main_process)
     dec.train()
-    # 3. training: L1 reconstruction + aux_weight * CE(aux classifier(decoded), y)
+    # 3. training: L1 reconstruction + aux_weight * CE(aux classifier(decoded), y) [+ L1 on unlabeled tiles]
+    if unl is not None:
+        log.info("unlabeled stream: %d tiles of subset %r (reconstruction only)", len(unl), cfg.unlabeled_subset)
     while step < cfg.steps:
         g = torch_generator(cfg.seed, step, acc.process_index)
         x, y = pixel_batch(ds, balanced_batch(by_class, cfg.batch_size, g), g)
+        n_lab = len(x)
+        if unl is not None:
+            x_u, _ = pixel_batch(unl, torch.randint(len(unl), (cfg.unlabeled_batch_size,), generator=g), g)
+            x = torch.cat([x, x_u])
         with torch.no_grad():
             z = vae.encode(x).latent_dist.sample(generator=g)
         rec = dec(z)
-        rec_loss = (rec - x).abs().mean()
-        aux_loss = F.cross_entropy(clf(rec), y) if clf is not None else torch.zeros(())
-        loss = rec_loss + cfg.aux_weight * aux_loss
+        rec_loss = (rec[:n_lab] - x[:n_lab]).abs().mean()
+        unl_loss = (rec[n_lab:] - x[n_lab:]).abs().mean() if unl is not None else torch.zeros(())
+        aux_loss = F.cross_entropy(clf(rec[:n_lab]), y) if clf is not None else torch.zeros(())
+        loss = rec_loss + unl_loss + cfg.aux_weight * aux_loss
         acc.backward(loss)
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
         if step % 25 == 0 or step == cfg.steps:
-            metrics.log(step=step, loss=float(loss.detach()), l1=float(rec_loss.detach()), aux_ce=float(aux_loss.detach()))
+            metrics.log(step=step, loss=float(loss.detach()), l1=float(rec_loss.detach()), aux_ce=float(aux_loss.detach()),
+                        **({"l1_unlabeled": float(unl_loss.detach())} if unl is not None else {}))
             log.info("step %d/%d l1 %.4f aux ce %.4f", step, cfg.steps, float(rec_loss.detach()), float(aux_loss.detach()))
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             save_checkpoint(acc, out, step, cfg.keep_checkpoints)
@@ -151,11 +177,12 @@ def run(cfg: FinetuneDecoderConfig) -> Path:
     if acc.is_main_process:
         after = _eval_decoder(vae, clf, ds, eval_idx)
         write_json_atomic(out / "metrics.json", {"before": before, "after": after, "aux_weight": cfg.aux_weight,
-                                                 "steps": cfg.steps, "n_train": len(ds)})
+                                                 "steps": cfg.steps, "n_train": len(ds),
+                                                 "n_unlabeled": len(unl) if unl is not None else 0})
         log.info("decoder fine-tune: before %s, after %s", before, after)
         save_vae(vae, out / "model" / "vae", scaling, base_vae_hash=base_hash, base_vae=str(Path(cfg.vae).resolve()),
                  finetuned="decoder", aux_weight=cfg.aux_weight, classes=classes, data=str(cfg.data),
-                 subset=cfg.subset)
+                 subset=cfg.subset, unlabeled_subset=cfg.unlabeled_subset)
         write_text_atomic(out / "model" / "vae" / CARD, autoencoder_card(
             out / "model" / "vae", str(out / "model" / "vae"), read_json(out / "metrics.json")))
         mark_complete(out, **completion_record(cfg))
