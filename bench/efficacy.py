@@ -8,7 +8,8 @@ best-validation checkpoint (bench/efficacy_stages.json), selection class-balance
 ratio. With --base none, the unlabeled preparation, autoencoder, latent caches and pretrained UNet are
 made once (in the first fraction's run directory) and reused by the other fractions.
 --adapt-unlabeled-steps N adds continued unconditional training of the base on the target's train tiles
-(labels unused) before guidance: run it into another --out to compare with the plain base.
+(labels unused) before guidance, --adapt-decoder-unlabeled the same tiles in the decoder fine-tune
+(bench/efficacy_decoder_unl.json: 500 steps): run them into another --out to compare with the plain base.
 
     .venv/bin/python bench/efficacy.py --out bench/out/efficacy
 
@@ -44,6 +45,8 @@ def main() -> None:
     p.add_argument("--base", default="default", help="pretrained base to adapt (default: the shipped one; none: "
                    "pretrain from scratch on unlabeled_he)")
     p.add_argument("--adapt-unlabeled-steps", type=int, default=0)
+    p.add_argument("--adapt-decoder-unlabeled", action="store_true",
+                   help="the decoder fine-tune also reconstructs the target's train tiles, labels unused")
     p.add_argument("--stage-config", default=str(REPO / "bench" / "efficacy_stages.json"),
                    help="per-stage overrides (JSON)")
     p.add_argument("--until", default="", help="stop every fraction after this stage (e.g. pretrain)")
@@ -82,6 +85,7 @@ def main() -> None:
         cfg = RunConfig(
             out=str(rd), preset=args.preset,
             base=args.base, adapt_unlabeled_steps=args.adapt_unlabeled_steps,
+            adapt_decoder_unlabeled=args.adapt_decoder_unlabeled,
             unlabeled=tuple(str(p) for p in sorted((SHARED / "unlabeled_he").iterdir())) if args.base == "none" else (),
             labels_csv=str(SHARED / "lc25000_lung" / "labels.csv"),
             subset=name, seeds=tuple(int(s) for s in args.seeds.split(",")),
