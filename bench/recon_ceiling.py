@@ -162,12 +162,12 @@ def main() -> None:
                                                       "of the run's data/target, then exit")
     args = p.parse_args()
 
-    from histodiffusion.stages import evaluate, select
+    from histodiffusion.stages import select
     from histodiffusion.runtime.artifacts import read_meta
     from histodiffusion.runtime.config import EvaluateConfig, RunConfig, SelectConfig, config_from_dict
     from histodiffusion.models.autoencoder import load_vae
     from histodiffusion.pipeline import plan
-    from histodiffusion.runtime.distributed import launch_stage
+    from histodiffusion.runtime.registry import run_stage
     from histodiffusion.runtime.fileio import read_json
 
     run = Path(args.run)
@@ -198,10 +198,7 @@ def main() -> None:
         if args.reuse and not (out / variant / "eval" / "_COMPLETE.json").is_file():
             print(f"{variant}: {reuse_baselines(Path(args.reuse), cfg, arms, seeds, out / variant / 'eval')} "
                   f"baseline classifiers reused from {args.reuse}")
-        if args.procs > 1:
-            launch_stage("evaluate", cfg, args.procs)
-        else:
-            evaluate.run(cfg)
+        run_stage("evaluate", cfg, args.procs)
     text = results_table(out)
     (out / "results.md").write_text(text)
     print(text)

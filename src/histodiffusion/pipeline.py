@@ -20,12 +20,11 @@ from .runtime import config as C
 from .runtime.configrules import validate_config
 from .runtime.configtypes import load_config_file
 from .runtime.contract import check_complete
-from .runtime.distributed import launch_stage
 from .runtime.errors import HistoError
 from .runtime.fileio import write_json_atomic, write_text_atomic
 from .runtime.layout import RunLayout
 from .runtime.log import get_logger, human_time, log_to
-from .runtime.registry import STAGES, build
+from .runtime.registry import STAGES, build, run_stage
 from .runtime.rundirs import start_run_dir
 
 
@@ -306,10 +305,8 @@ def _run_steps(cfg: C.RunConfig, steps: list[Step], root: Path) -> Path:
             continue
         log.info(f"{head} -> {step.out}")
         t0 = time.time()
-        if step.stage == "evaluate" and cfg.procs > 1:  # independent classifiers: one process each
-            launch_stage(step.stage, stage_cfg, cfg.procs)
-        else:
-            STAGES[step.stage](stage_cfg)
+        # evaluate's classifiers are independent: one process each with --procs
+        run_stage(step.stage, stage_cfg, cfg.procs if step.stage == "evaluate" else 1)
         dt = time.time() - t0
         timings[step.name] = (dt, "ran")
         _write_timings(layout.timings, timings, order)

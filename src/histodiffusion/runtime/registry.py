@@ -153,6 +153,16 @@ def stage(name: str) -> Stage:
     return STAGES[name]
 
 
+def run_stage(name: str, cfg: Any, procs: int = 1) -> Any:
+    """Run stage `name` with `cfg` in this process, or with procs > 1 in that many local processes
+    (torchrun; distributed.launch_stage)."""
+    if procs > 1:
+        from .distributed import launch_stage
+
+        return launch_stage(name, cfg, procs)
+    return stage(name)(cfg)
+
+
 def stage_of_config(cfg: Any) -> Stage:
     """The record whose config class `cfg` is an instance of (every stage has its own class)."""
     for s in STAGES.values():
