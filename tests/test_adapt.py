@@ -188,6 +188,9 @@ def test_finetune_decoder_unlabeled_stream_and_leakage_guard(target, tmp_path):
     assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("decoder."))
     info = json.loads((adapted / "model" / "vae" / "histodiffusion.json").read_text())
     assert info["unlabeled_subset"] == "train"
+    card = (adapted / "model" / "vae" / "README.md").read_text()
+    assert f"labels unused), {m['n_unlabeled']} tiles of subset `train`" in card
+    assert "labels unused" not in (plain / "model" / "vae" / "README.md").read_text()
     for held in ("val", "test", "all"):
         with pytest.raises(HistoError, match="validation/test tiles"):
             finetune_decoder.run(dataclasses.replace(cfg, out=str(tmp_path / held), unlabeled_subset=held))

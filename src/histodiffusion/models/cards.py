@@ -185,7 +185,9 @@ def autoencoder_card(folder: Path, name: str, metrics: dict | None = None) -> st
             f"The encoder, and so the latent space, is that of {info.get('base_vae')} (weights "
             f"{str(info.get('base_vae_hash'))[:12]}) unchanged.", "",
             "## Data", "",
-            f"Labeled tiles of subset `{info.get('subset')}` of {dataset_line(info.get('data') or '')}", "",
+            f"Labeled tiles of subset `{info.get('subset')}` of {dataset_line(info.get('data') or '')}"
+            + (f"; also, reconstruction only (labels unused), {m.get('n_unlabeled', '?')} tiles of subset "
+               f"`{info['unlabeled_subset']}`" if info.get("unlabeled_subset") else ""), "",
             "## Training and measurements", "",
             f"- {m.get('steps', '?')} steps on {m.get('n_train', '?')} tiles; classes {info.get('classes')}.",
             f"- Before: {_figures(before)}; after: {_figures(after)} (recon_l1: mean absolute error in [-1, 1]; "
