@@ -45,9 +45,8 @@ POOLS = ("all", "half")
 
 def pool_groups(train_rows: list[dict], subset_groups: set[str], pool: str) -> set[str]:
     """The train groups new tiles are drawn from: every group outside the subset ("all"), or every other
-    one of them in sorted order ("half": the other half stays free for unlabeled adaptation)."""
-    if pool not in POOLS:
-        raise SystemExit(f"--pool must be one of {POOLS}, not {pool!r}")
+    one of them in sorted order ("half": the other half stays free for unlabeled adaptation); --pool's
+    argparse choices are POOLS."""
     groups = sorted({r["group"] for r in train_rows} - subset_groups)
     return set(groups if pool == "all" else groups[1::2])
 
@@ -57,11 +56,11 @@ def write_adapt_subset(run: Path, subset: str, name: str) -> Path:
     from histodiffusion.data.datasets import PixelDataset
     from histodiffusion.runtime.fileio import write_csv_atomic
 
-    sub, train = PixelDataset(run / "data" / "target", subset), PixelDataset(run / "data" / "target", "train")
-    held = pool_groups(train.rows, {r["group"] for r in sub.rows}, "half")
     path = run / "data" / "target" / "subsets" / f"{name}.csv"
     if path.exists() or name in ("train", "val", "test", "all", subset):
         raise SystemExit(f"--adapt-subset {name!r}: {path} exists or names a split; choose a new name")
+    sub, train = PixelDataset(run / "data" / "target", subset), PixelDataset(run / "data" / "target", "train")
+    held = pool_groups(train.rows, {r["group"] for r in sub.rows}, "half")
     write_csv_atomic(path, [{"id": r["id"]} for r in train.rows if r["group"] not in held], ["id"])
     return path
 

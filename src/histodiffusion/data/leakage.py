@@ -15,6 +15,15 @@ SOURCES_CSV = "sources.csv"  # path,sha256 of every source file of a dataset (wr
 SOURCES_COLUMNS = ["path", "sha256"]
 
 
+EVALUATION_SPLITS = ("val", "test")  # a labeled set's tiles that no generator or decoder may train on
+
+
+def evaluation_tiles(rows: list[dict]) -> list[str]:
+    """Ids of the validation/test tiles among manifest `rows` (the generators' leakage guard: pretraining
+    and decoder adaptation refuse any)."""
+    return [r["id"] for r in rows if r.get("split") in EVALUATION_SPLITS]
+
+
 def dataset_hashes(directory: str | Path) -> tuple[dict[str, str], dict[str, str]]:
     """({source sha256: path}, {tile hash: tile id}) of a complete prepared dataset, or ({source sha256:
     path}, {}) of a pretrained base (its sources.csv lists every image it was trained on)."""

@@ -93,11 +93,12 @@ def _eval_decoder(vae, clf, ds, idx) -> dict:
 def _unlabeled_tiles(cfg: FinetuneDecoderConfig):
     """The PixelDataset of cfg.unlabeled_subset, or None; refuses validation/test tiles (leakage guard)."""
     from ..data.datasets import PixelDataset
+    from ..data.leakage import evaluation_tiles
 
     if not cfg.unlabeled_subset:
         return None
     ds = PixelDataset(cfg.data, cfg.unlabeled_subset)
-    held = [r["id"] for r in ds.rows if r.get("split") in ("val", "test")]
+    held = evaluation_tiles(ds.rows)
     if held:
         raise HistoError(f"unlabeled_subset {cfg.unlabeled_subset!r} of {cfg.data} holds {len(held)} validation/test "
                          f"tiles, e.g. {held[0]}: the decoder must not see them; use train or a subset of it")

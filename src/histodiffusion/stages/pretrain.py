@@ -53,12 +53,13 @@ def _check_config(cfg: PretrainConfig) -> None:
 def load_caches(paths, subset: str = "all") -> tuple[list, list[str], object]:
     """LatentDatasets of the caches, their names, and their one latent space (latent_space.py)."""
     from ..data.datasets import LatentDataset
+    from ..data.leakage import evaluation_tiles
     from ..runtime.latent_space import check_compatible
 
     sets = [LatentDataset(p, subset, sample=True) for p in paths]
     names = [ds.meta.get("dataset_name") or Path(p).name for ds, p in zip(sets, paths)]
     for ds, p in zip(sets, paths):  # leakage guard: evaluation tiles of a labeled set never train a generator
-        held = [r["id"] for r in ds.rows if r.get("split") in ("val", "test")]
+        held = evaluation_tiles(ds.rows)
         if held:
             raise HistoError(f"latent cache {p} (subset {subset!r}) holds {len(held)} validation/test tiles, e.g. "
                              f"{held[0]}: pretraining must not see them; use --subset train or a few-shot subset")
