@@ -9,7 +9,8 @@ ratio. With --base none, the unlabeled preparation, autoencoder, latent caches a
 made once (in the first fraction's run directory) and reused by the other fractions.
 --adapt-unlabeled-steps N adds continued unconditional training of the base on the target's train tiles
 (labels unused) before guidance, --adapt-decoder-unlabeled the same tiles in the decoder fine-tune
-(bench/efficacy_decoder_unl.json: 500 steps): run them into another --out to compare with the plain base.
+(bench/efficacy_decoder_unl.json: 500 steps): run them into another --out to compare with the plain base,
+with --reuse-from <the plain run's --out> so the stages the variants share are copied, not re-run.
 
     .venv/bin/python bench/efficacy.py --out bench/out/efficacy
 
@@ -23,14 +24,12 @@ import argparse
 import csv
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("HISTODIFFUSION_SHARED", REPO.parent / "shared" / "data"))
-SHARED_STAGES = ("data/unlabeled", "data/target", "ae", "cache/unlabeled", "cache/target", "ldm")
 
 
 def main() -> None:
@@ -51,7 +50,11 @@ def main() -> None:
                    help="per-stage overrides (JSON)")
     p.add_argument("--until", default="", help="stop every fraction after this stage (e.g. pretrain)")
     p.add_argument("--pretrained-from", default="",
-                   help="run directory whose data/, ae/, cache/ and ldm/ are reused (default: the first fraction's)")
+                   help="run directory whose finished stages with the same config and inputs (data/, ae/, cache/, "
+                        "ldm/) are copied (run --reuse-from; default: the first fraction's)")
+    p.add_argument("--reuse-from", default="",
+                   help="another efficacy --out: each fraction's run copies the stages (and real/classic classifiers) "
+                        "that finished there with the same config and inputs (run --reuse-from)")
     p.add_argument("--draws", type=int, default=1,
                    help="draws of the labeled subset (other groups, same size): draw d > 0 runs in frac<f>_d<d>/ "
                         "with subset frac<f>_d<d>; the table pools (draw, seed) pairs")
@@ -76,12 +79,8 @@ def main() -> None:
     for frac, draw in [(f, d) for d in range(args.draws) for f in fracs]:
         name = draw_name(f"frac{frac:g}", draw)  # the subset, and its run directory
         rd = out / name
-        if first != rd:  # reuse the pretraining stages (and the identical target preparation)
-            for rel in SHARED_STAGES:
-                src, dst = first / rel, rd / rel
-                if src.is_dir() and not dst.exists():
-                    dst.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copytree(src, dst, symlinks=True)
+        other = Path(args.reuse_from) / name if args.reuse_from else first  # stages finished there are copied
+        reuse = str(other) if other != rd and (other / "config.json").is_file() else ""
         cfg = RunConfig(
             out=str(rd), preset=args.preset,
             base=args.base, adapt_unlabeled_steps=args.adapt_unlabeled_steps,
@@ -91,7 +90,8 @@ def main() -> None:
             subset=name, seeds=tuple(int(s) for s in args.seeds.split(",")),
             ratios=tuple(float(r) for r in args.ratios.split(",")), oversample=args.oversample,
             ablations=not args.no_ablations,
-            stage_config=stage_config, until=args.until, procs=args.procs)
+            stage_config=stage_config, until=args.until, procs=args.procs,
+            reuse_from=reuse)
         run(cfg)
         if args.until:
             break

@@ -128,6 +128,20 @@ def test_run_end_to_end_and_skip(tmp_path):
     assert "| evaluate | " in (t := L2.timings.read_text()) and t.count("| ran |") == 2  # evaluate and report
     assert L2.report_index.is_file()
 
+    # 5. a variant of run2 (another sampler setting) with --reuse-from: run2's finished stages are copied, and
+    # its real/classic classifiers; sampling, selection, the synthetic arms and the report run
+    cfg2 = tmp_path / "tiny2.json"
+    cfg2.write_text(json.dumps({**TINY, "sample": {"steps": 3, "batch_size": 8}}))
+    out3 = tmp_path / "run3"
+    r6 = _run(out3, cfg2, base, extra=("--reuse-from", out2))
+    assert r6.returncode == 0, r6.stderr[-3000:]
+    assert r6.stderr.count("copied from") == 5, r6.stderr[-3000:]  # 4 stages + evaluate's sample-free classifiers
+    ran = [ln.split("|")[1].strip() for ln in RunLayout(out3).timings.read_text().splitlines() if "| ran |" in ln]
+    assert ran == ["sample", "select", "evaluate", "report"]
+    for name in ("real_0", "classic_1"):
+        assert (L2.evaluation() / "classifiers" / name / "scores.json").read_bytes() == (
+            RunLayout(out3).evaluation() / "classifiers" / name / "scores.json").read_bytes()
+
 
 def test_run_refuses_other_config_in_same_dir(tmp_path):
     out = tmp_path / "run"

@@ -116,3 +116,59 @@ def test_fingerprint_follows_the_stage_that_made_an_input(tmp_path):
     assert fingerprint(stage / "model" / "scheduler") == sched  # ... its noise schedule (config files only) not
     (stage / "model" / "scheduler" / "scheduler_config.json").write_text('{"beta_end": 0.02}')
     assert fingerprint(stage / "model" / "scheduler") != sched
+
+
+def test_a_copied_output_with_its_inputs_is_still_complete(chain, tmp_path):
+    """Inputs are compared by hash, not by path: finished stages of a copied run directory are reused."""
+    data, samples = chain
+    with one_thread():
+        assert _select(data, samples) == 0
+    fields = {"subset": "train", "backbone": "small_cnn_w8", "feature_steps": 5, "generative_metrics": False}
+    copy = tmp_path / "copy"
+    shutil.copytree(data, copy / "data")
+    shutil.copytree(samples, copy / "samples")
+    moved = build("select", {"samples": str(copy / "samples"), "data": str(copy / "data"), **fields})
+    assert check_complete(copy / "samples" / "select", moved)
+    # another setting is still another config, wherever the inputs are
+    assert not check_complete(copy / "samples" / "select", build("select", {
+        "samples": str(copy / "samples"), "data": str(copy / "data"), **{**fields, "feature_steps": 6}}))
+    # the same path with other content is still another input
+    marker = copy / "data" / "_COMPLETE.json"
+    marker.write_text(marker.read_text().replace('"finished"', '"finished_"'))
+    assert not check_complete(copy / "samples" / "select", moved)  # select is re-made, not refused
+    assert not (copy / "samples" / "select" / "_COMPLETE.json").exists()
+
+
+def test_run_reuse_from_copies_finished_stages_and_sample_free_classifiers(chain, tmp_path, capsys):
+    """`run --reuse-from`: a stage finished in another run with the same config and inputs is copied; an
+    evaluation with other arms gets that run's finished real/classic classifiers, not its synthetic ones."""
+    from histodiffusion.runtime.reuse import check_source, reuse_stage
+
+    data, samples = chain  # run A: tmp_path/{data,samples}
+    with one_thread():
+        assert _select(data, samples) == 0
+        assert main(["evaluate", "--data", str(data), "--samples", str(samples), "--out", str(tmp_path / "eval"),
+                     *EVALUATE[:2], "--arms", "real,classic,selected", *EVALUATE[4:]]) == 0
+    b = tmp_path / "B"
+    for d in ("data", "samples"):  # stages B already has: byte-identical copies
+        shutil.copytree(tmp_path / d, b / d, ignore=shutil.ignore_patterns("select"))
+    sel = build("select", {"samples": str(b / "samples"), "data": str(b / "data"), "subset": "train",
+                           "backbone": "small_cnn_w8", "feature_steps": 5, "generative_metrics": False})
+    assert reuse_stage(b / "samples" / "select", b, tmp_path, sel).startswith("copied from")
+    assert check_complete(b / "samples" / "select", sel)
+    assert reuse_stage(b / "samples" / "select", b, tmp_path, sel) == ""  # never over an existing directory
+    # another harness: nothing; other arms, same harness: real and classic only
+    ev = {"data": str(b / "data"), "samples": str(b / "samples"), "out": str(b / "eval"), "subset": "frac0.5",
+          "ratios": [0.25], "seeds": [0], "backbone": "small_cnn_w8", "val_every": 0, "batch_size": 8}
+    assert reuse_stage(b / "eval", b, tmp_path, build("evaluate", {**ev, "arms": ["real", "unselected"], "steps": 3})) == ""
+    msg = reuse_stage(b / "eval", b, tmp_path, build("evaluate", {**ev, "arms": ["real", "unselected"], "steps": 2}))
+    assert msg.startswith("2 finished sample-free classifier(s)")
+    assert sorted(p.name for p in (b / "eval" / "classifiers").iterdir()) == ["classic_0", "real_0"]
+    with one_thread():
+        assert main(["evaluate", "--data", str(b / "data"), "--samples", str(b / "samples"), "--out", str(b / "eval"),
+                     *EVALUATE[:2], "--arms", "real,unselected", *EVALUATE[4:]]) == 0
+    got = json.loads((b / "eval" / "classifiers" / "real_0" / "scores.json").read_text())
+    assert got == json.loads((tmp_path / "eval" / "classifiers" / "real_0" / "scores.json").read_text())
+    assert (b / "eval" / "classifiers" / "unselected@0.25_0" / "_COMPLETE.json").is_file()
+    with pytest.raises(HistoError, match="not a directory made by `histodiffusion run`"):
+        check_source(str(tmp_path), str(b))

@@ -25,6 +25,7 @@ from .runtime.fileio import write_json_atomic, write_text_atomic
 from .runtime.layout import RunLayout
 from .runtime.log import get_logger, human_time, log_to
 from .runtime.registry import STAGES, build, run_stage
+from .runtime.reuse import check_source, reuse_stage
 from .runtime.rundirs import start_run_dir
 
 
@@ -266,7 +267,9 @@ def _sources(cfg: C.RunConfig) -> tuple[tuple[str, ...], str]:
 def run(cfg: C.RunConfig) -> Path:
     base = _base(cfg)
     steps = plan(cfg, base)  # validates the run config and the stage overrides before anything is written
-    root = start_run_dir(cfg.out, cfg, "run", neutral=("until", "procs"))
+    if cfg.reuse_from:
+        check_source(cfg.reuse_from, cfg.out)
+    root = start_run_dir(cfg.out, cfg, "run", neutral=("until", "procs", "reuse_from"))
     with log_to(RunLayout(root).log):  # every stage's lines, with the pipeline's
         if base:
             from .models.base import base_summary
@@ -294,6 +297,10 @@ def _run_steps(cfg: C.RunConfig, steps: list[Step], root: Path) -> Path:
     for i, step in enumerate(steps, 1):
         head = f"[{i}/{len(steps)}] {step.name}"
         stage_cfg = build(step.stage, step.fields)
+        if cfg.reuse_from:  # a stage finished in the other run with this config and these inputs: copied
+            copied = reuse_stage(step.out, root, Path(cfg.reuse_from), stage_cfg)
+            if copied:
+                log.info(f"{head}: {copied}")
         if check_complete(step.out, stage_cfg):  # same config, same inputs (a changed input: a clear error)
             log.info(f"{head}: complete, skipped ({step.out})")
             for warning in step.on_skip() if step.on_skip else []:

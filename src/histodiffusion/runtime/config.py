@@ -307,6 +307,7 @@ class RunConfig:
     ablations: bool = F(False, "also run the no-pretraining ablation and write ablation.md")
     stage_config: str = F("", "JSON/TOML file of per-stage overrides: {stage: {field: value}}")
     until: str = F("", "stop after this stage (e.g. pretrain); empty: the whole chain")
+    reuse_from: str = F("", "another run directory: every stage that finished there with this run's config and the same inputs is copied instead of re-run, and an evaluation's finished real/classic classifiers when only samples, arms or seeds differ (variants of one run share their common stages)")
     procs: int = F(1, "processes for the evaluate stages (torchrun on this machine, one thread each unless OMP_NUM_THREADS is set; the same classifiers as one process; their log lines go to the stage's log.txt only)")
 
 

@@ -6,8 +6,10 @@ its hash is that of the completion marker of the stage that made it (or of a bas
 of the file itself), so an input that was re-made, trained longer or replaced has another hash.
 `check_complete` is the one question "is this output done, from these inputs?": done (skip it), not
 done (run it: the stage resumes or refuses another config itself), or done from other inputs: a clear
-error naming the inputs that changed (delete the output to re-make it). Markers written before this
-contract (format 1) are refused with a clear error too.
+error naming the inputs that changed (delete the output to re-make it). Inputs are compared by these
+hashes, not by their paths: a complete output copied or moved together with its inputs (a run directory
+copied to reuse its finished stages) is still complete. Markers written before this contract (format 1)
+are refused with a clear error too.
 """
 from __future__ import annotations
 
@@ -95,7 +97,8 @@ def check_complete(out: str | Path | None, cfg: Any) -> bool:
         raise HistoError(f"{out} was completed by an older histodiffusion (completion marker format "
                          f"{rec.get('format_version')!r}, this version writes {MARKER_FORMAT} with the hashes of its "
                          f"inputs): delete it (or use another output directory) to re-make it")
-    if comparable_config(rec.get("config")) != comparable_config(config_to_dict(cfg)):
+    inputs = input_fields(type(cfg))  # compared by hash below, wherever they are now
+    if comparable_config(rec.get("config"), inputs) != comparable_config(config_to_dict(cfg), inputs):
         return False
     now = input_hashes(cfg)
     changed = sorted(k for k in set(now) | set(rec["inputs"]) if now.get(k) != rec["inputs"].get(k))
