@@ -138,6 +138,7 @@ def test_run_end_to_end_and_skip(tmp_path):
     assert r6.stderr.count("copied from") == 5, r6.stderr[-3000:]  # 4 stages + evaluate's sample-free classifiers
     ran = [ln.split("|")[1].strip() for ln in RunLayout(out3).timings.read_text().splitlines() if "| ran |" in ln]
     assert ran == ["sample", "select", "evaluate", "report"]
+    assert (L2.select() / "_COMPLETE.json").is_file()  # the other run is read, never changed
     for name in ("real_0", "classic_1"):
         assert (L2.evaluation() / "classifiers" / name / "scores.json").read_bytes() == (
             RunLayout(out3).evaluation() / "classifiers" / name / "scores.json").read_bytes()

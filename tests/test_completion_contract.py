@@ -142,7 +142,9 @@ def test_a_copied_output_with_its_inputs_is_still_complete(chain, tmp_path):
 def test_run_reuse_from_copies_finished_stages_and_sample_free_classifiers(chain, tmp_path, capsys):
     """`run --reuse-from`: a stage finished in another run with the same config and inputs is copied; an
     evaluation with other arms gets that run's finished real/classic classifiers, not its synthetic ones."""
+    from histodiffusion.runtime.configtypes import config_to_dict
     from histodiffusion.runtime.reuse import check_source, reuse_stage
+    from histodiffusion.runtime.rundirs import mark_complete
 
     data, samples = chain  # run A: tmp_path/{data,samples}
     with one_thread():
@@ -157,6 +159,13 @@ def test_run_reuse_from_copies_finished_stages_and_sample_free_classifiers(chain
     assert reuse_stage(b / "samples" / "select", b, tmp_path, sel).startswith("copied from")
     assert check_complete(b / "samples" / "select", sel)
     assert reuse_stage(b / "samples" / "select", b, tmp_path, sel) == ""  # never over an existing directory
+    c = tmp_path / "C"  # other samples: nothing copied, and the other run's selection stays complete
+    shutil.copytree(b, c)
+    shutil.rmtree(c / "samples" / "select")
+    mark_complete(c / "samples", note="made again")  # another sample run: another hash
+    sel_c = build("select", {**config_to_dict(sel), "samples": str(c / "samples"), "data": str(c / "data")})
+    assert reuse_stage(c / "samples" / "select", c, tmp_path, sel_c) == ""
+    assert check_complete(tmp_path / "samples" / "select", sel) and not (c / "samples" / "select").exists()
     # another harness: nothing; other arms, same harness: real and classic only
     ev = {"data": str(b / "data"), "samples": str(b / "samples"), "out": str(b / "eval"), "subset": "frac0.5",
           "ratios": [0.25], "seeds": [0], "backbone": "small_cnn_w8", "val_every": 0, "batch_size": 8}

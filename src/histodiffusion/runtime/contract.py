@@ -83,15 +83,14 @@ def output_dir(cfg: Any) -> Path | None:
     return Path(cfg.out)
 
 
-def check_complete(out: str | Path | None, cfg: Any) -> bool:
-    """True when `out` is complete with this config and these inputs; False when it is not complete or
-    was made with another config (the stage then resumes, or refuses, itself); a HistoError when it is
-    complete but was made from other inputs, or by an older histodiffusion."""
+def completion(out: str | Path | None, cfg: Any) -> tuple[bool, list[str]]:
+    """(complete with this config, the inputs whose hash changed since) of `out`; reads only (a HistoError
+    for a marker of an older histodiffusion)."""
     if out is None:
-        return False
+        return False, []
     marker = Path(out) / COMPLETE_MARKER
     if not marker.is_file():
-        return False
+        return False, []
     rec = read_json(marker, "completion marker")
     if rec.get("format_version") != MARKER_FORMAT or "inputs" not in rec:
         raise HistoError(f"{out} was completed by an older histodiffusion (completion marker format "
@@ -99,15 +98,22 @@ def check_complete(out: str | Path | None, cfg: Any) -> bool:
                          f"inputs): delete it (or use another output directory) to re-make it")
     inputs = input_fields(type(cfg))  # compared by hash below, wherever they are now
     if comparable_config(rec.get("config"), inputs) != comparable_config(config_to_dict(cfg), inputs):
-        return False
+        return False, []
     now = input_hashes(cfg)
-    changed = sorted(k for k in set(now) | set(rec["inputs"]) if now.get(k) != rec["inputs"].get(k))
-    if changed and isinstance(cfg, REMADE):  # cheap, a pure function of its inputs: made again
+    return True, sorted(k for k in set(now) | set(rec["inputs"]) if now.get(k) != rec["inputs"].get(k))
+
+
+def check_complete(out: str | Path | None, cfg: Any) -> bool:
+    """True when `out` is complete with this config and these inputs; False when it is not complete or
+    was made with another config (the stage then resumes, or refuses, itself); a HistoError when it is
+    complete but was made from other inputs, or by an older histodiffusion."""
+    done, changed = completion(out, cfg)
+    if done and changed and isinstance(cfg, REMADE):  # cheap, a pure function of its inputs: made again
         if dist_info()[0] == 0:  # only rank 0 writes
             (Path(out) / COMPLETE_MARKER).unlink(missing_ok=True)
         return False
-    if changed:
+    if done and changed:
         raise HistoError(f"{out} is complete but was made from other inputs: {', '.join(changed)} changed since "
                          f"({', '.join(f'{k}={getattr(cfg, k)}' for k in changed)}); delete {out} to re-make it "
                          f"from the new inputs, or use another output directory")
-    return True
+    return done

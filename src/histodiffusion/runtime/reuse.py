@@ -39,16 +39,16 @@ def reuse_stage(out: Path, root: Path, source_root: Path, cfg: Any) -> str:
     """Copy the stage directory `out` (inside run `root`) from run `source_root` when it finished there
     with `cfg` and the same inputs; returns what was copied ("" when nothing)."""
     from .config import EvaluateConfig
-    from .contract import check_complete
+    from .contract import completion
 
     if out.exists():
         return ""
     src = source_root / Path(out).relative_to(root)
     try:
-        done = check_complete(src, cfg)
-    except HistoError:  # finished there from other inputs (an evaluation: other samples)
-        done = False
-    if done:
+        done, changed = completion(src, cfg)  # reads only: the other run is never changed
+    except HistoError:  # made by an older histodiffusion
+        done, changed = False, []
+    if done and not changed:
         _copy(src, out)
         return f"copied from {src}"
     if isinstance(cfg, EvaluateConfig):
