@@ -210,7 +210,7 @@ def test_rerun_reuses_feature_classifier(selected):
 def test_bad_inputs(selected, tmp_path, capsys):
     cfg, samples, *_ = selected
     broken = tmp_path / "broken"
-    shutil.copytree(samples, broken)
+    shutil.copytree(samples, broken, ignore=shutil.ignore_patterns("select"))  # (a copied selection would be complete)
     (broken / "images" / "s00002.png").unlink()
     with pytest.raises(HistoError, match="s00002.png"):
         run(SelectConfig(**{**cfg.__dict__, "samples": str(broken)}))
