@@ -9,7 +9,8 @@ ratio. With --base none, the unlabeled preparation, autoencoder, latent caches a
 made once (in the first fraction's run directory) and reused by the other fractions.
 --adapt-unlabeled-steps N adds continued unconditional training of the base on the target's train tiles
 (labels unused) before guidance, --adapt-decoder-unlabeled the same tiles in the decoder fine-tune
-(bench/efficacy_decoder_unl.json: 500 steps): run them into another --out to compare with the plain base,
+(bench/efficacy_decoder_unl.json: 500 steps; both with bench/efficacy_unet_adapt.json, which also evaluates
+unselected): run them into another --out to compare with the plain base,
 with --reuse-from <the plain run's --out> so the stages the variants share are copied, not re-run.
 
     .venv/bin/python bench/efficacy.py --out bench/out/efficacy
