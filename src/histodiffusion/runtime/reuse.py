@@ -2,7 +2,8 @@
 their common stages instead of re-running them.
 
 A stage directory of the other run is copied into this run when the stage finished there with this run's
-config and from the same inputs (runtime.contract.check_complete: inputs are compared by hash, not path),
+config and from the same inputs (runtime.contract.completion, which only reads: inputs are compared by hash,
+not path),
 so a copied stage is exactly what this run would have made. For an evaluation that is not reusable as a
 whole (other samples, arms or seeds), its finished classifiers of the arms that do not read samples
 (real, real_aa, classic, classic_aa) are copied when the harness (everything but samples, selection, arms,
@@ -58,7 +59,7 @@ def reuse_stage(out: Path, root: Path, source_root: Path, cfg: Any) -> str:
 
 
 def _reuse_classifiers(src: Path, out: Path, cfg: Any) -> int:
-    from ..data.evalarms import AA_OF, UNAUGMENTED_KINDS
+    from ..data.evalarms import REAL_KINDS
     from .contract import fingerprint
 
     if not (src / CONFIG_FILE).is_file():
@@ -69,12 +70,11 @@ def _reuse_classifiers(src: Path, out: Path, cfg: Any) -> int:
         return 0
     if fingerprint(old["data"]) != fingerprint(cfg.data):
         return 0
-    arms = {*UNAUGMENTED_KINDS, *AA_OF.values(), *AA_OF}  # real, real_aa, classic, classic_aa
     n = 0
     for d in sorted((src / "classifiers").glob("*_*")):
         arm = d.name.rsplit("_", 1)[0]
         dst = out / "classifiers" / d.name
-        if arm in arms and is_complete(d) and not dst.exists():
+        if arm in REAL_KINDS and is_complete(d) and not dst.exists():
             _copy(d, dst)
             n += 1
     return n
