@@ -115,12 +115,14 @@ def test_judge_trains_on_train_tiles_only_and_writes_fidelity(world, tmp_path):
             assert f[scope]["per_class"][c]["fidelity"] == pytest.approx(hits / len(mine))
     assert f["judge"]["id"] and f["filtered_csv_sha256"] and f["settings"]["scale"] == "10.0"
     assert f["realism"]["fd_name"] == "FD_judge_small_cnn_w8" and f["realism"]["overall"]["n_fake"] == 18
+    assert f["realism_kept"]["overall"]["n_fake"] == 9 and 0 <= f["realism_kept"]["overall"]["coverage"] <= 1
     # re-run on another sample directory: the judge is reused, not retrained
     other = make_class_samples(tmp_path / "other", n_per_class=2, seed=5)
     judge.run(cfg_of(world, tmp_path / "j", samples=(str(other),), realism=False))
     assert weights.stat().st_mtime_ns == trained and "judge: reusing" in (out / "log.txt").read_text()
     f2 = json.loads((other / "fidelity.json").read_text())
-    assert f2["kept"] is None and f2["realism"] is None and f2["judge"]["id"] == f["judge"]["id"]
+    assert f2["kept"] is None and f2["realism"] is None and f2["realism_kept"] is None
+    assert f2["judge"]["id"] == f["judge"]["id"]
     with pytest.raises(HistoError, match="different config"):
         judge.run(cfg_of(world, tmp_path / "j", steps=7))
 

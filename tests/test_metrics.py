@@ -96,13 +96,19 @@ def test_kid_unbiased_near_zero_for_same_distribution():
 def test_precision_recall_toy():
     rng = np.random.default_rng(0)
     real = rng.uniform(0, 1, (20, 2))
-    assert M.precision_recall(real, real.copy(), k=3) == {"precision": 1.0, "recall": 1.0, "k": 3}
+    assert M.precision_recall(real, real.copy(), k=3) == {"precision": 1.0, "recall": 1.0, "coverage": 1.0, "k": 3}
     far = real + 100.0
     pr = M.precision_recall(real, far, k=3)
-    assert pr["precision"] == 0.0 and pr["recall"] == 0.0
+    assert pr["precision"] == 0.0 and pr["recall"] == 0.0 and pr["coverage"] == 0.0
     half = np.concatenate([real[:10], far[:10]])
     pr = M.precision_recall(real, half, k=3)
-    assert pr["precision"] == 0.5 and pr["recall"] >= 0.5
+    assert pr["precision"] == 0.5 and pr["recall"] >= 0.5 and pr["coverage"] >= 0.5
+    # samples piled on one real tile plus one outlier: the outlier's wide k-NN ball gives full recall,
+    # coverage (balls around the real tiles) sees that most real tiles have no sample near them
+    far_corner = real[[np.argmax(np.linalg.norm(real - 50.0, axis=1))]]  # the real tile farthest from the outlier
+    piled = np.concatenate([far_corner + rng.normal(0, 1e-4, (4, 2)), [[50.0, 50.0]]])
+    pr = M.precision_recall(real, piled, k=3)
+    assert pr["recall"] == 1.0 and pr["coverage"] <= 0.3
     with pytest.raises(HistoError):
         M.precision_recall(real[:3], real, k=3)
 

@@ -12,7 +12,8 @@ from histodiffusion.cli import main
 from histodiffusion.runtime.artifacts import FILTERED_COLUMNS
 from histodiffusion.runtime.config import SelectConfig
 from histodiffusion.runtime.errors import HistoError
-from histodiffusion.stages.select import memorization_threshold, run, score_samples, selection_summary
+from histodiffusion.stages.select import (coverage_order, memorization_threshold, real_balls, run, score_samples,
+                                          selection_summary)
 
 @pytest.fixture(autouse=True)
 def _one_thread():
@@ -144,6 +145,48 @@ def test_class_quota_smaller_than_the_passing_samples_caps_them():
     assert summary["acceptance"] == {"a": pytest.approx(2 / 6), "b": 1.0}
     with pytest.raises(HistoError, match="not both"):
         crafted(quota_ratio=1.0, max_ratio=1.0)
+
+
+def test_coverage_order_spreads_over_the_real_tiles():
+    # rows: which of 3 real tiles each sample's position lies in the ball of (already in tie-break order)
+    balls = np.array([[1, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 0], [0, 0, 1], [1, 1, 0]], bool)
+    counts = np.zeros(3)
+    # row 5 covers two fresh tiles: first; then row 4, the one fresh tile r2; then rows 0-2 gain 1/2 each
+    # (r0, r1 covered once): row 0 by the given order; now r0 is covered twice, so row 2 (r1: 1/2) comes
+    # before row 1 (r0: 1/3); row 3 covers nothing: last
+    assert coverage_order(balls, counts) == [5, 4, 0, 2, 1, 3]
+    assert counts.tolist() == [3, 2, 1]  # updated in place: the next tier continues from here
+    assert coverage_order(balls[[3]], np.zeros(3)) == [0]  # a sample covering nothing is still ranked (last)
+
+
+def test_real_balls_reach_the_kth_other_group_neighbour():
+    real = np.array([[0, 0], [0, 0.1], [2, 0], [5, 0]], float)
+    groups = ["g", "g", "h", "i"]  # tiles 0 and 1 are flips of one original: not each other's neighbours
+    balls = real_balls(np.array([[0, 1.9], [4.5, 0]]), real, groups, k=1)
+    # radii: 2, sqrt(4.01), 2, 3
+    assert balls.tolist() == [[True, True, False, False], [False, False, False, True]]
+    with pytest.raises(HistoError, match="coverage_k"):
+        real_balls(np.zeros((1, 2)), real, groups, k=0)
+
+
+def test_rank_by_coverage_keeps_samples_spread_over_the_real_clusters():
+    # class a: two clusters of real tiles (left, right); class b far away
+    real = np.array([[0, 0], [0, 0.2], [3, 0], [3, 0.2], [20, 0], [20, 1], [21, 0], [21, 1]], float)
+    syn = np.array([[0.1, 0.1], [0.05, 0.1], [3.0, 0.1]])  # two at the left cluster, one at the right
+    probs = np.array([SURE, SURE, [0.6, 0.4]])
+
+    def kept(rank_by):
+        rows, _ = score_samples(real, LABELS, IDS, GROUPS, syn, np.array([0, 0, 0]), probs, ["a", "b"],
+                                drop_memorized=False, quota_ratio=0.5, rank_by=rank_by, coverage_k=1)
+        return [r["keep"] for r in rows], [r["rank"] for r in rows]
+    # quota 0.5 x 4 real = 2. Nearest the centroid (1.5, 0.1) are the two left samples: both kept
+    assert kept("centroid") == ([1, 1, 0], [1, 2, 3])
+    # confidence: the third is least sure
+    assert kept("confidence")[0] == [1, 1, 0]
+    # coverage: the left cluster once, then the right one
+    assert kept("coverage") == ([1, 0, 1], [1, 3, 2])
+    with pytest.raises(HistoError, match="rank_by"):
+        kept("spread")
 
 
 @pytest.fixture(scope="module")

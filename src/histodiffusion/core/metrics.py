@@ -11,7 +11,8 @@
   (`metric_names`). KID is torchmetrics' unbiased polynomial-kernel MMD^2, averaged over subsets.
 - `precision_recall`: improved precision and recall of Kynkäänniemi et al. (NeurIPS 2019): k-NN
   balls around real (fake) features estimate each manifold; precision = fraction of fake samples
-  inside the real manifold, recall = fraction of real samples inside the fake manifold.
+  inside the real manifold, recall = fraction of real samples inside the fake manifold; coverage
+  (Naeem et al., ICML 2020) = fraction of real samples whose own k-NN ball holds a fake sample.
 - Reference statistics (mean, covariance, count and the features of the real set) are saved as
   `.npz` (`save_reference` / `load_reference`) and reused by `frechet_distance(reference=...)`.
 """
@@ -190,7 +191,12 @@ def precision_recall(real_feats, fake_feats, k: int = 3) -> dict:
     def coverage(manifold, r, probe):
         return float(np.mean((_cdist(probe, manifold) <= r[None, :]).any(axis=1)))
 
-    return {"precision": coverage(real, radii(real), fake), "recall": coverage(fake, radii(fake), real), "k": k}
+    real_r = radii(real)
+    # coverage (Naeem et al., ICML 2020): real samples whose own k-NN ball holds a fake sample; unlike
+    # recall, a few fake outliers with wide balls cannot inflate it
+    covered = float(np.mean((_cdist(fake, real) <= real_r[None, :]).any(axis=0)))
+    return {"precision": coverage(real, real_r, fake), "recall": coverage(fake, radii(fake), real),
+            "coverage": covered, "k": k}
 
 
 def _cdist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -258,7 +264,7 @@ def generative_metrics(extractor, extractor_name: str, real, real_labels, fake, 
     def block(r_idx, f_idx):
         r_idx, f_idx = np.flatnonzero(r_idx), np.flatnonzero(f_idx)
         out = {"n_real": int(len(r_idx)), "n_fake": int(len(f_idx)), fd_name: None, kd_name: None,
-               kd_name + "_std": None, "precision": None, "recall": None}
+               kd_name + "_std": None, "precision": None, "recall": None, "coverage": None}
         if len(r_idx) >= 2 and len(f_idx) >= 2:
             ri, fi = torch.as_tensor(r_idx), torch.as_tensor(f_idx)
             out[fd_name] = frechet_distance(ident, fake[fi], real=real[ri])
@@ -266,7 +272,7 @@ def generative_metrics(extractor, extractor_name: str, real, real_labels, fake, 
                                                                    subsets=kid_subsets, seed=seed)
         if len(r_idx) > k and len(f_idx) > k:
             pr = precision_recall(rf[r_idx], ff[f_idx], k=k)
-            out["precision"], out["recall"] = pr["precision"], pr["recall"]
+            out["precision"], out["recall"], out["coverage"] = pr["precision"], pr["recall"], pr["coverage"]
         return out
 
     res = {"extractor": extractor_name, "fd_name": fd_name, "kd_name": kd_name, "k": k,

@@ -42,7 +42,8 @@ def load_judge(folder: str | Path):
 
 def judge_samples(model, info: dict, sample_dir: str | Path, real=None) -> tuple[list[dict], dict]:
     """(fidelity.csv rows, fidelity.json record) of one sample directory; `real`: the judge's training
-    tiles for the realism metrics (None: realism not computed)."""
+    tiles for the realism metrics of all samples ("realism") and of the kept ones ("realism_kept", when
+    a keep-list exists; None: realism not computed)."""
     from .classifier import predict
 
     sample_dir = Path(sample_dir)
@@ -64,12 +65,16 @@ def judge_samples(model, info: dict, sample_dir: str | Path, real=None) -> tuple
     per_sample = [{"id": r["id"], "target": t, "judge_pred": p, "keep": keep[i] if keep is not None else -1,
                    "judge_p_target": round(float(probs[i, classes.index(t)]), 6)}
                   for i, (r, t, p) in enumerate(zip(rows, targets, preds))]
+    real_feats = judge_features(model, real.images) if real is not None else None
+    kept = [i for i, k in enumerate(keep or []) if k]
     record = {"judge": {k: info.get(k) for k in ("path", "id", "name", "data", "subset", "n_train", "val_subset",
                                                  "val_accuracy", "n_val")},
               "samples": str(sample_dir), "samples_csv_sha256": sha256_file(sample_dir / SAMPLES_CSV),
               "filtered_csv_sha256": filtered_hash, "settings": sampler_settings(rows), "classes": classes,
               **class_fidelity(targets, preds, classes, keep),
-              "realism": realism(model, info, real, images, targets) if real is not None else None}
+              "realism": realism(model, info, real, images, targets, real_feats=real_feats) if real is not None else None,
+              "realism_kept": realism(model, info, real, images[kept], [targets[i] for i in kept], real_feats=real_feats)
+              if real is not None and len(kept) >= 2 else None}
     return per_sample, record
 
 
@@ -91,7 +96,7 @@ def judge_features(model, images) -> np.ndarray:
 
 
 def realism(model, info: dict, real, images, targets: list[str], seed: int = 0, real_feats=None) -> dict:
-    """FD/KD and precision/recall of the samples against the real tiles, in the judge's feature space
+    """FD/KD, precision/recall and coverage of the samples against the real tiles, in the judge's feature space
     (`real_feats`: the real tiles' features when already computed, e.g. once for a whole sweep)."""
     import torch
 

@@ -23,8 +23,10 @@ comes from a logistic regression fitted on the real features. Per sample:
 - filters: nearest centroid is the target (if require_nearest_centroid), confidence >=
   min_confidence, not memorized (if drop_memorized); `reason` names the filters a sample missed
   (';'-joined; "cap" when it passed but its class's quota was full);
-- rank: 1-based order within the target class by (memorized and dropped, number of filters missed,
-  centroid_dist): samples passing every filter first, best first; this is each class's ranked list;
+- rank: 1-based order within the target class by (memorized and dropped, number of filters missed),
+  then by rank_by: centroid_dist (default), confidence, or coverage (a greedy spread over the k-NN
+  balls of the class's real tiles, `coverage_order`): samples passing every filter first; this is each
+  class's ranked list;
 - keep (threshold rule, quota_ratio 0): every sample passing the filters, at most
   quota(max_ratio, real count) per class (max_ratio 0: no cap);
 - keep (class-balanced, quota_ratio > 0): the first quota(quota_ratio, real count) samples of each
@@ -105,14 +107,16 @@ def score_samples(real_feats, real_labels, real_ids, real_groups, syn_feats, syn
                   classes: list[str], *, min_confidence: float = 0.5, require_nearest_centroid: bool = True,
                   memorization_quantile: float = 0.01, memorization_per_class: bool = True,
                   drop_memorized: bool = True, max_ratio: float = 0.0, quota_ratio: float = 0.0, syn_views: list | None = None,
-                  real_views: list | None = None) -> tuple[list[dict], float]:
+                  real_views: list | None = None, rank_by: str = "centroid",
+                  coverage_k: int = 3) -> tuple[list[dict], float]:
     """Score synthetic features against real ones; returns (rows with OUT_COLUMNS, {class: memorization
     threshold}). A sample is a near-copy when its nearest real tile is closer than the threshold of that
     tile's class (memorization_per_class), else than one threshold over all real tiles.
 
     syn_views / real_views: features of transformed copies (e.g. the 8 dihedral transforms) over
     which the memorization distances are minimised, so a rotated copy of a training tile is found.
-    quota_ratio > 0: class-balanced keep (see the module docstring); max_ratio > 0: a cap only."""
+    quota_ratio > 0: class-balanced keep (see the module docstring); max_ratio > 0: a cap only.
+    rank_by / coverage_k: the order within each filter tier (`rank_members`)."""
     from scipy.spatial.distance import cdist
 
     if max_ratio > 0 and quota_ratio > 0:
@@ -152,8 +156,9 @@ def score_samples(real_feats, real_labels, real_ids, real_groups, syn_feats, syn
                      "memorized": int(memorized), "reasons": reasons, "_t": t})
     real_counts = np.bincount(rl, minlength=len(classes))
     for t in range(len(classes)):
-        members = sorted((r for r in rows if r["_t"] == t), key=lambda r: (
-            "memorized" in r["reasons"], len(r["reasons"]), r["centroid_dist"]))
+        members = [i for i, r in enumerate(rows) if r["_t"] == t]
+        members = [rows[i] for i in rank_members(rows, members, rank_by, sf, rf[rl == t],
+                                                 np.asarray(real_groups)[rl == t], coverage_k)]
         if quota_ratio > 0:
             want = quota(quota_ratio, int(real_counts[t]))
             eligible = [r for r in members if "memorized" not in r["reasons"]]
@@ -170,6 +175,72 @@ def score_samples(real_feats, real_labels, real_ids, real_groups, syn_feats, syn
         r["reason"] = ";".join(r.pop("reasons"))
         r.pop("_t")
     return rows, {c: float(thr[i] if memorization_per_class else thr) for i, c in enumerate(classes)}
+
+
+RANK_BY = ("centroid", "confidence", "coverage")
+
+
+def rank_members(rows: list[dict], members: list[int], rank_by: str, syn_feats, class_real, class_groups,
+                 k: int = 3) -> list[int]:
+    """The ranked list of one class: `members` (indices into rows) ordered by filter tier first (passing
+    samples, then one filter missed, ...; a dropped near-copy last), then within a tier by `rank_by`:
+    centroid distance (most typical first), target-class confidence (highest first), or coverage of the
+    class's real tiles (greedy, see `coverage_order`)."""
+    if rank_by not in RANK_BY:
+        raise HistoError(f"rank_by must be one of {RANK_BY}, got {rank_by!r}")
+
+    def tier(i):
+        return ("memorized" in rows[i]["reasons"], len(rows[i]["reasons"]))
+    if rank_by != "coverage":
+        key = (lambda i: -rows[i]["confidence"]) if rank_by == "confidence" else (lambda i: rows[i]["centroid_dist"])
+        return sorted(members, key=lambda i: (tier(i), key(i), rows[i]["centroid_dist"]))
+    by_centroid = sorted(members, key=lambda i: (tier(i), rows[i]["centroid_dist"]))
+    balls = real_balls(np.asarray(syn_feats, np.float64)[by_centroid], class_real, class_groups, k)
+    tiers = [tier(i) for i in by_centroid]
+    order, counts = [], np.zeros(balls.shape[1])
+    for t in sorted(set(tiers)):
+        pos = [p for p, x in enumerate(tiers) if x == t]
+        picked = coverage_order(balls[pos], counts)
+        order += [by_centroid[pos[p]] for p in picked]
+    return order
+
+
+def real_balls(syn_feats: np.ndarray, real_feats: np.ndarray, real_groups, k: int) -> np.ndarray:
+    """[n_syn, n_real] bool: sample inside real tile j's k-NN ball, whose radius is the distance from j to its
+    k-th nearest real tile of another group (tiles of one group are flips of one original). The balls of
+    density/coverage (Naeem et al., ICML 2020); a real tile without k other-group neighbours has none."""
+    from scipy.spatial.distance import cdist
+
+    if k < 1:
+        raise HistoError(f"coverage_k must be at least 1, got {k}")
+    real = np.asarray(real_feats, np.float64)
+    d = cdist(real, real)
+    g = np.asarray(real_groups)
+    d[g[:, None] == g[None, :]] = np.inf
+    radius = np.sort(d, axis=1)[:, k - 1] if len(real) else np.zeros(0)
+    return cdist(syn_feats, real) <= radius[None, :] if len(real) else np.zeros((len(syn_feats), 0), bool)
+
+
+def coverage_order(balls: np.ndarray, counts: np.ndarray) -> list[int]:
+    """Greedy order of the rows of `balls` ([n, m] bool, already in tie-break order) that spreads them over
+    the m real tiles: each pick maximises sum over the real tiles whose ball it lies in of 1 / (1 + times
+    that tile is covered so far), a concave (diminishing) reward: the first picks cover distinct real
+    tiles, then every tile a second time, and so on, so the kept samples follow the real tiles' spread
+    instead of piling up at the class centre. Rows covering no real tile come last, in their given order.
+    `counts` (per real tile) is updated in place, so a later tier continues from an earlier one."""
+    b = balls.astype(np.float64)
+    left = np.ones(len(b), bool)
+    order = []
+    for _ in range(len(b)):
+        gain = b @ (1.0 / (1.0 + counts))
+        gain[~left] = -1.0
+        best = int(np.argmax(gain))  # first maximum: the given order breaks ties
+        if gain[best] <= 0:
+            break
+        order.append(best)
+        left[best] = False
+        counts += b[best]
+    return order + [i for i in range(len(b)) if left[i]]
 
 
 # --------------------------------------------------------------------------------------------
@@ -263,7 +334,7 @@ def run(cfg: SelectConfig) -> Path:
                                 memorization_quantile=cfg.memorization_quantile,
                                 memorization_per_class=cfg.memorization_per_class, drop_memorized=cfg.drop_memorized,
                                 max_ratio=cfg.max_ratio, quota_ratio=cfg.quota_ratio, syn_views=syn_views,
-                                real_views=real_views)
+                                real_views=real_views, rank_by=cfg.rank_by, coverage_k=cfg.coverage_k)
     for r, s in zip(rows, scored):
         s["id"] = r["id"]
     summary = selection_summary(scored, real.classes, real.counts(), cfg.quota_ratio)

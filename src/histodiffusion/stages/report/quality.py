@@ -65,10 +65,11 @@ def section_fidelity(doc: Doc, p: dict) -> None:
                  kept["hits"] if kept else "–", rate(kept)])
     doc.table(["target class", "samples", "judged as target", "fidelity (all)", "kept", "kept judged as target",
                "fidelity (kept)"], rows, "class fidelity per target class")
-    real = f.get("realism")
-    if real:
-        fd, kd = real["fd_name"], real["kd_name"]
-        o = real["overall"]
-        doc.p(f"Realism in the judge's feature space against its training tiles (all samples): {fd} "
-              f"{fmt(o.get(fd), 4)}, {kd} {fmt(o.get(kd), 5)}, precision {fmt(o.get('precision'))}, recall "
-              f"{fmt(o.get('recall'))}.")
+    for key, which in (("realism", "all samples"), ("realism_kept", "kept samples")):
+        real = f.get(key)
+        if real:
+            fd, kd = real["fd_name"], real["kd_name"]
+            o = real["overall"]
+            doc.p(f"Realism in the judge's feature space against its training tiles ({which}): {fd} "
+                  f"{fmt(o.get(fd), 4)}, {kd} {fmt(o.get(kd), 5)}, precision {fmt(o.get('precision'))}, recall "
+                  f"{fmt(o.get('recall'))}, coverage {fmt(o.get('coverage'))}.")

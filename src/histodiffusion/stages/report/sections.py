@@ -192,12 +192,13 @@ def section_generative(doc: Doc, p: dict) -> None:
     doc.p("Real reference: the real training subset. FD/KD are named after their feature extractor: only an "
           "Inception-v3 extractor gives FID/KID; the default is the selection classifier's penultimate features. "
           "KD is the unbiased polynomial-kernel MMD² (can be slightly negative); precision/recall are the k-NN "
-          "manifold estimates of Kynkäänniemi et al. (2019).")
+          "manifold estimates of Kynkäänniemi et al. (2019); coverage (Naeem et al., 2020) is the share of real tiles "
+          "whose k-NN ball holds a synthetic one.")
     for res in g.get("results", []):
         fd, kd = res["fd_name"], res["kd_name"]
         rows = []
         for scope, v in [("all classes", res["overall"]), *res["per_class"].items()]:
             rows.append([scope, v["n_real"], v["n_fake"], fmt(v[fd], 4), fmt(v[kd], 5), fmt(v["precision"]),
-                         fmt(v["recall"])])
-        doc.table(["scope", "real", "synthetic", fd, kd, "precision", "recall"], rows,
+                         fmt(v["recall"]), fmt(v.get("coverage"))])
+        doc.table(["scope", "real", "synthetic", fd, kd, "precision", "recall", "coverage"], rows,
                   f"{res['samples']} synthetic samples, extractor {res['extractor']} (k={res['k']})")
