@@ -165,6 +165,10 @@ def test_real_balls_reach_the_kth_other_group_neighbour():
     balls = real_balls(np.array([[0, 1.9], [4.5, 0]]), real, groups, k=1)
     # radii: 2, sqrt(4.01), 2, 3
     assert balls.tolist() == [[True, True, False, False], [False, False, False, True]]
+    # k=3: tiles 0 and 1 have only two tiles of other groups: no ball; tiles 2 and 3 reach their 3rd
+    balls = real_balls(np.array([[0, 1.9], [4.5, 0]]), real, groups, k=3)
+    assert balls.tolist() == [[False, False, True, False], [False, False, True, True]]
+    assert real_balls(np.zeros((1, 2)), real[:2], groups[:2], k=3).shape == (1, 2)
     with pytest.raises(HistoError, match="coverage_k"):
         real_balls(np.zeros((1, 2)), real, groups, k=0)
 

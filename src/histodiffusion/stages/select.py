@@ -214,11 +214,14 @@ def real_balls(syn_feats: np.ndarray, real_feats: np.ndarray, real_groups, k: in
     if k < 1:
         raise HistoError(f"coverage_k must be at least 1, got {k}")
     real = np.asarray(real_feats, np.float64)
+    if len(real) < k + 1:  # k other tiles cannot exist
+        return np.zeros((len(syn_feats), len(real)), bool)
     d = cdist(real, real)
     g = np.asarray(real_groups)
     d[g[:, None] == g[None, :]] = np.inf
-    radius = np.sort(d, axis=1)[:, k - 1] if len(real) else np.zeros(0)
-    return cdist(syn_feats, real) <= radius[None, :] if len(real) else np.zeros((len(syn_feats), 0), bool)
+    radius = np.sort(d, axis=1)[:, k - 1]
+    radius[~np.isfinite(radius)] = -1.0  # fewer than k tiles of other groups: no ball
+    return cdist(syn_feats, real) <= radius[None, :]
 
 
 def coverage_order(balls: np.ndarray, counts: np.ndarray) -> list[int]:
