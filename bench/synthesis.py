@@ -124,7 +124,8 @@ def run_setting(name, cfg, window, m, plan, judged, batch_size: int, warm_up: bo
         r = realism(model, info, real, x, targets, real_feats=real_feats)
         o = r["overall"]
         res["realism"] = {"fd_name": r["fd_name"], "kd_name": r["kd_name"], "fd": o[r["fd_name"]],
-                          "kd": o[r["kd_name"]], "precision": o["precision"], "recall": o["recall"]}
+                          "kd": o[r["kd_name"]], "precision": o["precision"], "recall": o["recall"],
+                          "coverage": o["coverage"]}
     return res
 
 
@@ -133,14 +134,15 @@ def _fmt(v, nd=3):
 
 
 def scale_table(results: list[dict]) -> str:
-    lines = ["| scale | fidelity [95% CI] | macro fidelity | FD (judge) | KD (judge) | precision | recall | "
-             "latent conf | samples/s |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| scale | fidelity [95% CI] | macro fidelity | FD (judge) | KD (judge) | precision | recall | coverage | "
+             "latent conf | samples/s |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         q = r["realism"] or {}
         lo, hi = r["fidelity_ci95"]
         lines.append(f"| {r['scale']:g} | {r['fidelity']:.3f} [{lo:.3f}, {hi:.3f}] | {_fmt(r['macro_fidelity'])} | "
                      f"{_fmt(q.get('fd'), 4)} | {_fmt(q.get('kd'), 5)} | {_fmt(q.get('precision'))} | "
-                     f"{_fmt(q.get('recall'))} | {r['latent_confidence']:.3f} | {r['samples_per_s']:.2f} |")
+                     f"{_fmt(q.get('recall'))} | {_fmt(q.get('coverage'))} | {r['latent_confidence']:.3f} | "
+                     f"{r['samples_per_s']:.2f} |")
     return "\n".join(lines)
 
 
