@@ -185,8 +185,9 @@ def test_rank_by_coverage_keeps_samples_spread_over_the_real_clusters():
         return [r["keep"] for r in rows], [r["rank"] for r in rows]
     # quota 0.5 x 4 real = 2. Nearest the centroid (1.5, 0.1) are the two left samples: both kept
     assert kept("centroid") == ([1, 1, 0], [1, 2, 3])
-    # confidence: the third is least sure
+    # confidence: the third is least sure; hard: it comes first
     assert kept("confidence")[0] == [1, 1, 0]
+    assert kept("hard") == ([1, 0, 1], [2, 3, 1])
     # coverage: the left cluster once, then the right one
     assert kept("coverage") == ([1, 0, 1], [1, 3, 2])
     with pytest.raises(HistoError, match="rank_by"):

@@ -217,7 +217,7 @@ class SelectConfig:
     memorization_per_class: bool = F(True, "one memorization threshold per class (that quantile of the class's real-real distances), applied by the class of a sample's nearest real tile; false: one threshold over all classes")
     drop_memorized: bool = F(True, "drop flagged near-copies")
     dihedral_memorization: bool = F(True, "memorization distance: minimum over the 8 flips/rotations of a sample")
-    rank_by: str = F("centroid", "order within a class's filter tier: centroid (nearest the class centroid first) | confidence (highest first) | coverage (greedy spread over the class's real tiles' k-NN balls)")
+    rank_by: str = F("centroid", "order within a class's filter tier: centroid (nearest the class centroid first) | confidence (highest first) | hard (lowest confidence first) | coverage (greedy spread over the class's real tiles' k-NN balls)")
     coverage_k: int = F(3, "rank_by coverage: a real tile's ball reaches its k-th nearest real tile of another group")
     max_ratio: float = F(0.0, "cap kept samples per class at this ratio of real (0: no cap)")
     quota_ratio: float = F(0.0, "class-balanced: keep the best-ranked quota_ratio x real count of every class, filling with samples that missed the confidence/centroid filters when too few pass; never memorized ones (0: filters only; run sets the largest ratio)")

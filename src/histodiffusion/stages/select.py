@@ -24,9 +24,9 @@ comes from a logistic regression fitted on the real features. Per sample:
   min_confidence, not memorized (if drop_memorized); `reason` names the filters a sample missed
   (';'-joined; "cap" when it passed but its class's quota was full);
 - rank: 1-based order within the target class by (memorized and dropped, number of filters missed),
-  then by rank_by: centroid_dist (default), confidence, or coverage (a greedy spread over the k-NN
-  balls of the class's real tiles, `coverage_order`): samples passing every filter first; this is each
-  class's ranked list;
+  then by rank_by: centroid_dist (default), confidence (highest first), hard (lowest first), or
+  coverage (a greedy spread over the k-NN balls of the class's real tiles, `coverage_order`): samples
+  passing every filter first; this is each class's ranked list;
 - keep (threshold rule, quota_ratio 0): every sample passing the filters, at most
   quota(max_ratio, real count) per class (max_ratio 0: no cap);
 - keep (class-balanced, quota_ratio > 0): the first quota(quota_ratio, real count) samples of each
@@ -177,22 +177,24 @@ def score_samples(real_feats, real_labels, real_ids, real_groups, syn_feats, syn
     return rows, {c: float(thr[i] if memorization_per_class else thr) for i, c in enumerate(classes)}
 
 
-RANK_BY = ("centroid", "confidence", "coverage")
+RANK_BY = ("centroid", "confidence", "hard", "coverage")
 
 
 def rank_members(rows: list[dict], members: list[int], rank_by: str, syn_feats, class_real, class_groups,
                  k: int = 3) -> list[int]:
     """The ranked list of one class: `members` (indices into rows) ordered by filter tier first (passing
     samples, then one filter missed, ...; a dropped near-copy last), then within a tier by `rank_by`:
-    centroid distance (most typical first), target-class confidence (highest first), or coverage of the
-    class's real tiles (greedy, see `coverage_order`)."""
+    centroid distance (most typical first), target-class confidence (highest first), hard (lowest
+    confidence first: samples that pass the filters but lie nearest the decision boundary), or coverage
+    of the class's real tiles (greedy, see `coverage_order`)."""
     if rank_by not in RANK_BY:
         raise HistoError(f"rank_by must be one of {RANK_BY}, got {rank_by!r}")
 
     def tier(i):
         return ("memorized" in rows[i]["reasons"], len(rows[i]["reasons"]))
     if rank_by != "coverage":
-        key = (lambda i: -rows[i]["confidence"]) if rank_by == "confidence" else (lambda i: rows[i]["centroid_dist"])
+        key = {"confidence": lambda i: -rows[i]["confidence"], "hard": lambda i: rows[i]["confidence"],
+               "centroid": lambda i: rows[i]["centroid_dist"]}[rank_by]
         return sorted(members, key=lambda i: (tier(i), key(i), rows[i]["centroid_dist"]))
     by_centroid = sorted(members, key=lambda i: (tier(i), rows[i]["centroid_dist"]))
     balls = real_balls(np.asarray(syn_feats, np.float64)[by_centroid], class_real, class_groups, k)
