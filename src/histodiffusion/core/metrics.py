@@ -188,15 +188,12 @@ def precision_recall(real_feats, fake_feats, k: int = 3) -> dict:
             out[s:s + rows] = np.partition(_cdist(x[s:s + rows], x), k, axis=1)[:, k]  # column 0: the point itself
         return out
 
-    def coverage(manifold, r, probe):
-        return float(np.mean((_cdist(probe, manifold) <= r[None, :]).any(axis=1)))
-
-    real_r = radii(real)
+    in_real_balls = _cdist(fake, real) <= radii(real)[None, :]  # [fake, real]: fake inside a real tile's ball
+    in_fake_balls = _cdist(real, fake) <= radii(fake)[None, :]
     # coverage (Naeem et al., ICML 2020): real samples whose own k-NN ball holds a fake sample; unlike
     # recall, a few fake outliers with wide balls cannot inflate it
-    covered = float(np.mean((_cdist(fake, real) <= real_r[None, :]).any(axis=0)))
-    return {"precision": coverage(real, real_r, fake), "recall": coverage(fake, radii(fake), real),
-            "coverage": covered, "k": k}
+    return {"precision": float(in_real_balls.any(axis=1).mean()), "recall": float(in_fake_balls.any(axis=1).mean()),
+            "coverage": float(in_real_balls.any(axis=0).mean()), "k": k}
 
 
 def _cdist(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -65,16 +65,18 @@ def judge_samples(model, info: dict, sample_dir: str | Path, real=None) -> tuple
     per_sample = [{"id": r["id"], "target": t, "judge_pred": p, "keep": keep[i] if keep is not None else -1,
                    "judge_p_target": round(float(probs[i, classes.index(t)]), 6)}
                   for i, (r, t, p) in enumerate(zip(rows, targets, preds))]
-    real_feats = judge_features(model, real.images) if real is not None else None
     kept = [i for i, k in enumerate(keep or []) if k]
+    if real is not None:  # features once: all samples' realism and the kept ones' read the same arrays
+        real_feats, sample_feats = judge_features(model, real.images), judge_features(model, images)
     record = {"judge": {k: info.get(k) for k in ("path", "id", "name", "data", "subset", "n_train", "val_subset",
                                                  "val_accuracy", "n_val")},
               "samples": str(sample_dir), "samples_csv_sha256": sha256_file(sample_dir / SAMPLES_CSV),
               "filtered_csv_sha256": filtered_hash, "settings": sampler_settings(rows), "classes": classes,
               **class_fidelity(targets, preds, classes, keep),
-              "realism": realism(model, info, real, images, targets, real_feats=real_feats) if real is not None else None,
-              "realism_kept": realism(model, info, real, images[kept], [targets[i] for i in kept], real_feats=real_feats)
-              if real is not None and len(kept) >= 2 else None}
+              "realism": realism(model, info, real, None, targets, real_feats=real_feats, fake_feats=sample_feats)
+              if real is not None else None,
+              "realism_kept": realism(model, info, real, None, [targets[i] for i in kept], real_feats=real_feats,
+                                      fake_feats=sample_feats[kept]) if real is not None and len(kept) >= 2 else None}
     return per_sample, record
 
 
@@ -95,9 +97,11 @@ def judge_features(model, images) -> np.ndarray:
     return extract_features(FeatureExtractor(model), images)
 
 
-def realism(model, info: dict, real, images, targets: list[str], seed: int = 0, real_feats=None) -> dict:
+def realism(model, info: dict, real, images, targets: list[str], seed: int = 0, real_feats=None,
+            fake_feats=None) -> dict:
     """FD/KD, precision/recall and coverage of the samples against the real tiles, in the judge's feature space
-    (`real_feats`: the real tiles' features when already computed, e.g. once for a whole sweep)."""
+    (`real_feats` / `fake_feats`: the real tiles' / the samples' features when already computed, e.g. the
+    real ones once for a whole sweep; `images` is then not read)."""
     import torch
 
     from ..core.metrics import generative_metrics, identity_extractor
@@ -105,7 +109,7 @@ def realism(model, info: dict, real, images, targets: list[str], seed: int = 0, 
     classes = list(info["classes"])
     fake_labels = np.array([classes.index(t) for t in targets])
     rf = judge_features(model, real.images) if real_feats is None else real_feats
-    ff = judge_features(model, images)
+    ff = judge_features(model, images) if fake_feats is None else fake_feats
     return generative_metrics(identity_extractor(rf.shape[1]), f"judge_{info['name']}", torch.from_numpy(rf),
                               real.labels.numpy(), torch.from_numpy(ff), fake_labels, classes, seed=seed)
 

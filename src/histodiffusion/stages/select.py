@@ -80,6 +80,15 @@ def min_distance(probes: list, ref: np.ndarray) -> np.ndarray:
     return out
 
 
+def other_group_distances(real_feats: np.ndarray, real_groups, real_views: list | None = None) -> np.ndarray:
+    """[N, N] distances between real tiles (minimised over `real_views` of the first tile when given), inf
+    between tiles of one group: they are flips/rotations of one original, i.e. copies by construction."""
+    d = min_distance(real_views or [real_feats], np.asarray(real_feats, np.float64))
+    g = np.asarray(real_groups)
+    d[g[:, None] == g[None, :]] = np.inf
+    return d
+
+
 def memorization_threshold(real_feats: np.ndarray, real_groups: list[str], quantile: float,
                            real_views: list | None = None, real_labels=None, n_classes: int = 0):
     """quantile of each real tile's distance to its nearest real tile of ANOTHER group (0 when undefined);
@@ -89,10 +98,7 @@ def memorization_threshold(real_feats: np.ndarray, real_groups: list[str], quant
     (homogeneous tissue, whose distinct tiles lie close together, is not over-flagged)."""
     if not 0 <= quantile <= 1:
         raise HistoError(f"memorization_quantile must be in [0, 1], got {quantile}")
-    d = min_distance(real_views or [real_feats], np.asarray(real_feats, np.float64))
-    g = np.asarray(real_groups)
-    d[g[:, None] == g[None, :]] = np.inf
-    nn = d.min(axis=1)
+    nn = other_group_distances(real_feats, real_groups, real_views).min(axis=1)
 
     def q(values):
         values = values[np.isfinite(values)]
@@ -218,10 +224,7 @@ def real_balls(syn_feats: np.ndarray, real_feats: np.ndarray, real_groups, k: in
     real = np.asarray(real_feats, np.float64)
     if len(real) < k + 1:  # k other tiles cannot exist
         return np.zeros((len(syn_feats), len(real)), bool)
-    d = cdist(real, real)
-    g = np.asarray(real_groups)
-    d[g[:, None] == g[None, :]] = np.inf
-    radius = np.sort(d, axis=1)[:, k - 1]
+    radius = np.sort(other_group_distances(real, real_groups), axis=1)[:, k - 1]
     radius[~np.isfinite(radius)] = -1.0  # fewer than k tiles of other groups: no ball
     return cdist(syn_feats, real) <= radius[None, :]
 
