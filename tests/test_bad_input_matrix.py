@@ -134,6 +134,7 @@ def test_flag_of_wrong_type(capsys, tmp_path):
     ("evaluate", "val-every", "-1", "val_every"),
     ("select", "quota-ratio", "-1", "quota_ratio"),
     ("select", "rank-by", "spread", "rank_by"),
+    ("evaluate", "synthetic-weight", "0", "synthetic_weight"),
     ("evaluate", "arms", "real,bogus", "bogus"),
 ])
 def test_config_value_out_of_range(capsys, tmp_path, world, stage, flag, value, field):

@@ -422,3 +422,55 @@ def test_synthetic_arms_are_also_paired_against_classic():
     no_classic = {k: v for k, v in results.items() if k[0] in ("real", "selected@1")}
     assert summarise(no_classic, ["real", "selected@1"], [0, 1], ["a"], ["test"])["testsets"]["test"][
         "deltas_vs_classic"] == {}
+
+
+def test_synthetic_weight_changes_only_the_synthetic_arms(evaluated, tmp_path):
+    """--synthetic-weight: recorded per classifier and in metrics.json; the real arm is the same classifier
+    bit for bit, the selected arm another one (its synthetic images weigh less in the loss)."""
+    from safetensors.torch import load_file
+
+    cfg, root = evaluated
+    out = tmp_path / "w"
+    run(EvaluateConfig(**{**cfg.__dict__, "arms": ("real", "selected"), "seeds": (0,), "external": (),
+                          "synthetic_weight": 0.25, "out": str(out)}))
+
+    def weights(d):
+        return load_file(str(d / "model.safetensors"))
+
+    for arm, same in (("real", True), ("selected@1", False)):
+        a, b = weights(root / "eval" / "classifiers" / f"{arm}_0"), weights(out / "classifiers" / f"{arm}_0")
+        assert all(a[k].equal(b[k]) for k in a) is same, arm
+    info = json.loads((out / "classifiers" / "selected@1_0" / "classifier.json").read_text())
+    assert info["synthetic_weight"] == 0.25
+    assert json.loads((out / "classifiers" / "real_0" / "classifier.json").read_text())["synthetic_weight"] is None
+    assert json.loads((out / "metrics.json").read_text())["budget"]["synthetic_weight"] == 0.25
+
+
+def test_sample_weight_scales_each_image_in_the_loss():
+    """Images of near-zero weight barely move the model: their labels hardly matter; at weight 1 they do."""
+    import torch
+
+    from histodiffusion.models.classifier import build_classifier, train_classifier
+
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (12, 16, 16, 3), dtype=torch.uint8)
+    y = torch.arange(12) % 3
+    y_other = y.clone()
+    y_other[6:] = (y[6:] + 1) % 3  # the last six ("synthetic") images with other labels
+    kw = dict(steps=6, batch_size=6, lr=1e-2, seed=3)
+
+    def trained(labels, w):
+        torch.manual_seed(0)
+        weight = None if w is None else torch.cat([torch.ones(6), torch.full((6,), w)])
+        return train_classifier(build_classifier("small_cnn_w8", 3, 16), x, labels, sample_weight=weight,
+                                **kw).state_dict()
+
+    def gap(a, b):
+        return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+    assert gap(trained(y, 1e-6), trained(y_other, 1e-6)) < 1e-3
+    assert gap(trained(y, 1.0), trained(y_other, 1.0)) > 1e-2
+    ones, plain = trained(y, 1.0), trained(y, None)  # weight 1 everywhere: the plain mean
+    assert gap(ones, plain) < 1e-5
+    with pytest.raises(HistoError, match="sample_weight"):
+        train_classifier(build_classifier("small_cnn_w8", 3, 16), x, y, sample_weight=torch.zeros(12), **kw)

@@ -120,3 +120,22 @@ def test_dataset_line_names_the_licence_where_known(tmp_path):
                                              "sources": [{"path": str(src / "a.svs")}, {"path": str(src / "b.png")}]}))
     line = dataset_line(d)
     assert line.startswith(f"`unl` ({d}): 7 tiles of 64 px, unlabeled; sources {src}.") and "CC BY 4.0" in line
+
+
+def test_a_run_of_an_older_version_resumes_when_a_new_field_keeps_its_default(tmp_path):
+    """A config.json written before a field existed is the same config when the field is at its default,
+    and a different one when it is not."""
+    import json
+
+    from histodiffusion.runtime.config import EvaluateConfig
+    from histodiffusion.runtime.errors import HistoError
+
+    out = tmp_path / "eval"
+    start_run_dir(out, EvaluateConfig(out=str(out)), "evaluate")
+    rec = json.loads((out / "config.json").read_text())
+    del rec["config"]["synthetic_weight"]  # as written by a version without the field
+    (out / "config.json").write_text(json.dumps(rec))
+    (out / "classifiers").mkdir()  # the run had produced something
+    start_run_dir(out, EvaluateConfig(out=str(out)), "evaluate")
+    with pytest.raises(HistoError, match="synthetic_weight"):
+        start_run_dir(out, EvaluateConfig(out=str(out), synthetic_weight=0.5), "evaluate")

@@ -184,7 +184,8 @@ def train_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
                      lr: float, seed: int, augment: bool = False, weight_decay: float = 0.05,
                      desc: str = "train classifier", show_progress: bool = True,
                      validate: Callable[[nn.Module], dict] | None = None, val_every: int = 0,
-                     history: list | None = None, ema_decay: float = 0.0) -> nn.Module:
+                     history: list | None = None, ema_decay: float = 0.0,
+                     sample_weight: torch.Tensor | None = None) -> nn.Module:
     """Train `model` for exactly `steps` AdamW steps (cosine learning-rate schedule) on uint8 tiles.
 
     Batches are drawn epoch by epoch from a permutation seeded by `seed` (same budget for every
@@ -200,6 +201,9 @@ def train_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     kept; validation scores the average, and the returned model holds the average (of the best
     validation call, or of the last step). Averaging removes most of the step-to-step jitter of the
     final weights, the main source of seed-to-seed spread of a small classifier on a few hundred tiles.
+
+    `sample_weight` [N] (positive): each image's weight in the batch loss, sum(w * loss) / sum(w) (None: the
+    plain mean, bit for bit). Batches and augmentation draw the same random numbers either way.
     """
     from ..runtime.log import progress
     from ..runtime.distributed import seed_everything
@@ -215,6 +219,12 @@ def train_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     loss_fn = nn.CrossEntropyLoss()
+    if sample_weight is not None:
+        sample_weight = torch.as_tensor(sample_weight, dtype=torch.float32)
+        if sample_weight.shape != (n,) or not bool((sample_weight > 0).all()):
+            raise HistoError(f"sample_weight must hold one positive weight per image ({n}), got shape "
+                             f"{tuple(sample_weight.shape)}, min {float(sample_weight.min()):g}")
+        per_sample = nn.CrossEntropyLoss(reduction="none")
     ema = None
     if ema_decay > 0:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -235,7 +245,11 @@ def train_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
         x = to_model_input(images[idx])
         if augment:
             x = classic_augment(x, g)
-        loss = loss_fn(model(x), labels[idx])
+        if sample_weight is None:
+            loss = loss_fn(model(x), labels[idx])
+        else:
+            w = sample_weight[idx]
+            loss = (per_sample(model(x), labels[idx]) * w).sum() / w.sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

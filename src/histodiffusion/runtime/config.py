@@ -247,6 +247,7 @@ class EvaluateConfig:
     batch_size: int = F(64, "batch size")
     lr: float = F(1e-3, "AdamW learning rate")
     ema_decay: float = F(0.0, "exponential moving average of the weights (0: off); validation and test score the average")
+    synthetic_weight: float = F(1.0, "loss weight of a synthetic training image relative to a real one in the selected/unselected arms (1: equal; below 1 trusts synthetic labels less)")
     tta: bool = F(False, "test-time augmentation: test probabilities averaged over the 8 flips/rotations of each tile")
     external: tuple[str, ...] = F((), "external labeled test sets (prepared dataset directories; all their tiles are scored)", input=True)
 

@@ -78,7 +78,8 @@ VALUE_RULES: dict[str, dict] = {
                      "embedding": _one_of("auto", "umap", "tsne", "pca")},
     "EvaluateConfig": {"arms": _each(_one_of("real", "real_aa", "classic", "classic_aa", "selected", "unselected")),
                        "epochs": _at_least(0), "steps_per_epoch": _at_least(0), "val_every": _at_least(0),
-                       "ratios": _each(_above(0)), "ema_decay": _within(0, 1, True)},
+                       "ratios": _each(_above(0)), "ema_decay": _within(0, 1, True),
+                       "synthetic_weight": _above(0)},
 }
 
 

@@ -97,7 +97,7 @@ def completion(out: str | Path | None, cfg: Any) -> tuple[bool, list[str]]:
                          f"{rec.get('format_version')!r}, this version writes {MARKER_FORMAT} with the hashes of its "
                          f"inputs): delete it (or use another output directory) to re-make it")
     inputs = input_fields(type(cfg))  # compared by hash below, wherever they are now
-    if comparable_config(rec.get("config"), inputs) != comparable_config(config_to_dict(cfg), inputs):
+    if comparable_config(rec.get("config"), inputs, type(cfg)) != comparable_config(config_to_dict(cfg), inputs):
         return False, []
     now = input_hashes(cfg)
     return True, sorted(k for k in set(now) | set(rec["inputs"]) if now.get(k) != rec["inputs"].get(k))

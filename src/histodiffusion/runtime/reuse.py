@@ -23,7 +23,7 @@ from .fileio import atomic_path, read_json
 from .rundirs import CONFIG_FILE, comparable_config, is_complete
 
 # fields of an evaluation that do not change its sample-free classifiers
-_CLASSIFIER_NEUTRAL = ("samples", "selection", "arms", "ratios", "seeds", "external")
+_CLASSIFIER_NEUTRAL = ("samples", "selection", "arms", "ratios", "seeds", "external", "synthetic_weight")
 
 
 def check_source(source: str, out: str) -> Path:
@@ -65,7 +65,7 @@ def _reuse_classifiers(src: Path, out: Path, cfg: Any) -> int:
     if not (src / CONFIG_FILE).is_file():
         return 0
     old = read_json(src / CONFIG_FILE, "evaluation config").get("config") or {}
-    if comparable_config(old, _CLASSIFIER_NEUTRAL + ("data",)) != comparable_config(
+    if comparable_config(old, _CLASSIFIER_NEUTRAL + ("data",), type(cfg)) != comparable_config(
             config_to_dict(cfg), _CLASSIFIER_NEUTRAL + ("data",)) or not old.get("data"):
         return 0
     if fingerprint(old["data"]) != fingerprint(cfg.data):

@@ -107,7 +107,7 @@ def start_run_dir(out: str | os.PathLike, config: Any, stage: str, is_main: bool
         check_format_version(old, path)
         if old.get("stage") != stage:
             raise HistoError(f"{out} is a run directory of stage {old.get('stage')!r}, not {stage!r}")
-        same = comparable_config(old.get("config"), neutral) == comparable_config(cfg["config"], neutral)
+        same = comparable_config(old.get("config"), neutral, type(config)) == comparable_config(cfg["config"], neutral)
         if same and old.get("config") != cfg["config"] and is_main:  # only neutral fields changed: record them
             write_json_atomic(path, cfg)
         if not same:
@@ -140,9 +140,14 @@ _STARTED_ONLY = {CONFIG_FILE, "log.txt"}  # what a run refused at its input chec
 _RESUME_NEUTRAL = {"out", "num_workers", "resume", "progress", "batch_size_eval", "device"}
 
 
-def comparable_config(cfg: dict | None, neutral: tuple[str, ...] = ()) -> dict:
-    """A config dict without the fields that do not change a stage's artifacts (for "same config?")."""
-    return {k: v for k, v in (cfg or {}).items() if k not in _RESUME_NEUTRAL and k not in neutral}
+def comparable_config(cfg: dict | None, neutral: tuple[str, ...] = (), cls: type | None = None) -> dict:
+    """A config dict without the fields that do not change a stage's artifacts (for "same config?");
+    with `cls` (its config class), a field added since the dict was written counts at its default, so a
+    run made by an older version resumes when the new field keeps its default."""
+    from .configtypes import config_to_dict
+
+    full = {**config_to_dict(cls()), **(cfg or {})} if cls is not None else (cfg or {})
+    return {k: v for k, v in full.items() if k not in _RESUME_NEUTRAL and k not in neutral}
 
 
 

@@ -14,6 +14,8 @@ cosine schedule, backbone, validation rule) and differs only in the training ima
   unselected@R    real + synthetic images drawn at random (seeded by the training seed) from
                   samples.csv ignoring the filter, the same number per class as selected@R;
                   with classic augmentation
+In the selected/unselected arms each synthetic image weighs cfg.synthetic_weight in the batch loss, a
+real one 1 (sum(w * loss) / sum(w); 1: the plain mean, as before).
 Every classifier is scored on the validation split (cfg.val_subset) every cfg.val_every steps and
 after the last; its best-validation weights (highest accuracy, then lowest loss, then earliest step)
 are saved and scored, the same rule for every arm, and its validation curve is kept (scores.json,
@@ -179,6 +181,14 @@ def budget(cfg: EvaluateConfig, n_real: int) -> tuple[int, int]:
     return cfg.steps, 0
 
 
+def synthetic_weights(n_real: int, n_total: int, weight: float) -> torch.Tensor | None:
+    """Per-image loss weights of a training set whose first n_real images are real: 1 for real, `weight` for
+    the synthetic ones after them; None (the plain mean) when there are no synthetic images or weight is 1."""
+    if n_total == n_real or weight == 1.0:
+        return None
+    return torch.cat([torch.ones(n_real), torch.full((n_total - n_real,), float(weight))])
+
+
 def load_val(cfg: EvaluateConfig, real: Tiles, test: Tiles) -> Tiles:
     """The validation split, checked group-disjoint from the training subset and from test."""
     try:
@@ -208,6 +218,7 @@ def _train_jobs(cfg: EvaluateConfig, out: Path, jobs, sets, val, classes, size: 
             log.info("skip %s seed %d (finished)", name, seed)
             continue
         x, y, counts = training_set(kind, name, seed, real, syn)
+        weights = synthetic_weights(len(real), len(x), cfg.synthetic_weight)
         tseed = train_seed(kind, seed)
         seed_everything(tseed)  # initial weights depend on the seed only, not on the job order
         model = build_classifier(cfg.backbone, len(classes), size, cfg.backbone_weights)
@@ -215,7 +226,7 @@ def _train_jobs(cfg: EvaluateConfig, out: Path, jobs, sets, val, classes, size: 
         train_classifier(model, x, y, steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=tseed,
                          augment=kind not in UNAUGMENTED_KINDS, desc=f"{name} seed {seed}",
                          validate=(lambda m: val_record(m, val)) if val is not None else None,
-                         val_every=cfg.val_every, history=curve, ema_decay=cfg.ema_decay)
+                         val_every=cfg.val_every, history=curve, ema_decay=cfg.ema_decay, sample_weight=weights)
         best = min(curve, key=val_rank) if curve else None  # the weights train_classifier restored
         validation = {"split": cfg.val_subset, "every": cfg.val_every, "n": len(val), "best_step": best["step"],
                       "best": best, "curve": curve} if best else None
@@ -223,6 +234,7 @@ def _train_jobs(cfg: EvaluateConfig, out: Path, jobs, sets, val, classes, size: 
                 "ratio": ratio, "seed": seed, "train_seed": tseed, "steps": steps, "batch_size": cfg.batch_size,
                 "lr": cfg.lr, "checkpoint": f"best {cfg.val_subset} step {best['step']}" if best else "last",
                 "ema_decay": cfg.ema_decay, "tta": cfg.tta,
+                "synthetic_weight": cfg.synthetic_weight if len(x) > len(real) else None,
                 "data": str(cfg.data), "subset": cfg.subset, "n_real": len(real), "n_synthetic": counts,
                 "backbone_weights": cfg.backbone_weights}
         save_classifier(model, d, info)
@@ -247,6 +259,7 @@ def _merge(cfg, out: Path, arms, jobs, sets, classes, real, val, test, externals
     deltas, floors = summary["testsets"][TEST]["deltas_vs_real"], summary["testsets"][TEST]["noise_floors"]
     summary.update({"budget": {"steps": steps, "steps_per_epoch": steps_per_epoch, "epochs": cfg.epochs,
                                "batch_size": cfg.batch_size, "lr": cfg.lr, "backbone": cfg.backbone,
+                               "synthetic_weight": cfg.synthetic_weight,
                                "val_every": cfg.val_every, "val_subset": cfg.val_subset if val else "",
                                "checkpoint": ("best validation accuracy (ties: lower loss, earlier step)" if val
                                               else "last step")},

@@ -34,7 +34,7 @@ from ..runtime.contract import completion_record
 from ..runtime.errors import HistoError
 from ..runtime.fileio import read_csv, read_json, sha256_file, write_csv_atomic, write_json_atomic
 from ..runtime.log import closes_stage_logs, get_logger, progress
-from ..runtime.rundirs import CONFIG_FILE, ensure_writable, is_complete
+from ..runtime.rundirs import CONFIG_FILE, comparable_config, ensure_writable, is_complete
 
 MAX_LISTED_SKIPS = 200  # meta.json lists this many skipped files (the count is always complete)
 SHOWN_SKIPS = 5  # the warning names this many
@@ -284,7 +284,7 @@ _NEUTRAL = {"out", "scale_tolerance"}  # fields that do not change the dataset
 
 def _comparable(cfg_dict: dict) -> dict:
     """A dataset's config for "same config?": fields added since it was prepared count at their default."""
-    return {k: v for k, v in {**config_to_dict(PrepareConfig()), **cfg_dict}.items() if k not in _NEUTRAL}
+    return comparable_config(cfg_dict, tuple(_NEUTRAL), PrepareConfig)
 
 
 @closes_stage_logs
