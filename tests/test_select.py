@@ -88,6 +88,28 @@ def test_memorization_threshold_per_class_of_the_nearest_real_tile():
     assert per_class.tolist() == pytest.approx([0.1, 2.0])
 
 
+def test_memorization_threshold_with_a_class_from_one_group():
+    """Neighbours of another class never calibrate a class's threshold: a class whose tiles come from one
+    group takes the threshold pooled over the others, and with one group per class nothing is flagged
+    (at 1% of LC25000 every class is one group: the cross-class spacing flagged all 240 samples)."""
+    from histodiffusion.stages.select import threshold_sources
+
+    real = np.array([[0, 0], [0, 0.1], [0.1, 0], [0.1, 0.1], [10, 0], [10, 2], [12, 0], [12, 2]], float)
+    one_b = GROUPS[:4] + ["gb"] * 4  # class b: one group
+    assert threshold_sources(one_b, LABELS, 2) == ["class", "pooled"]
+    assert memorization_threshold(real, one_b, 0.5, real_labels=LABELS, n_classes=2).tolist() == \
+        pytest.approx([0.1, 0.1])
+    one_each = ["ga"] * 4 + ["gb"] * 4
+    assert threshold_sources(one_each, LABELS, 2) == ["none", "none"]
+    assert memorization_threshold(real, one_each, 0.5, real_labels=LABELS, n_classes=2).tolist() == [0.0, 0.0]
+    # without labels (one threshold over all classes) the nearest tile of another group may be of any class
+    assert memorization_threshold(real, one_each, 0.5) == pytest.approx(10.0, abs=0.1)
+    syn = np.array([[0.05, 0.05], [11.0, 1.0]])  # new tiles near each class's centre
+    rows, thr = score_samples(real, LABELS, IDS, one_each, syn, np.array([0, 1]), np.array([SURE, SURE[::-1]]),
+                              ["a", "b"], memorization_quantile=0.5)
+    assert [r["memorized"] for r in rows] == [0, 0] and thr == {"a": 0.0, "b": 0.0}
+
+
 def test_per_class_cap_keeps_best_ranked():
     syn = [[0.5, 0.5 + d] for d in (0.4, 0.1, 0.3, 0.0, 0.2)]
     rows, _ = score(syn, [0] * 5, max_ratio=0.5, memorization_quantile=0.0)  # 0.5 x 4 real -> 2

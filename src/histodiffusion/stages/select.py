@@ -16,7 +16,9 @@ comes from a logistic regression fitted on the real features. Per sample:
   of the real-real nearest-neighbour distances (computed the same way), where a real tile's
   neighbours exclude its own group (tiles of one group are flips/rotations of one original, i.e.
   copies by construction); per class (memorization_per_class): the quantile over the real tiles of
-  one class, applied to samples whose nearest real tile is of that class. `memorized` = nn_real_dist
+  one class of their distance to other groups of that class, applied to samples whose nearest real tile
+  is of that class (a class with one group takes the other classes' pooled quantile, none: 0; recorded
+  as memorization_threshold_from in filtered.json, with a warning). `memorized` = nn_real_dist
   <= threshold: by construction about that fraction of genuinely new tiles is flagged too, in every
   class (a false-positive rate chosen by the user; one global threshold flagged 13% of new benign lung
   tiles, whose distinct fields lie closer together than tumour tiles, see BENCHMARKS.md);
@@ -89,24 +91,40 @@ def other_group_distances(real_feats: np.ndarray, real_groups, real_views: list 
     return d
 
 
+def threshold_sources(real_groups, real_labels, n_classes: int) -> list[str]:
+    """Per class, where its memorization threshold comes from: "class" (its real tiles span two or more
+    groups, so new tiles of the class can be told from copies), "pooled" (one group only: the quantile over
+    the classes that have several), or "none" (no class has several groups: nothing is flagged)."""
+    groups, labels = np.asarray(real_groups), np.asarray(real_labels)
+    own = [len(set(groups[labels == c])) >= 2 for c in range(n_classes)]
+    return ["class" if o else "pooled" if any(own) else "none" for o in own]
+
+
 def memorization_threshold(real_feats: np.ndarray, real_groups: list[str], quantile: float,
                            real_views: list | None = None, real_labels=None, n_classes: int = 0):
     """quantile of each real tile's distance to its nearest real tile of ANOTHER group (0 when undefined);
     with `real_views`, the distance is minimised over those views of each tile (as for the samples).
     With `real_labels`, one threshold per class (an array of n_classes): the quantile over that class's
-    real tiles only, so the false-positive rate on genuinely new tiles is about `quantile` in every class
-    (homogeneous tissue, whose distinct tiles lie close together, is not over-flagged)."""
+    real tiles of their distance to the nearest tile of another group OF THE SAME CLASS, so the
+    false-positive rate on genuinely new tiles is about `quantile` in every class (homogeneous tissue,
+    whose distinct tiles lie close together, is not over-flagged; tiles of other classes lie far apart and
+    would make every sample a "copy"). A class whose tiles come from one group takes the quantile pooled
+    over the other classes, and 0 (nothing flagged) when no class has two groups (`threshold_sources`)."""
     if not 0 <= quantile <= 1:
         raise HistoError(f"memorization_quantile must be in [0, 1], got {quantile}")
-    nn = other_group_distances(real_feats, real_groups, real_views).min(axis=1)
+    d = other_group_distances(real_feats, real_groups, real_views)
 
     def q(values):
         values = values[np.isfinite(values)]
         return float(np.quantile(values, quantile)) if values.size else 0.0
     if real_labels is None:
-        return q(nn)
+        return q(d.min(axis=1))
     labels = np.asarray(real_labels)
-    return np.array([q(nn[labels == c]) for c in range(n_classes)])
+    d[labels[:, None] != labels[None, :]] = np.inf
+    nn = d.min(axis=1)
+    pooled = q(nn)
+    return np.array([q(nn[labels == c]) if src == "class" else pooled
+                     for c, src in enumerate(threshold_sources(real_groups, labels, n_classes))])
 
 
 def score_samples(real_feats, real_labels, real_ids, real_groups, syn_feats, syn_targets, syn_probs,
@@ -346,6 +364,14 @@ def run(cfg: SelectConfig) -> Path:
     for r, s in zip(rows, scored):
         s["id"] = r["id"]
     summary = selection_summary(scored, real.classes, real.counts(), cfg.quota_ratio)
+    sources = dict(zip(real.classes, threshold_sources(real.groups, real.labels.numpy(), len(real.classes))))
+    uncalibrated = [c for c, v in sources.items() if v != "class"]
+    if cfg.memorization_per_class and uncalibrated:
+        log.warning("select: the real tiles of %s come from one group each, so new tiles of %s cannot be told from "
+                    "near-copies by their spacing: %s", ", ".join(map(repr, uncalibrated)),
+                    "that class" if len(uncalibrated) == 1 else "those classes",
+                    "their memorization threshold is pooled over the other classes"
+                    if "pooled" in sources.values() else "no sample is flagged as memorized")
     log.info("select: kept %d of %d samples (memorization threshold %s); acceptance per class: %s",
              summary["kept"], len(scored), ", ".join(f"{c} {v:.4g}" for c, v in thr.items()),
              ", ".join(f"{c} {a:.2f}" for c, a in summary["acceptance"].items()))
@@ -364,7 +390,9 @@ def run(cfg: SelectConfig) -> Path:
     # 5. keep-list, its summary, then the completion marker last
     write_csv_atomic(out / FILTERED_CSV, scored, OUT_COLUMNS)
     write_json_atomic(out / FILTERED_JSON, {"config": config_to_dict(cfg), "extractor": ext_name,
-                                            "memorization_threshold": thr, **summary})
+                                            "memorization_threshold": thr,
+                                            "memorization_threshold_from": sources if cfg.memorization_per_class
+                                            else "all classes", **summary})
     mark_complete(out, **completion_record(cfg), kept=summary["kept"], samples=len(scored))
     return out
 
