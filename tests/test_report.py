@@ -1,12 +1,12 @@
 """report: HTML + Markdown twin for a tiny fake run, and for a run with only some stage outputs."""
+import json
 import re
+import shutil
 from html.parser import HTMLParser
 
 import pytest
 
 from helpers_eval import make_class_samples, make_dataset, one_thread
-import json
-
 from histodiffusion.runtime.config import EvaluateConfig, JudgeConfig, ReportConfig, SelectConfig
 from histodiffusion.runtime.errors import HistoError
 from histodiffusion.stages import evaluate, judge, select
@@ -89,6 +89,20 @@ def test_report_files_and_sections(full_run):
     assert "latent classifier strength per timestep bucket" in md
     assert "| [0,250) | 0.750 | 0.800 | 0.94 |" in md and "| [250,500) | 0.500 | 0.800 | 0.62 |" in md
     assert "0.94, met" in md
+
+
+def test_report_says_when_a_class_threshold_is_not_calibrated(full_run, tmp_path):
+    root = tmp_path / "run"
+    shutil.copytree(full_run, root, ignore=shutil.ignore_patterns("report"))
+    path = root / "samples" / "select" / "filtered.json"
+    f = json.loads(path.read_text())
+    assert f["memorization_threshold_from"] == {"aca": "class", "benign": "class", "scc": "class"}
+    assert "Not calibrated" not in (full_run / "report" / "report.md").read_text()
+    f["memorization_threshold_from"] = {"aca": "none", "benign": "none", "scc": "none"}
+    path.write_text(json.dumps(f))
+    md = (run(ReportConfig(run=str(root), embedding="pca")) / "report.md").read_text()
+    assert "Not calibrated: the real tiles of aca, benign, scc come from one group" in md
+    assert "no sample is flagged as memorized" in md
 
 
 def test_report_with_only_data(tmp_path):

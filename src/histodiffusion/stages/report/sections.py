@@ -92,6 +92,13 @@ def section_selection(doc: Doc, p: dict) -> None:
           f"{', per class of the nearest real tile' if isinstance(f.get('memorization_threshold'), dict) else ''}; "
           f"dropped: {cfg.get('drop_memorized')}); {rule}. Kept {f['kept']} of {f['samples']}. "
           f"Acceptance = kept / generated; pass rate = passing every filter / generated.")
+    src = f.get("memorization_threshold_from")
+    loose = {c: v for c, v in src.items() if v != "class"} if isinstance(src, dict) else {}
+    if loose:
+        doc.p(f"Not calibrated: the real tiles of {', '.join(loose)} come from one group per class, so no pair of "
+              f"distinct real tiles of the class shows how close a new tile may lie; "
+              + ("their threshold is pooled over the other classes." if "pooled" in loose.values()
+                 else "no sample is flagged as memorized."))
     pc = f["per_class"]
     rows = []
     for c, v in pc.items():
