@@ -474,3 +474,5 @@ def test_sample_weight_scales_each_image_in_the_loss():
     assert gap(ones, plain) < 1e-5
     with pytest.raises(HistoError, match="sample_weight"):
         train_classifier(build_classifier("small_cnn_w8", 3, 16), x, y, sample_weight=torch.zeros(12), **kw)
+    with pytest.raises(HistoError, match=r"one positive weight per image \(12\), got shape \(0,\)$"):
+        train_classifier(build_classifier("small_cnn_w8", 3, 16), x, y, sample_weight=torch.ones(0), **kw)

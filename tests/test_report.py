@@ -103,6 +103,13 @@ def test_report_says_when_a_class_threshold_is_not_calibrated(full_run, tmp_path
     md = (run(ReportConfig(run=str(root), embedding="pca")) / "report.md").read_text()
     assert "Not calibrated: the real tiles of aca, benign, scc come from one group" in md
     assert "no sample is flagged as memorized" in md
+    f["memorization_threshold_from"] = "none"  # one threshold for all classes (--memorization-per-class false)
+    path.write_text(json.dumps(f))
+    md = (run(ReportConfig(run=str(root), embedding="pca")) / "report.md").read_text()
+    assert "Not calibrated: the real tiles of every class come from one group" in md
+    f["memorization_threshold_from"] = "pooled"
+    path.write_text(json.dumps(f))
+    assert "Not calibrated" not in (run(ReportConfig(run=str(root), embedding="pca")) / "report.md").read_text()
 
 
 def test_report_with_only_data(tmp_path):

@@ -102,11 +102,18 @@ def test_memorization_threshold_with_a_class_from_one_group():
     one_each = ["ga"] * 4 + ["gb"] * 4
     assert threshold_sources(one_each, LABELS, 2) == ["none", "none"]
     assert memorization_threshold(real, one_each, 0.5, real_labels=LABELS, n_classes=2).tolist() == [0.0, 0.0]
-    # without labels (one threshold over all classes) the nearest tile of another group may be of any class
+    # without labels the nearest tile of another group may be of any class (10 apart: every new tile a "copy");
+    # one threshold for all classes (per_class False) is pooled over same-class distances instead
     assert memorization_threshold(real, one_each, 0.5) == pytest.approx(10.0, abs=0.1)
+    assert memorization_threshold(real, one_each, 0.5, real_labels=LABELS, n_classes=2, per_class=False) == 0.0
+    assert memorization_threshold(real, one_b, 0.5, real_labels=LABELS, n_classes=2, per_class=False) == \
+        pytest.approx(0.1)
     syn = np.array([[0.05, 0.05], [11.0, 1.0]])  # new tiles near each class's centre
     rows, thr = score_samples(real, LABELS, IDS, one_each, syn, np.array([0, 1]), np.array([SURE, SURE[::-1]]),
                               ["a", "b"], memorization_quantile=0.5)
+    assert [r["memorized"] for r in rows] == [0, 0] and thr == {"a": 0.0, "b": 0.0}
+    rows, thr = score_samples(real, LABELS, IDS, one_each, syn, np.array([0, 1]), np.array([SURE, SURE[::-1]]),
+                              ["a", "b"], memorization_quantile=0.5, memorization_per_class=False)
     assert [r["memorized"] for r in rows] == [0, 0] and thr == {"a": 0.0, "b": 0.0}
 
 
@@ -343,3 +350,14 @@ def test_stage_class_quota_writes_acceptance_and_warns_when_short(selected, tmp_
         assert sum("keeps" in m and "quota of 12" in m for m in seen) == 3
     finally:
         logger.removeHandler(handler)
+
+
+def test_stage_one_threshold_for_all_classes_still_flags_the_copy(selected, tmp_path):
+    cfg, *_ = selected
+    out = tmp_path / "global"
+    run(SelectConfig(**{**cfg.__dict__, "memorization_per_class": False, "generative_metrics": False, "out": str(out)}))
+    summary = json.loads((out / "filtered.json").read_text())
+    assert summary["memorization_threshold_from"] == "pooled"  # every class spans several groups here
+    assert len(set(summary["memorization_threshold"].values())) == 1
+    copy, flipped = read_rows(out / "filtered.csv")[-2:]
+    assert copy["memorized"] == flipped["memorized"] == "1" and copy["keep"] == flipped["keep"] == "0"

@@ -222,8 +222,9 @@ def train_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     if sample_weight is not None:
         sample_weight = torch.as_tensor(sample_weight, dtype=torch.float32)
         if sample_weight.shape != (n,) or not bool((sample_weight > 0).all()):
+            low = f", min {float(sample_weight.min()):g}" if sample_weight.numel() else ""
             raise HistoError(f"sample_weight must hold one positive weight per image ({n}), got shape "
-                             f"{tuple(sample_weight.shape)}, min {float(sample_weight.min()):g}")
+                             f"{tuple(sample_weight.shape)}{low}")
         per_sample = nn.CrossEntropyLoss(reduction="none")
     ema = None
     if ema_decay > 0:

@@ -214,7 +214,7 @@ class SelectConfig:
     min_confidence: float = F(0.5, "keep only samples with target-class confidence at least this")
     require_nearest_centroid: bool = F(True, "keep only samples whose nearest centroid is the target")
     memorization_quantile: float = F(0.01, "flag a sample closer to a real image than this quantile of real-real distances")
-    memorization_per_class: bool = F(True, "one memorization threshold per class (that quantile of the class's real-real distances), applied by the class of a sample's nearest real tile; false: one threshold over all classes")
+    memorization_per_class: bool = F(True, "one memorization threshold per class (that quantile of the class's real-real distances), applied by the class of a sample's nearest real tile; false: one threshold for all classes, pooled over the classes' same-class distances")
     drop_memorized: bool = F(True, "drop flagged near-copies")
     dihedral_memorization: bool = F(True, "memorization distance: minimum over the 8 flips/rotations of a sample")
     rank_by: str = F("centroid", "order within a class's filter tier: centroid (nearest the class centroid first) | confidence (highest first) | hard (lowest confidence first) | coverage (greedy spread over the class's real tiles' k-NN balls)")

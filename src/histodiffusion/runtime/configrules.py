@@ -10,6 +10,8 @@ from typing import Any
 
 from .errors import HistoError
 
+RANK_BY = ("centroid", "confidence", "hard", "coverage")  # select's orders within a class (select.rank_members)
+
 
 # --------------------------------------------------------------------------------------------
 def _at_least(lo):
@@ -70,7 +72,7 @@ VALUE_RULES: dict[str, dict] = {
                      "n_per_class": _at_least(0), "ratio": _at_least(0)},
     "SelectConfig": {"feature_steps": _at_least(1), "min_confidence": _within(0, 1),
                      "memorization_quantile": _within(0, 1), "max_ratio": _at_least(0), "quota_ratio": _at_least(0),
-                     "rank_by": _one_of("centroid", "confidence", "hard", "coverage"), "coverage_k": _at_least(1)},
+                     "rank_by": _one_of(*RANK_BY), "coverage_k": _at_least(1)},
     "RunConfig": {"oversample": _at_least(1), "ratios": _each(_above(0)), "adapt_unlabeled_steps": _at_least(0),
                   "procs": _at_least(1)},
     "JudgeConfig": {},  # the common rules (steps, batch_size, lr)

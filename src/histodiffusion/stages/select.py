@@ -18,7 +18,9 @@ comes from a logistic regression fitted on the real features. Per sample:
   copies by construction); per class (memorization_per_class): the quantile over the real tiles of
   one class of their distance to other groups of that class, applied to samples whose nearest real tile
   is of that class (a class with one group takes the other classes' pooled quantile, none: 0; recorded
-  as memorization_threshold_from in filtered.json, with a warning). `memorized` = nn_real_dist
+  as memorization_threshold_from in filtered.json, with a warning); else one threshold for all classes,
+  the quantile pooled over the same-class distances of every class ("pooled", or "none": no class has
+  two groups, nothing flagged, a warning). `memorized` = nn_real_dist
   <= threshold: by construction about that fraction of genuinely new tiles is flagged too, in every
   class (a false-positive rate chosen by the user; one global threshold flagged 13% of new benign lung
   tiles, whose distinct fields lie closer together than tumour tiles, see BENCHMARKS.md);
@@ -55,6 +57,7 @@ from ..core.transforms import DIHEDRAL, dihedral
 from ..data.evaldata import load_real, load_sample_images, quota, read_samples, subset_fingerprint
 from ..runtime.artifacts import FILTERED_COLUMNS, FILTERED_CSV, selection_dir
 from ..runtime.config import SelectConfig
+from ..runtime.configrules import RANK_BY
 from ..runtime.configtypes import config_to_dict
 from ..runtime.contract import check_complete, completion_record
 from ..runtime.distributed import seed_everything
@@ -101,7 +104,8 @@ def threshold_sources(real_groups, real_labels, n_classes: int) -> list[str]:
 
 
 def memorization_threshold(real_feats: np.ndarray, real_groups: list[str], quantile: float,
-                           real_views: list | None = None, real_labels=None, n_classes: int = 0):
+                           real_views: list | None = None, real_labels=None, n_classes: int = 0,
+                           per_class: bool = True):
     """quantile of each real tile's distance to its nearest real tile of ANOTHER group (0 when undefined);
     with `real_views`, the distance is minimised over those views of each tile (as for the samples).
     With `real_labels`, one threshold per class (an array of n_classes): the quantile over that class's
@@ -109,7 +113,9 @@ def memorization_threshold(real_feats: np.ndarray, real_groups: list[str], quant
     false-positive rate on genuinely new tiles is about `quantile` in every class (homogeneous tissue,
     whose distinct tiles lie close together, is not over-flagged; tiles of other classes lie far apart and
     would make every sample a "copy"). A class whose tiles come from one group takes the quantile pooled
-    over the other classes, and 0 (nothing flagged) when no class has two groups (`threshold_sources`)."""
+    over the other classes, and 0 (nothing flagged) when no class has two groups (`threshold_sources`).
+    With `real_labels` and not `per_class`: that pooled quantile alone, one threshold for every class
+    (same-class neighbours still: a tile of another class is not evidence of how close a copy lies)."""
     if not 0 <= quantile <= 1:
         raise HistoError(f"memorization_quantile must be in [0, 1], got {quantile}")
     d = other_group_distances(real_feats, real_groups, real_views)
@@ -123,6 +129,8 @@ def memorization_threshold(real_feats: np.ndarray, real_groups: list[str], quant
     d[labels[:, None] != labels[None, :]] = np.inf
     nn = d.min(axis=1)
     pooled = q(nn)
+    if not per_class:
+        return pooled
     return np.array([q(nn[labels == c]) if src == "class" else pooled
                      for c, src in enumerate(threshold_sources(real_groups, labels, n_classes))])
 
@@ -135,7 +143,8 @@ def score_samples(real_feats, real_labels, real_ids, real_groups, syn_feats, syn
                   coverage_k: int = 3) -> tuple[list[dict], float]:
     """Score synthetic features against real ones; returns (rows with OUT_COLUMNS, {class: memorization
     threshold}). A sample is a near-copy when its nearest real tile is closer than the threshold of that
-    tile's class (memorization_per_class), else than one threshold over all real tiles.
+    tile's class (memorization_per_class), else than one threshold pooled over the classes (both calibrated
+    on distances between tiles of one class, `memorization_threshold`).
 
     syn_views / real_views: features of transformed copies (e.g. the 8 dihedral transforms) over
     which the memorization distances are minimised, so a rotated copy of a training tile is found.
@@ -159,8 +168,8 @@ def score_samples(real_feats, real_labels, real_ids, real_groups, syn_feats, syn
     d_real = min_distance(syn_views or [sf], rf)
     nn = d_real.argmin(1)
     nn_dist = d_real[np.arange(len(sf)), nn]
-    thr = memorization_threshold(rf, list(real_groups), memorization_quantile, real_views,
-                                 rl if memorization_per_class else None, len(classes))
+    thr = memorization_threshold(rf, list(real_groups), memorization_quantile, real_views, rl, len(classes),
+                                 per_class=memorization_per_class)
     thr_of_real = thr[rl] if memorization_per_class else np.full(len(rl), thr)
     rows = []
     for i in range(len(sf)):
@@ -199,9 +208,6 @@ def score_samples(real_feats, real_labels, real_ids, real_groups, syn_feats, syn
         r["reason"] = ";".join(r.pop("reasons"))
         r.pop("_t")
     return rows, {c: float(thr[i] if memorization_per_class else thr) for i, c in enumerate(classes)}
-
-
-RANK_BY = ("centroid", "confidence", "hard", "coverage")
 
 
 def rank_members(rows: list[dict], members: list[int], rank_by: str, syn_feats, class_real, class_groups,
@@ -366,7 +372,12 @@ def run(cfg: SelectConfig) -> Path:
     summary = selection_summary(scored, real.classes, real.counts(), cfg.quota_ratio)
     sources = dict(zip(real.classes, threshold_sources(real.groups, real.labels.numpy(), len(real.classes))))
     uncalibrated = [c for c, v in sources.items() if v != "class"]
-    if cfg.memorization_per_class and uncalibrated:
+    if not cfg.memorization_per_class:
+        sources = "none" if "none" in sources.values() else "pooled"
+        if sources == "none":
+            log.warning("select: the real tiles of every class come from one group, so new tiles cannot be told "
+                        "from near-copies by their spacing: no sample is flagged as memorized")
+    elif uncalibrated:
         log.warning("select: the real tiles of %s come from one group each, so new tiles of %s cannot be told from "
                     "near-copies by their spacing: %s", ", ".join(map(repr, uncalibrated)),
                     "that class" if len(uncalibrated) == 1 else "those classes",
@@ -391,8 +402,7 @@ def run(cfg: SelectConfig) -> Path:
     write_csv_atomic(out / FILTERED_CSV, scored, OUT_COLUMNS)
     write_json_atomic(out / FILTERED_JSON, {"config": config_to_dict(cfg), "extractor": ext_name,
                                             "memorization_threshold": thr,
-                                            "memorization_threshold_from": sources if cfg.memorization_per_class
-                                            else "all classes", **summary})
+                                            "memorization_threshold_from": sources, **summary})
     mark_complete(out, **completion_record(cfg), kept=summary["kept"], samples=len(scored))
     return out
 

@@ -94,6 +94,9 @@ def section_selection(doc: Doc, p: dict) -> None:
           f"Acceptance = kept / generated; pass rate = passing every filter / generated.")
     src = f.get("memorization_threshold_from")
     loose = {c: v for c, v in src.items() if v != "class"} if isinstance(src, dict) else {}
+    if src == "none":
+        doc.p("Not calibrated: the real tiles of every class come from one group, so no pair of distinct real "
+              "tiles of a class shows how close a new tile may lie; no sample is flagged as memorized.")
     if loose:
         doc.p(f"Not calibrated: the real tiles of {', '.join(loose)} come from one group per class, so no pair of "
               f"distinct real tiles of the class shows how close a new tile may lie; "
