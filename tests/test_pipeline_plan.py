@@ -51,7 +51,7 @@ def test_selection_is_class_balanced_at_the_largest_ratio_and_aa_arm_evaluated(t
     from histodiffusion.runtime.config import EvaluateConfig, config_from_dict
 
     cfg = config_from_dict(EvaluateConfig, steps["evaluate"])
-    assert "real_aa" in cfg.arms and cfg.steps == 40 and cfg.val_every == 10  # the quick preset's small budget
+    assert "real_aa" in cfg.arms and cfg.steps == 120 and cfg.val_every == 20  # the quick preset's small budget
     assert config_from_dict(EvaluateConfig, {}).steps == 500  # the stage's (benchmark) default
 
 

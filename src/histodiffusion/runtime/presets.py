@@ -6,9 +6,10 @@ stage's config class in config.py). A preset only changes defaults; flags still 
   autoencoder (32, 64, 128), f=4, 4 latent channels, trained on random 32 px crops (400 steps of
   16); UNet (64, 128, 128) on 16x16x4 latents (300 steps of 32); the only overrides are the
   narrower small CNN (`small_cnn_w16`, ~3x faster than `small_cnn` on this CPU) as the selection
-  feature extractor, the evaluation classifier and the latent classifier's image-space baseline, and the default run's evaluation budget as it
-  was before the fixed-step harness (40 steps: 20 epochs of 2 batches over its 95 labeled tiles;
-  validated every 10) instead of evaluate's default 500, which is sized for the benchmark.
+  feature extractor, the evaluation classifier and the latent classifier's image-space baseline, and an
+  evaluation budget sized for the default run's 95 labeled tiles (120 steps of 64, about 80 epochs,
+  validated every 20: real-only validation accuracy plateaus from about step 60; at the former 40 steps
+  it was still rising, see BENCHMARKS.md) instead of evaluate's default 500, sized for the benchmark.
 - "paper": the scale of HistoDiffusion (Ye et al., MICCAI 2023; LDM-style KL-f4 first stage), for
   GPU users: 256 px tiles -> 64x64x3 latents; autoencoder widths (128, 256, 512) with 2 ResNet layers
   per block, KL weight 1e-6, PatchGAN from step 50k (add --lpips-weights with a local VGG16 file
@@ -23,7 +24,7 @@ PRESETS: dict[str, dict[str, dict]] = {
     "quick": {
         "select": {"backbone": "small_cnn_w16"},
         "train-latent-classifier": {"image_backbone": "small_cnn_w16"},
-        "evaluate": {"backbone": "small_cnn_w16", "steps": 40, "val_every": 10},
+        "evaluate": {"backbone": "small_cnn_w16", "steps": 120, "val_every": 20},
     },
     "paper": {
         "prepare": {"tile_size": 256},
