@@ -88,6 +88,46 @@ def test_scale_zero_equals_diffusers_loop(models, name, eta):
     assert torch.equal(ours, z)
 
 
+@pytest.mark.parametrize("name", ["ddim", "dpmsolver++"])
+def test_strength_equals_diffusers_img2img_loop(models, name):
+    """From clean latents at strength 0.5 and scale 0, the loop is diffusers' img2img recipe: the last half of
+    the timesteps, the scheduler's begin index, the clean latents noised to the first of them."""
+    from histodiffusion.models.unet import load_scheduler, load_unet
+
+    unet = load_unet(models["ldm"] / "unet_ema")
+    config = dict(load_scheduler(models["ldm"] / "scheduler").config)
+    g = torch.Generator().manual_seed(3)
+    init, noise = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
+    ours = guided_sample(unet, None, make_scheduler(name, config), noise, torch.zeros(4, dtype=torch.long), None,
+                         steps=8, scale=0.0, micro_batch=None, init=init, strength=0.5)
+    sched = make_scheduler(name, config)
+    sched.set_timesteps(8)
+    timesteps = sched.timesteps[4:]
+    if hasattr(sched, "set_begin_index"):
+        sched.set_begin_index(4)
+    z = sched.add_noise(init, noise, timesteps[:1].repeat(4))
+    for t in timesteps:
+        with torch.no_grad():
+            z = sched.step(unet(z, t).sample, t, z).prev_sample
+    assert torch.equal(ours, z)
+
+
+def test_lower_strength_stays_closer_to_the_init_latents(models):
+    from histodiffusion.models.unet import load_scheduler, load_unet
+
+    unet = load_unet(models["ldm"] / "unet_ema")
+    config = dict(load_scheduler(models["ldm"] / "scheduler").config)
+    g = torch.Generator().manual_seed(4)
+    init, noise = torch.randn(8, 4, 8, 8, generator=g), torch.randn(8, 4, 8, 8, generator=g)
+    dist = [float((guided_sample(unet, None, make_scheduler("ddim", config), noise, torch.zeros(8, dtype=torch.long),
+                                 None, steps=10, scale=0.0, init=init, strength=s) - init).pow(2).mean())
+            for s in (0.1, 0.5, 1.0)]
+    assert dist[0] < dist[1] < dist[2], dist
+    with pytest.raises(HistoError, match="strength must be in"):
+        guided_sample(unet, None, make_scheduler("ddim", config), noise, torch.zeros(8, dtype=torch.long), None,
+                      steps=10, scale=0.0, init=init, strength=0.0)
+
+
 def test_larger_scale_raises_target_probability(models):
     from histodiffusion.models.unet import load_scheduler, load_unet
 
@@ -151,6 +191,35 @@ def test_two_processes_equal_single_process(models, reference, tmp_path):
     same_outputs(reference, out)
 
 
+def test_strength_starts_from_train_tiles_of_the_class(models, tmp_path):
+    """strength < 1: every sample names a train tile of its own class from the classifier's subset, cycling
+    through the tiles and then their flips/rotations; images do not depend on the batch size."""
+    import csv as _csv
+
+    with open(models["cache"] / "index.csv", newline="") as f:
+        index = {r["id"]: r for r in _csv.DictReader(f)}
+    cfg = base_cfg(models, tmp_path / "a", strength=0.5, n_per_class=14, batch_size=5, classes=("dark",))
+    run(cfg)
+    rows = read_rows(tmp_path / "a")
+    assert len(rows) == 14 and all(r["strength"] == "0.5" for r in rows)
+    train_dark = sorted(i for i, r in index.items() if r["split"] == "train" and r["label"] == "dark")
+    assert len(train_dark) == 12
+    assert [r["init_id"] for r in rows] == train_dark + train_dark[:2]
+    assert [r["init_dihedral"] for r in rows] == ["0"] * 12 + ["1"] * 2
+    run(dataclasses.replace(cfg, out=str(tmp_path / "b"), batch_size=14))
+    same_outputs(tmp_path / "a", tmp_path / "b")
+    # the samples differ from noise-started ones of the same seeds
+    run(dataclasses.replace(cfg, out=str(tmp_path / "c"), strength=1.0))
+    assert all(r["init_id"] == "" for r in read_rows(tmp_path / "c"))
+    assert (tmp_path / "a" / rows[0]["file"]).read_bytes() != (tmp_path / "c" / rows[0]["file"]).read_bytes()
+
+
+def test_strength_refuses_validation_or_test_tiles(models, tmp_path):
+    with pytest.raises(HistoError, match="init tiles must be train-split tiles: subset 'all' of .* holds 16 "):
+        run(base_cfg(models, tmp_path / "s", strength=0.5, init_cache=str(models["cache"]), init_subset="all"))
+    assert not (tmp_path / "s" / "samples.csv").exists() and not list((tmp_path / "s").glob("images/*.png"))
+
+
 def test_ratio_counts(models):
     cfg = base_cfg(models, "unused", n_per_class=0, ratio=0.5, real_counts=str(models["cache"]), real_subset="train")
     plan = plan_samples(cfg, ["dark", "pale"])
@@ -178,6 +247,10 @@ def test_ratio_counts(models):
     ({"classifier": "/nonexistent/clf"}, "latent classifier folder not found"),
     ({"scheduler": "euler"}, "scheduler must be one of"),
     ({"scheduler": "dpmsolver++", "eta": 1.0}, "eta"),
+    ({"strength": 0.0}, r"strength must be in \(0, 1\]"),
+    ({"strength": 1.5}, r"strength must be in \(0, 1\]"),
+    ({"strength": 0.05}, "runs no step"),
+    ({"init_subset": "few"}, "only with strength < 1"),
 ])
 def test_bad_input(models, tmp_path, change, match):
     if change.get("real_counts") == "CACHE":

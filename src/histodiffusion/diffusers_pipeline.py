@@ -87,20 +87,45 @@ def step_kwargs(scheduler, eta: float, generators) -> dict:
 # --------------------------------------------------------------------------------------------------
 # The guided sampling loop
 # --------------------------------------------------------------------------------------------------
+def start_index(steps: int, strength: float) -> int:
+    """Index of the first of `steps` timesteps run when a clean latent is noised to `strength` (SDEdit:
+    the last round(strength * steps) steps are run; strength 1: all of them)."""
+    if not 0 < strength <= 1:
+        raise HistoError(f"strength must be in (0, 1], got {strength}")
+    run = int(round(strength * steps))
+    if run < 1:
+        raise HistoError(f"strength {strength} of {steps} steps runs no step: raise strength or steps")
+    return steps - run
+
+
 def guided_sample(unet, classifier, scheduler, noise: torch.Tensor, y: torch.Tensor, generators, *, steps: int,
                   scale: float, window=(0, 0), eta: float = 0.0, prediction_type: str = "epsilon",
-                  micro_batch: int | None = MICRO_BATCH) -> torch.Tensor:
+                  micro_batch: int | None = MICRO_BATCH, init: torch.Tensor | None = None,
+                  strength: float = 1.0) -> torch.Tensor:
     """Run the reverse process from unit-Gaussian `noise` [B, C, h, w] to latents z_0 (scaled space).
 
     `generators`: one per sample (DDIM's eta noise), one for the batch, or None. Model calls run on
-    fixed-size micro-batches. `classifier` may be None when `scale` is 0.
+    fixed-size micro-batches. `classifier` may be None when `scale` is 0. `init`: clean latents (scaled
+    space) noised with `noise` to the timestep at `strength` of the schedule, from which the remaining
+    steps run (SDEdit, Meng et al. 2022: variations of real tiles); None: from pure noise.
     """
-    # 1. timesteps of the sampling schedule
+    # 1. timesteps of the sampling schedule (with init: only its last `strength` share)
     scheduler.set_timesteps(steps)
-    # 2. initial latents (unit noise scaled to the scheduler's initial sigma)
-    z = noise * scheduler.init_noise_sigma
+    timesteps = scheduler.timesteps
+    if init is None:
+        # 2. initial latents (unit noise scaled to the scheduler's initial sigma)
+        z = noise * scheduler.init_noise_sigma
+    else:
+        # 2'. initial latents: the clean latents noised to the first timestep that is run
+        begin = start_index(steps, strength) * scheduler.order
+        timesteps = timesteps[begin:]
+        if hasattr(scheduler, "set_begin_index"):  # multistep solvers count their steps from here
+            scheduler.set_begin_index(begin)
+        if init.shape != noise.shape:
+            raise HistoError(f"init latents have shape {tuple(init.shape)}, the noise {tuple(noise.shape)}")
+        z = scheduler.add_noise(init.to(noise), noise, timesteps[:1].repeat(len(noise)))
     extra = step_kwargs(scheduler, eta, generators)
-    for t in scheduler.timesteps:
+    for t in timesteps:
         # 3. scheduler-specific input scaling (identity for DDIM and DPM-Solver++)
         z_in = scheduler.scale_model_input(z, t)
         # 4. predict the noise eps(z_t, t) with the unconditional UNet
@@ -224,13 +249,16 @@ class HistoDiffusionPipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(self, class_labels, guidance_scale: float = 10.0, num_inference_steps: int = 20, generator=None,
                  guidance_window: tuple[int, int] | None = None, eta: float = 0.0, latents: torch.Tensor | None = None,
-                 output_type: str = "pil", return_dict: bool = True, micro_batch: int | None = MICRO_BATCH):
+                 output_type: str = "pil", return_dict: bool = True, micro_batch: int | None = MICRO_BATCH,
+                 init_latents: torch.Tensor | None = None, strength: float = 1.0):
         """Synthesise one tile per entry of `class_labels` (class names or indices).
 
         guidance_scale: s (0: unguided); guidance_window: guide only for t in [lo, hi] (None: every step);
         generator: one torch.Generator per image (images then do not depend on the batch), one for the
         batch, or None; eta: DDIM's noise (schedulers without eta refuse a non-zero one); latents: unit
-        Gaussian starting latents instead of drawing them; output_type: "pil", "np" or "latent".
+        Gaussian starting latents instead of drawing them; output_type: "pil", "np" or "latent";
+        init_latents: clean latents (scaled space, one per image, e.g. of real tiles of the target class)
+        noised to `strength` of the schedule (0 < strength <= 1) and denoised from there: SDEdit variations.
         """
         # 1. check the arguments; class labels (names or indices) -> indices
         if output_type not in OUTPUT_TYPES:
@@ -242,6 +270,9 @@ class HistoDiffusionPipeline(DiffusionPipeline):
             raise HistoError(f"need guidance_scale >= 0 and num_inference_steps >= 1, got {guidance_scale}, "
                              f"{num_inference_steps}")
         window = self.check_window(guidance_window)
+        if init_latents is None and strength != 1.0:
+            raise HistoError(f"strength {strength} needs init_latents (the clean latents to start from)")
+        start_index(num_inference_steps, strength)  # a clear error for a strength that runs no step
         y = torch.tensor(self.class_indices(class_labels), dtype=torch.long)
         # 2. initial unit-Gaussian latents (one draw per generator when given a list)
         noise = self.initial_noise(len(y), generator) if latents is None else latents
@@ -249,10 +280,13 @@ class HistoDiffusionPipeline(DiffusionPipeline):
             raise HistoError(f"latents hold {noise.shape[0]} samples for {len(y)} class labels")
         device = self._execution_device
         noise, y = noise.to(device, self.unet.dtype), y.to(device)
+        if init_latents is not None:
+            init_latents = init_latents.to(device, self.unet.dtype)
         # 3. the guided reverse process: the one loop, shared with the sample stage
         z0 = guided_sample(self.unet, self.latent_classifier, self.scheduler, noise, y, generator,
                            steps=num_inference_steps, scale=guidance_scale, window=window, eta=eta,
-                           prediction_type=self.config.prediction_type, micro_batch=micro_batch)
+                           prediction_type=self.config.prediction_type, micro_batch=micro_batch,
+                           init=init_latents, strength=strength)
         # 4. how confidently the latent classifier sees the target class in the final latents
         conf = target_confidence(self.latent_classifier, z0, y, micro_batch).cpu().numpy()
         # 5. decode with the autoencoder (scaling factor from its config), quantise as the PNGs are

@@ -67,7 +67,8 @@ LDM_VAE = "vae"
 # samples and selection
 SAMPLES_CSV = "samples.csv"
 SAMPLES_COLUMNS = ["id", "file", "seed", "target", "target_index", "scale", "scheduler", "steps", "eta",
-                   "window_lo", "window_hi", "confidence", "unet_id", "classifier_id", "vae_id"]
+                   "window_lo", "window_hi", "confidence", "unet_id", "classifier_id", "vae_id",
+                   "strength", "init_id", "init_dihedral"]  # init_*: the real tile a strength < 1 sample starts from
 FILTERED_CSV = "filtered.csv"
 SELECT_DIR = "select"  # select's output directory inside a sample directory (its default)
 FILTERED_COLUMNS = ["id", "target", "pred", "confidence", "nearest_centroid", "centroid_dist",

@@ -5,6 +5,10 @@ classifier: eps' = eps - sqrt(1 - alpha_bar_t) * s * grad log p(y | z_t, t) (gui
 steps whose t lies in the guidance window, with diffusers' DDIM (eta configurable, no clipping) or
 DPM-Solver++ (multistep, order 2). Final latents are decoded with the (optionally fine-tuned) decoder.
 
+With strength < 1 a sample starts instead from the latent of a real train-split tile of its class (in one
+of its 8 flips/rotations), noised to that share of the schedule: SDEdit variations (Meng et al. 2022),
+which keep the tile's tissue architecture; samples.csv names the tile (init_id, init_dihedral).
+
 Sample i (its place in the plan: classes in order, then k = 0..count-1) uses its own torch.Generator
 seeded from (run seed, i) for its initial noise and DDIM's per-step noise, so images do not depend on
 the batch size or on how ids are split over processes. Each process writes the PNGs of its share of
@@ -28,7 +32,8 @@ import numpy as np
 
 from ..core.grids import write_grid
 from ..core.seeds import sample_seed, torch_generator
-from ..diffusers_pipeline import SCHEDULERS, make_scheduler
+from ..core.transforms import DIHEDRAL, dihedral
+from ..diffusers_pipeline import SCHEDULERS, make_scheduler, start_index
 from ..runtime.artifacts import INDEX, SAMPLES_COLUMNS, SAMPLES_CSV, read_dataset, read_meta, subset_ids
 from ..runtime.config import SampleConfig
 from ..runtime.contract import completion_record
@@ -126,6 +131,41 @@ def plan_samples(cfg: SampleConfig, classes: list[str], default_real: str = "") 
     return plan
 
 
+def assign_init(plan: list[dict], cfg: SampleConfig, info: dict) -> dict:
+    """With strength < 1: give every plan entry the real tile it starts from and returns {id: clean latent}.
+
+    Sample k of class c starts from the (k mod n_c)-th tile of class c (ids in order) in its
+    (k div n_c mod 8)-th flip/rotation, so oversampling cycles through the tiles, then their variants.
+    Only train-split tiles may be used (the latents of validation or test tiles would leak into training)."""
+    from ..data.datasets import LatentDataset
+
+    cache = cfg.init_cache or str(info.get("cache") or "")
+    subset = cfg.init_subset or str(info.get("subset") or "")
+    if not cache or not subset:
+        raise HistoError("strength < 1 needs init_cache and init_subset (the latent classifier records none)")
+    ds = LatentDataset(cache, subset, sample=False)
+    wrong = [r["id"] for r in ds.rows if r.get("split") != "train"]
+    if wrong:
+        raise HistoError(f"init tiles must be train-split tiles: subset {subset!r} of {cache} holds {len(wrong)} "
+                         f"of another split (e.g. {wrong[0]!r})")
+    by_class: dict[str, list[int]] = {}
+    for i, r in sorted(enumerate(ds.rows), key=lambda x: x[1]["id"]):
+        by_class.setdefault(r["label"], []).append(i)
+    latents = {}
+    k_of: dict[str, int] = {}
+    for p in plan:
+        rows = by_class.get(p["target"])
+        if not rows:
+            raise HistoError(f"subset {subset!r} of {cache} has no tile of class {p['target']!r} to start from")
+        k = k_of.get(p["target"], 0)
+        k_of[p["target"]] = k + 1
+        idx = rows[k % len(rows)]
+        p["init_id"], p["init_dihedral"] = ds.rows[idx]["id"], (k // len(rows)) % DIHEDRAL
+        if p["init_id"] not in latents:
+            latents[p["init_id"]] = ds[idx][0]
+    return latents
+
+
 def check_sampling_args(cfg: SampleConfig, T: int) -> tuple[int, int]:
     if cfg.scheduler not in SCHEDULERS:
         raise HistoError(f"scheduler must be one of {', '.join(SCHEDULERS)}, not {cfg.scheduler!r}")
@@ -135,6 +175,9 @@ def check_sampling_args(cfg: SampleConfig, T: int) -> tuple[int, int]:
         raise HistoError(f"batch_size must be positive, got {cfg.batch_size}")
     if cfg.scale < 0:
         raise HistoError(f"guidance scale must be >= 0, got {cfg.scale}")
+    start_index(cfg.steps, cfg.strength)  # strength in (0, 1], running at least one step
+    if cfg.strength == 1 and (cfg.init_cache or cfg.init_subset):
+        raise HistoError("init_cache/init_subset are used only with strength < 1 (1 starts from pure noise)")
     if not 0 <= cfg.eta <= 1 or (cfg.eta and cfg.scheduler != "ddim"):
         raise HistoError(f"eta must be in [0, 1] and is only used by ddim, got eta={cfg.eta} with {cfg.scheduler}")
     lo, hi = cfg.guidance_window
@@ -184,20 +227,29 @@ def write_grids(out: Path, rows: list[dict]) -> None:
         write_grid(ims, out / "grids" / f"{safe_name(cls)}.png")  # a near-square grid
 
 
-def generate(items: list[dict], m: dict, cfg: SampleConfig, window: tuple[int, int]) -> tuple[list[dict], np.ndarray]:
-    """Images and samples.csv rows of plan entries `items` (one batch), through the pipeline."""
+def generate(items: list[dict], m: dict, cfg: SampleConfig, window: tuple[int, int],
+             init: dict | None = None) -> tuple[list[dict], np.ndarray]:
+    """Images and samples.csv rows of plan entries `items` (one batch), through the pipeline; `init`:
+    {tile id: clean latent} when the entries start from real tiles (assign_init)."""
+    import torch
+
     pipe = m["pipe"]
     pipe.scheduler = make_scheduler(cfg.scheduler, m["scheduler_config"])  # fresh solver state per batch
     gens = [torch_generator(cfg.seed, it["i"]) for it in items]
+    z_init = None
+    if init:
+        z_init = torch.stack([dihedral(init[it["init_id"]], it["init_dihedral"]) for it in items])
     out = pipe(class_labels=[it["target_index"] for it in items], guidance_scale=cfg.scale,
                num_inference_steps=cfg.steps, generator=gens, guidance_window=window, eta=cfg.eta,
-               output_type="latent")
+               output_type="latent", init_latents=z_init, strength=cfg.strength)
     images = pipe.decode_uint8(out.images)
     rows = [{"id": it["id"], "file": f"images/{it['id']}.png", "seed": sample_seed(cfg.seed, it["i"]),
              "target": it["target"], "target_index": it["target_index"], "scale": cfg.scale,
              "scheduler": cfg.scheduler, "steps": cfg.steps, "eta": cfg.eta, "window_lo": window[0],
              "window_hi": window[1], "confidence": f"{float(c):.6f}", "unet_id": m["unet_id"],
-             "classifier_id": m["classifier_id"], "vae_id": m["vae_id"]} for it, c in zip(items, out.confidence)]
+             "classifier_id": m["classifier_id"], "vae_id": m["vae_id"], "strength": cfg.strength,
+             "init_id": it.get("init_id", ""), "init_dihedral": it.get("init_dihedral", "")}
+            for it, c in zip(items, out.confidence)]
     return rows, images
 
 
@@ -210,7 +262,8 @@ def write_pipeline(folder: Path, m: dict, cfg: SampleConfig, window: tuple[int, 
               "unet_id": m["unet_id"], "classifier_id": m["classifier_id"], "vae_id": m["vae_id"],
               "classifier_cache": m["info"].get("cache"), "classifier_subset": m["info"].get("subset"),
               "sampling": {"scheduler": cfg.scheduler, "steps": cfg.steps, "scale": cfg.scale,
-                           "guidance_window": list(window), "eta": cfg.eta, "seed": cfg.seed}}
+                           "guidance_window": list(window), "eta": cfg.eta, "seed": cfg.seed,
+                           "strength": cfg.strength}}
     return export_pipeline(m["pipe"], folder, record)
 
 
@@ -229,18 +282,19 @@ def run(cfg: SampleConfig) -> Path:
     m = load_models(cfg)
     window = check_sampling_args(cfg, m["T"])
     plan = plan_samples(cfg, list(m["info"]["classes"]), str(m["info"].get("cache") or ""))
+    init = assign_init(plan, cfg, m["info"]) if cfg.strength < 1 else None
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / PROGRESS_DIR).mkdir(parents=True, exist_ok=True)
     done = read_progress(out)
     acc.wait_for_everyone()  # every rank sees the same finished set before anyone writes
     pending = [p for p in plan if p["id"] not in done]
     mine = pending[acc.process_index::acc.num_processes]
-    log.info("sampling %d images (%d done before, %d pending) with %s, %d steps, scale %g, window %s, %d process(es)",
+    log.info("sampling %d images (%d done before, %d pending) with %s, %d steps, scale %g, window %s, %s, %d process(es)",
              len(plan), len(plan) - len(pending), len(pending), cfg.scheduler, cfg.steps, cfg.scale, window,
-             acc.num_processes)
+             f"from {len(init)} real tiles at strength {cfg.strength:g}" if init else "from noise", acc.num_processes)
     bar = progress(total=len(mine), desc="sample", disable=not acc.is_main_process, log=log)
     for b in range(0, len(mine), cfg.batch_size):
-        rows, images = generate(mine[b:b + cfg.batch_size], m, cfg, window)
+        rows, images = generate(mine[b:b + cfg.batch_size], m, cfg, window, init)
         _save_batch(out, acc.process_index, rows, images)
         bar.update(len(rows))
     bar.close()
@@ -250,7 +304,7 @@ def run(cfg: SampleConfig) -> Path:
         missing = [p["id"] for p in plan if p["id"] not in done]
         if missing:
             raise HistoError(f"{len(missing)} sample(s) missing after sampling (e.g. {missing[:3]}); re-run to resume")
-        rows = [{k: done[p["id"]][k] for k in SAMPLES_COLUMNS} for p in plan]
+        rows = [{k: done[p["id"]].get(k, "") for k in SAMPLES_COLUMNS} for p in plan]
         if cfg.grid:
             write_grids(out, rows)
         write_csv_atomic(out / SAMPLES_CSV, rows, SAMPLES_COLUMNS)
