@@ -194,10 +194,8 @@ def test_two_processes_equal_single_process(models, reference, tmp_path):
 def test_strength_starts_from_train_tiles_of_the_class(models, tmp_path):
     """strength < 1: every sample names a train tile of its own class from the classifier's subset, cycling
     through the tiles and then their flips/rotations; images do not depend on the batch size."""
-    import csv as _csv
-
     with open(models["cache"] / "index.csv", newline="") as f:
-        index = {r["id"]: r for r in _csv.DictReader(f)}
+        index = {r["id"]: r for r in csv.DictReader(f)}
     cfg = base_cfg(models, tmp_path / "a", strength=0.5, n_per_class=14, batch_size=5, classes=("dark",))
     run(cfg)
     rows = read_rows(tmp_path / "a")

@@ -272,7 +272,6 @@ class HistoDiffusionPipeline(DiffusionPipeline):
         window = self.check_window(guidance_window)
         if init_latents is None and strength != 1.0:
             raise HistoError(f"strength {strength} needs init_latents (the clean latents to start from)")
-        start_index(num_inference_steps, strength)  # a clear error for a strength that runs no step
         y = torch.tensor(self.class_indices(class_labels), dtype=torch.long)
         # 2. initial unit-Gaussian latents (one draw per generator when given a list)
         noise = self.initial_noise(len(y), generator) if latents is None else latents

@@ -101,7 +101,7 @@ def real_class_counts(path: str | Path, subset: str) -> dict[str, int]:
 
 
 def plan_samples(cfg: SampleConfig, classes: list[str], default_real: str = "") -> list[dict]:
-    """One entry per sample: index i (its seed), id, target class; the order defines i.
+    """One entry per sample: index i (its seed), id, target class, k (its place within the class); the order defines i.
 
     With a ratio, per-class counts come from cfg.real_counts (else `default_real`: the latent
     classifier's own cache) restricted to cfg.real_subset."""
@@ -126,7 +126,7 @@ def plan_samples(cfg: SampleConfig, classes: list[str], default_real: str = "") 
     for c in targets:
         for k in range(counts[c]):
             sid = f"{safe_name(classes[c])}_{k:05d}"
-            plan.append({"i": i, "id": sid, "target": classes[c], "target_index": c})
+            plan.append({"i": i, "id": sid, "target": classes[c], "target_index": c, "k": k})
             i += 1
     return plan
 
@@ -152,15 +152,12 @@ def assign_init(plan: list[dict], cfg: SampleConfig, info: dict) -> dict:
     for i, r in sorted(enumerate(ds.rows), key=lambda x: x[1]["id"]):
         by_class.setdefault(r["label"], []).append(i)
     latents = {}
-    k_of: dict[str, int] = {}
     for p in plan:
         rows = by_class.get(p["target"])
         if not rows:
             raise HistoError(f"subset {subset!r} of {cache} has no tile of class {p['target']!r} to start from")
-        k = k_of.get(p["target"], 0)
-        k_of[p["target"]] = k + 1
-        idx = rows[k % len(rows)]
-        p["init_id"], p["init_dihedral"] = ds.rows[idx]["id"], (k // len(rows)) % DIHEDRAL
+        idx = rows[p["k"] % len(rows)]
+        p["init_id"], p["init_dihedral"] = ds.rows[idx]["id"], (p["k"] // len(rows)) % DIHEDRAL
         if p["init_id"] not in latents:
             latents[p["init_id"]] = ds[idx][0]
     return latents
@@ -304,7 +301,7 @@ def run(cfg: SampleConfig) -> Path:
         missing = [p["id"] for p in plan if p["id"] not in done]
         if missing:
             raise HistoError(f"{len(missing)} sample(s) missing after sampling (e.g. {missing[:3]}); re-run to resume")
-        rows = [{k: done[p["id"]].get(k, "") for k in SAMPLES_COLUMNS} for p in plan]
+        rows = [{k: done[p["id"]][k] for k in SAMPLES_COLUMNS} for p in plan]
         if cfg.grid:
             write_grids(out, rows)
         write_csv_atomic(out / SAMPLES_CSV, rows, SAMPLES_COLUMNS)
