@@ -212,6 +212,50 @@ def test_strength_starts_from_train_tiles_of_the_class(models, tmp_path):
     assert (tmp_path / "a" / rows[0]["file"]).read_bytes() != (tmp_path / "c" / rows[0]["file"]).read_bytes()
 
 
+def test_init_labels_classifier_starts_from_tiles_the_classifier_reads_as_the_class(models, tmp_path):
+    """init_labels=classifier: the pool is the train split (default), a tile's class is the latent classifier's
+    reading of its clean latent, the tiles' own labels are never read (a copy of the cache without labels gives
+    the same samples); images do not depend on the batch size."""
+    import shutil
+
+    from histodiffusion.data.datasets import LatentDataset
+    from histodiffusion.models.latent_classifier import load_latent_classifier
+
+    blank = tmp_path / "cache_unlabeled"
+    shutil.copytree(models["cache"], blank)
+    with open(blank / "index.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    with open(blank / "index.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows({**r, "label": ""} for r in rows)
+    clf, _, _ = load_latent_classifier(models["clf"])
+    ds = LatentDataset(models["cache"], "train", sample=False)
+    with torch.no_grad():
+        pred = clf(torch.stack([ds[i][0] for i in range(len(ds))]), 0).argmax(1).tolist()
+    reads = {r["id"]: ("dark", "pale")[p] for r, p in zip(ds.rows, pred)}
+    assert 0 < pred.count(0) < len(pred)  # both classes have a pool
+
+    n = len(pred)  # more samples per class than either pool holds: the pools cycle
+    cfg = base_cfg(models, tmp_path / "a", strength=0.5, n_per_class=n, batch_size=5, init_labels="classifier",
+                   init_cache=str(blank))
+    run(cfg)
+    out = read_rows(tmp_path / "a")
+    assert len(out) == 2 * n and all(reads[r["init_id"]] == r["target"] for r in out)
+    for cls in ("dark", "pale"):
+        pool = sorted(i for i, c in reads.items() if c == cls)
+        ids = [r["init_id"] for r in out if r["target"] == cls]
+        assert sorted(ids[:len(pool)]) == pool  # every tile of the pool once before any repeats
+        assert all(ids[k] == ids[k % len(pool)] for k in range(n))
+        assert [r["init_dihedral"] for r in out if r["target"] == cls] == [str(k // len(pool)) for k in range(n)]
+    run(dataclasses.replace(cfg, out=str(tmp_path / "b"), init_cache=str(models["cache"]), batch_size=2 * n))
+    same_outputs(tmp_path / "a", tmp_path / "b")
+    # the labels decide with init_labels=tiles: a cache without labels has no tile of the class
+    with pytest.raises(HistoError, match="has no tile of class 'dark' to start from"):
+        run(dataclasses.replace(cfg, out=str(tmp_path / "c"), init_labels="tiles", init_subset="train"))
+    assert not (tmp_path / "c" / "samples.csv").exists()
+
+
 def test_strength_refuses_validation_or_test_tiles(models, tmp_path):
     with pytest.raises(HistoError, match="init tiles must be train-split tiles: subset 'all' of .* holds 16 "):
         run(base_cfg(models, tmp_path / "s", strength=0.5, init_cache=str(models["cache"]), init_subset="all"))
@@ -249,6 +293,8 @@ def test_ratio_counts(models):
     ({"strength": 1.5}, r"strength must be in \(0, 1\]"),
     ({"strength": 0.05}, "runs no step"),
     ({"init_subset": "few"}, "only with strength < 1"),
+    ({"init_labels": "classifier"}, "only with strength < 1"),
+    ({"strength": 0.5, "init_labels": "kmeans"}, "init_labels must be one of tiles, classifier"),
 ])
 def test_bad_input(models, tmp_path, change, match):
     if change.get("real_counts") == "CACHE":

@@ -200,9 +200,10 @@ class SampleConfig:
     batch_size: int = F(64, "samples per batch (does not change the images)")
     seed: int = F(0, "run seed; sample i uses a generator seeded from (seed, i)")
     grid: bool = F(True, "write a sample grid per class")
-    strength: float = F(1.0, "1: every sample starts from pure noise (the paper); below 1: from a real labeled tile of its class (its latent, one of its 8 flips/rotations), noised to this share of the schedule and denoised with guidance (SDEdit variations; samples.csv names the tile)")
+    strength: float = F(1.0, "1: every sample starts from pure noise (the paper); below 1: from a real train tile of its class (see init_labels; its latent, one of its 8 flips/rotations), noised to this share of the schedule and denoised with guidance (SDEdit variations; samples.csv names the tile)")
     init_cache: str = F("", "with strength < 1: latent cache of the real tiles to start from (default: the latent classifier's cache)", input=True)
-    init_subset: str = F("", "with strength < 1: the subset of init_cache (default: the latent classifier's subset); train-split tiles only")
+    init_subset: str = F("", "with strength < 1: the subset of init_cache (default: the latent classifier's subset, or with init_labels=classifier the train split); train-split tiles only")
+    init_labels: str = F("tiles", "with strength < 1, the class an init tile may start: 'tiles' (its own label) or 'classifier' (the latent classifier's prediction on its clean latent; labels are not read, so the target's unlabeled train tiles can be the pool)")
 
 
 @dataclass(frozen=True)

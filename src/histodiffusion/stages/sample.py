@@ -7,7 +7,9 @@ DPM-Solver++ (multistep, order 2). Final latents are decoded with the (optionall
 
 With strength < 1 a sample starts instead from the latent of a real train-split tile of its class (in one
 of its 8 flips/rotations), noised to that share of the schedule: SDEdit variations (Meng et al. 2022),
-which keep the tile's tissue architecture; samples.csv names the tile (init_id, init_dihedral).
+which keep the tile's tissue architecture; samples.csv names the tile (init_id, init_dihedral). The tile's
+class is its label, or (init_labels "classifier") the latent classifier's reading of its clean latent, so
+that the target's unlabeled train tiles can be the starting points.
 
 Sample i (its place in the plan: classes in order, then k = 0..count-1) uses its own torch.Generator
 seeded from (run seed, i) for its initial noise and DDIM's per-step noise, so images do not depend on
@@ -131,16 +133,22 @@ def plan_samples(cfg: SampleConfig, classes: list[str], default_real: str = "") 
     return plan
 
 
-def assign_init(plan: list[dict], cfg: SampleConfig, info: dict) -> dict:
+INIT_LABELS = ("tiles", "classifier")
+
+
+def assign_init(plan: list[dict], cfg: SampleConfig, m: dict) -> dict:
     """With strength < 1: give every plan entry the real tile it starts from and returns {id: clean latent}.
 
-    Sample k of class c starts from the (k mod n_c)-th tile of class c (ids in order) in its
-    (k div n_c mod 8)-th flip/rotation, so oversampling cycles through the tiles, then their variants.
-    Only train-split tiles may be used (the latents of validation or test tiles would leak into training)."""
+    Sample k of class c starts from the (k mod n_c)-th tile of class c's pool in its (k div n_c mod 8)-th
+    flip/rotation, so oversampling cycles through the tiles, then their variants. The pool of class c: the
+    tiles labeled c, ids in order (init_labels "tiles"), or the tiles the latent classifier reads as c on
+    their clean latents, in an order shuffled by the run seed (init_labels "classifier": labels are never
+    read). Only train-split tiles may be used (the latents of validation or test tiles would leak into training)."""
     from ..data.datasets import LatentDataset
 
+    info = m["info"]
     cache = cfg.init_cache or str(info.get("cache") or "")
-    subset = cfg.init_subset or str(info.get("subset") or "")
+    subset = cfg.init_subset or ("train" if cfg.init_labels == "classifier" else str(info.get("subset") or ""))
     if not cache or not subset:
         raise HistoError("strength < 1 needs init_cache and init_subset (the latent classifier records none)")
     ds = LatentDataset(cache, subset, sample=False)
@@ -148,19 +156,40 @@ def assign_init(plan: list[dict], cfg: SampleConfig, info: dict) -> dict:
     if wrong:
         raise HistoError(f"init tiles must be train-split tiles: subset {subset!r} of {cache} holds {len(wrong)} "
                          f"of another split (e.g. {wrong[0]!r})")
-    by_class: dict[str, list[int]] = {}
-    for i, r in sorted(enumerate(ds.rows), key=lambda x: x[1]["id"]):
-        by_class.setdefault(r["label"], []).append(i)
+    if cfg.init_labels == "classifier":
+        by_class = predicted_pools(ds, m["classifier"], list(info["classes"]), cfg.seed)
+    else:
+        by_class = {}
+        for i, r in sorted(enumerate(ds.rows), key=lambda x: x[1]["id"]):
+            by_class.setdefault(r["label"], []).append(i)
     latents = {}
     for p in plan:
         rows = by_class.get(p["target"])
         if not rows:
-            raise HistoError(f"subset {subset!r} of {cache} has no tile of class {p['target']!r} to start from")
+            how = "the latent classifier reads as" if cfg.init_labels == "classifier" else "of"
+            raise HistoError(f"subset {subset!r} of {cache} has no tile {how} class {p['target']!r} to start from")
         idx = rows[p["k"] % len(rows)]
         p["init_id"], p["init_dihedral"] = ds.rows[idx]["id"], (p["k"] // len(rows)) % DIHEDRAL
         if p["init_id"] not in latents:
             latents[p["init_id"]] = ds[idx][0]
     return latents
+
+
+def predicted_pools(ds, classifier, classes: list[str], seed: int, batch: int = 256) -> dict[str, list[int]]:
+    """{class: dataset indices the latent classifier assigns to it at t = 0}, each list in a seeded random order."""
+    import torch
+
+    preds = []
+    with torch.no_grad():
+        for b in range(0, len(ds), batch):
+            z = torch.stack([ds[i][0] for i in range(b, min(b + batch, len(ds)))])
+            preds.append(classifier(z, 0).argmax(dim=1))
+    pred = torch.cat(preds).numpy()
+    order = np.random.default_rng([seed, len(ds)]).permutation(len(ds))
+    pools: dict[str, list[int]] = {}
+    for i in order:
+        pools.setdefault(classes[int(pred[i])], []).append(int(i))
+    return pools
 
 
 def check_sampling_args(cfg: SampleConfig, T: int) -> tuple[int, int]:
@@ -173,8 +202,10 @@ def check_sampling_args(cfg: SampleConfig, T: int) -> tuple[int, int]:
     if cfg.scale < 0:
         raise HistoError(f"guidance scale must be >= 0, got {cfg.scale}")
     start_index(cfg.steps, cfg.strength)  # strength in (0, 1], running at least one step
-    if cfg.strength == 1 and (cfg.init_cache or cfg.init_subset):
-        raise HistoError("init_cache/init_subset are used only with strength < 1 (1 starts from pure noise)")
+    if cfg.strength == 1 and (cfg.init_cache or cfg.init_subset or cfg.init_labels != "tiles"):
+        raise HistoError("init_cache/init_subset/init_labels are used only with strength < 1 (1 starts from pure noise)")
+    if cfg.init_labels not in INIT_LABELS:
+        raise HistoError(f"init_labels must be one of {', '.join(INIT_LABELS)}, not {cfg.init_labels!r}")
     if not 0 <= cfg.eta <= 1 or (cfg.eta and cfg.scheduler != "ddim"):
         raise HistoError(f"eta must be in [0, 1] and is only used by ddim, got eta={cfg.eta} with {cfg.scheduler}")
     lo, hi = cfg.guidance_window
@@ -279,7 +310,7 @@ def run(cfg: SampleConfig) -> Path:
     m = load_models(cfg)
     window = check_sampling_args(cfg, m["T"])
     plan = plan_samples(cfg, list(m["info"]["classes"]), str(m["info"].get("cache") or ""))
-    init = assign_init(plan, cfg, m["info"]) if cfg.strength < 1 else None
+    init = assign_init(plan, cfg, m) if cfg.strength < 1 else None
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / PROGRESS_DIR).mkdir(parents=True, exist_ok=True)
     done = read_progress(out)
