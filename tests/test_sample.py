@@ -254,6 +254,17 @@ def test_init_labels_classifier_starts_from_tiles_the_classifier_reads_as_the_cl
     with pytest.raises(HistoError, match="has no tile of class 'dark' to start from"):
         run(dataclasses.replace(cfg, out=str(tmp_path / "c"), init_labels="tiles", init_subset="train"))
     assert not (tmp_path / "c" / "samples.csv").exists()
+    # a classifier that reads every tile as "dark" leaves "pale" without a pool: one clear error
+    from histodiffusion.models.latent_classifier import LatentClassifier
+
+    one_sided = LatentClassifier(in_channels=4, num_classes=2, width=16, depth=2)
+    with torch.no_grad():
+        one_sided.head.weight.zero_()
+        one_sided.head.bias.copy_(torch.tensor([5.0, -5.0]))
+    clf_dark = make_latent_classifier(tmp_path / "clf_dark", models["cache"], models["ldm"] / "scheduler", model=one_sided)
+    with pytest.raises(HistoError, match="has no tile the latent classifier reads as class 'pale' to start from"):
+        run(dataclasses.replace(cfg, out=str(tmp_path / "d"), classifier=str(clf_dark)))
+    assert not (tmp_path / "d" / "samples.csv").exists()
 
 
 def test_strength_refuses_validation_or_test_tiles(models, tmp_path):
