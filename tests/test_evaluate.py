@@ -366,7 +366,7 @@ def test_two_processes_split_jobs_and_match_one_process(evaluated, tmp_path):
 
     cfg, root = evaluated
     out = tmp_path / "eval2"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "histodiffusion", "evaluate",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "histodiffusion", "evaluate",
            "--data", cfg.data, "--subset", cfg.subset, "--samples", cfg.samples, "--out", str(out),
            "--arms", "real,classic", "--seeds", "0,1", "--backbone", "small_cnn_w8", "--steps", "4", "--val-every", "2",
            "--batch-size", "8", "--external", cfg.external[0]]
