@@ -17,7 +17,6 @@ The difference selected(samples) - selected(control), paired over seeds, is what
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from pathlib import Path
 
@@ -35,12 +34,11 @@ def main() -> None:
 
     from histodiffusion.core.transforms import dihedral
     from histodiffusion.data.datasets import PixelDataset
-    from histodiffusion.runtime.fileio import write_csv_atomic
+    from histodiffusion.runtime.fileio import read_csv, write_csv_atomic
 
     src, out = Path(args.samples), Path(args.out)
-    with open(src / "samples.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows or not all(r.get("init_id") for r in rows):
+    rows = read_csv(src / "samples.csv", ["id", "file", "target", "target_index", "init_id", "init_dihedral"], "samples.csv")
+    if not rows or not all(r["init_id"] for r in rows):
         sys.exit(f"{src}/samples.csv: every sample must name its init tile (made with strength < 1)")
     if (out / "samples.csv").is_file():
         sys.exit(f"{out} exists already")

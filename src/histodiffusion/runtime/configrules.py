@@ -11,6 +11,7 @@ from typing import Any
 from .errors import HistoError
 
 RANK_BY = ("centroid", "confidence", "hard", "coverage")  # select's orders within a class (select.rank_members)
+INIT_LABELS = ("tiles", "classifier")  # where sample's init tiles get their class (sample.assign_init)
 
 
 # --------------------------------------------------------------------------------------------
@@ -69,7 +70,7 @@ VALUE_RULES: dict[str, dict] = {
     "FinetuneDecoderConfig": {"aux_weight": _at_least(0), "aux_steps": _at_least(0), "checkpoint_every": _at_least(1),
                               "unlabeled_batch_size": _at_least(1)},
     "SampleConfig": {"scheduler": _one_of("ddim", "dpmsolver++"), "eta": _within(0, 1), "scale": _at_least(0),
-                     "n_per_class": _at_least(0), "ratio": _at_least(0)},
+                     "n_per_class": _at_least(0), "ratio": _at_least(0), "init_labels": _one_of(*INIT_LABELS)},
     "SelectConfig": {"feature_steps": _at_least(1), "min_confidence": _within(0, 1),
                      "memorization_quantile": _within(0, 1), "max_ratio": _at_least(0), "quota_ratio": _at_least(0),
                      "rank_by": _one_of(*RANK_BY), "coverage_k": _at_least(1)},

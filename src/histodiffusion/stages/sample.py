@@ -38,6 +38,7 @@ from ..core.transforms import DIHEDRAL, dihedral
 from ..diffusers_pipeline import SCHEDULERS, make_scheduler, start_index
 from ..runtime.artifacts import INDEX, SAMPLES_COLUMNS, SAMPLES_CSV, read_dataset, read_meta, subset_ids
 from ..runtime.config import SampleConfig
+from ..runtime.configrules import INIT_LABELS
 from ..runtime.contract import completion_record
 from ..runtime.distributed import make_accelerator
 from ..runtime.errors import HistoError
@@ -131,9 +132,6 @@ def plan_samples(cfg: SampleConfig, classes: list[str], default_real: str = "") 
             plan.append({"i": i, "id": sid, "target": classes[c], "target_index": c, "k": k})
             i += 1
     return plan
-
-
-INIT_LABELS = ("tiles", "classifier")
 
 
 def assign_init(plan: list[dict], cfg: SampleConfig, m: dict) -> dict:
