@@ -250,6 +250,16 @@ def test_init_labels_classifier_starts_from_tiles_the_classifier_reads_as_the_cl
         assert [r["init_dihedral"] for r in out if r["target"] == cls] == [str(k // len(pool)) for k in range(n)]
     run(dataclasses.replace(cfg, out=str(tmp_path / "b"), init_cache=str(models["cache"]), batch_size=2 * n))
     same_outputs(tmp_path / "a", tmp_path / "b")
+    # init_top_share: only the most confident share of each pool (by the predicted class's probability)
+    with torch.no_grad():
+        conf = clf(torch.stack([ds[i][0] for i in range(len(ds))]), 0).softmax(1).max(1).values.tolist()
+    run(dataclasses.replace(cfg, out=str(tmp_path / "top"), init_top_share=0.5))
+    top = read_rows(tmp_path / "top")
+    for cls in ("dark", "pale"):
+        pool = sorted((c, r["id"]) for r, c in zip(ds.rows, conf) if reads[r["id"]] == cls)
+        want = {i for _, i in pool[len(pool) - max(1, round(0.5 * len(pool))):]}
+        ids = [r["init_id"] for r in top if r["target"] == cls]
+        assert set(ids) == want and len(set(ids[:len(want)])) == len(want)
     # the labels decide with init_labels=tiles: a cache without labels has no tile of the class
     with pytest.raises(HistoError, match="has no tile of class 'dark' to start from"):
         run(dataclasses.replace(cfg, out=str(tmp_path / "c"), init_labels="tiles", init_subset="train"))
@@ -306,6 +316,8 @@ def test_ratio_counts(models):
     ({"init_subset": "few"}, "only with strength < 1"),
     ({"init_labels": "classifier"}, "only with strength < 1"),
     ({"strength": 0.5, "init_labels": "kmeans"}, "init_labels must be one of tiles, classifier"),
+    ({"strength": 0.5, "init_labels": "classifier", "init_top_share": 0.0}, r"init_top_share must be in \(0, 1\]"),
+    ({"strength": 0.5, "init_top_share": 0.5}, "only used with init_labels=classifier"),
 ])
 def test_bad_input(models, tmp_path, change, match):
     if change.get("real_counts") == "CACHE":

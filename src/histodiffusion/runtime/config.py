@@ -204,6 +204,7 @@ class SampleConfig:
     init_cache: str = F("", "with strength < 1: latent cache of the real tiles to start from (default: the latent classifier's cache)", input=True)
     init_subset: str = F("", "with strength < 1: the subset of init_cache (default: the latent classifier's subset, or with init_labels=classifier the train split); train-split tiles only")
     init_labels: str = F("tiles", "with strength < 1, the class an init tile may start: 'tiles' (its own label) or 'classifier' (the latent classifier's prediction on its clean latent; labels are not read, so the target's unlabeled train tiles can be the pool)")
+    init_top_share: float = F(1.0, "with init_labels=classifier: start only from this most confident share of each class's pool (ranked by the classifier's probability of the class on the clean latent; 1: every tile it reads as the class)")
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,10 @@ def _within(lo, hi, hi_open: bool = False):
         f"in [{lo}, {hi}{')' if hi_open else ']'}"
 
 
+def _share():
+    return lambda v: 0 < v <= 1, "in (0, 1]"
+
+
 def _zero_or_at_least(lo):
     return lambda v: v == 0 or v >= lo, f"0 (off) or >= {lo}"
 
@@ -70,7 +74,8 @@ VALUE_RULES: dict[str, dict] = {
     "FinetuneDecoderConfig": {"aux_weight": _at_least(0), "aux_steps": _at_least(0), "checkpoint_every": _at_least(1),
                               "unlabeled_batch_size": _at_least(1)},
     "SampleConfig": {"scheduler": _one_of("ddim", "dpmsolver++"), "eta": _within(0, 1), "scale": _at_least(0),
-                     "n_per_class": _at_least(0), "ratio": _at_least(0), "init_labels": _one_of(*INIT_LABELS)},
+                     "n_per_class": _at_least(0), "ratio": _at_least(0), "init_labels": _one_of(*INIT_LABELS),
+                     "init_top_share": _share()},
     "SelectConfig": {"feature_steps": _at_least(1), "min_confidence": _within(0, 1),
                      "memorization_quantile": _within(0, 1), "max_ratio": _at_least(0), "quota_ratio": _at_least(0),
                      "rank_by": _one_of(*RANK_BY), "coverage_k": _at_least(1)},

@@ -9,7 +9,8 @@ With strength < 1 a sample starts instead from the latent of a real train-split 
 of its 8 flips/rotations), noised to that share of the schedule: SDEdit variations (Meng et al. 2022),
 which keep the tile's tissue architecture; samples.csv names the tile (init_id, init_dihedral). The tile's
 class is its label, or (init_labels "classifier") the latent classifier's reading of its clean latent, so
-that the target's unlabeled train tiles can be the starting points.
+that the target's unlabeled train tiles can be the starting points (init_top_share: only the classifier's
+most confident share of each class).
 
 Sample i (its place in the plan: classes in order, then k = 0..count-1) uses its own torch.Generator
 seeded from (run seed, i) for its initial noise and DDIM's per-step noise, so images do not depend on
@@ -140,8 +141,8 @@ def assign_init(plan: list[dict], cfg: SampleConfig, m: dict) -> dict:
     Sample k of class c starts from the (k mod n_c)-th tile of class c's pool in its (k div n_c mod 8)-th
     flip/rotation, so oversampling cycles through the tiles, then their variants. The pool of class c: the
     tiles labeled c, ids in order (init_labels "tiles"), or the tiles the latent classifier reads as c on
-    their clean latents, in an order shuffled by the run seed (init_labels "classifier": labels are never
-    read). Only train-split tiles may be used (the latents of validation or test tiles would leak into training)."""
+    their clean latents (the init_top_share most confident of them), in an order shuffled by the run seed
+    (init_labels "classifier": labels are never read). Only train-split tiles may be used (the latents of validation or test tiles would leak into training)."""
     from ..data.datasets import LatentDataset
 
     info = m["info"]
@@ -155,7 +156,7 @@ def assign_init(plan: list[dict], cfg: SampleConfig, m: dict) -> dict:
         raise HistoError(f"init tiles must be train-split tiles: subset {subset!r} of {cache} holds {len(wrong)} "
                          f"of another split (e.g. {wrong[0]!r})")
     if cfg.init_labels == "classifier":
-        by_class = predicted_pools(ds, m["classifier"], list(info["classes"]), cfg.seed)
+        by_class = predicted_pools(ds, m["classifier"], list(info["classes"]), cfg.seed, cfg.init_top_share)
     else:
         by_class = {}
         for i, r in sorted(enumerate(ds.rows), key=lambda x: x[1]["id"]):
@@ -173,20 +174,28 @@ def assign_init(plan: list[dict], cfg: SampleConfig, m: dict) -> dict:
     return latents
 
 
-def predicted_pools(ds, classifier, classes: list[str], seed: int, batch: int = 256) -> dict[str, list[int]]:
-    """{class: dataset indices the latent classifier assigns to it at t = 0}, each list in a seeded random order."""
+def predicted_pools(ds, classifier, classes: list[str], seed: int, top_share: float = 1.0,
+                    batch: int = 256) -> dict[str, list[int]]:
+    """{class: dataset indices the latent classifier assigns to it at t = 0}: of each class, the `top_share`
+    most confident (by the predicted class's probability; at least one tile), in a seeded random order."""
     import torch
 
-    preds = []
+    probs = []
     with torch.no_grad():
         for b in range(0, len(ds), batch):
             z = torch.stack([ds[i][0] for i in range(b, min(b + batch, len(ds)))])
-            preds.append(classifier(z, 0).argmax(dim=1))
-    pred = torch.cat(preds).numpy()
+            probs.append(classifier(z, 0).softmax(dim=1))
+    conf, pred = torch.cat(probs).max(dim=1)
+    kept = set()
+    for c in pred.unique().tolist():
+        idx = (pred == c).nonzero().flatten()
+        n = max(1, int(round(top_share * len(idx))))
+        kept.update(idx[conf[idx].argsort(descending=True, stable=True)[:n]].tolist())
     order = np.random.default_rng([seed, len(ds)]).permutation(len(ds))
     pools: dict[str, list[int]] = {}
     for i in order:
-        pools.setdefault(classes[int(pred[i])], []).append(int(i))
+        if int(i) in kept:
+            pools.setdefault(classes[int(pred[i])], []).append(int(i))
     return pools
 
 
@@ -204,6 +213,9 @@ def check_sampling_args(cfg: SampleConfig, T: int) -> tuple[int, int]:
         raise HistoError("init_cache/init_subset/init_labels are used only with strength < 1 (1 starts from pure noise)")
     if cfg.init_labels not in INIT_LABELS:
         raise HistoError(f"init_labels must be one of {', '.join(INIT_LABELS)}, not {cfg.init_labels!r}")
+    if not 0 < cfg.init_top_share <= 1 or (cfg.init_top_share != 1 and cfg.init_labels != "classifier"):
+        raise HistoError(f"init_top_share must be in (0, 1] and is only used with init_labels=classifier, got "
+                         f"{cfg.init_top_share} with init_labels={cfg.init_labels}")
     if not 0 <= cfg.eta <= 1 or (cfg.eta and cfg.scheduler != "ddim"):
         raise HistoError(f"eta must be in [0, 1] and is only used by ddim, got eta={cfg.eta} with {cfg.scheduler}")
     lo, hi = cfg.guidance_window
