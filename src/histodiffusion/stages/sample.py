@@ -142,7 +142,8 @@ def assign_init(plan: list[dict], cfg: SampleConfig, m: dict) -> dict:
     flip/rotation, so oversampling cycles through the tiles, then their variants. The pool of class c: the
     tiles labeled c, ids in order (init_labels "tiles"), or the tiles the latent classifier reads as c on
     their clean latents (the init_top_share most confident of them), in an order shuffled by the run seed
-    (init_labels "classifier": labels are never read). Only train-split tiles may be used (the latents of validation or test tiles would leak into training)."""
+    (init_labels "classifier": labels are never read). Only train-split tiles may be used (the latents of
+    validation or test tiles would leak into training)."""
     from ..data.datasets import LatentDataset
 
     info = m["info"]
