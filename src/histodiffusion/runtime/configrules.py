@@ -23,13 +23,9 @@ def _above(lo):
     return lambda v: v > lo, f"> {lo}"
 
 
-def _within(lo, hi, hi_open: bool = False):
-    return (lambda v: lo <= v < hi) if hi_open else (lambda v: lo <= v <= hi), \
-        f"in [{lo}, {hi}{')' if hi_open else ']'}"
-
-
-def _share():
-    return lambda v: 0 < v <= 1, "in (0, 1]"
+def _within(lo, hi, hi_open: bool = False, lo_open: bool = False):
+    return (lambda v: (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)), \
+        f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
 
 
 def _zero_or_at_least(lo):
@@ -75,7 +71,7 @@ VALUE_RULES: dict[str, dict] = {
                               "unlabeled_batch_size": _at_least(1)},
     "SampleConfig": {"scheduler": _one_of("ddim", "dpmsolver++"), "eta": _within(0, 1), "scale": _at_least(0),
                      "n_per_class": _at_least(0), "ratio": _at_least(0), "init_labels": _one_of(*INIT_LABELS),
-                     "init_top_share": _share()},
+                     "init_top_share": _within(0, 1, lo_open=True)},
     "SelectConfig": {"feature_steps": _at_least(1), "min_confidence": _within(0, 1),
                      "memorization_quantile": _within(0, 1), "max_ratio": _at_least(0), "quota_ratio": _at_least(0),
                      "rank_by": _one_of(*RANK_BY), "coverage_k": _at_least(1)},
