@@ -127,3 +127,24 @@ def test_version_flag_prints_the_package_version():
     assert r.returncode == 0 and r.stdout == f"histodiffusion {histodiffusion.__version__}\n"
     assert re.fullmatch(r"\d+\.\d+\.\d+\S*", histodiffusion.__version__)
     assert version("histodiffusion") == histodiffusion.__version__  # the installed metadata: the same one fact
+
+
+@pytest.mark.parametrize("world", ["1", "2"])
+def test_a_launched_worker_exits_with_its_code_and_flushed_output(tmp_path, world):
+    """`python -m histodiffusion` ends through exit_process: a worker of a launcher (WORLD_SIZE > 1) skips the
+    interpreter's finalization (it can abort there after an optimizer step in a process group) but still
+    exits with the command's code, its stdout/stderr and log file flushed."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import logging, sys\n"
+            f"h = logging.FileHandler({str(tmp_path / 'w.log')!r}); logging.getLogger('w').addHandler(h)\n"
+            "logging.getLogger('w').warning('logged line')\n"
+            "print('printed line'); sys.stderr.write('error line')\n"
+            "from histodiffusion.runtime.distributed import exit_process\n"
+            "exit_process(3)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "WORLD_SIZE": world})
+    assert r.returncode == 3 and "printed line" in r.stdout and "error line" in r.stderr
+    assert (tmp_path / "w.log").read_text().strip() == "logged line"

@@ -132,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"histodiffusion {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
+    finally:
+        from .runtime.distributed import end_process_group
+
+        end_process_group()
     return 0
 
 

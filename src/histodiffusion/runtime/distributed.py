@@ -35,6 +35,35 @@ def make_accelerator(mixed_precision: str = "no", grad_accum: int = 1, cpu: bool
     return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum, cpu=use_cpu)
 
 
+def end_process_group() -> None:
+    """Destroy the default process group if this process made one (at the end of a stage run by torchrun /
+    accelerate launch). Left to interpreter exit, gloo's worker threads can abort the process (SIGABRT,
+    "terminate called without an active exception") after its work is done, and the launcher then
+    reports the stage as failed."""
+    import sys
+
+    dist = sys.modules.get("torch.distributed")  # never imports torch just to find nothing to do
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def exit_process(code: int) -> None:
+    """Exit with `code`; a worker of torchrun / accelerate launch (WORLD_SIZE > 1) skips the interpreter's
+    finalization after flushing its logs and output. Its work is done and written by then, but with torch
+    2.14 a worker that has run an optimizer step in a process group aborts at finalization in about one
+    exit of six (SIGABRT, "terminate called without an active exception", also after
+    destroy_process_group), and the launcher then stops the other ranks and fails the stage."""
+    import logging
+    import sys
+
+    if dist_info()[1] > 1:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 def dist_info() -> tuple[int, int]:
     """(rank, world_size) from the launcher's environment, without initialising anything."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
