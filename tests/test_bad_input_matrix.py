@@ -154,6 +154,18 @@ def test_config_value_out_of_range(capsys, tmp_path, world, stage, flag, value, 
         assert not (out / "select").exists()
 
 
+@pytest.mark.parametrize("flags,named", [
+    (["--start-from", "tiles"], "start_from"),
+    (["--start-from", "unlabeled", "--start-strength", "1"], "start_strength"),
+    (["--start-strength", "0.3"], "--start-strength 0.3"),
+    (["--start-from", "unlabeled", "--target-unlabeled", "no/such/folder"], "no/such/folder"),
+    (["--target-unlabeled", "."], "--target-unlabeled"),
+])
+def test_run_start_and_cohort_options(capsys, tmp_path, flags, named):
+    """`run` checks its options before any stage runs: nothing is written."""
+    check_refused(capsys, ["run", "--out", tmp_path / "r", *flags], named, [tmp_path / "r"])
+
+
 def test_val_and_test_fractions_too_large(capsys, tmp_path):
     from helpers_prepare import labels_csv
 

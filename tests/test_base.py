@@ -175,6 +175,30 @@ def test_adapting_the_base_on_unlabeled_target_tiles(base, tmp_path):
     with pytest.raises(HistoError, match="needs --finetune-decoder true"):
         plan(RunConfig(out=str(tmp_path / "r"), base=str(base), tile_size=SIZE, adapt_decoder_unlabeled=True,
                        finetune_decoder=False))
+    # --start-from unlabeled: every arm's samples start from train tiles, classes by the latent classifier
+    steps = {s.name: s for s in plan(RunConfig(out=str(tmp_path / "r"), base=str(base), tile_size=SIZE,
+                                               start_from="unlabeled", start_strength=0.1, ablations=True))}
+    for name in ("sample", "sample_nopretrain"):
+        f = steps[name].fields
+        assert (f["strength"], f["init_labels"], f["init_subset"]) == (0.1, "classifier", "train"), name
+    assert {s.name: s for s in plan(RunConfig(out=str(tmp_path / "r"), base=str(base),
+                                              tile_size=SIZE))}["sample"].fields.get("strength", 1.0) == 1.0
+    with pytest.raises(HistoError, match="stage 'sample': strength 0.01 of 20 steps runs no step"):
+        plan(RunConfig(out=str(tmp_path / "r"), base=str(base), tile_size=SIZE, start_from="unlabeled",
+                       start_strength=0.01))
+    with pytest.raises(HistoError, match="--target-unlabeled tiles are used only by"):
+        plan(RunConfig(out=str(tmp_path / "r"), base=str(base), tile_size=SIZE, target_unlabeled=(str(tmp_path),)))
+    with pytest.raises(HistoError, match="--target-unlabeled .*nope: no such file or folder"):
+        plan(RunConfig(out=str(tmp_path / "r"), base=str(base), tile_size=SIZE, start_from="unlabeled",
+                       target_unlabeled=(str(tmp_path / "nope"),)))
+    prep = {s.name: s for s in plan(RunConfig(out=str(tmp_path / "r"), base=str(base), tile_size=SIZE,
+                                              start_from="unlabeled", target_unlabeled=(str(tmp_path),)))}
+    assert prep["prepare target"].fields["unlabeled_tiles"] == (str(tmp_path),)
+    with pytest.raises(HistoError, match="used only with --start-from unlabeled"):
+        plan(RunConfig(out=str(tmp_path / "r"), base=str(base), tile_size=SIZE, start_strength=0.3))
+    for bad in ({"start_from": "tiles"}, {"start_from": "unlabeled", "start_strength": 1.0}):
+        with pytest.raises(HistoError, match="start_"):
+            plan(RunConfig(out=str(tmp_path / "r"), base=str(base), tile_size=SIZE, **bad))
 
     _, _, cache = make_labeled_cache(tmp_path / "t", vae=base / "vae")
     common = dict(cache=(str(cache),), init_from=str(base), steps=2, batch_size=4, warmup=0, sample_every=0,

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from histodiffusion.data import default
 from histodiffusion.runtime.layout import RunLayout
@@ -142,6 +143,33 @@ def test_run_end_to_end_and_skip(tmp_path):
     for name in ("real_0", "classic_1"):
         assert (L2.evaluation() / "classifiers" / name / "scores.json").read_bytes() == (
             RunLayout(out3).evaluation() / "classifiers" / name / "scores.json").read_bytes()
+
+
+    # 6. the cohort's unlabeled tiles (--target-unlabeled) as starting points (--start-from unlabeled) and in the
+    # decoder fine-tune (--adapt-decoder-unlabeled): train split only, never in a labeled subset
+    cohort = tmp_path / "cohort"
+    cohort.mkdir()
+    for r in list(csv.DictReader(open(default.labels_csv())))[:60]:  # new content: the tiles turned a quarter
+        Image.open(default.labels_csv().parent / r["path"]).transpose(Image.Transpose.ROTATE_90).save(
+            cohort / f"{Path(r['path']).stem}.png")
+    out4 = tmp_path / "run4"  # with the shipped base at 64 px: its latent classifier reads every class in the pool
+    cfg4 = tmp_path / "tiny4.json"
+    cfg4.write_text(json.dumps({**TINY, "train-latent-classifier": {"width": 16, "steps": 100, "batch_size": 32,
+                                                                    "checkpoint_every": 50, "image_baseline": False}}))
+    r7 = _cli("run", "--out", out4, "--seeds", "0", "--subset", "frac0.1", "--ratios", "0.5", "--stage-config", cfg4,
+              "--target-unlabeled", cohort, "--start-from", "unlabeled", "--start-strength", "0.25",
+              "--adapt-decoder-unlabeled", "true")
+    assert r7.returncode == 0, r7.stderr[-3000:]
+    L4 = RunLayout(out4)
+    rows = list(csv.DictReader(open(L4.data_target / "manifest.csv")))
+    unl = {r["id"] for r in rows if not r["label"]}
+    assert len(unl) == 60 and {r["split"] for r in rows if r["id"] in unl} == {"train"}
+    assert not unl & {x["id"] for x in csv.DictReader(open(L4.data_target / "subsets/frac0.1.csv"))}
+    train = {r["id"] for r in rows if r["split"] == "train"}
+    starts = [r["init_id"] for r in csv.DictReader(open(L4.samples() / "samples.csv"))]
+    assert starts and set(starts) <= train and set(starts) & unl  # labels unused: any train tile may start one
+    dec = json.loads((L4.decoder / "config.json").read_text())["config"]
+    assert dec["unlabeled_subset"] == "train"
 
 
 def test_run_refuses_other_config_in_same_dir(tmp_path):

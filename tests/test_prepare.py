@@ -211,3 +211,50 @@ def test_full_shared_data_at_64px(shared_data, tmp_path):
     assert 780 <= len(rows_u) <= 900  # README: about 860 without the ink filter
     assert len(meta_u["sources"]) == 5 and meta_u["skipped"]["count"] == 0
     json.dumps(meta_u)
+
+
+def test_unlabeled_tiles_of_the_cohort_join_the_train_split_only(tmp_path):
+    """prepare --unlabeled-tiles: the cohort's unlabeled tiles are train-split rows without a label, each its
+    own group, never in a few-shot subset; the labeled tiles' splits and subsets are those made without them;
+    a file identical to a labeled tile (the tile itself) and byte-identical copies are skipped and counted."""
+    from histodiffusion.data.evaldata import load_real
+
+    rows = lung_rows()
+    csv_path = labels_csv(tmp_path / "lab", n=30)
+    labeled = {r["path"] for r in read_csv(csv_path, ["path", "label"])}
+    src = default.labels_csv().parent
+    folder = tmp_path / "cohort"
+    new = [r["path"] for r in rows if r["path"] not in labeled][:12]
+    for i, rel in enumerate(new):
+        dest = folder / ("sub" if i % 2 else "") / Path(rel).name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes((src / rel).read_bytes())
+    (folder / "copy_of_labeled.png").write_bytes((src / sorted(labeled)[0]).read_bytes())
+    (folder / "sub" / "zz_duplicate.png").write_bytes((folder / Path(new[0]).name).read_bytes())
+    (folder / "notes.txt").write_text("not an image")
+
+    common = dict(labels_csv=str(csv_path), fewshot_fracs=(0.2, 0.5), fewshot_k=(1,))
+    plain = run(PrepareConfig(out=str(tmp_path / "plain"), **common))
+    out = run(PrepareConfig(out=str(tmp_path / "ds"), unlabeled_tiles=(str(folder),), **common))
+    meta, got = read_dataset(out)
+    meta0, got0 = read_dataset(plain)
+    unl = [r for r in got if not r["label"]]
+    assert len(unl) == len(new) and len(got) == len(got0) + len(new)
+    assert all(r["split"] == "train" and r["id"].startswith("unlabeled/") and r["group"] == r["id"] for r in unl)
+    assert {(r["id"], r["split"]) for r in got if r["label"]} == {(r["id"], r["split"]) for r in got0}
+    for name in meta0["subsets"]:
+        assert subset_ids(out, got, name) == subset_ids(plain, got0, name), name
+    assert meta["counts"] == meta0["counts"] and meta["classes"] == meta0["classes"]
+    assert meta["sources"]["unlabeled_tiles"] == {"tiles": len(new), "also_labeled": 1, "duplicates": 1}
+    assert len(read_csv(out / "sources.csv", ["path", "sha256"])) == len(labeled) + len(new)
+    # the labeled loader leaves them out; the train split as a pool (sample, finetune-decoder) holds them
+    train = load_real(out, "train")
+    assert len(train) == sum(r["split"] == "train" for r in got0) and (train.labels >= 0).all()
+    pool = PixelDataset(out, "train")
+    assert len(pool) == len(train) + len(new) and pool[[r["id"] for r in pool.rows].index(unl[0]["id"])][1] == -1
+
+    with pytest.raises(HistoError, match="unlabeled_tiles join a labeled target"):
+        run(PrepareConfig(out=str(tmp_path / "bad1"), sources=("default",), unlabeled_tiles=(str(folder),)))
+    with pytest.raises(HistoError, match="missing unlabeled tile input"):
+        run(PrepareConfig(out=str(tmp_path / "bad2"), unlabeled_tiles=(str(tmp_path / "nope"),), **common))
+    assert not (tmp_path / "bad1").exists() and not (tmp_path / "bad2").exists()

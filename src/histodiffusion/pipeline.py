@@ -17,7 +17,7 @@ from typing import Callable
 
 from .data.splits import fewshot_names
 from .runtime import config as C
-from .runtime.configrules import validate_config
+from .runtime.configrules import START_STRENGTH, validate_config
 from .runtime.configtypes import load_config_file
 from .runtime.contract import check_complete
 from .runtime.errors import HistoError
@@ -50,6 +50,13 @@ def plan(cfg: C.RunConfig, base: dict | None | str = "verify") -> list[Step]:
     validate_config(cfg)
     if cfg.adapt_decoder_unlabeled and not cfg.finetune_decoder:
         raise HistoError("--adapt-decoder-unlabeled true adapts the decoder fine-tune: it needs --finetune-decoder true")
+    if cfg.target_unlabeled and not (cfg.start_from == "unlabeled" or cfg.adapt_decoder_unlabeled
+                                     or cfg.adapt_unlabeled_steps):
+        raise HistoError("--target-unlabeled tiles are used only by --start-from unlabeled, --adapt-decoder-unlabeled "
+                         "true or --adapt-unlabeled-steps N: give one of them")
+    if cfg.start_from == "noise" and cfg.start_strength != START_STRENGTH:
+        raise HistoError(f"--start-strength {cfg.start_strength:g} is used only with --start-from unlabeled "
+                         f"(samples from noise start at strength 1)")
     fields = _fields_of(cfg)
     base = _base(cfg) if base == "verify" else base
     L = RunLayout(Path(cfg.out))
@@ -111,7 +118,8 @@ def _model_steps(cfg: C.RunConfig, L: RunLayout, fields: Fields, base: dict | No
     unlabeled_sources, labels_csv = _sources(cfg)
     d_unl, d_tgt, c_unl, c_tgt = L.data_unlabeled, L.data_target, L.cache_unlabeled, L.cache_target
     target_fields = fields("prepare-target", {"out": str(d_tgt), "exclude": (str(ldm_model if base else d_unl),)}, {
-        "kind": "labeled", "labels_csv": labels_csv, "tile_size": cfg.tile_size, "seed": cfg.split_seed}, "prepare")
+        "kind": "labeled", "labels_csv": labels_csv, "tile_size": cfg.tile_size, "seed": cfg.split_seed,
+        **({"unlabeled_tiles": cfg.target_unlabeled} if cfg.target_unlabeled else {})}, "prepare")
     prepare_target = Step("prepare target", "prepare", d_tgt, target_fields,
                           on_skip=None if base else lambda: _scale_warnings(d_tgt, d_unl, target_fields))
     encode_target = Step("encode target", "encode", c_tgt, fields("encode-target", {
@@ -156,6 +164,9 @@ def _synthesis_steps(cfg: C.RunConfig, L: RunLayout, fields: Fields, ldm_model: 
             "data": str(d_tgt), "vae": str(ae_vae), "out": str(decoder)}, {
             "subset": cfg.subset, **({"unlabeled_subset": "train"} if cfg.adapt_decoder_unlabeled else {})})))
     vae = str(L.model(decoder) / "vae") if decoder else ""
+    # beyond the paper: start from the target's train tiles, their class read by the latent classifier
+    start = {"strength": cfg.start_strength, "init_labels": "classifier", "init_subset": "train"} \
+        if cfg.start_from == "unlabeled" else {}
     arms = [("", ldm_model)]
     if cfg.ablations:
         steps.append(Step("pretrain LDM on target only (ablation)", "pretrain", L.ldm_nopretrain,
@@ -175,7 +186,8 @@ def _synthesis_steps(cfg: C.RunConfig, L: RunLayout, fields: Fields, ldm_model: 
             Step(f"sample{suffix}", "sample", s_dir, fields(f"sample{key}", {
                 "model": str(model), "classifier": str(L.model(L.latent_classifier)), "vae": vae,
                 "out": str(s_dir), "real_counts": str(c_tgt)}, {
-                "ratio": n_sample, "real_subset": cfg.subset, "seed": cfg.seeds[0] if cfg.seeds else 0}, "sample")),
+                "ratio": n_sample, "real_subset": cfg.subset, "seed": cfg.seeds[0] if cfg.seeds else 0, **start},
+                "sample")),
             # class-balanced selection: every class keeps the largest ratio's quota from its ranked list
             Step(f"select{suffix}", "select", L.select(suffix), fields(f"select{key}", {
                 "samples": str(s_dir), "data": str(d_tgt), "out": str(L.select(suffix))}, {
@@ -212,6 +224,7 @@ def _check_steps(cfg: C.RunConfig, steps: list[Step], of_dataset: dict[str, str]
     """Plan-time checks of what would otherwise fail only when a late stage starts: every stage's config
     (fields, types, ranges), the subsets stages ask of the run's datasets and caches (`of_dataset`: path
     -> the dataset it holds or encodes; prepare must make the subset), and a labels CSV of >= 2 classes."""
+    from .diffusers_pipeline import start_index
     from .runtime.artifacts import HOLDOUT_SPLIT, SPLITS, UNLABELED_SPLIT
     from .stages.prepare import read_labels_csv
 
@@ -220,9 +233,14 @@ def _check_steps(cfg: C.RunConfig, steps: list[Step], of_dataset: dict[str, str]
     for step in steps:
         try:
             configs.append(build(step.stage, step.fields))
+            if isinstance(configs[-1], C.SampleConfig):  # a strength that runs no sampling step
+                start_index(configs[-1].steps, configs[-1].strength)
         except HistoError as e:
             raise HistoError(f"{where}: stage {step.name!r}: {e}") from None
     read_labels_csv(Path(labels_csv))
+    missing = [p for p in cfg.target_unlabeled if not Path(p).exists()]
+    if missing:
+        raise HistoError(f"--target-unlabeled {missing[0]}: no such file or folder")
     made = {}  # dataset -> the subsets its prepare step makes
     for c in configs:
         if isinstance(c, C.PrepareConfig) and c.out in of_dataset:

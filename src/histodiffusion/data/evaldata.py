@@ -45,10 +45,13 @@ def dataset_classes(data: str | Path) -> tuple[dict, list[dict], list[str]]:
 
 
 def load_real(data: str | Path, subset: str, ids: list[str] | None = None) -> Tiles:
-    """All tiles of `subset` (split name, 'all' or few-shot subset) of a labeled dataset, in manifest order."""
+    """All labeled tiles of `subset` (split name, 'all' or few-shot subset) of a labeled dataset, in manifest
+    order (the cohort's unlabeled tiles of its train split, label "", are not part of it)."""
     from .datasets import PixelDataset
 
     ds = PixelDataset(data, subset=subset, ids=ids)
+    if any(not r["label"] for r in ds.rows):
+        ds = PixelDataset(data, ids=[r["id"] for r in ds.rows if r["label"]])
     if len(ds.classes) < 2:
         raise HistoError(f"dataset {data} is not labeled with at least 2 classes")
     labels = [ds.label_index(i) for i in range(len(ds))]

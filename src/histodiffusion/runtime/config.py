@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from .configrules import validate_config
+from .configrules import START_STRENGTH, validate_config
 from .configtypes import F, coerce
 from .errors import HistoError
 
@@ -27,6 +27,7 @@ class PrepareConfig:
     labels_csv: str = F("", "CSV with path,label[,group_id] (paths relative to the CSV)")
     class_folders: str = F("", "root folder with one sub-folder of tiles per class (NCT-CRC-HE layout)")
     classes: tuple[str, ...] = F((), "allowed classes of labels_csv (a label outside them is an error; default: any)")
+    unlabeled_tiles: tuple[str, ...] = F((), "labeled target only: folders/files of the same cohort's UNLABELED tiles (whole tiles, treated like the labeled ones); they join the train split without a label, never a validation/test split or a few-shot subset; a file identical to a labeled one is skipped (counted)")
     tile_size: int = F(64, "working resolution: every tile is stored at tile_size x tile_size")
     patch_size: int = F(0, "tile edge in source pixels before resizing (0: tile_size * downscale)")
     stride: int = F(0, "tiling stride in source pixels (0: patch_size, no overlap)")
@@ -303,6 +304,7 @@ class RunConfig:
     base: str = F("default", "pretrained base to adapt: 'default' (the shipped histodiffusion-base-64), a base folder, or 'none' (pretrain from scratch on --unlabeled)")
     unlabeled: tuple[str, ...] = F((), "with --base none: unlabeled sources to pretrain on (default: the built-in unlabeled images)")
     labels_csv: str = F("", "labeled target CSV path,label[,group_id] (default: the built-in default data)")
+    target_unlabeled: tuple[str, ...] = F((), "folders/files of your cohort's UNLABELED tiles: they join the target's train split without labels (prepare --unlabeled-tiles), for --start-from unlabeled, --adapt-decoder-unlabeled and --adapt-unlabeled-steps")
     tile_size: int = F(64, "working resolution of every tile (px)")
     split_seed: int = F(0, "seed of the group split and few-shot subsets of the target data")
     subset: str = F("frac0.25", "labeled few-shot subset used for adaptation, synthesis and evaluation")
@@ -312,6 +314,8 @@ class RunConfig:
     adapt_unlabeled_steps: int = F(0, "continue the base's unconditional training on the target's train-split tiles, without their labels, for this many steps before guidance (0: off)")
     finetune_decoder: bool = F(True, "fine-tune the decoder with an auxiliary classifier before sampling")
     adapt_decoder_unlabeled: bool = F(False, "in that fine-tune, also reconstruct the target's train-split tiles without their labels (beyond the paper; finetune-decoder.unlabeled_subset=train)")
+    start_from: str = F("noise", "where each synthetic tile starts: noise (the paper) | unlabeled: one of the target's train-split tiles, its label unused (the latent classifier names its class), noised to --start-strength (beyond the paper; sample --strength S --init-labels classifier)")
+    start_strength: float = F(START_STRENGTH, "with --start-from unlabeled: the share of the noise schedule each starting tile is noised to (0.05 measured best on LC25000 lung, BENCHMARKS.md)")
     ablations: bool = F(False, "also run the no-pretraining ablation and write ablation.md")
     stage_config: str = F("", "JSON/TOML file of per-stage overrides: {stage: {field: value}}")
     until: str = F("", "stop after this stage (e.g. pretrain); empty: the whole chain")

@@ -5,7 +5,10 @@ tile keeps its source and level-0 coordinates; split "unlabeled", group = source
 Labeled (`labels_csv` with path,label[,group_id], or `class_folders` <root>/<class>/*.tif): each
 patch is centre-cropped to a square and resized to tile_size; the split (train/val/test) is
 stratified by class and assigned by group with a fixed seed; few-shot subsets of train are written
-to subsets/<name>.csv.
+to subsets/<name>.csv. `unlabeled_tiles` adds the same cohort's unlabeled tiles to a labeled dataset: train
+split only, label "", each its own group `unlabeled/<path>` (never in a few-shot subset), for the stages
+that use train tiles without their labels (sample --init-labels classifier, finetune-decoder
+--unlabeled-subset, pretrain --subset train).
 
 Tiles stream into pixel shards (data/writer.py) in a temporary directory renamed into place at the
 end, with sources.csv (sha256 of every source file) and meta.json. Unreadable files inside a folder
@@ -36,6 +39,7 @@ from ..runtime.fileio import read_csv, read_json, sha256_file, write_csv_atomic,
 from ..runtime.log import closes_stage_logs, get_logger, progress
 from ..runtime.rundirs import CONFIG_FILE, comparable_config, ensure_writable, is_complete
 
+UNLABELED_TILE_PREFIX = "unlabeled/"  # ids and groups of the cohort's unlabeled tiles in a labeled dataset
 MAX_LISTED_SKIPS = 200  # meta.json lists this many skipped files (the count is always complete)
 SHOWN_SKIPS = 5  # the warning names this many
 
@@ -118,27 +122,28 @@ def read_labels_csv(csv_path: Path) -> list[dict]:
     return rows
 
 
-def _source_files(cfg: PrepareConfig, skips: _Skips) -> list[tuple[Path, bool]]:
-    """[(file, explicit)]: explicit files must be good, files found in folders may be skipped."""
-    out: list[tuple[Path, bool]] = []
-    for s in cfg.sources:
+def _image_files(paths, skips: _Skips, what: str) -> list[tuple[Path, bool, str]]:
+    """[(file, explicit, path relative to the folder given)]: explicit files must be good, files found in
+    folders may be skipped ("default": the built-in unlabeled images)."""
+    out: list[tuple[Path, bool, str]] = []
+    for s in paths:
         if s == "default":
-            out += [(p, True) for p in default.unlabeled_sources()]
+            out += [(p, True, p.name) for p in default.unlabeled_sources()]
             continue
         p = Path(s)
         if p.is_dir():
             files = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
             for f in files:
                 if slides.is_image_file(f):
-                    out.append((f, False))
+                    out.append((f, False, f.relative_to(p).as_posix()))
                 else:
                     skips.add(f, f"not an image file (suffix {f.suffix or 'none'}): {f}")
         elif p.is_file():
-            out.append((p, True))
+            out.append((p, True, p.name))
         else:
-            raise HistoError(f"missing source: {p} (no such file or folder)")
+            raise HistoError(f"missing {what}: {p} (no such file or folder)")
     if not out:
-        raise HistoError(f"no image files in sources {list(cfg.sources)}")
+        raise HistoError(f"no image files in {what}s {list(paths)}")
     return out
 
 
@@ -182,7 +187,54 @@ def _add_labeled(w: DatasetWriter, cfg: PrepareConfig, skips: _Skips, sample: sc
     lost = sorted({e[2] for e in entries} - set(present))
     if lost:
         raise HistoError(f"class(es) {lost} have no readable image (see skipped files); nothing written")
-    return {"root": str(root.resolve()), "files": len(sources), "list": SOURCES_CSV}, sources, geometry
+    unlabeled = _add_unlabeled_tiles(w, cfg, skips, sample, {sha: rel for sha, (rel, _) in seen.items()},
+                                     sources, geometry, log) if cfg.unlabeled_tiles else None
+    return ({"root": str(root.resolve()), "files": len(sources), "list": SOURCES_CSV,
+             **({"unlabeled_tiles": unlabeled} if unlabeled else {})}, sources, geometry)
+
+
+def _add_unlabeled_tiles(w: DatasetWriter, cfg: PrepareConfig, skips: _Skips, sample: scale.TileSample,
+                         labeled: dict[str, str], sources: list, geometry: list, log) -> dict:
+    """The cohort's unlabeled tiles (cfg.unlabeled_tiles), each its own group `unlabeled/<path>` with label
+    "": the train split only (run() keeps them out of the class-stratified splits and the few-shot
+    subsets). A file identical to a labeled one is that tile, so it is skipped: as an unlabeled train tile
+    it would leak a validation/test tile into adaptation. Returns the counts for meta.json."""
+    seen: dict[str, Path] = {}
+    ids = Counter(r["id"] for r in w.iter_rows())  # an unlabeled tile's id never repeats a labeled one's
+    counts = {"tiles": 0, "also_labeled": 0, "duplicates": 0}
+    for f, explicit, rel in progress(_image_files(cfg.unlabeled_tiles, skips, "unlabeled tile input"),
+                                     desc="prepare unlabeled tiles", mininterval=2.0, log=log):
+        sha = sha256_file(f)
+        if sha in labeled:
+            counts["also_labeled"] += 1
+            continue
+        if sha in seen:
+            if explicit:
+                raise HistoError(f"unlabeled tile {f} has the same content as {seen[sha]} (given twice?)")
+            counts["duplicates"] += 1
+            continue
+        seen[sha] = f
+        try:
+            tile, side, mpp = _square_tile(f, cfg.tile_size, cfg.image_mode)
+        except slides.UnreadableImage as e:  # ImageTooSmall is always an error (no upscaling)
+            if explicit:
+                raise
+            skips.add(f, str(e))
+            continue
+        tid = f"{UNLABELED_TILE_PREFIX}{Path(rel).with_suffix('').as_posix()}"
+        ids[tid] += 1
+        tid = tid if ids[tid] == 1 else f"{tid}-{ids[tid] - 1}"  # e.g. the same relative path in two folders
+        row = w.add(tile, id=tid, source=str(f), path=str(f), label="", group=tid)
+        sample.offer(row["hash"], tile)
+        sources.append({"path": str(f), "sha256": sha})
+        geometry.append((side, mpp, 1))
+        counts["tiles"] += 1
+    if not counts["tiles"]:
+        raise HistoError(f"no unlabeled tile kept from {list(cfg.unlabeled_tiles)} (all unreadable or identical "
+                         f"to labeled tiles); nothing written")
+    log.info("%d unlabeled tiles join the train split (%d identical to labeled tiles and %d byte-identical "
+             "duplicates skipped)", counts["tiles"], counts["also_labeled"], counts["duplicates"])
+    return counts
 
 
 def _add_unlabeled(w: DatasetWriter, cfg: PrepareConfig, skips: _Skips, sample: scale.TileSample, log
@@ -193,7 +245,7 @@ def _add_unlabeled(w: DatasetWriter, cfg: PrepareConfig, skips: _Skips, sample: 
     info, sources, stems = [], [], Counter()
     seen: dict[str, Path] = {}
     duplicates, no_tissue = [], []
-    for f, explicit in _source_files(cfg, skips):
+    for f, explicit, _ in _image_files(cfg.sources, skips, "source"):
         sha = sha256_file(f)
         if sha in seen:
             if explicit:  # named twice by the user: a mistake worth stopping for
@@ -262,6 +314,9 @@ def _check_config(cfg: PrepareConfig) -> str:
             raise HistoError(f"{name} must be >= 1, not {getattr(cfg, name)}")
     if not 0 <= cfg.holdout_frac < 1 or cfg.group_px < 0:
         raise HistoError(f"holdout_frac must be in [0, 1) and group_px >= 0, got {cfg.holdout_frac}, {cfg.group_px}")
+    if cfg.unlabeled_tiles and kind != "labeled":
+        raise HistoError("unlabeled_tiles join a labeled target's train split: give them with labels_csv or "
+                         "class_folders (unlabeled sources for pretraining go to --sources)")
     if kind == "labeled" and (cfg.holdout_frac or cfg.group_px):
         raise HistoError("holdout_frac and group_px are for unlabeled sources (labeled data has val/test splits)")
     if cfg.downscale <= 0 or cfg.patch_size < 0 or cfg.stride < 0 or cfg.target_mpp < 0:
@@ -269,10 +324,23 @@ def _check_config(cfg: PrepareConfig) -> str:
     return kind
 
 
-def _counts(rows: list[dict]) -> tuple[dict, dict]:
+def _unlabeled_groups(rows, labeled_groups: dict[str, str]) -> dict[str, str]:
+    """group -> "train" for the unlabeled tiles' groups (a labeled group of the same name is an error)."""
+    out = {r["group"]: "train" for r in rows if not r["label"]}
+    clash = sorted(set(out) & set(labeled_groups))
+    if clash:
+        raise HistoError(f"group {clash[0]!r} holds labeled and unlabeled tiles: rename the labeled group")
+    return out
+
+
+def _counts(rows: list[dict], labeled: bool) -> tuple[dict, dict]:
+    """Per split: tiles and groups per label (of a labeled dataset: per class; its unlabeled tiles are counted
+    in meta.json's "sources")."""
     tiles: dict = defaultdict(Counter)
     groups: dict = defaultdict(lambda: defaultdict(set))
     for r in rows:
+        if labeled and not r["label"]:
+            continue
         tiles[r["split"]][r["label"]] += 1
         groups[r["split"]][r["label"]].add(r["group"])
     return ({s: dict(sorted(c.items())) for s, c in tiles.items()},
@@ -309,8 +377,9 @@ def run(cfg: PrepareConfig) -> Path:
         if kind == "labeled":
             source_info, sources, geometry = _add_labeled(writer, cfg, skips, sample, log)
             dropped = {}
-            groups = group_labels(writer.iter_rows())
+            groups = group_labels(r for r in writer.iter_rows() if r["label"])  # the unlabeled tiles: train
             split = split_groups(groups, cfg.val_frac, cfg.test_frac, cfg.seed)  # applied by finish()
+            split.update(_unlabeled_groups(writer.iter_rows(), groups))
             fs = fewshot_groups(groups, split, cfg.fewshot_fracs, cfg.fewshot_k, cfg.seed, cfg.fewshot_draws)
             fs_sets = {name: set(gs) for name, gs in fs.items()}
             subsets = {name: [] for name in fs_sets}
@@ -342,7 +411,7 @@ def run(cfg: PrepareConfig) -> Path:
         for c in checks:
             if c["warning"]:
                 log.warning(c["warning"])
-        tiles, groups_count = _counts(writer.iter_rows(split))
+        tiles, groups_count = _counts(writer.iter_rows(split), kind == "labeled")
         meta = {"name": cfg.name or out.name, "kind": kind, "classes": classes, "tile_size": cfg.tile_size,
                 "resolution": resolution_record(cfg, source_info, geometry, measured),
                 **({"scale_checks": checks} if checks else {}),
