@@ -148,3 +148,12 @@ def test_a_launched_worker_exits_with_its_code_and_flushed_output(tmp_path, worl
                        env={**os.environ, "WORLD_SIZE": world})
     assert r.returncode == 3 and "printed line" in r.stdout and "error line" in r.stderr
     assert (tmp_path / "w.log").read_text().strip() == "logged line"
+    # both ways in, the installed `histodiffusion` command and `python -m histodiffusion`, end there
+    from importlib.metadata import entry_points
+    from pathlib import Path
+
+    import histodiffusion
+
+    assert entry_points(group="console_scripts")["histodiffusion"].value == "histodiffusion.cli:entry"
+    main_py = Path(histodiffusion.__file__).with_name("__main__.py").read_text()
+    assert "entry()" in main_py

@@ -146,5 +146,13 @@ def _close_progress_bars() -> None:
         bar.close()
 
 
+def entry() -> None:
+    """The `histodiffusion` command and `python -m histodiffusion`: main(), then its exit code through
+    exit_process (a worker of torchrun / accelerate launch skips the interpreter's finalization)."""
+    from .runtime.distributed import exit_process
+
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
