@@ -57,21 +57,6 @@ def judge(out: Path, target: Path, steps: int, backbone: str):
     return model
 
 
-@torch.no_grad()
-def roundtrip(vae, images_u8: torch.Tensor, batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """(reconstructions uint8 [N, H, W, 3], posterior means [N, C, h, w]) of uint8 tiles."""
-    from histodiffusion.models.classifier import to_model_input
-
-    recs, means = [], []
-    for i in range(0, len(images_u8), batch):
-        x = to_model_input(images_u8[i:i + batch])
-        mean = vae.encode(x).latent_dist.mean
-        rec = vae.decode(mean).sample.clamp(-1, 1)
-        recs.append(rec.add(1).mul(127.5).round().to(torch.uint8).permute(0, 2, 3, 1))
-        means.append(mean)
-    return torch.cat(recs), torch.cat(means)
-
-
 def psnr_ssim(a_u8: torch.Tensor, b_u8: torch.Tensor) -> tuple[float, float]:
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
@@ -86,9 +71,10 @@ def latent_probe(vae, target: Path, subset: str, test_means: torch.Tensor, test_
     from sklearn.linear_model import LogisticRegression
 
     from histodiffusion.data.evaldata import load_real
+    from histodiffusion.models.autoencoder import roundtrip_uint8
 
     sub = load_real(target, subset)
-    _, means = roundtrip(vae, sub.images)
+    _, means = roundtrip_uint8(vae, sub.images)
     sf = float(vae.config.scaling_factor)
     clf = LogisticRegression(max_iter=2000, C=0.1).fit((means * sf).flatten(1).numpy(), sub.labels.numpy())
     return float(clf.score((test_means * sf).flatten(1).numpy(), test_labels.numpy()))
@@ -111,7 +97,7 @@ def main() -> None:
 
     from histodiffusion.data.datasets import PixelDataset
     from histodiffusion.data.evaldata import load_real
-    from histodiffusion.models.autoencoder import load_vae
+    from histodiffusion.models.autoencoder import load_vae, roundtrip_uint8
     from histodiffusion.models.classifier import predict
 
     out = Path(args.out)
@@ -143,11 +129,11 @@ def main() -> None:
         vae = load_vae(v)
         cells, res = [], {"vae": v}
         for n in names:
-            rec, _ = roundtrip(vae, held[n])
+            rec, _ = roundtrip_uint8(vae, held[n])
             ps, ss = psnr_ssim(held[n], rec)
             res[n] = {"psnr": ps, "ssim": ss, "tiles": len(rec)}
             cells.append(f"{ps:.2f} / {ss:.3f}")
-        rec, means = roundtrip(vae, test.images)
+        rec, means = roundtrip_uint8(vae, test.images)
         ps, ss = psnr_ssim(test.images, rec)
         probs, _ = predict(model, rec)
         acc = float((probs.argmax(1) == test.labels).float().mean())

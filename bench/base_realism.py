@@ -107,19 +107,6 @@ def unconditional_samples(base: Path, n: int, steps: int, seed: int, batch: int 
     return np.concatenate(out)
 
 
-@torch.no_grad()
-def reconstructions(base: Path, images: torch.Tensor, batch: int = 64) -> np.ndarray:
-    from histodiffusion.models.autoencoder import load_vae
-    from histodiffusion.models.classifier import to_model_input
-
-    vae = load_vae(base / "vae")
-    out = []
-    for i in range(0, len(images), batch):
-        x = vae.decode(vae.encode(to_model_input(images[i:i + batch])).latent_dist.mean).sample.clamp(-1, 1)
-        out.append(x.add(1).mul(127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
-    return np.concatenate(out)
-
-
 def scores(extractor, real: torch.Tensor, fake: torch.Tensor) -> dict:
     from histodiffusion.core.metrics import extract_features, frechet_distance, precision_recall
 
@@ -160,6 +147,7 @@ def main() -> None:
     p.add_argument("--out", default="bench/out/base_realism")
     args = p.parse_args()
 
+    from histodiffusion.models.autoencoder import load_vae, roundtrip_uint8
     from histodiffusion.models.classifier import FeatureExtractor
 
     dirs = args.data.split(",")
@@ -169,7 +157,7 @@ def main() -> None:
     n = args.n or len(held)
     samples, t_sample = cached_samples(base, n, args.steps, args.seed, out)
     samples = torch.from_numpy(samples)
-    recon = torch.from_numpy(reconstructions(base, held))
+    recon = roundtrip_uint8(load_vae(base / "vae"), held)[0]
     half = len(held) // 2
     perm = torch.randperm(len(held), generator=torch.Generator().manual_seed(0))
     res = {"base": str(base), "model_id": model_id(base), "sampling_seconds": round(t_sample, 1),

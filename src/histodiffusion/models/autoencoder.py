@@ -77,6 +77,23 @@ def encode_posterior(vae, images):
     return post.mean.float(), post.std.float()
 
 
+def roundtrip_uint8(vae, images_u8, batch: int = 64):
+    """(reconstructions uint8 [N, H, W, 3], posterior means [N, C, h, w]) of uint8 tiles [N, H, W, 3]: one
+    encode (posterior mean) / decode pass, what a tile looks like once it has been through the autoencoder."""
+    import torch
+
+    from .classifier import to_model_input
+
+    recs, means = [], []
+    with torch.no_grad():
+        for i in range(0, len(images_u8), batch):
+            mean = encode_posterior(vae, to_model_input(images_u8[i:i + batch]))[0]
+            rec = vae.decode(mean).sample.clamp(-1, 1)
+            recs.append(rec.add(1).mul(127.5).round().to(torch.uint8).permute(0, 2, 3, 1))
+            means.append(mean)
+    return torch.cat(recs), torch.cat(means)
+
+
 def save_vae(vae, folder: str | Path, scaling_factor: float, **info) -> Path:
     """Export atomically: save_pretrained (safetensors) with the measured scaling factor in its config,
     plus histodiffusion.json (scaling factor, downsampling, latent channels and `info`)."""

@@ -65,6 +65,24 @@ class _Skips:
         return {"count": self.count, "files": self.items}
 
 
+class _Contents:
+    """Byte-identical files among image inputs: a file named twice by the user is an error; a copy found
+    inside a folder (many public sets hold some) is skipped and listed."""
+
+    def __init__(self, what: str):
+        self.what, self.seen, self.duplicates = what, {}, []
+
+    def copy(self, f: Path, sha: str, explicit: bool) -> bool:
+        """True (and listed) if f repeats an earlier file's content sha; an error if f was named explicitly."""
+        if sha not in self.seen:
+            self.seen[sha] = f
+            return False
+        if explicit:
+            raise HistoError(f"{self.what} {f} has the same content as {self.seen[sha]} (given twice?)")
+        self.duplicates.append(f"{f.name} (= {self.seen[sha].name})")
+        return True
+
+
 # --------------------------------------------------------------------------------------------
 # Inputs
 # --------------------------------------------------------------------------------------------
@@ -199,7 +217,7 @@ def _add_unlabeled_tiles(w: DatasetWriter, cfg: PrepareConfig, skips: _Skips, sa
     "": the train split only (run() keeps them out of the class-stratified splits and the few-shot
     subsets). A file identical to a labeled one is that tile, so it is skipped: as an unlabeled train tile
     it would leak a validation/test tile into adaptation. Returns the counts for meta.json."""
-    seen: dict[str, Path] = {}
+    contents = _Contents("unlabeled tile")
     ids = Counter(r["id"] for r in w.iter_rows())  # an unlabeled tile's id never repeats a labeled one's
     counts = {"tiles": 0, "also_labeled": 0, "duplicates": 0}
     for f, explicit, rel in progress(_image_files(cfg.unlabeled_tiles, skips, "unlabeled tile input"),
@@ -208,12 +226,8 @@ def _add_unlabeled_tiles(w: DatasetWriter, cfg: PrepareConfig, skips: _Skips, sa
         if sha in labeled:
             counts["also_labeled"] += 1
             continue
-        if sha in seen:
-            if explicit:
-                raise HistoError(f"unlabeled tile {f} has the same content as {seen[sha]} (given twice?)")
-            counts["duplicates"] += 1
+        if contents.copy(f, sha, explicit):
             continue
-        seen[sha] = f
         try:
             tile, side, mpp = _square_tile(f, cfg.tile_size, cfg.image_mode)
         except slides.UnreadableImage as e:  # ImageTooSmall is always an error (no upscaling)
@@ -229,6 +243,7 @@ def _add_unlabeled_tiles(w: DatasetWriter, cfg: PrepareConfig, skips: _Skips, sa
         sources.append({"path": str(f), "sha256": sha})
         geometry.append((side, mpp, 1))
         counts["tiles"] += 1
+    counts["duplicates"] = len(contents.duplicates)
     if not counts["tiles"]:
         raise HistoError(f"no unlabeled tile kept from {list(cfg.unlabeled_tiles)} (all unreadable or identical "
                          f"to labeled tiles); nothing written")
@@ -243,16 +258,12 @@ def _add_unlabeled(w: DatasetWriter, cfg: PrepareConfig, skips: _Skips, sample: 
                                cfg.min_tissue, cfg.max_gray_mean, cfg.min_saturation, cfg.tissue_method,
                                cfg.max_ink)
     info, sources, stems = [], [], Counter()
-    seen: dict[str, Path] = {}
-    duplicates, no_tissue = [], []
+    contents, no_tissue = _Contents("source"), []
+    duplicates = contents.duplicates
     for f, explicit, _ in _image_files(cfg.sources, skips, "source"):
         sha = sha256_file(f)
-        if sha in seen:
-            if explicit:  # named twice by the user: a mistake worth stopping for
-                raise HistoError(f"source {f} has the same content as {seen[sha]} (given twice?)")
-            duplicates.append(f"{f.name} (= {seen[sha].name})")  # byte-identical files inside a folder
+        if contents.copy(f, sha, explicit):
             continue
-        seen[sha] = f
         try:
             slide = slides.Slide(f, cfg.image_mode)
             stats = slides.TilingStats()
