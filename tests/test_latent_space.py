@@ -47,3 +47,19 @@ def test_cache_record_round_trips_and_refuses_other_formats(tmp_path):
     (tmp_path / "latent_space.json").write_text(json.dumps({**rec, "format_version": 1}))
     with pytest.raises(HistoError, match="format_version 1"):
         of_cache(tmp_path)
+
+
+def test_roundtrip_uint8_is_one_encode_decode_pass_in_any_batch_size(tmp_path):
+    import torch
+
+    from histodiffusion.models.autoencoder import roundtrip_uint8
+
+    vae = load_vae(make_vae(tmp_path / "vae", scaling_factor=0.7))
+    tiles = torch.randint(0, 256, (5, 16, 16, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    rec, means = roundtrip_uint8(vae, tiles, batch=2)
+    with torch.no_grad():
+        mean = vae.encode(tiles.permute(0, 3, 1, 2).float() / 127.5 - 1).latent_dist.mean
+        ref = ((vae.decode(mean).sample.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
+    assert rec.dtype == torch.uint8 and rec.shape == tiles.shape and means.shape == mean.shape
+    assert torch.allclose(means, mean, atol=1e-5) and (rec.int() - ref.int()).abs().max() <= 1
+    assert (roundtrip_uint8(vae, tiles, batch=5)[0].int() - rec.int()).abs().max() <= 1
