@@ -165,6 +165,7 @@ def signal_chain(run: Path, eval_dir: Path | None = None) -> str:
                             f"{fmt(rate)} ({per}) |")
     else:
         rows.append("| class fidelity | not measured | `histodiffusion judge --samples <run>/samples` |")
+    rows += pseudo_labels(run, eval_dir or run / "eval")
     base, gains = ceiling_gains(run / "recon_ceiling")
     for v, what in (("real_new", "new real tiles (more labels)"), ("recon_new", "the same tiles through the decoder")):
         if v in gains:
@@ -182,6 +183,44 @@ def signal_chain(run: Path, eval_dir: Path | None = None) -> str:
             rows.append(f"| downstream | A/A floor of the augmented harness (classic_aa vs classic) | {fmt(floor['accuracy'])} |")
     head = [f"Where the signal goes ({run.name}):", "", "| link | measure | value |", "|---|---|---|"]
     return "\n".join(head + rows) + "\n"
+
+
+def pseudo_labels(run: Path, eval_dir: Path) -> list[str]:
+    """Samples started from unlabeled train tiles (`--start-from unlabeled`) take the latent classifier's reading
+    of their starting tile as their label. The benchmark's target is fully labeled, so the true label of each
+    starting tile (never read by the method) says how often that label is right: over all samples, the kept
+    ones, and the samples each selected@r arm trains on (evaluate's rule: the first quota(r, real count) kept
+    samples of a class by rank). Starting tiles without a label (a --target-unlabeled cohort) are left out."""
+    from histodiffusion.data.evaldata import quota
+    from histodiffusion.runtime.artifacts import read_dataset
+
+    sample_cfg = run / "samples" / "config.json"
+    if not sample_cfg.is_file():
+        return []
+    cfg = json.loads(sample_cfg.read_text())["config"]
+    if cfg.get("strength", 1.0) >= 1.0 or cfg.get("init_labels") != "classifier":
+        return []
+    truth = {r["id"]: r["label"] for r in read_dataset(run / "data" / "target")[1]}
+    with open(run / "samples" / "samples.csv", newline="") as f:
+        samples = {r["id"]: r for r in csv.DictReader(f) if truth.get(r["init_id"])}
+    ev_cfg = json.loads((eval_dir / "config.json").read_text())["config"] if (eval_dir / "config.json").is_file() else {}
+    sel = Path(ev_cfg.get("selection") or run / "samples" / "select")
+    with open(sel / "filtered.csv", newline="") as f:
+        filtered = [r for r in csv.DictReader(f) if r["id"] in samples]
+    real = {c: v["real"] for c, v in json.loads((sel / "filtered.json").read_text())["per_class"].items()}
+    kept = sorted((r for r in filtered if r["keep"] == "1"), key=lambda r: int(r["rank"]))
+    parts = [("all", list(samples)), ("kept", [r["id"] for r in kept])]
+    for ratio in ev_cfg.get("ratios", []):
+        parts.append((f"selected@{ratio:g}", [r["id"] for c in real for r in
+                                              [k for k in kept if k["target"] == c][:quota(ratio, real[c])]]))
+    rows = []
+    for name, ids in parts:
+        by_class = {c: [truth[samples[i]["init_id"]] == c for i in ids if samples[i]["target"] == c] for c in real}
+        right = sum(sum(v) for v in by_class.values())
+        per = ", ".join(f"{c} {sum(v) / len(v):.2f}" for c, v in by_class.items() if v)
+        rows.append(f"| pseudo-labels ({name}) | share of samples whose starting tile's true label (never read by "
+                    f"the method) is their class, n={len(ids)} | {right / max(1, len(ids)):.3f} ({per}) |")
+    return rows
 
 
 def pooled_table(out: Path, fracs: list[float], draws: int) -> str:
