@@ -139,7 +139,8 @@ def write_table(out: Path, fracs: list[float], draws: int = 1) -> None:
 def signal_chain(run: Path, eval_dir: Path | None = None) -> str:
     """Where the class signal goes, link by link, from one run directory's artifacts (a link whose artifact is
     missing says how to make it): guidance (latent classifier vs an image classifier on the same tiles), the
-    samples' class fidelity by the independent judge (all, and kept by selection), the autoencoder's
+    samples' class fidelity by the independent judge (all, and kept by selection), for samples started from
+    unlabeled tiles the correctness of their pseudo-labels (pseudo_labels), the autoencoder's
     ceiling (bench/recon_ceiling.py: new real tiles through the decoder vs as they are), the downstream gain."""
     if str(Path(__file__).resolve().parent) not in sys.path:  # the sibling bench script
         sys.path.insert(0, str(Path(__file__).resolve().parent))

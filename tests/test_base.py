@@ -181,8 +181,10 @@ def test_adapting_the_base_on_unlabeled_target_tiles(base, tmp_path):
     for name in ("sample", "sample_nopretrain"):
         f = steps[name].fields
         assert (f["strength"], f["init_labels"], f["init_subset"]) == (0.1, "classifier", "train"), name
-    assert {s.name: s for s in plan(RunConfig(out=str(tmp_path / "r"), base=str(base),
-                                              tile_size=SIZE))}["sample"].fields.get("strength", 1.0) == 1.0
+        assert steps[name.replace("sample", "select")].fields["rank_by"] == "confidence", name
+    noise = {s.name: s for s in plan(RunConfig(out=str(tmp_path / "r"), base=str(base), tile_size=SIZE))}
+    assert noise["sample"].fields.get("strength", 1.0) == 1.0
+    assert noise["select"].fields.get("rank_by", "centroid") == "centroid"
     with pytest.raises(HistoError, match="stage 'sample': strength 0.01 of 20 steps runs no step"):
         plan(RunConfig(out=str(tmp_path / "r"), base=str(base), tile_size=SIZE, start_from="unlabeled",
                        start_strength=0.01))

@@ -170,6 +170,7 @@ def test_run_end_to_end_and_skip(tmp_path):
     assert starts and set(starts) <= train and set(starts) & unl  # labels unused: any train tile may start one
     dec = json.loads((L4.decoder / "config.json").read_text())["config"]
     assert dec["unlabeled_subset"] == "train"
+    assert json.loads((L4.select() / "config.json").read_text())["config"]["rank_by"] == "confidence"
 
 
 def test_run_refuses_other_config_in_same_dir(tmp_path):

@@ -164,9 +164,12 @@ def _synthesis_steps(cfg: C.RunConfig, L: RunLayout, fields: Fields, ldm_model: 
             "data": str(d_tgt), "vae": str(ae_vae), "out": str(decoder)}, {
             "subset": cfg.subset, **({"unlabeled_subset": "train"} if cfg.adapt_decoder_unlabeled else {})})))
     vae = str(L.model(decoder) / "vae") if decoder else ""
-    # beyond the paper: start from the target's train tiles, their class read by the latent classifier
+    # beyond the paper: start from the target's train tiles, their class read by the latent classifier; the
+    # selection then keeps each class's most confident samples first (nearest the class centroid first kept
+    # starting tiles of other classes: BENCHMARKS.md, "Ranking the kept samples by confidence")
     start = {"strength": cfg.start_strength, "init_labels": "classifier", "init_subset": "train"} \
         if cfg.start_from == "unlabeled" else {}
+    ranking = {"rank_by": "confidence"} if cfg.start_from == "unlabeled" else {}
     arms = [("", ldm_model)]
     if cfg.ablations:
         steps.append(Step("pretrain LDM on target only (ablation)", "pretrain", L.ldm_nopretrain,
@@ -191,7 +194,7 @@ def _synthesis_steps(cfg: C.RunConfig, L: RunLayout, fields: Fields, ldm_model: 
             # class-balanced selection: every class keeps the largest ratio's quota from its ranked list
             Step(f"select{suffix}", "select", L.select(suffix), fields(f"select{key}", {
                 "samples": str(s_dir), "data": str(d_tgt), "out": str(L.select(suffix))}, {
-                "subset": cfg.subset, "quota_ratio": max(evaluate["ratios"])}, "select")),
+                "subset": cfg.subset, "quota_ratio": max(evaluate["ratios"]), **ranking}, "select")),
             Step(f"evaluate{suffix}", "evaluate", L.evaluation(suffix), evaluate),
         ]
     return steps

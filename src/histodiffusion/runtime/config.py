@@ -314,7 +314,7 @@ class RunConfig:
     adapt_unlabeled_steps: int = F(0, "continue the base's unconditional training on the target's train-split tiles, without their labels, for this many steps before guidance (0: off)")
     finetune_decoder: bool = F(True, "fine-tune the decoder with an auxiliary classifier before sampling")
     adapt_decoder_unlabeled: bool = F(False, "in that fine-tune, also reconstruct the target's train-split tiles without their labels (beyond the paper; finetune-decoder.unlabeled_subset=train)")
-    start_from: str = F("noise", "where each synthetic tile starts: noise (the paper) | unlabeled: one of the target's train-split tiles, its label unused (the latent classifier names its class), noised to --start-strength (beyond the paper; sample --strength S --init-labels classifier)")
+    start_from: str = F("noise", "where each synthetic tile starts: noise (the paper) | unlabeled: one of the target's train-split tiles, its label unused (the latent classifier names its class), noised to --start-strength, and selection ranks each class's samples by confidence (beyond the paper; sample --strength S --init-labels classifier, select --rank-by confidence)")
     start_strength: float = F(START_STRENGTH, "with --start-from unlabeled: the share of the noise schedule each starting tile is noised to (0.05 measured best on LC25000 lung, BENCHMARKS.md)")
     ablations: bool = F(False, "also run the no-pretraining ablation and write ablation.md")
     stage_config: str = F("", "JSON/TOML file of per-stage overrides: {stage: {field: value}}")
