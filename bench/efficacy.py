@@ -36,6 +36,8 @@ SHARED = Path(os.environ.get("HISTODIFFUSION_SHARED", REPO.parent / "shared" / "
 
 
 def main() -> None:
+    from histodiffusion.runtime.configrules import START_FROM, START_STRENGTH
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(REPO / "bench" / "out" / "efficacy"))
     p.add_argument("--fractions", default="0.05,0.1")
@@ -49,9 +51,10 @@ def main() -> None:
     p.add_argument("--adapt-unlabeled-steps", type=int, default=0)
     p.add_argument("--adapt-decoder-unlabeled", action="store_true",
                    help="the decoder fine-tune also reconstructs the target's train tiles, labels unused")
-    p.add_argument("--start-from", default="noise", choices=("noise", "unlabeled"),
+    p.add_argument("--start-from", default=START_FROM[0], choices=START_FROM,
                    help="unlabeled: samples start from the target's train tiles, labels unused (run --start-from)")
-    p.add_argument("--start-strength", type=float, default=0.05, help="with --start-from unlabeled (run --start-strength)")
+    p.add_argument("--start-strength", type=float, default=START_STRENGTH,
+                   help="with --start-from unlabeled (run --start-strength)")
     p.add_argument("--stage-config", default=str(REPO / "bench" / "efficacy_stages.json"),
                    help="per-stage overrides (JSON)")
     p.add_argument("--until", default="", help="stop every fraction after this stage (e.g. pretrain)")
@@ -190,37 +193,35 @@ def pseudo_labels(run: Path, eval_dir: Path) -> list[str]:
     """Samples started from unlabeled train tiles (`--start-from unlabeled`) take the latent classifier's reading
     of their starting tile as their label. The benchmark's target is fully labeled, so the true label of each
     starting tile (never read by the method) says how often that label is right: over all samples, the kept
-    ones, and the samples each selected@r arm trains on (evaluate's rule: the first quota(r, real count) kept
-    samples of a class by rank). Starting tiles without a label (a --target-unlabeled cohort) are left out."""
-    from histodiffusion.data.evaldata import quota
-    from histodiffusion.runtime.artifacts import read_dataset
+    ones, and the samples each selected@r arm trains on (evaluate's rule, evaldata.ranked_kept). Samples whose
+    starting tile has no label (a --target-unlabeled cohort) are left out of the shares."""
+    from histodiffusion.data.evaldata import quota, ranked_kept, read_filtered
+    from histodiffusion.runtime.artifacts import read_dataset, selection_dir
 
-    sample_cfg = run / "samples" / "config.json"
-    if not sample_cfg.is_file():
+    ev_cfg = json.loads((eval_dir / "config.json").read_text())["config"] if (eval_dir / "config.json").is_file() else {}
+    samples_dir = Path(ev_cfg.get("samples") or run / "samples")
+    if not (samples_dir / "config.json").is_file():
         return []
-    cfg = json.loads(sample_cfg.read_text())["config"]
+    cfg = json.loads((samples_dir / "config.json").read_text())["config"]
     if cfg.get("strength", 1.0) >= 1.0 or cfg.get("init_labels") != "classifier":
         return []
     truth = {r["id"]: r["label"] for r in read_dataset(run / "data" / "target")[1]}
-    with open(run / "samples" / "samples.csv", newline="") as f:
-        samples = {r["id"]: r for r in csv.DictReader(f) if truth.get(r["init_id"])}
-    ev_cfg = json.loads((eval_dir / "config.json").read_text())["config"] if (eval_dir / "config.json").is_file() else {}
-    sel = Path(ev_cfg.get("selection") or run / "samples" / "select")
-    with open(sel / "filtered.csv", newline="") as f:
-        filtered = [r for r in csv.DictReader(f) if r["id"] in samples]
+    with open(samples_dir / "samples.csv", newline="") as f:
+        samples = {r["id"]: r for r in csv.DictReader(f)}
+    sel = selection_dir(samples_dir, ev_cfg.get("selection", ""))
     real = {c: v["real"] for c, v in json.loads((sel / "filtered.json").read_text())["per_class"].items()}
-    kept = sorted((r for r in filtered if r["keep"] == "1"), key=lambda r: int(r["rank"]))
-    parts = [("all", list(samples)), ("kept", [r["id"] for r in kept])]
-    for ratio in ev_cfg.get("ratios", []):
-        parts.append((f"selected@{ratio:g}", [r["id"] for c in real for r in
-                                              [k for k in kept if k["target"] == c][:quota(ratio, real[c])]]))
+    kept = ranked_kept(read_filtered(sel), list(real))
+    parts = [("all", list(samples)), ("kept", [f["id"] for ks in kept.values() for f in ks])]
+    parts += [(f"selected@{r:g}", [f["id"] for c, ks in kept.items() for f in ks[:quota(r, real[c])]])
+              for r in ev_cfg.get("ratios", [])]
     rows = []
     for name, ids in parts:
-        by_class = {c: [truth[samples[i]["init_id"]] == c for i in ids if samples[i]["target"] == c] for c in real}
+        known = [samples[i] for i in ids if truth.get(samples[i]["init_id"])]
+        by_class = {c: [truth[s["init_id"]] == c for s in known if s["target"] == c] for c in real}
         right = sum(sum(v) for v in by_class.values())
         per = ", ".join(f"{c} {sum(v) / len(v):.2f}" for c, v in by_class.items() if v)
         rows.append(f"| pseudo-labels ({name}) | share of samples whose starting tile's true label (never read by "
-                    f"the method) is their class, n={len(ids)} | {right / max(1, len(ids)):.3f} ({per}) |")
+                    f"the method) is their class, n={len(known)} | {right / max(1, len(known)):.3f} ({per}) |")
     return rows
 
 

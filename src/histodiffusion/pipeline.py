@@ -167,9 +167,8 @@ def _synthesis_steps(cfg: C.RunConfig, L: RunLayout, fields: Fields, ldm_model: 
     # beyond the paper: start from the target's train tiles, their class read by the latent classifier; the
     # selection then keeps each class's most confident samples first (nearest the class centroid first kept
     # starting tiles of other classes: BENCHMARKS.md, "Ranking the kept samples by confidence")
-    start = {"strength": cfg.start_strength, "init_labels": "classifier", "init_subset": "train"} \
-        if cfg.start_from == "unlabeled" else {}
-    ranking = {"rank_by": "confidence"} if cfg.start_from == "unlabeled" else {}
+    start, ranking = ({"strength": cfg.start_strength, "init_labels": "classifier", "init_subset": "train"},
+                      {"rank_by": "confidence"}) if cfg.start_from == "unlabeled" else ({}, {})
     arms = [("", ldm_model)]
     if cfg.ablations:
         steps.append(Step("pretrain LDM on target only (ablation)", "pretrain", L.ldm_nopretrain,

@@ -19,7 +19,7 @@ from ..runtime.artifacts import selection_dir
 from ..runtime.config import EvaluateConfig
 from ..runtime.errors import HistoError
 from ..runtime.log import get_logger
-from .evaldata import Tiles, load_sample_images, quota, read_filtered, read_samples
+from .evaldata import Tiles, load_sample_images, quota, ranked_kept, read_filtered, read_samples
 
 ARM_KINDS = ("real", "real_aa", "classic", "classic_aa", "selected", "unselected")
 REAL_KINDS = ("real", "real_aa", "classic", "classic_aa")  # arms without synthetic images
@@ -92,9 +92,7 @@ def synthetic_sets(cfg: EvaluateConfig, arms, real: Tiles) -> dict:
         if unknown:
             raise HistoError(f"filtered.csv in {selection_dir(cfg.samples, cfg.selection)} lists sample {unknown[0]!r} "
                              f"that {cfg.samples}/samples.csv lacks: re-run select")
-        for c in real.classes:
-            ks = sorted((f for f in filt if f["target"] == c and int(f["keep"]) == 1), key=lambda f: int(f["rank"]))
-            kept[c] = [index[f["id"]] for f in ks]
+        kept = {c: [index[f["id"]] for f in ks] for c, ks in ranked_kept(filt, real.classes).items()}
     real_counts = real.counts()
     chosen: dict[str, dict] = {}
     for name, kind, ratio in arms:

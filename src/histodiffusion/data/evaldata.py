@@ -142,3 +142,10 @@ def read_filtered(selection: str | Path) -> list[dict]:
                          f"re-run `histodiffusion select`")
     return read_csv(path, FILTERED_COLUMNS, FILTERED_CSV)
 
+
+def ranked_kept(filtered: list[dict], classes: list[str]) -> dict[str, list[dict]]:
+    """Per class, the kept rows of a keep-list in rank order: selected@r trains on the first
+    quota(r, real count) of them."""
+    return {c: sorted((f for f in filtered if f["target"] == c and int(f["keep"]) == 1), key=lambda f: int(f["rank"]))
+            for c in classes}
+
