@@ -476,3 +476,29 @@ def test_sample_weight_scales_each_image_in_the_loss():
         train_classifier(build_classifier("small_cnn_w8", 3, 16), x, y, sample_weight=torch.zeros(12), **kw)
     with pytest.raises(HistoError, match=r"one positive weight per image \(12\), got shape \(0,\)$"):
         train_classifier(build_classifier("small_cnn_w8", 3, 16), x, y, sample_weight=torch.ones(0), **kw)
+
+
+def test_channels_last_training_is_the_same_training_in_another_layout():
+    """The fast layout changes only the order of float sums: the same training up to rounding (which AdamW's
+    normalised steps can turn into a step of about lr on a weight whose gradient is near 0), returned in
+    the default (contiguous, saveable) layout."""
+    import torch
+
+    from histodiffusion.models.classifier import build_classifier, train_classifier
+
+    x = torch.randint(0, 256, (12, 16, 16, 3), dtype=torch.uint8)
+    y = torch.arange(12) % 3
+    kw = dict(steps=4, batch_size=4, lr=1e-3, seed=3, augment=True)
+
+    def trained(channels_last):
+        torch.manual_seed(0)
+        return train_classifier(build_classifier("small_cnn_w8", 3, 16), x, y, channels_last=channels_last, **kw)
+
+    fast, plain = trained(True), trained(False)
+    for k, v in fast.state_dict().items():
+        assert v.is_contiguous(), k
+        assert float((v.float() - plain.state_dict()[k].float()).abs().max()) <= 1e-3, k
+    torch.manual_seed(0)
+    start = build_classifier("small_cnn_w8", 3, 16).state_dict()  # the initial weights of both
+    assert any(not torch.allclose(v.float(), start[k].float()) for k, v in fast.state_dict().items()
+               if v.is_floating_point())  # it did train
