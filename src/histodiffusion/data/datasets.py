@@ -42,15 +42,17 @@ class _ShardReader:
 
 
 class PixelDataset(Dataset):
-    """Tiles of a prepared dataset: (image float [3,H,W] in [-1, 1], label index or -1, id)."""
+    """Tiles of a prepared dataset: (image float [3,H,W] in [-1, 1], label index or -1, id).
+    `labeled_only`: leave out the cohort's unlabeled tiles (label "") of the selection."""
 
-    def __init__(self, directory: str | Path, subset: str = "all", ids: list[str] | None = None):
+    def __init__(self, directory: str | Path, subset: str = "all", ids: list[str] | None = None,
+                 labeled_only: bool = False):
         self.directory = Path(directory)
         self.meta, self.all_rows = read_dataset(self.directory)  # all_rows: the whole manifest
         rows = self.all_rows
         self.classes: list[str] = list(self.meta.get("classes") or [])
         wanted = set(ids if ids is not None else subset_ids(self.directory, rows, subset))
-        self.rows = [r for r in rows if r["id"] in wanted]
+        self.rows = [r for r in rows if r["id"] in wanted and (r["label"] or not labeled_only)]
         if not self.rows:
             raise HistoError(f"no tiles selected from {self.directory} (subset {subset!r})")
         shards = {int(r["shard"]) for r in self.rows}

@@ -49,9 +49,7 @@ def load_real(data: str | Path, subset: str, ids: list[str] | None = None) -> Ti
     order (the cohort's unlabeled tiles of its train split, label "", are not part of it)."""
     from .datasets import PixelDataset
 
-    ds = PixelDataset(data, subset=subset, ids=ids)
-    if any(not r["label"] for r in ds.rows):
-        ds = PixelDataset(data, ids=[r["id"] for r in ds.rows if r["label"]])
+    ds = PixelDataset(data, subset=subset, ids=ids, labeled_only=True)
     if len(ds.classes) < 2:
         raise HistoError(f"dataset {data} is not labeled with at least 2 classes")
     labels = [ds.label_index(i) for i in range(len(ds))]

@@ -259,7 +259,6 @@ def _add_unlabeled(w: DatasetWriter, cfg: PrepareConfig, skips: _Skips, sample: 
                                cfg.max_ink)
     info, sources, stems = [], [], Counter()
     contents, no_tissue = _Contents("source"), []
-    duplicates = contents.duplicates
     for f, explicit, _ in _image_files(cfg.sources, skips, "source"):
         sha = sha256_file(f)
         if contents.copy(f, sha, explicit):
@@ -288,14 +287,15 @@ def _add_unlabeled(w: DatasetWriter, cfg: PrepareConfig, skips: _Skips, sample: 
             no_tissue.append(f.name)
         log.debug(f"{f.name}: {slide.width}x{slide.height}, mpp {slide.mpp}, {stats.kept} tiles kept of "
                   f"{stats.candidates} ({stats.background} background, {stats.ink} ink)")
-    if duplicates:
-        log.warning(f"skipped {len(duplicates)} byte-identical duplicate file(s) inside source folders, e.g. "
-                    f"{', '.join(duplicates[:5])}")
+    if contents.duplicates:
+        log.warning(f"skipped {len(contents.duplicates)} byte-identical duplicate file(s) inside source folders, "
+                    f"e.g. {', '.join(contents.duplicates[:5])}")
     if no_tissue:
         log.warning(f"{len(no_tissue)} image(s) gave no tissue tile, e.g. {', '.join(no_tissue[:5])}")
     kept = sum(s["tiles"] for s in info)
     log.info(f"{len(info)} source image(s), {kept} tiles kept")
-    return info, sources, {"duplicates": len(duplicates), "duplicate_files": duplicates[:MAX_LISTED_SKIPS],
+    return info, sources, {"duplicates": len(contents.duplicates),
+                           "duplicate_files": contents.duplicates[:MAX_LISTED_SKIPS],
                            "no_tissue": len(no_tissue), "no_tissue_files": no_tissue[:MAX_LISTED_SKIPS]}
 
 
