@@ -198,14 +198,15 @@ def pseudo_labels(run: Path, eval_dir: Path) -> list[str]:
     from histodiffusion.data.evaldata import quota, ranked_kept, read_filtered
     from histodiffusion.runtime.artifacts import read_dataset, selection_dir
 
-    ev_cfg = json.loads((eval_dir / "config.json").read_text())["config"] if (eval_dir / "config.json").is_file() else {}
+    ev_path = eval_dir / "config.json"
+    ev_cfg = json.loads(ev_path.read_text())["config"] if ev_path.is_file() else {}
     samples_dir = Path(ev_cfg.get("samples") or run / "samples")
     if not (samples_dir / "config.json").is_file():
         return []
     cfg = json.loads((samples_dir / "config.json").read_text())["config"]
     if cfg.get("strength", 1.0) >= 1.0 or cfg.get("init_labels") != "classifier":
         return []
-    truth = {r["id"]: r["label"] for r in read_dataset(run / "data" / "target")[1]}
+    truth = {r["id"]: r["label"] for r in read_dataset(ev_cfg.get("data") or run / "data" / "target")[1]}
     with open(samples_dir / "samples.csv", newline="") as f:
         samples = {r["id"]: r for r in csv.DictReader(f)}
     sel = selection_dir(samples_dir, ev_cfg.get("selection", ""))

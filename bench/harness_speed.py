@@ -62,12 +62,9 @@ def main() -> None:
              f"every {args.val_every} on {len(val)} tiles, {len(real)} training tiles ({args.subset}), "
              f"{args.threads} thread(s)", "", "| seed | layout | seconds | test accuracy |", "|---|---|---:|---:|"]
     lines += [f"| {s} | {lay} | {sec:.1f} | {acc:.3f} |" for s, lay, sec, acc in rows]
-    for lay in ("channels_last", "contiguous"):
-        sec = [r[2] for r in rows if r[1] == lay]
-        lines.append(f"\n{lay}: mean {sum(sec) / len(sec):.1f} s per classifier")
-    fast = sum(r[2] for r in rows if r[1] == "channels_last")
-    slow = sum(r[2] for r in rows if r[1] == "contiguous")
-    lines.append(f"\nspeed-up of channels_last: {slow / fast:.2f}x")
+    mean = {lay: sum(r[2] for r in rows if r[1] == lay) / len(seeds) for lay in ("channels_last", "contiguous")}
+    lines += [f"\n{lay}: mean {sec:.1f} s per classifier" for lay, sec in mean.items()]
+    lines.append(f"\nspeed-up of channels_last: {mean['contiguous'] / mean['channels_last']:.2f}x")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "results.md", "\n".join(lines) + "\n")

@@ -219,7 +219,7 @@ def _add_unlabeled_tiles(w: DatasetWriter, cfg: PrepareConfig, skips: _Skips, sa
     it would leak a validation/test tile into adaptation. Returns the counts for meta.json."""
     contents = _Contents("unlabeled tile")
     ids = Counter(r["id"] for r in w.iter_rows())  # an unlabeled tile's id never repeats a labeled one's
-    counts = {"tiles": 0, "also_labeled": 0, "duplicates": 0}
+    counts = {"tiles": 0, "also_labeled": 0}  # + "duplicates": the copies `contents` listed
     for f, explicit, rel in progress(_image_files(cfg.unlabeled_tiles, skips, "unlabeled tile input"),
                                      desc="prepare unlabeled tiles", mininterval=2.0, log=log):
         sha = sha256_file(f)
