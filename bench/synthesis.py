@@ -9,8 +9,10 @@ Two sweeps (--sweeps scale,speed; both by default), on the same plan of --n-per-
           train tiles, in the judge's feature space).
   speed   the reference's DDIM 50 steps, eta 1, guidance at every step, versus DPM-Solver++ 20 and 10
           steps, each with and without a guidance window (--window lo,hi), at --scale: samples/s and
-          fidelity. "Equal fidelity": fidelity >= the reference's minus --tolerance; the speed ratio is
-          the fastest such setting's samples/s over the reference's (goal: >= 2.5x).
+          fidelity, and each setting's fidelity minus the reference's, paired by sample (same seeds; 95%
+          normal interval of the per-sample differences). "Equal fidelity": fidelity >= the reference's
+          minus --tolerance; the speed ratio is the fastest such setting's samples/s over the
+          reference's (goal: >= 2.5x).
 
 The judge is a `histodiffusion judge` folder (--judge, default <out>/judge): trained there by the judge
 stage from --data's train split when absent (so it never sees a validation or test tile), reused after.
@@ -37,6 +39,7 @@ REFERENCE = "ddim50_eta1_full"
 SETTINGS = {  # name: scheduler, steps, eta, windowed
     REFERENCE: ("ddim", 50, 1.0, False),
     "dpm++20_full": ("dpmsolver++", 20, 0.0, False),
+    "dpm++15_full": ("dpmsolver++", 15, 0.0, False),
     "dpm++10_full": ("dpmsolver++", 10, 0.0, False),
     "dpm++20_window": ("dpmsolver++", 20, 0.0, True),
     "dpm++10_window": ("dpmsolver++", 10, 0.0, True),
@@ -119,7 +122,8 @@ def run_setting(name, cfg, window, m, plan, judged, batch_size: int, warm_up: bo
            "window": list(window), "samples": len(plan), "seconds": secs, "samples_per_s": len(plan) / secs,
            "fidelity": fid["fidelity"], "fidelity_ci95": fid["ci95"], "macro_fidelity": fid["macro_fidelity"],
            "per_class": {c: v["fidelity"] for c, v in fid["per_class"].items()},
-           "latent_confidence": float(np.mean(conf)), "realism": None}
+           "latent_confidence": float(np.mean(conf)), "realism": None,
+           "correct": [int(p == t) for p, t in zip(preds, targets)]}
     if real is not None:
         r = realism(model, info, real, x, targets, real_feats=real_feats)
         o = r["overall"]
@@ -151,6 +155,11 @@ def speed_summary(results: list[dict], tolerance: float, n_classes: int) -> dict
     ref = next((r for r in results if r["setting"] == REFERENCE), None)
     if ref is None:
         return {"reference": None}
+    for r in results:  # paired by sample: the same seeds and targets in every setting
+        d = [a - b for a, b in zip(r["correct"], ref["correct"])]
+        mean = sum(d) / len(d)
+        half = 1.96 * (sum((v - mean) ** 2 for v in d) / max(1, len(d) - 1) / len(d)) ** 0.5
+        r["fidelity_delta_vs_reference"] = [mean, mean - half, mean + half]
     equal = [r for r in results if r is not ref and r["fidelity"] >= ref["fidelity"] - tolerance]
     best = max(equal, key=lambda r: r["samples_per_s"], default=None)
     ratio = best["samples_per_s"] / ref["samples_per_s"] if best else None
@@ -161,13 +170,15 @@ def speed_summary(results: list[dict], tolerance: float, n_classes: int) -> dict
 
 
 def speed_table(results: list[dict]) -> str:
-    lines = ["| setting | steps | window | samples/s | fidelity [95% CI] | FD (judge) | latent conf |",
-             "|---|---:|---|---:|---|---:|---:|"]
+    lines = ["| setting | steps | window | samples/s | fidelity [95% CI] | vs reference, paired [95% CI] | "
+             "FD (judge) | latent conf |", "|---|---:|---|---:|---|---|---:|---:|"]
     for r in results:
         lo, hi = r["fidelity_ci95"]
+        d = r.get("fidelity_delta_vs_reference")
+        paired = f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]" if d else "–"
         lines.append(f"| {r['setting']} | {r['steps']} | {r['window']} | {r['samples_per_s']:.2f} | "
-                     f"{r['fidelity']:.3f} [{lo:.3f}, {hi:.3f}] | {_fmt((r['realism'] or {}).get('fd'), 4)} | "
-                     f"{r['latent_confidence']:.3f} |")
+                     f"{r['fidelity']:.3f} [{lo:.3f}, {hi:.3f}] | {paired} | "
+                     f"{_fmt((r['realism'] or {}).get('fd'), 4)} | {r['latent_confidence']:.3f} |")
     return "\n".join(lines)
 
 

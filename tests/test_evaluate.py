@@ -502,3 +502,33 @@ def test_channels_last_training_is_the_same_training_in_another_layout():
     start = build_classifier("small_cnn_w8", 3, 16).state_dict()  # the initial weights of both
     assert any(not torch.allclose(v.float(), start[k].float()) for k, v in fast.state_dict().items()
                if v.is_floating_point())  # it did train
+
+
+def test_balanced_training_in_channels_last_is_the_same_training():
+    """train_balanced (the image baseline's and the auxiliary classifier's loop) in the fast layout: the same
+    training up to rounding, the model left in the default layout."""
+    import numpy as np
+    import torch
+
+    from histodiffusion.data.batches import train_balanced
+    from histodiffusion.models.classifier import build_classifier
+
+    g = torch.Generator().manual_seed(0)
+    ds = [(torch.rand(3, 16, 16, generator=g) * 2 - 1, i % 3, f"t{i}") for i in range(12)]
+    by_class = [np.arange(c, 12, 3) for c in range(3)]
+
+    def trained(channels_last):
+        torch.manual_seed(0)
+        clf = build_classifier("small_cnn_w8", 3, 16)
+        train_balanced(clf, ds, by_class, 4, 6, 1e-3, 0.0, seed=5, augment=True, channels_last=channels_last)
+        return clf
+
+    fast, plain = trained(True), trained(False)
+    torch.manual_seed(0)
+    start = build_classifier("small_cnn_w8", 3, 16).state_dict()
+    for k, v in fast.state_dict().items():
+        assert v.is_contiguous(), k
+        assert float((v.float() - plain.state_dict()[k].float()).abs().max()) <= 1e-3, k
+    assert any(not torch.allclose(v.float(), start[k].float()) for k, v in fast.state_dict().items()
+               if v.is_floating_point())
+    assert not fast.training

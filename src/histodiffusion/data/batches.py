@@ -58,18 +58,25 @@ def accuracy(clf, ds, idx, transform=None, batch: int = 64) -> float:
 
 
 def train_balanced(clf, ds, by_class, steps: int, batch_size: int, lr: float, weight_decay: float, seed: int,
-                   augment: bool = True, log=None, what: str = "") -> None:
+                   augment: bool = True, log=None, what: str = "", channels_last: bool = True) -> None:
     """Train `clf` in place on class-balanced batches of a PixelDataset with AdamW (one process; batches from
-    torch_generator(seed, step, 0), augmented when `augment`); with `log`, a loss line every 100 steps."""
+    torch_generator(seed, step, 0), augmented when `augment`); with `log`, a loss line every 100 steps.
+
+    `channels_last`: model and batches in the channels-last layout while training (oneDNN's fast convolution
+    path on CPU, as models.classifier.train_classifier; the same arithmetic up to the order of float sums);
+    `clf` is left in the default layout."""
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    clf.to(memory_format=layout)  # before the optimiser takes the parameters
     opt = torch.optim.AdamW(clf.parameters(), lr=lr, weight_decay=weight_decay)
     clf.train()
     for step in range(steps):
         g = torch_generator(seed, step, 0)
         x, y = pixel_batch(ds, balanced_batch(by_class, batch_size, g), g if augment else None)
-        loss = F.cross_entropy(clf(x), y)
+        loss = F.cross_entropy(clf(x.contiguous(memory_format=layout)), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if log is not None and (step + 1) % 100 == 0:
             log.info("%s step %d/%d loss %.4f", what, step + 1, steps, loss.item())
+    clf.to(memory_format=torch.contiguous_format)
     clf.eval()
