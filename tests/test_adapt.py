@@ -195,3 +195,39 @@ def test_finetune_decoder_unlabeled_stream_and_leakage_guard(target, tmp_path):
         with pytest.raises(HistoError, match="validation/test tiles"):
             finetune_decoder.run(dataclasses.replace(cfg, out=str(tmp_path / held), unlabeled_subset=held))
         assert not (tmp_path / held).exists()
+
+
+def test_latent_classifier_on_the_pretrained_unet_encoder(target, tmp_path):
+    """trunk_unet: the classifier's trunk is the UNet's encoder with its weights, frozen while the head trains;
+    exported, it loads like any latent classifier and differentiates with respect to the latents (guidance)."""
+    from diffusers import UNet2DModel
+
+    from histodiffusion.models.latent_classifier import TRUNK_PREFIXES
+
+    unet_dir = target["ldm"] / "unet_ema"
+    out = latent_classifier.run(lc_cfg(target, tmp_path / "lc", augment=False, trunk_unet=str(unet_dir),
+                                       image_baseline=False))
+    model, info, _ = load_latent_classifier(out / "model")
+    assert info["trunk_from"] == str(unet_dir.resolve()) and model.config.trunk["block_out_channels"] == [16, 32]
+    unet = UNet2DModel.from_pretrained(str(unet_dir)).state_dict()
+    state = model.state_dict()
+    trunk = [k for k in state if k.startswith(TRUNK_PREFIXES)]
+    assert trunk and all(torch.equal(state[k], unet[k]) for k in trunk)  # pretrained and frozen
+    assert not any(k.startswith("up_blocks") for k in state)  # the decoder half is not kept
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["val_accuracy_by_t"]["[0,250)"] > 0.5  # the head learnt something on the toy classes
+    assert "encoder of the pretrained UNet" in (out / "model" / "README.md").read_text()
+    z = torch.randn(2, 4, 8, 8, requires_grad=True)
+    model(z, torch.tensor([10, 500]))[:, 0].sum().backward()
+    assert z.grad is not None and float(z.grad.abs().sum()) > 0
+
+
+def test_latent_classifier_trunk_bad_input(target, tmp_path):
+    with pytest.raises(HistoError, match="trunk_unet: .* is not a UNet folder"):
+        latent_classifier.run(lc_cfg(target, tmp_path / "a", trunk_unet=str(tmp_path)))
+    from histodiffusion.models.unet import build_unet
+
+    build_unet((16, 32), 1, False, 8, 4).save_pretrained(tmp_path / "unet8")  # for 8-channel latents
+    with pytest.raises(HistoError, match="takes 8 latent channels, the cache's latents have 4"):
+        latent_classifier.run(lc_cfg(target, tmp_path / "b", trunk_unet=str(tmp_path / "unet8")))
+    assert not (tmp_path / "a" / "checkpoints").exists() and not (tmp_path / "b" / "model").exists()

@@ -1,5 +1,6 @@
 """`histodiffusion run`'s plan: how run-level options and --stage-config reach each stage's config."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -155,3 +156,18 @@ def test_stage_config_cannot_move_the_run_layout(tmp_path, capsys):
     path.write_text(json.dumps({"sample": {"out": str(tmp_path / "elsewhere")}}))
     assert main(["run", "--out", str(L.root), "--base", "none", "--stage-config", str(path)]) == 2
     assert "part of the run layout" in capsys.readouterr().err and not L.root.exists()
+
+
+def test_latent_classifier_trunk_option(tmp_path):
+    """--latent-classifier-trunk unet builds the latent classifier on the encoder of the UNet the run guides
+    (the base's, or the target-adapted one's); small (default) leaves the stage's own trunk."""
+    steps = _steps(tmp_path, base="default", latent_classifier_trunk="unet")
+    lc = steps["latent classifier"]
+    assert lc["trunk_unet"] == str(Path(steps["sample"]["model"]) / "unet_ema")
+    adapted = _steps(tmp_path, base="default", latent_classifier_trunk="unet", adapt_unlabeled_steps=10)
+    assert adapted["latent classifier"]["trunk_unet"].startswith(str(tmp_path / "run"))  # the adapted UNet's
+    assert "trunk_unet" not in _steps(tmp_path, base="default")["latent classifier"]
+    with pytest.raises(HistoError, match="no-pretraining arm"):
+        _steps(tmp_path, base="default", latent_classifier_trunk="unet", ablations=True)
+    with pytest.raises(HistoError, match="latent_classifier_trunk"):
+        _steps(tmp_path, base="default", latent_classifier_trunk="big")

@@ -17,6 +17,7 @@ from typing import Callable
 
 from .data.splits import fewshot_names
 from .runtime import config as C
+from .runtime.artifacts import LDM_UNET
 from .runtime.configrules import START_STRENGTH, validate_config
 from .runtime.configtypes import load_config_file
 from .runtime.contract import check_complete
@@ -54,6 +55,9 @@ def plan(cfg: C.RunConfig, base: dict | None | str = "verify") -> list[Step]:
                                      or cfg.adapt_unlabeled_steps):
         raise HistoError("--target-unlabeled tiles are used only by --start-from unlabeled, --adapt-decoder-unlabeled "
                          "true or --adapt-unlabeled-steps N: give one of them")
+    if cfg.latent_classifier_trunk == "unet" and cfg.ablations:
+        raise HistoError("--latent-classifier-trunk unet builds the classifier on the pretrained UNet, which would "
+                         "guide the no-pretraining arm of --ablations true too: use one of them")
     if cfg.start_from == "noise" and cfg.start_strength != START_STRENGTH:
         raise HistoError(f"--start-strength {cfg.start_strength:g} is used only with --start-from unlabeled "
                          f"(samples from noise start at strength 1)")
@@ -155,7 +159,9 @@ def _synthesis_steps(cfg: C.RunConfig, L: RunLayout, fields: Fields, ldm_model: 
     steps = [
         Step("latent classifier", "train-latent-classifier", L.latent_classifier,
              fields("train-latent-classifier", {"cache": str(c_tgt), "scheduler": str(ldm_model / "scheduler"),
-                                                "out": str(L.latent_classifier)}, {"subset": cfg.subset})),
+                                                "out": str(L.latent_classifier)}, {
+                 "subset": cfg.subset,
+                 **({"trunk_unet": str(ldm_model / LDM_UNET)} if cfg.latent_classifier_trunk == "unet" else {})})),
     ]
     decoder = None
     if cfg.finetune_decoder:

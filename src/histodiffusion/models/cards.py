@@ -64,10 +64,12 @@ def latent_classifier_card(folder: Path, name: str, metrics: dict) -> str:
     cfg = _json(folder / "config.json")
     by_t = metrics.get("val_accuracy_by_t") or {}
     acc = ", ".join(f"t in {k}: {v:.3f}" for k, v in by_t.items()) or "no validation split"
+    trunk = (f"trunk: the encoder of the pretrained UNet {info.get('trunk_from')}, frozen, with a trained head"
+             if cfg.get("trunk") else f"width {cfg.get('width')}, depth {cfg.get('depth')}")
     lines = [
         "# Noise-aware latent classifier p(y | z_t, t) (histodiffusion)", "",
         f"Classifies noisy latents z_t at timestep t into {cfg.get('class_names') or info.get('classes')} "
-        f"(width {cfg.get('width')}, depth {cfg.get('depth')}, GroupNorm only: one sample's gradient does not "
+        f"({trunk}, GroupNorm only: one sample's gradient does not "
         "depend on the batch). Its gradient steers the unconditional latent diffusion model towards a class "
         "(classifier guidance).", "",
         "## Data", "",

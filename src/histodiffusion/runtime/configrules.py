@@ -12,6 +12,7 @@ from .errors import HistoError
 
 RANK_BY = ("centroid", "confidence", "hard", "coverage")  # select's orders within a class (select.rank_members)
 INIT_LABELS = ("tiles", "classifier")  # where sample's init tiles get their class (sample.assign_init)
+LATENT_TRUNKS = ("small", "unet")  # run --latent-classifier-trunk (pipeline._synthesis_steps)
 START_FROM = ("noise", "unlabeled")  # run --start-from: where the main chain's samples start (pipeline._synthesis_steps)
 START_STRENGTH = 0.05  # run --start-strength's default
 
@@ -79,6 +80,7 @@ VALUE_RULES: dict[str, dict] = {
                      "rank_by": _one_of(*RANK_BY), "coverage_k": _at_least(1)},
     "RunConfig": {"oversample": _at_least(1), "ratios": _each(_above(0)), "adapt_unlabeled_steps": _at_least(0),
                   "procs": _at_least(1), "start_from": _one_of(*START_FROM),
+                  "latent_classifier_trunk": _one_of(*LATENT_TRUNKS),
                   "start_strength": _within(0, 1, hi_open=True, lo_open=True)},
     "JudgeConfig": {},  # the common rules (steps, batch_size, lr)
     "ReportConfig": {"grid_per_class": _at_least(1), "grid_scale": _at_least(0),

@@ -93,7 +93,7 @@ def bucket_accuracy(model, ds, sched, seed: int = 1234, batch: int = 256) -> dic
 def run(cfg: LatentClassifierConfig) -> Path:
     from ..data.datasets import LatentDataset
     from ..models import norm_groups
-    from ..models.latent_classifier import LatentClassifier
+    from ..models.latent_classifier import LatentClassifier, init_trunk_from_unet, unet_trunk_config
 
     acc = make_accelerator()
     out, log = start_stage(acc, cfg, "train-latent-classifier")
@@ -122,15 +122,25 @@ def run(cfg: LatentClassifierConfig) -> Path:
     # 2. model and optimiser, resumed from the newest checkpoint
     seed_everything(cfg.seed)
     c = int(ds[0][0].shape[0])
-    model = LatentClassifier(in_channels=c, num_classes=len(classes), width=cfg.width, depth=cfg.depth,
-                             norm_num_groups=norm_groups(cfg.width, most=8), class_names=classes)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.trunk_unet:  # the pretrained UNet's encoder, frozen: only the norms and head on its features train
+        unet = _load_trunk_unet(cfg.trunk_unet, c)
+        model = LatentClassifier(in_channels=c, num_classes=len(classes), class_names=classes,
+                                 trunk=unet_trunk_config(unet))
+        init_trunk_from_unet(model, unet)
+        for prm in model.trunk_parameters():
+            prm.requires_grad_(False)
+    else:
+        model = LatentClassifier(in_channels=c, num_classes=len(classes), width=cfg.width, depth=cfg.depth,
+                                 norm_num_groups=norm_groups(cfg.width, most=8), class_names=classes)
+    opt = torch.optim.AdamW([prm for prm in model.parameters() if prm.requires_grad], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay)
     model, opt = acc.prepare(model, opt)
     step, _ = load_latest_checkpoint(acc, out)
     if step:
         log.info("resumed from step %d", step)
-    log.info("latent classifier: %d latents of %s (%s), %d classes, t < %d, %d steps x %d x %d process(es)",
-             len(ds), cfg.subset, cfg.cache, len(classes), max_t, cfg.steps, cfg.batch_size, acc.num_processes)
+    log.info("latent classifier: %d latents of %s (%s), %d classes, t < %d, %d steps x %d x %d process(es); %s",
+             len(ds), cfg.subset, cfg.cache, len(classes), max_t, cfg.steps, cfg.batch_size, acc.num_processes,
+             f"trunk: the encoder of {cfg.trunk_unet} (frozen)" if cfg.trunk_unet else "small trunk from scratch")
     metrics = MetricsLog(out / "metrics.jsonl", acc.is_main_process)
     model.train()
     t0, run_loss, run_acc, n = time.time(), 0.0, 0.0, 0
@@ -162,6 +172,23 @@ def run(cfg: LatentClassifierConfig) -> Path:
     return out
 
 
+def _load_trunk_unet(path: str, channels: int):
+    """The UNet whose encoder becomes the classifier's trunk: a UNet2DModel folder for latents of `channels`."""
+    from diffusers import UNet2DModel
+
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise HistoError(f"trunk_unet: {folder} is not a UNet folder (no config.json; e.g. <ldm or base>/unet_ema)")
+    try:
+        unet = UNet2DModel.from_pretrained(str(folder))
+    except (OSError, ValueError, RuntimeError, TypeError) as e:
+        raise HistoError(f"trunk_unet: cannot load a UNet2DModel from {folder}: {type(e).__name__}: {e}") from None
+    if int(unet.config.in_channels) != channels:
+        raise HistoError(f"trunk_unet: {folder} takes {unet.config.in_channels} latent channels, the cache's "
+                         f"latents have {channels}")
+    return unet
+
+
 def _validate_and_export(cfg: LatentClassifierConfig, model, ds, val, sched, max_t: int, classes: list[str],
                          image_data: Path | None, out: Path, log) -> None:
     """Main process: accuracy per timestep bucket on the validation subset (and against the image
@@ -184,7 +211,8 @@ def _validate_and_export(cfg: LatentClassifierConfig, model, ds, val, sched, max
         write_json_atomic(tmp / MODEL_INFO, format_meta(
             kind="latent_classifier", classes=classes, **ds.space.fields(),
             cache=str(Path(cfg.cache).resolve()), subset=cfg.subset,
-            scheduler=dict(sched.config), max_timestep=max_t))
+            scheduler=dict(sched.config), max_timestep=max_t,
+            trunk_from=str(Path(cfg.trunk_unet).resolve()) if cfg.trunk_unet else ""))
         write_text_atomic(tmp / CARD, latent_classifier_card(tmp, str(out / "model"), result))
     mark_complete(out, **completion_record(cfg))
     log.info("latent classifier exported: %s", out / "model")
