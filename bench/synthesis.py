@@ -10,7 +10,7 @@ Two sweeps (--sweeps scale,speed; both by default), on the same plan of --n-per-
   speed   the reference's DDIM 50 steps, eta 1, guidance at every step, versus DPM-Solver++ 20 and 10
           steps, each with and without a guidance window (--window lo,hi), at --scale: samples/s and
           fidelity, and each setting's fidelity minus the reference's, paired by sample (same seeds; 95%
-          normal interval of the per-sample differences). "Equal fidelity": fidelity >= the reference's
+          t interval of the per-sample differences, core.metrics.paired_diff). "Equal fidelity": fidelity >= the reference's
           minus --tolerance; the speed ratio is the fastest such setting's samples/s over the
           reference's (goal: >= 2.5x).
 
@@ -155,11 +155,11 @@ def speed_summary(results: list[dict], tolerance: float, n_classes: int) -> dict
     ref = next((r for r in results if r["setting"] == REFERENCE), None)
     if ref is None:
         return {"reference": None}
+    from histodiffusion.core.metrics import paired_diff
+
     for r in results:  # paired by sample: the same seeds and targets in every setting
-        d = [a - b for a, b in zip(r["correct"], ref["correct"])]
-        mean = sum(d) / len(d)
-        half = 1.96 * (sum((v - mean) ** 2 for v in d) / max(1, len(d) - 1) / len(d)) ** 0.5
-        r["fidelity_delta_vs_reference"] = [mean, mean - half, mean + half]
+        d = paired_diff(dict(enumerate(r["correct"])), dict(enumerate(ref["correct"])))
+        r["fidelity_delta_vs_reference"] = [d["mean"], *d["ci95"]]
     equal = [r for r in results if r is not ref and r["fidelity"] >= ref["fidelity"] - tolerance]
     best = max(equal, key=lambda r: r["samples_per_s"], default=None)
     ratio = best["samples_per_s"] / ref["samples_per_s"] if best else None

@@ -85,7 +85,7 @@ class LatentClassifier(ModelMixin, ConfigMixin):
         """The UNet trunk's parameters (those init_trunk_from_unet copies); [] for the small trunk."""
         if self.config.trunk is None:
             return []
-        return [p for m in (self.time_embedding, self.conv_in, self.down_blocks, self.mid_block) for p in m.parameters()]
+        return [p for name, p in self.named_parameters() if name.startswith(TRUNK_PREFIXES)]
 
     def forward(self, z: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
         """Logits [B, num_classes] for noisy latents z [B, C, h, w] at timesteps t (scalar or [B])."""
