@@ -15,6 +15,13 @@ confidence selection would keep). Features are cached in --out.
 
     .venv/bin/python bench/pseudo_label_probe.py --cache <run>/cache/target --subsets frac0.05_d2,frac0.01_d1 \
         --timesteps 0,50,200 --out bench/out/pseudo_label_probe
+
+With --runs instead, the pseudo-labellers a run has trained are scored on its unlabeled train tiles: the
+latent classifier at t = 0 (`sample --init-labels classifier`), the image-space baseline of
+train-latent-classifier on the pixels, and their mean (`--init-labels ensemble`): accuracy, recall per
+class, and the precision of each class's `--top-ratio` x (labeled count) most confident tiles.
+
+    .venv/bin/python bench/pseudo_label_probe.py --runs <run>,<run> --top-ratio 4
 """
 from __future__ import annotations
 
@@ -73,15 +80,70 @@ def probe(name: str, X, y, labeled, test, unlabeled, classes: list[str]) -> dict
             "top_half_precision": top_half}
 
 
+def score_runs(runs: list[str], top_ratio: float) -> list[dict]:
+    """Each run's latent classifier (t = 0), image baseline and their mean on the run's unlabeled train tiles."""
+    import numpy as np
+    import torch
+
+    from histodiffusion.data.datasets import LatentDataset
+    from histodiffusion.models.latent_classifier import load_latent_classifier
+    from histodiffusion.runtime.config import SampleConfig
+    from histodiffusion.stages.sample import image_probabilities, pool_probabilities
+
+    results = []
+    for run in map(Path, runs):
+        subset = json.loads((run / "config.json").read_text())["config"]["subset"]
+        clf, info, _ = load_latent_classifier(run / "adapt" / "latent_classifier" / "model")
+        ds = LatentDataset(run / "cache" / "target", "train", sample=False)
+        classes = list(info["classes"])
+        labeled = {r["id"] for r in LatentDataset(run / "cache" / "target", subset, sample=False).rows}
+        pool = np.array([r["id"] not in labeled for r in ds.rows])
+        y = np.array(ds.labels())[pool]
+        n_labeled = np.bincount(np.array(ds.labels())[~pool], minlength=len(classes))
+        image = str(run / "adapt" / "latent_classifier" / "image_baseline")
+        ensemble = SampleConfig(init_labels="ensemble", init_image_classifier=image)
+        with torch.no_grad():
+            readers = {"latent classifier, t = 0": pool_probabilities(ds, clf, classes, SampleConfig(init_labels="classifier")),
+                       "image baseline": image_probabilities(ds, classes, ensemble),
+                       "mean (ensemble)": pool_probabilities(ds, clf, classes, ensemble)}
+        for name, p in readers.items():
+            p = p.numpy()[pool]
+            pred = p.argmax(1)
+            top = {}
+            for c, cname in enumerate(classes):
+                idx = np.where(pred == c)[0]
+                idx = idx[np.argsort(-p[idx, c], kind="stable")][:round(top_ratio * n_labeled[c])]
+                top[cname] = f"{int((y[idx] == c).sum())}/{len(idx)}"
+            r = {"run": run.name, "subset": subset, "reader": name, "pool": int(pool.sum()),
+                 "accuracy": round(float((pred == y).mean()), 3),
+                 "recall": {cname: round(float((pred[y == c] == c).mean()), 3) for c, cname in enumerate(classes)},
+                 f"top{top_ratio:g}x_correct": top}
+            print(json.dumps(r), flush=True)
+            results.append(r)
+    return results
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cache", required=True, help="latent cache of the labeled target (a run's cache/target)")
-    p.add_argument("--subsets", required=True, help="comma-separated labeled subsets of the cache")
+    p.add_argument("--cache", help="latent cache of the labeled target (a run's cache/target)")
+    p.add_argument("--subsets", help="comma-separated labeled subsets of the cache")
+    p.add_argument("--runs", help="comma-separated run directories: score their trained pseudo-labellers instead")
+    p.add_argument("--top-ratio", type=float, default=4.0, help="with --runs: top-confidence count per class, "
+                   "as a multiple of its labeled count")
     p.add_argument("--base", default=str(REPO / "src" / "histodiffusion" / "base" / "histodiffusion-base-64"),
                    help="base (or LDM folder) whose unet_ema and scheduler give the diffusion features")
     p.add_argument("--timesteps", default="0,50,200")
     p.add_argument("--out", default=str(REPO / "bench" / "out" / "pseudo_label_probe"))
     args = p.parse_args()
+    if args.runs:
+        results = score_runs(args.runs.split(","), args.top_ratio)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "runs.json").write_text(json.dumps(results, indent=1))
+        print(f"wrote {out / 'runs.json'}")
+        return
+    if not (args.cache and args.subsets):
+        p.error("give --cache and --subsets, or --runs")
 
     import numpy as np
     import torch

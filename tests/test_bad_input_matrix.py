@@ -158,6 +158,8 @@ def test_config_value_out_of_range(capsys, tmp_path, world, stage, flag, value, 
     (["--start-from", "tiles"], "start_from"),
     (["--start-from", "unlabeled", "--start-strength", "1"], "start_strength"),
     (["--start-strength", "0.3"], "--start-strength 0.3"),
+    (["--start-from", "unlabeled", "--start-labels", "kmeans"], "start_labels"),
+    (["--start-labels", "ensemble"], "--start-labels ensemble"),
     (["--start-from", "unlabeled", "--target-unlabeled", "no/such/folder"], "no/such/folder"),
     (["--target-unlabeled", "."], "--target-unlabeled"),
 ])

@@ -182,6 +182,18 @@ def test_adapting_the_base_on_unlabeled_target_tiles(base, tmp_path):
         f = steps[name].fields
         assert (f["strength"], f["init_labels"], f["init_subset"]) == (0.1, "classifier", "train"), name
         assert steps[name.replace("sample", "select")].fields["rank_by"] == "confidence", name
+    # --start-labels ensemble: the classes are read by the latent classifier and its image-space baseline
+    ens = {s.name: s for s in plan(RunConfig(out=str(tmp_path / "r"), base=str(base), tile_size=SIZE,
+                                             start_from="unlabeled", start_labels="ensemble"))}["sample"].fields
+    assert ens["init_labels"] == "ensemble"
+    assert ens["init_image_classifier"] == str(tmp_path / "r" / "adapt" / "latent_classifier" / "image_baseline")
+    stage_cfg = tmp_path / "no_baseline.json"
+    stage_cfg.write_text(json.dumps({"train-latent-classifier": {"image_baseline": False}}))
+    with pytest.raises(HistoError, match="--start-labels ensemble .* needs image_baseline true"):
+        plan(RunConfig(out=str(tmp_path / "r"), base=str(base), tile_size=SIZE, start_from="unlabeled",
+                       start_labels="ensemble", stage_config=str(stage_cfg)))
+    with pytest.raises(HistoError, match="--start-labels ensemble are used only with --start-from unlabeled"):
+        plan(RunConfig(out=str(tmp_path / "r"), base=str(base), tile_size=SIZE, start_labels="ensemble"))
     noise = {s.name: s for s in plan(RunConfig(out=str(tmp_path / "r"), base=str(base), tile_size=SIZE))}
     assert noise["sample"].fields.get("strength", 1.0) == 1.0
     assert noise["select"].fields.get("rank_by", "centroid") == "centroid"

@@ -277,6 +277,61 @@ def test_init_labels_classifier_starts_from_tiles_the_classifier_reads_as_the_cl
     assert not (tmp_path / "d" / "samples.csv").exists()
 
 
+def constant_image_classifier(folder, classes, size, p_first: float) -> Path:
+    """An image classifier that gives every tile the probabilities (p_first, 1 - p_first)."""
+    import math
+
+    from histodiffusion.models.classifier import build_classifier, save_classifier
+
+    model = build_classifier("small_cnn_w16", len(classes), size)
+    b = 0.5 * math.log(p_first / (1 - p_first))  # softmax([b, -b])[0] = p_first
+    with torch.no_grad():
+        model.head[-1].weight.zero_()
+        model.head[-1].bias.copy_(torch.tensor([b, -b]))
+    save_classifier(model, folder, {"name": "small_cnn_w16", "classes": list(classes), "image_size": size})
+    return Path(folder)
+
+
+def test_init_labels_ensemble_averages_the_latent_and_the_image_classifier(models, tmp_path):
+    """init_labels=ensemble: a tile's class is the argmax of the mean of the latent classifier's probabilities
+    (clean latent, t = 0) and the image classifier's (its pixels, read from the cache's dataset). With an image
+    classifier that says (q, 1 - q) for every tile, a tile is read as the first class iff the latent classifier
+    gives it more than 1 - q: chosen here so that exactly the latent's least unsure second-class tile flips."""
+    from histodiffusion.data.datasets import LatentDataset
+    from histodiffusion.models.latent_classifier import load_latent_classifier
+
+    clf, _, _ = load_latent_classifier(models["clf"])
+    ds = LatentDataset(models["cache"], "train", sample=False)
+    with torch.no_grad():
+        p0 = clf(torch.stack([ds[i][0] for i in range(len(ds))]), 0).softmax(1)[:, 0].tolist()
+    below = sorted(p for p in p0 if p < 0.5)
+    assert below and any(p > 0.5 for p in p0)
+    lo = below[-2] if len(below) > 1 else 0.0
+    q = 1 - (lo + below[-1]) / 2  # the threshold 1 - q lies between the two highest first-class probabilities below 0.5
+    size = int(ds.meta.get("tile_size") or 16)
+    img = constant_image_classifier(tmp_path / "img", ("dark", "pale"), size, q)
+    want = {r["id"]: ("dark" if p > 1 - q else "pale") for r, p in zip(ds.rows, p0)}
+    latent_reads = {r["id"]: ("dark" if p > 0.5 else "pale") for r, p in zip(ds.rows, p0)}
+    assert sum(want[i] != latent_reads[i] for i in want) == 1  # the ensemble differs from the latent alone
+
+    n = len(p0)
+    cfg = base_cfg(models, tmp_path / "a", strength=0.5, n_per_class=n, batch_size=8, init_labels="ensemble",
+                   init_image_classifier=str(img))
+    run(cfg)
+    out = read_rows(tmp_path / "a")
+    assert all(want[r["init_id"]] == r["target"] for r in out)
+    for cls in ("dark", "pale"):
+        assert {r["init_id"] for r in out if r["target"] == cls} == {i for i, c in want.items() if c == cls}
+    # the pixels come from init_data when given; a classifier of other classes or unreadable pixels: one error
+    with pytest.raises(HistoError, match="has classes .*'tumour'.* the latent classifier"):
+        run(dataclasses.replace(cfg, out=str(tmp_path / "b"), init_image_classifier=str(
+            constant_image_classifier(tmp_path / "img2", ("tumour", "stroma"), size, 0.5))))
+    with pytest.raises(HistoError, match="dataset .*nowhere is not readable .*give --init-data"):
+        run(dataclasses.replace(cfg, out=str(tmp_path / "c"), init_data=str(tmp_path / "nowhere")))
+    for d in "bc":
+        assert not (tmp_path / d / "samples.csv").exists()
+
+
 def test_strength_refuses_validation_or_test_tiles(models, tmp_path):
     with pytest.raises(HistoError, match="init tiles must be train-split tiles: subset 'all' of .* holds 16 "):
         run(base_cfg(models, tmp_path / "s", strength=0.5, init_cache=str(models["cache"]), init_subset="all"))
@@ -318,6 +373,9 @@ def test_ratio_counts(models):
     ({"strength": 0.5, "init_labels": "kmeans"}, "init_labels must be one of tiles, classifier"),
     ({"strength": 0.5, "init_labels": "classifier", "init_top_share": 0.0}, r"init_top_share must be in \(0, 1\]"),
     ({"strength": 0.5, "init_top_share": 0.5}, "only used with init_labels=classifier"),
+    ({"strength": 0.5, "init_labels": "ensemble"}, "init_labels=ensemble needs init_image_classifier"),
+    ({"strength": 0.5, "init_labels": "classifier", "init_image_classifier": "x"}, "used only with it"),
+    ({"init_image_classifier": "x"}, "only with strength < 1"),
 ])
 def test_bad_input(models, tmp_path, change, match):
     if change.get("real_counts") == "CACHE":

@@ -17,7 +17,7 @@ from typing import Callable
 
 from .data.splits import fewshot_names
 from .runtime import config as C
-from .runtime.artifacts import LDM_UNET
+from .runtime.artifacts import IMAGE_BASELINE_DIR, LDM_UNET
 from .runtime.configrules import START_STRENGTH, validate_config
 from .runtime.configtypes import load_config_file
 from .runtime.contract import check_complete
@@ -58,9 +58,9 @@ def plan(cfg: C.RunConfig, base: dict | None | str = "verify") -> list[Step]:
     if cfg.latent_classifier_trunk == "unet" and cfg.ablations:
         raise HistoError("--latent-classifier-trunk unet builds the classifier on the pretrained UNet, which would "
                          "guide the no-pretraining arm of --ablations true too: use one of them")
-    if cfg.start_from == "noise" and cfg.start_strength != START_STRENGTH:
-        raise HistoError(f"--start-strength {cfg.start_strength:g} is used only with --start-from unlabeled "
-                         f"(samples from noise start at strength 1)")
+    if cfg.start_from == "noise" and (cfg.start_strength != START_STRENGTH or cfg.start_labels != "latent"):
+        raise HistoError(f"--start-strength {cfg.start_strength:g} and --start-labels {cfg.start_labels} are used only "
+                         f"with --start-from unlabeled (samples from noise start at strength 1)")
     fields = _fields_of(cfg)
     base = _base(cfg) if base == "verify" else base
     L = RunLayout(Path(cfg.out))
@@ -156,13 +156,12 @@ def _synthesis_steps(cfg: C.RunConfig, L: RunLayout, fields: Fields, ldm_model: 
     """Adaptation to the labels (latent classifier, decoder fine-tune), then per arm (the main chain and the
     optional no-pretraining ablation): sample, select, evaluate."""
     d_tgt, c_tgt = L.data_target, L.cache_target
-    steps = [
-        Step("latent classifier", "train-latent-classifier", L.latent_classifier,
-             fields("train-latent-classifier", {"cache": str(c_tgt), "scheduler": str(ldm_model / "scheduler"),
-                                                "out": str(L.latent_classifier)}, {
-                 "subset": cfg.subset,
-                 **({"trunk_unet": str(ldm_model / LDM_UNET)} if cfg.latent_classifier_trunk == "unet" else {})})),
-    ]
+    classifier = Step("latent classifier", "train-latent-classifier", L.latent_classifier,
+                      fields("train-latent-classifier", {"cache": str(c_tgt), "scheduler": str(ldm_model / "scheduler"),
+                                                         "out": str(L.latent_classifier)}, {
+                          "subset": cfg.subset,
+                          **({"trunk_unet": str(ldm_model / LDM_UNET)} if cfg.latent_classifier_trunk == "unet" else {})}))
+    steps = [classifier]
     decoder = None
     if cfg.finetune_decoder:
         decoder = L.decoder
@@ -175,6 +174,11 @@ def _synthesis_steps(cfg: C.RunConfig, L: RunLayout, fields: Fields, ldm_model: 
     # starting tiles of other classes: BENCHMARKS.md, "Ranking the kept samples by confidence")
     start, ranking = ({"strength": cfg.start_strength, "init_labels": "classifier", "init_subset": "train"},
                       {"rank_by": "confidence"}) if cfg.start_from == "unlabeled" else ({}, {})
+    if cfg.start_labels == "ensemble":  # the latent classifier's reading averaged with its image-space baseline's
+        if not classifier.fields.get("image_baseline", True):
+            raise HistoError("--start-labels ensemble reads the tiles with train-latent-classifier's image baseline: "
+                             "it needs image_baseline true in that stage's config")
+        start.update(init_labels="ensemble", init_image_classifier=str(L.latent_classifier / IMAGE_BASELINE_DIR))
     arms = [("", ldm_model)]
     if cfg.ablations:
         steps.append(Step("pretrain LDM on target only (ablation)", "pretrain", L.ldm_nopretrain,

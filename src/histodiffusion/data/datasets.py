@@ -74,6 +74,21 @@ class PixelDataset(Dataset):
         return img, self.label_index(i), self.rows[i]["id"]
 
 
+def cache_pixels(data: str | Path, ids: list[str], what: str, flag: str) -> PixelDataset:
+    """The tiles `ids` of prepared dataset `data` (the pixels behind a latent cache's rows), checked up front:
+    a dataset that is not readable, or one that lacks some of the ids, is one clear error naming it and the
+    option (`flag`) that gives another."""
+    data = Path(data)
+    if not (data / "manifest.csv").is_file():
+        raise HistoError(f"{what}: dataset {data} is not readable (no manifest.csv): give {flag}, the prepared "
+                         f"dataset the latent cache was encoded from")
+    ds = PixelDataset(data, ids=ids)
+    if len(ds) != len(set(ids)):
+        raise HistoError(f"{what}: {len(set(ids)) - len(ds)} tile(s) of the latents are not in dataset {data}: "
+                         f"give {flag}, the dataset the cache was encoded from")
+    return ds
+
+
 class LatentDataset(Dataset):
     """Latents of a cache: z = (mean + std * noise) * scaling_factor, sampled at load time.
 

@@ -61,6 +61,7 @@ def latent_shard_name(i: int) -> str:
 # models
 MODEL_INFO = "histodiffusion.json"
 LDM_UNET = "unet_ema"
+IMAGE_BASELINE_DIR = "image_baseline"  # train-latent-classifier: its image-space baseline classifier (a classifier folder)
 LDM_SCHEDULER = "scheduler"
 LDM_VAE = "vae"
 

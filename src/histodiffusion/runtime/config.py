@@ -205,8 +205,10 @@ class SampleConfig:
     strength: float = F(1.0, "1: every sample starts from pure noise (the paper); below 1: from a real train tile of its class (see init_labels; its latent, one of its 8 flips/rotations), noised to this share of the schedule and denoised with guidance (SDEdit variations; samples.csv names the tile)")
     init_cache: str = F("", "with strength < 1: latent cache of the real tiles to start from (default: the latent classifier's cache)", input=True)
     init_subset: str = F("", "with strength < 1: the subset of init_cache (default: the latent classifier's subset, or with init_labels=classifier the train split); train-split tiles only")
-    init_labels: str = F("tiles", "with strength < 1, the class an init tile may start: 'tiles' (its own label) or 'classifier' (the latent classifier's prediction on its clean latent; labels are not read, so the target's unlabeled train tiles can be the pool)")
-    init_top_share: float = F(1.0, "with init_labels=classifier: start only from this most confident share of each class's pool (ranked by the classifier's probability of the class on the clean latent; 1: every tile it reads as the class)")
+    init_labels: str = F("tiles", "with strength < 1, the class an init tile may start: 'tiles' (its own label), 'classifier' (the latent classifier's prediction on its clean latent; labels are not read, so the target's unlabeled train tiles can be the pool) or 'ensemble' (the mean of that prediction and init_image_classifier's on the tile's pixels)")
+    init_top_share: float = F(1.0, "with init_labels=classifier or ensemble: start only from this most confident share of each class's pool (ranked by the predicted class's probability; 1: every tile read as the class)")
+    init_image_classifier: str = F("", "with init_labels=ensemble: an image classifier folder (classifier.json + model.safetensors, e.g. train-latent-classifier's image_baseline/) trained on the same labeled subset", input=True)
+    init_data: str = F("", "with init_labels=ensemble: the prepared dataset whose pixels the image classifier reads (default: the dataset the init cache was encoded from)", input=True)
 
 
 @dataclass(frozen=True)
@@ -318,6 +320,7 @@ class RunConfig:
     latent_classifier_trunk: str = F("small", "the latent classifier's trunk: small (trained from scratch on the labeled latents, the paper) | unet: the encoder of the UNet that is guided (pretrained, frozen; only a head on its block features trains; beyond the paper, train-latent-classifier.trunk_unet)")
     start_from: str = F("noise", "where each synthetic tile starts: noise (the paper) | unlabeled: one of the target's train-split tiles, its label unused (the latent classifier names its class), noised to --start-strength, and selection ranks each class's samples by confidence (beyond the paper; sample --strength S --init-labels classifier, select --rank-by confidence)")
     start_strength: float = F(START_STRENGTH, "with --start-from unlabeled: the share of the noise schedule each starting tile is noised to (0.05 measured best on LC25000 lung, BENCHMARKS.md)")
+    start_labels: str = F("latent", "with --start-from unlabeled: who reads each starting tile's class: latent (the latent classifier on its clean latent) | ensemble (the mean of that and train-latent-classifier's image-space baseline on its pixels; sample --init-labels ensemble)")
     ablations: bool = F(False, "also run the no-pretraining ablation and write ablation.md")
     stage_config: str = F("", "JSON/TOML file of per-stage overrides: {stage: {field: value}}")
     until: str = F("", "stop after this stage (e.g. pretrain); empty: the whole chain")

@@ -11,9 +11,10 @@ from typing import Any
 from .errors import HistoError
 
 RANK_BY = ("centroid", "confidence", "hard", "coverage")  # select's orders within a class (select.rank_members)
-INIT_LABELS = ("tiles", "classifier")  # where sample's init tiles get their class (sample.assign_init)
+INIT_LABELS = ("tiles", "classifier", "ensemble")  # where sample's init tiles get their class (sample.assign_init)
 LATENT_TRUNKS = ("small", "unet")  # run --latent-classifier-trunk (pipeline._synthesis_steps)
 START_FROM = ("noise", "unlabeled")  # run --start-from: where the main chain's samples start (pipeline._synthesis_steps)
+START_LABELS = ("latent", "ensemble")  # run --start-labels: who reads the starting tiles' class (sample init_labels)
 START_STRENGTH = 0.05  # run --start-strength's default
 
 
@@ -79,7 +80,7 @@ VALUE_RULES: dict[str, dict] = {
                      "memorization_quantile": _within(0, 1), "max_ratio": _at_least(0), "quota_ratio": _at_least(0),
                      "rank_by": _one_of(*RANK_BY), "coverage_k": _at_least(1)},
     "RunConfig": {"oversample": _at_least(1), "ratios": _each(_above(0)), "adapt_unlabeled_steps": _at_least(0),
-                  "procs": _at_least(1), "start_from": _one_of(*START_FROM),
+                  "procs": _at_least(1), "start_from": _one_of(*START_FROM), "start_labels": _one_of(*START_LABELS),
                   "latent_classifier_trunk": _one_of(*LATENT_TRUNKS),
                   "start_strength": _within(0, 1, hi_open=True, lo_open=True)},
     "JudgeConfig": {},  # the common rules (steps, batch_size, lr)

@@ -31,7 +31,7 @@ from ..core.seeds import torch_generator
 from ..core.transforms import DIHEDRAL, dihedral
 from ..data.batches import accuracy, balanced_batch, class_members, train_balanced
 from ..models.cards import CARD, latent_classifier_card
-from ..runtime.artifacts import MODEL_INFO, format_meta, read_meta
+from ..runtime.artifacts import IMAGE_BASELINE_DIR, MODEL_INFO, format_meta, read_meta
 from ..runtime.config import LatentClassifierConfig
 from ..runtime.contract import completion_record
 from ..runtime.distributed import load_latest_checkpoint, make_accelerator, save_checkpoint, seed_everything
@@ -250,13 +250,9 @@ def baseline_data(cfg, cache_meta: dict) -> Path:
 
 
 def _pixels(data: Path, ids: list[str], what: str):
-    from ..data.datasets import PixelDataset
+    from ..data.datasets import cache_pixels
 
-    ds = PixelDataset(data, ids=ids)
-    if len(ds) != len(set(ids)):
-        raise HistoError(f"image baseline: {len(set(ids)) - len(ds)} tile(s) of the {what} latents are not in "
-                         f"dataset {data}: give --data, the dataset the cache was encoded from")
-    return ds
+    return cache_pixels(data, ids, f"image baseline ({what} latents)", "--data")
 
 
 def image_baseline(cfg, data: Path, train_ids: list[str], val_ids: list[str], classes: list[str], out: Path,
@@ -264,7 +260,7 @@ def image_baseline(cfg, data: Path, train_ids: list[str], val_ids: list[str], cl
     """Train (or reuse) the image-space classifier with the latent classifier's budget; its val accuracy."""
     from ..models.classifier import build_classifier, load_classifier, save_classifier
 
-    folder = out / "image_baseline"
+    folder = out / IMAGE_BASELINE_DIR
     if (folder / "classifier.json").is_file():
         _, info = load_classifier(folder)
         log.info("image baseline: reusing %s (val accuracy %.3f)", folder, info["val_accuracy"])

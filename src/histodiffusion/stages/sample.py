@@ -9,8 +9,9 @@ With strength < 1 a sample starts instead from the latent of a real train-split 
 of its 8 flips/rotations), noised to that share of the schedule: SDEdit variations (Meng et al. 2022),
 which keep the tile's tissue architecture; samples.csv names the tile (init_id, init_dihedral). The tile's
 class is its label, or (init_labels "classifier") the latent classifier's reading of its clean latent, so
-that the target's unlabeled train tiles can be the starting points (init_top_share: only the classifier's
-most confident share of each class).
+that the target's unlabeled train tiles can be the starting points, or (init_labels "ensemble") the mean of
+that reading and an image classifier's on the tile's pixels (init_top_share: only the most confident share
+of each class).
 
 Sample i (its place in the plan: classes in order, then k = 0..count-1) uses its own torch.Generator
 seeded from (run seed, i) for its initial noise and DDIM's per-step noise, so images do not depend on
@@ -148,7 +149,7 @@ def assign_init(plan: list[dict], cfg: SampleConfig, m: dict) -> dict:
 
     info = m["info"]
     cache = cfg.init_cache or str(info.get("cache") or "")
-    subset = cfg.init_subset or ("train" if cfg.init_labels == "classifier" else str(info.get("subset") or ""))
+    subset = cfg.init_subset or ("train" if cfg.init_labels != "tiles" else str(info.get("subset") or ""))
     if not cache or not subset:
         raise HistoError("strength < 1 needs init_cache and init_subset (the latent classifier records none)")
     ds = LatentDataset(cache, subset, sample=False)
@@ -156,17 +157,19 @@ def assign_init(plan: list[dict], cfg: SampleConfig, m: dict) -> dict:
     if wrong:
         raise HistoError(f"init tiles must be train-split tiles: subset {subset!r} of {cache} holds {len(wrong)} "
                          f"of another split (e.g. {wrong[0]!r})")
-    if cfg.init_labels == "classifier":
-        by_class = predicted_pools(ds, m["classifier"], list(info["classes"]), cfg.seed, cfg.init_top_share)
-    else:
+    if cfg.init_labels == "tiles":
         by_class = {}
         for i, r in sorted(enumerate(ds.rows), key=lambda x: x[1]["id"]):
             by_class.setdefault(r["label"], []).append(i)
+    else:
+        probs = pool_probabilities(ds, m["classifier"], list(info["classes"]), cfg)
+        by_class = predicted_pools(probs, list(info["classes"]), cfg.seed, cfg.init_top_share)
     latents = {}
     for p in plan:
         rows = by_class.get(p["target"])
         if not rows:
-            how = "the latent classifier reads as" if cfg.init_labels == "classifier" else "of"
+            how = {"tiles": "of", "classifier": "the latent classifier reads as",
+                   "ensemble": "the ensemble reads as"}[cfg.init_labels]
             raise HistoError(f"subset {subset!r} of {cache} has no tile {how} class {p['target']!r} to start from")
         idx = rows[p["k"] % len(rows)]
         p["init_id"], p["init_dihedral"] = ds.rows[idx]["id"], (p["k"] // len(rows)) % DIHEDRAL
@@ -175,10 +178,10 @@ def assign_init(plan: list[dict], cfg: SampleConfig, m: dict) -> dict:
     return latents
 
 
-def predicted_pools(ds, classifier, classes: list[str], seed: int, top_share: float = 1.0,
-                    batch: int = 256) -> dict[str, list[int]]:
-    """{class: dataset indices the latent classifier assigns to it at t = 0}: of each class, the `top_share`
-    most confident (by the predicted class's probability; at least one tile), in a seeded random order."""
+def pool_probabilities(ds, classifier, classes: list[str], cfg: SampleConfig, batch: int = 256):
+    """[N, C] class probabilities of the pool's tiles: the latent classifier's on their clean latents at t = 0;
+    with init_labels "ensemble" averaged with the image classifier's on their pixels (two views of a tile whose
+    confident mistakes differ: BENCHMARKS.md, "Pseudo-labels from two views")."""
     import torch
 
     probs = []
@@ -186,13 +189,44 @@ def predicted_pools(ds, classifier, classes: list[str], seed: int, top_share: fl
         for b in range(0, len(ds), batch):
             z = torch.stack([ds[i][0] for i in range(b, min(b + batch, len(ds)))])
             probs.append(classifier(z, 0).softmax(dim=1))
-    conf, pred = torch.cat(probs).max(dim=1)
+    probs = torch.cat(probs)
+    if cfg.init_labels == "ensemble":
+        probs = (probs + image_probabilities(ds, classes, cfg)) / 2
+    return probs
+
+
+def image_probabilities(ds, classes: list[str], cfg: SampleConfig):
+    """[N, C] probabilities of init_image_classifier on the pixels of the latent dataset's rows (init_data, or the
+    dataset the cache was encoded from), checked: the classifier's classes and tile size."""
+    import torch
+
+    from ..data.datasets import cache_pixels
+    from ..models.classifier import load_classifier, predict
+
+    model, info = load_classifier(cfg.init_image_classifier)
+    if list(info.get("classes") or []) != list(classes):
+        raise HistoError(f"init_image_classifier {cfg.init_image_classifier} has classes {info.get('classes')}, the "
+                         f"latent classifier {classes}")
+    ids = [r["id"] for r in ds.rows]
+    tiles = cache_pixels(cfg.init_data or ds.meta.get("dataset") or "", ids, "init_labels=ensemble", "--init-data")
+    pos = {r["id"]: i for i, r in enumerate(tiles.rows)}
+    images = torch.stack([tiles.uint8(pos[i]) for i in ids])
+    if images.shape[1] != int(info["image_size"]):
+        raise HistoError(f"init_image_classifier {cfg.init_image_classifier} reads {info['image_size']} px tiles, "
+                         f"dataset {tiles.directory} holds {images.shape[1]} px tiles")
+    return predict(model, images)[0]
+
+
+def predicted_pools(probs, classes: list[str], seed: int, top_share: float = 1.0) -> dict[str, list[int]]:
+    """{class: pool indices read as that class (argmax of probs [N, C])}: of each class, the `top_share` most
+    confident (by the predicted class's probability; at least one tile), in a seeded random order."""
+    conf, pred = probs.max(dim=1)
     kept = set()
     for c in pred.unique().tolist():
         idx = (pred == c).nonzero().flatten()
         n = max(1, int(round(top_share * len(idx))))
         kept.update(idx[conf[idx].argsort(descending=True, stable=True)[:n]].tolist())
-    order = np.random.default_rng([seed, len(ds)]).permutation(len(ds))
+    order = np.random.default_rng([seed, len(probs)]).permutation(len(probs))
     pools: dict[str, list[int]] = {}
     for i in order:
         if int(i) in kept:
@@ -210,13 +244,18 @@ def check_sampling_args(cfg: SampleConfig, T: int) -> tuple[int, int]:
     if cfg.scale < 0:
         raise HistoError(f"guidance scale must be >= 0, got {cfg.scale}")
     start_index(cfg.steps, cfg.strength)  # strength in (0, 1], running at least one step
-    if cfg.strength == 1 and (cfg.init_cache or cfg.init_subset or cfg.init_labels != "tiles"):
-        raise HistoError("init_cache/init_subset/init_labels are used only with strength < 1 (1 starts from pure noise)")
+    if cfg.strength == 1 and (cfg.init_cache or cfg.init_subset or cfg.init_labels != "tiles" or cfg.init_image_classifier):
+        raise HistoError("init_cache/init_subset/init_labels/init_image_classifier are used only with strength < 1 "
+                         "(1 starts from pure noise)")
     if cfg.init_labels not in INIT_LABELS:
         raise HistoError(f"init_labels must be one of {', '.join(INIT_LABELS)}, not {cfg.init_labels!r}")
-    if not 0 < cfg.init_top_share <= 1 or (cfg.init_top_share != 1 and cfg.init_labels != "classifier"):
-        raise HistoError(f"init_top_share must be in (0, 1] and is only used with init_labels=classifier, got "
-                         f"{cfg.init_top_share} with init_labels={cfg.init_labels}")
+    if not 0 < cfg.init_top_share <= 1 or (cfg.init_top_share != 1 and cfg.init_labels == "tiles"):
+        raise HistoError(f"init_top_share must be in (0, 1] and is only used with init_labels=classifier or "
+                         f"ensemble, got {cfg.init_top_share} with init_labels={cfg.init_labels}")
+    if (cfg.init_labels == "ensemble") != bool(cfg.init_image_classifier) or (cfg.init_data and not cfg.init_image_classifier):
+        raise HistoError("init_labels=ensemble needs init_image_classifier, and init_image_classifier/init_data are "
+                         f"used only with it (got init_labels={cfg.init_labels}, init_image_classifier="
+                         f"{cfg.init_image_classifier!r}, init_data={cfg.init_data!r})")
     if not 0 <= cfg.eta <= 1 or (cfg.eta and cfg.scheduler != "ddim"):
         raise HistoError(f"eta must be in [0, 1] and is only used by ddim, got eta={cfg.eta} with {cfg.scheduler}")
     lo, hi = cfg.guidance_window
