@@ -322,6 +322,9 @@ def test_init_labels_ensemble_averages_the_latent_and_the_image_classifier(model
     assert all(want[r["init_id"]] == r["target"] for r in out)
     for cls in ("dark", "pale"):
         assert {r["init_id"] for r in out if r["target"] == cls} == {i for i, c in want.items() if c == cls}
+    n_dark = sum(c == "dark" for c in want.values())
+    assert (f"starting tiles: dark {n_dark}, pale {n - n_dark} of the {n} tiles of subset 'train', as read by the "
+            "latent and the image classifier together") in (tmp_path / "a" / "log.txt").read_text()
     # the pixels come from init_data when given; a classifier of other classes or unreadable pixels: one error
     with pytest.raises(HistoError, match="has classes .*'tumour'.* the latent classifier"):
         run(dataclasses.replace(cfg, out=str(tmp_path / "b"), init_image_classifier=str(

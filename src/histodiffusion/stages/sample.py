@@ -136,8 +136,9 @@ def plan_samples(cfg: SampleConfig, classes: list[str], default_real: str = "") 
     return plan
 
 
-def assign_init(plan: list[dict], cfg: SampleConfig, m: dict) -> dict:
-    """With strength < 1: give every plan entry the real tile it starts from and returns {id: clean latent}.
+def assign_init(plan: list[dict], cfg: SampleConfig, m: dict, log) -> dict:
+    """With strength < 1: give every plan entry the real tile it starts from and returns {id: clean latent}
+    (logs how many tiles each class's pool holds).
 
     Sample k of class c starts from the (k mod n_c)-th tile of class c's pool in its (k div n_c mod 8)-th
     flip/rotation, so oversampling cycles through the tiles, then their variants. The pool of class c: the
@@ -164,6 +165,10 @@ def assign_init(plan: list[dict], cfg: SampleConfig, m: dict) -> dict:
     else:
         probs = pool_probabilities(ds, m["classifier"], list(info["classes"]), cfg)
         by_class = predicted_pools(probs, list(info["classes"]), cfg.seed, cfg.init_top_share)
+    who = {"tiles": "by their labels", "classifier": "as read by the latent classifier",
+           "ensemble": "as read by the latent and the image classifier together"}[cfg.init_labels]
+    log.info("starting tiles: %s of the %d tiles of subset %r, %s", ", ".join(
+        f"{c} {len(by_class.get(c, []))}" for c in info["classes"]), len(ds), subset, who)
     latents = {}
     for p in plan:
         rows = by_class.get(p["target"])
@@ -360,7 +365,7 @@ def run(cfg: SampleConfig) -> Path:
     m = load_models(cfg)
     window = check_sampling_args(cfg, m["T"])
     plan = plan_samples(cfg, list(m["info"]["classes"]), str(m["info"].get("cache") or ""))
-    init = assign_init(plan, cfg, m) if cfg.strength < 1 else None
+    init = assign_init(plan, cfg, m, log) if cfg.strength < 1 else None
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / PROGRESS_DIR).mkdir(parents=True, exist_ok=True)
     done = read_progress(out)
