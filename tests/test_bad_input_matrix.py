@@ -135,6 +135,7 @@ def test_flag_of_wrong_type(capsys, tmp_path):
     ("select", "quota-ratio", "-1", "quota_ratio"),
     ("select", "rank-by", "spread", "rank_by"),
     ("evaluate", "synthetic-weight", "0", "synthetic_weight"),
+    ("evaluate", "real-finish", "1", "real_finish"),
     ("evaluate", "arms", "real,bogus", "bogus"),
 ])
 def test_config_value_out_of_range(capsys, tmp_path, world, stage, flag, value, field):

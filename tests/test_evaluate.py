@@ -446,6 +446,57 @@ def test_synthetic_weight_changes_only_the_synthetic_arms(evaluated, tmp_path):
     assert json.loads((out / "metrics.json").read_text())["budget"]["synthetic_weight"] == 0.25
 
 
+def test_real_finish_fine_tunes_only_the_synthetic_arms_on_real_tiles(evaluated, tmp_path):
+    """--real-finish: the synthetic arm's last steps train on its real tiles only (another classifier), the
+    real arm is the same classifier bit for bit; the finish is recorded per classifier and in metrics.json."""
+    from safetensors.torch import load_file
+
+    cfg, root = evaluated
+    out = tmp_path / "f"
+    run(EvaluateConfig(**{**cfg.__dict__, "arms": ("real", "selected"), "seeds": (0,), "external": (),
+                          "real_finish": 0.5, "out": str(out)}))
+    for arm, same in (("real", True), ("selected@1", False)):
+        a = load_file(str(root / "eval" / "classifiers" / f"{arm}_0" / "model.safetensors"))
+        b = load_file(str(out / "classifiers" / f"{arm}_0" / "model.safetensors"))
+        assert all(a[k].equal(b[k]) for k in a) is same, arm
+    info = json.loads((out / "classifiers" / "selected@1_0" / "classifier.json").read_text())
+    assert info["real_finish_steps"] == round(0.5 * info["steps"]) > 0
+    assert json.loads((out / "classifiers" / "real_0" / "classifier.json").read_text())["real_finish_steps"] is None
+    assert json.loads((out / "metrics.json").read_text())["budget"]["real_finish"] == 0.5
+
+
+def test_finish_steps_draw_only_the_first_images_and_leave_the_earlier_steps_alone():
+    """The last finish_steps batches hold only images < finish_n, without repeats within a pass; the steps
+    before the switch draw exactly the batches of an unfinished training."""
+    import torch
+    from torch import nn
+
+    from histodiffusion.models.classifier import train_classifier
+
+    class Recorder(nn.Module):  # reads each image's index from its pixels
+        def __init__(self):
+            super().__init__()
+            self.lin, self.seen = nn.Linear(3, 3), []
+
+        def forward(self, x):
+            self.seen.append(sorted(((x[:, 0, 0, 0] + 1) * 127.5).round().long().tolist()))
+            return self.lin(x.mean(dim=(2, 3)))
+
+    x = torch.arange(12, dtype=torch.uint8)[:, None, None, None].expand(12, 4, 4, 3).contiguous()
+    y = torch.arange(12) % 3
+    kw = dict(steps=9, batch_size=4, lr=1e-2, seed=5)
+    plain, finished = Recorder(), Recorder()
+    train_classifier(plain, x, y, **kw)
+    train_classifier(finished, x, y, finish_n=6, finish_steps=3, **kw)
+    assert finished.seen[:6] == plain.seen[:6] and finished.seen[6:] != plain.seen[6:]
+    tail = finished.seen[6:]
+    assert all(i < 6 for b in tail for i in b) and all(len(set(b)) == 4 for b in tail)  # a permutation each pass
+    with pytest.raises(HistoError, match="finish_steps must be in"):
+        train_classifier(Recorder(), x, y, finish_n=6, finish_steps=9, **kw)
+    with pytest.raises(HistoError, match="finish_n in"):
+        train_classifier(Recorder(), x, y, finish_n=0, finish_steps=2, **kw)
+
+
 def test_sample_weight_scales_each_image_in_the_loss():
     """Images of near-zero weight barely move the model: their labels hardly matter; at weight 1 they do."""
     import torch

@@ -185,7 +185,8 @@ def train_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
                      desc: str = "train classifier", show_progress: bool = True,
                      validate: Callable[[nn.Module], dict] | None = None, val_every: int = 0,
                      history: list | None = None, ema_decay: float = 0.0,
-                     sample_weight: torch.Tensor | None = None, channels_last: bool = True) -> nn.Module:
+                     sample_weight: torch.Tensor | None = None, channels_last: bool = True,
+                     finish_n: int = 0, finish_steps: int = 0) -> nn.Module:
     """Train `model` for exactly `steps` AdamW steps (cosine learning-rate schedule) on uint8 tiles.
 
     Batches are drawn epoch by epoch from a permutation seeded by `seed` (same budget for every
@@ -208,6 +209,10 @@ def train_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     `channels_last`: the model and its batches are laid out channels-last while training (oneDNN's fast
     convolution path on CPU: 1.2-1.3x per step for small_cnn at 64 px, bench/harness_speed.py; the same
     arithmetic up to the order of float sums); the returned model is in the default layout again.
+
+    `finish_steps` > 0: the last `finish_steps` steps draw their batches from the first `finish_n` images only
+    (the real ones of a real + synthetic set: fine-tuning on the real tiles after mixed training), from a new
+    permutation drawn at the switch; the steps before it are exactly those of finish_steps = 0.
     """
     from ..runtime.log import progress
     from ..runtime.distributed import seed_everything
@@ -216,6 +221,9 @@ def train_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
         raise HistoError(f"training steps must be positive, got {steps}")
     if not 0.0 <= ema_decay < 1.0:
         raise HistoError(f"ema_decay must be in [0, 1), got {ema_decay}")
+    if not 0 <= finish_steps < steps or (finish_steps and not 0 < finish_n <= images.shape[0]):
+        raise HistoError(f"finish_steps must be in [0, {steps}) and finish_n in [1, {images.shape[0]}], got "
+                         f"{finish_steps} and {finish_n}")
     seed_everything(seed)
     g = torch.Generator().manual_seed(seed)
     n = images.shape[0]
@@ -242,9 +250,13 @@ def train_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     order = torch.randperm(n, generator=g)
     pos = 0
     best_key, best_state = None, None
+    switch = steps - finish_steps + 1 if finish_steps else steps + 1  # the first step of the real-only finish
     # one classifier of many (evaluate): its progress lines are debug lines (--verbose)
     for step in progress(range(1, steps + 1), desc=desc, disable=not show_progress, leave=False,
                          level=logging.DEBUG):
+        if step == switch:
+            n, bs = finish_n, min(batch_size, finish_n)
+            order, pos = torch.randperm(n, generator=g), 0
         if pos + bs > n:
             order, pos = torch.randperm(n, generator=g), 0
         idx = order[pos:pos + bs]

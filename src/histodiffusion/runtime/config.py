@@ -257,6 +257,7 @@ class EvaluateConfig:
     lr: float = F(1e-3, "AdamW learning rate")
     ema_decay: float = F(0.0, "exponential moving average of the weights (0: off); validation and test score the average")
     synthetic_weight: float = F(1.0, "loss weight of a synthetic training image relative to a real one in the selected/unselected arms (1: equal; below 1 trusts synthetic labels less)")
+    real_finish: float = F(0.0, "share of the step budget at its end in which the selected/unselected arms train on their real tiles only, i.e. fine-tune on real after real + synthetic (0: mixed to the end)")
     tta: bool = F(False, "test-time augmentation: test probabilities averaged over the 8 flips/rotations of each tile")
     external: tuple[str, ...] = F((), "external labeled test sets (prepared dataset directories; all their tiles are scored)", input=True)
 

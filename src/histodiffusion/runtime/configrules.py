@@ -89,7 +89,7 @@ VALUE_RULES: dict[str, dict] = {
     "EvaluateConfig": {"arms": _each(_one_of("real", "real_aa", "classic", "classic_aa", "selected", "unselected")),
                        "epochs": _at_least(0), "steps_per_epoch": _at_least(0), "val_every": _at_least(0),
                        "ratios": _each(_above(0)), "ema_decay": _within(0, 1, True),
-                       "synthetic_weight": _above(0)},
+                       "synthetic_weight": _above(0), "real_finish": _within(0, 1, hi_open=True)},
 }
 
 

@@ -23,7 +23,8 @@ from .fileio import atomic_path, read_json
 from .rundirs import CONFIG_FILE, comparable_config, is_complete
 
 # fields of an evaluation that do not change its sample-free classifiers
-_CLASSIFIER_NEUTRAL = ("samples", "selection", "arms", "ratios", "seeds", "external", "synthetic_weight")
+_CLASSIFIER_NEUTRAL = ("samples", "selection", "arms", "ratios", "seeds", "external", "synthetic_weight",
+                       "real_finish")
 
 
 def check_source(source: str, out: str) -> Path:

@@ -15,7 +15,9 @@ cosine schedule, backbone, validation rule) and differs only in the training ima
                   samples.csv ignoring the filter, the same number per class as selected@R;
                   with classic augmentation
 In the selected/unselected arms each synthetic image weighs cfg.synthetic_weight in the batch loss, a
-real one 1 (sum(w * loss) / sum(w); 1: the plain mean, as before).
+real one 1 (sum(w * loss) / sum(w); 1: the plain mean, as before). With cfg.real_finish > 0 their last
+round(real_finish x steps) steps draw batches from the real tiles only (fine-tuning on real after mixed
+training; the same budget, the earlier steps unchanged).
 Every classifier is scored on the validation split (cfg.val_subset) every cfg.val_every steps and
 after the last; its best-validation weights (highest accuracy, then lowest loss, then earliest step)
 are saved and scored, the same rule for every arm, and its validation curve is kept (scores.json,
@@ -219,6 +221,7 @@ def _train_jobs(cfg: EvaluateConfig, out: Path, jobs, sets, val, classes, size: 
             continue
         x, y, counts = training_set(kind, name, seed, real, syn)
         weights = synthetic_weights(len(real), len(x), cfg.synthetic_weight)
+        finish = int(round(cfg.real_finish * steps)) if len(x) > len(real) else 0
         tseed = train_seed(kind, seed)
         seed_everything(tseed)  # initial weights depend on the seed only, not on the job order
         model = build_classifier(cfg.backbone, len(classes), size, cfg.backbone_weights)
@@ -226,7 +229,8 @@ def _train_jobs(cfg: EvaluateConfig, out: Path, jobs, sets, val, classes, size: 
         train_classifier(model, x, y, steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=tseed,
                          augment=kind not in UNAUGMENTED_KINDS, desc=f"{name} seed {seed}",
                          validate=(lambda m: val_record(m, val)) if val is not None else None,
-                         val_every=cfg.val_every, history=curve, ema_decay=cfg.ema_decay, sample_weight=weights)
+                         val_every=cfg.val_every, history=curve, ema_decay=cfg.ema_decay, sample_weight=weights,
+                         finish_n=len(real), finish_steps=finish)
         best = min(curve, key=val_rank) if curve else None  # the weights train_classifier restored
         validation = {"split": cfg.val_subset, "every": cfg.val_every, "n": len(val), "best_step": best["step"],
                       "best": best, "curve": curve} if best else None
@@ -235,6 +239,7 @@ def _train_jobs(cfg: EvaluateConfig, out: Path, jobs, sets, val, classes, size: 
                 "lr": cfg.lr, "checkpoint": f"best {cfg.val_subset} step {best['step']}" if best else "last",
                 "ema_decay": cfg.ema_decay, "tta": cfg.tta,
                 "synthetic_weight": cfg.synthetic_weight if len(x) > len(real) else None,
+                "real_finish_steps": finish if len(x) > len(real) else None,
                 "data": str(cfg.data), "subset": cfg.subset, "n_real": len(real), "n_synthetic": counts,
                 "backbone_weights": cfg.backbone_weights}
         save_classifier(model, d, info)
@@ -259,7 +264,7 @@ def _merge(cfg, out: Path, arms, jobs, sets, classes, real, val, test, externals
     deltas, floors = summary["testsets"][TEST]["deltas_vs_real"], summary["testsets"][TEST]["noise_floors"]
     summary.update({"budget": {"steps": steps, "steps_per_epoch": steps_per_epoch, "epochs": cfg.epochs,
                                "batch_size": cfg.batch_size, "lr": cfg.lr, "backbone": cfg.backbone,
-                               "synthetic_weight": cfg.synthetic_weight,
+                               "synthetic_weight": cfg.synthetic_weight, "real_finish": cfg.real_finish,
                                "val_every": cfg.val_every, "val_subset": cfg.val_subset if val else "",
                                "checkpoint": ("best validation accuracy (ties: lower loss, earlier step)" if val
                                               else "last step")},
