@@ -102,10 +102,10 @@ def score_runs(runs: list[str], top_ratio: float) -> list[dict]:
         n_labeled = np.bincount(np.array(ds.labels())[~pool], minlength=len(classes))
         image = str(run / "adapt" / "latent_classifier" / "image_baseline")
         ensemble = SampleConfig(init_labels="ensemble", init_image_classifier=image)
-        with torch.no_grad():
-            readers = {"latent classifier, t = 0": pool_probabilities(ds, clf, classes, SampleConfig(init_labels="classifier")),
-                       "image baseline": image_probabilities(ds, classes, ensemble),
-                       "mean (ensemble)": pool_probabilities(ds, clf, classes, ensemble)}
+        with torch.no_grad():  # each reader once; their mean is what init_labels=ensemble computes
+            latent = pool_probabilities(ds, clf, classes, SampleConfig(init_labels="classifier"))
+            image = image_probabilities(ds, classes, ensemble)
+        readers = {"latent classifier, t = 0": latent, "image baseline": image, "mean (ensemble)": (latent + image) / 2}
         for name, p in readers.items():
             p = p.numpy()[pool]
             pred = p.argmax(1)
