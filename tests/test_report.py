@@ -112,6 +112,19 @@ def test_report_says_when_a_class_threshold_is_not_calibrated(full_run, tmp_path
     assert "Not calibrated" not in (run(ReportConfig(run=str(root), embedding="pca")) / "report.md").read_text()
 
 
+def test_report_names_how_the_synthetic_arms_train_differently(full_run, tmp_path):
+    root = tmp_path / "run"
+    shutil.copytree(full_run, root, ignore=shutil.ignore_patterns("report"))
+    assert "In the synthetic arms" not in (full_run / "report" / "report.md").read_text()
+    path = root / "eval" / "metrics.json"
+    m = json.loads(path.read_text())
+    m["budget"].update(synthetic_weight=0.5, real_finish=0.3)
+    path.write_text(json.dumps(m))
+    md = (run(ReportConfig(run=str(root), embedding="pca")) / "report.md").read_text()
+    assert ("In the synthetic arms each synthetic image weighs 0.5 of a real one in the loss and the last 30% of "
+            "the steps train on the real tiles only.") in md
+
+
 def test_report_with_only_data(tmp_path):
     make_dataset(tmp_path / "data" / "target")
     out = run(ReportConfig(run=str(tmp_path)))
