@@ -465,6 +465,15 @@ def test_real_finish_fine_tunes_only_the_synthetic_arms_on_real_tiles(evaluated,
     assert json.loads((out / "metrics.json").read_text())["budget"]["real_finish"] == 0.5
 
 
+def test_real_finish_must_leave_mixed_steps():
+    from histodiffusion.stages.evaluate import budget
+
+    assert budget(EvaluateConfig(steps=10, real_finish=0.9), 100) == (10, 0)
+    with pytest.raises(HistoError, match="real_finish 0.96 leaves no step of the 10"):
+        budget(EvaluateConfig(steps=10, real_finish=0.96), 100)
+    assert budget(EvaluateConfig(epochs=2, batch_size=30), 100) == (8, 4)
+
+
 def test_finish_steps_draw_only_the_first_images_and_leave_the_earlier_steps_alone():
     """The last finish_steps batches hold only images < finish_n, without repeats within a pass; the steps
     before the switch draw exactly the batches of an unfinished training."""
