@@ -250,7 +250,7 @@ def train_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     order = torch.randperm(n, generator=g)
     pos = 0
     best_key, best_state = None, None
-    switch = steps - finish_steps + 1 if finish_steps else steps + 1  # the first step of the real-only finish
+    switch = steps - finish_steps + 1  # the first step of the real-only finish (never reached with finish_steps 0)
     # one classifier of many (evaluate): its progress lines are debug lines (--verbose)
     for step in progress(range(1, steps + 1), desc=desc, disable=not show_progress, leave=False,
                          level=logging.DEBUG):

@@ -222,8 +222,9 @@ def _train_jobs(cfg: EvaluateConfig, out: Path, jobs, sets, val, classes, size: 
             log.info("skip %s seed %d (finished)", name, seed)
             continue
         x, y, counts = training_set(kind, name, seed, real, syn)
+        synthetic = len(x) > len(real)
         weights = synthetic_weights(len(real), len(x), cfg.synthetic_weight)
-        finish = int(round(cfg.real_finish * steps)) if len(x) > len(real) else 0
+        finish = round(cfg.real_finish * steps) if synthetic else 0
         tseed = train_seed(kind, seed)
         seed_everything(tseed)  # initial weights depend on the seed only, not on the job order
         model = build_classifier(cfg.backbone, len(classes), size, cfg.backbone_weights)
@@ -240,8 +241,8 @@ def _train_jobs(cfg: EvaluateConfig, out: Path, jobs, sets, val, classes, size: 
                 "ratio": ratio, "seed": seed, "train_seed": tseed, "steps": steps, "batch_size": cfg.batch_size,
                 "lr": cfg.lr, "checkpoint": f"best {cfg.val_subset} step {best['step']}" if best else "last",
                 "ema_decay": cfg.ema_decay, "tta": cfg.tta,
-                "synthetic_weight": cfg.synthetic_weight if len(x) > len(real) else None,
-                "real_finish_steps": finish if len(x) > len(real) else None,
+                "synthetic_weight": cfg.synthetic_weight if synthetic else None,
+                "real_finish_steps": finish if synthetic else None,
                 "data": str(cfg.data), "subset": cfg.subset, "n_real": len(real), "n_synthetic": counts,
                 "backbone_weights": cfg.backbone_weights}
         save_classifier(model, d, info)

@@ -135,8 +135,9 @@ def section_results(doc: Doc, p: dict, eval_dir: Path, title: str = "Downstream 
     doc.p(f"Backbone {b.get('backbone')}, {b.get('steps')} optimisation steps per classifier (batch {b.get('batch_size')}, "
           f"lr {b.get('lr')}, cosine schedule) and {ckpt}, identical for every arm; seeds {m['seeds']}. Values: mean "
           f"[{m.get('ci')}]; deltas are paired differences against the real arm over the same seeds.")
-    unlike = [f"each synthetic image weighs {b['synthetic_weight']:g} of a real one in the loss"] \
-        if b.get("synthetic_weight", 1.0) != 1.0 else []
+    unlike = []
+    if b.get("synthetic_weight", 1.0) != 1.0:
+        unlike.append(f"each synthetic image weighs {b['synthetic_weight']:g} of a real one in the loss")
     if b.get("real_finish"):
         unlike.append(f"the last {b['real_finish']:.0%} of the steps train on the real tiles only")
     if unlike:
