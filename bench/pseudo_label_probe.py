@@ -80,8 +80,10 @@ def probe(name: str, X, y, labeled, test, unlabeled, classes: list[str]) -> dict
             "top_half_precision": top_half}
 
 
-def score_runs(runs: list[str], top_ratio: float) -> list[dict]:
-    """Each run's latent classifier (t = 0), image baseline and their mean on the run's unlabeled train tiles."""
+def score_runs(runs: list[str], top_ratio: float, eval_arms: list[str] = ()) -> list[dict]:
+    """Each run's latent classifier (t = 0), image baseline and their mean on the run's unlabeled train tiles;
+    with eval_arms, also the run's downstream classifiers of each arm (eval/classifiers/<arm>_<seed>): seed 0's
+    and the mean of every seed's probabilities (the readers a second round of self-training would use)."""
     import numpy as np
     import torch
 
@@ -101,11 +103,20 @@ def score_runs(runs: list[str], top_ratio: float) -> list[dict]:
         y = np.array(ds.labels())[pool]
         n_labeled = np.bincount(np.array(ds.labels())[~pool], minlength=len(classes))
         image = str(run / "adapt" / "latent_classifier" / "image_baseline")
-        ensemble = SampleConfig(init_labels="ensemble", init_image_classifier=image)
+        ensemble = SampleConfig(init_labels="ensemble", init_image_classifier=(image,))
         with torch.no_grad():  # each reader once; their mean is what init_labels=ensemble computes
             latent = pool_probabilities(ds, clf, classes, SampleConfig(init_labels="classifier"))
             image = image_probabilities(ds, classes, ensemble)
         readers = {"latent classifier, t = 0": latent, "image baseline": image, "mean (ensemble)": (latent + image) / 2}
+        for arm in eval_arms:
+            folders = sorted((run / "eval" / "classifiers").glob(f"{arm}_*"))
+            if not folders:
+                raise SystemExit(f"{run}/eval/classifiers has no {arm}_<seed> folder")
+            with torch.no_grad():
+                each = [image_probabilities(ds, classes, SampleConfig(init_labels="ensemble", init_image_classifier=(str(f),)))
+                        for f in folders]
+            readers[f"downstream {folders[0].name}"] = each[0]
+            readers[f"downstream {arm}, mean of {len(each)} seeds"] = sum(each) / len(each)
         for name, p in readers.items():
             p = p.numpy()[pool]
             pred = p.argmax(1)
@@ -128,6 +139,8 @@ def main() -> None:
     p.add_argument("--cache", help="latent cache of the labeled target (a run's cache/target)")
     p.add_argument("--subsets", help="comma-separated labeled subsets of the cache")
     p.add_argument("--runs", help="comma-separated run directories: score their trained pseudo-labellers instead")
+    p.add_argument("--eval-arms", default="", help="with --runs: comma-separated arms (e.g. real,selected@4) whose "
+                   "downstream classifiers in <run>/eval/classifiers are scored as readers too")
     p.add_argument("--top-ratio", type=float, default=4.0, help="with --runs: top-confidence count per class, "
                    "as a multiple of its labeled count")
     p.add_argument("--base", default=str(REPO / "src" / "histodiffusion" / "base" / "histodiffusion-base-64"),
@@ -136,7 +149,8 @@ def main() -> None:
     p.add_argument("--out", default=str(REPO / "bench" / "out" / "pseudo_label_probe"))
     args = p.parse_args()
     if args.runs:
-        results = score_runs(args.runs.split(","), args.top_ratio)
+        results = score_runs(args.runs.split(","), args.top_ratio,
+                             [a for a in args.eval_arms.split(",") if a])
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "runs.json").write_text(json.dumps(results, indent=1))

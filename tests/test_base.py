@@ -186,7 +186,7 @@ def test_adapting_the_base_on_unlabeled_target_tiles(base, tmp_path):
     ens = {s.name: s for s in plan(RunConfig(out=str(tmp_path / "r"), base=str(base), tile_size=SIZE,
                                              start_from="unlabeled", start_labels="ensemble"))}["sample"].fields
     assert ens["init_labels"] == "ensemble"
-    assert ens["init_image_classifier"] == str(tmp_path / "r" / "adapt" / "latent_classifier" / "image_baseline")
+    assert ens["init_image_classifier"] == (str(tmp_path / "r" / "adapt" / "latent_classifier" / "image_baseline"),)
     stage_cfg = tmp_path / "no_baseline.json"
     stage_cfg.write_text(json.dumps({"train-latent-classifier": {"image_baseline": False}}))
     with pytest.raises(HistoError, match="--start-labels ensemble .* needs image_baseline true"):

@@ -316,7 +316,7 @@ def test_init_labels_ensemble_averages_the_latent_and_the_image_classifier(model
 
     n = len(p0)
     cfg = base_cfg(models, tmp_path / "a", strength=0.5, n_per_class=n, batch_size=8, init_labels="ensemble",
-                   init_image_classifier=str(img))
+                   init_image_classifier=(str(img),))
     run(cfg)
     out = read_rows(tmp_path / "a")
     assert all(want[r["init_id"]] == r["target"] for r in out)
@@ -327,12 +327,39 @@ def test_init_labels_ensemble_averages_the_latent_and_the_image_classifier(model
             "latent and the image classifier together") in (tmp_path / "a" / "log.txt").read_text()
     # the pixels come from init_data when given; a classifier of other classes or unreadable pixels: one error
     with pytest.raises(HistoError, match="has classes .*'tumour'.* the latent classifier"):
-        run(dataclasses.replace(cfg, out=str(tmp_path / "b"), init_image_classifier=str(
-            constant_image_classifier(tmp_path / "img2", ("tumour", "stroma"), size, 0.5))))
+        run(dataclasses.replace(cfg, out=str(tmp_path / "b"), init_image_classifier=(str(
+            constant_image_classifier(tmp_path / "img2", ("tumour", "stroma"), size, 0.5)),)))
     with pytest.raises(HistoError, match="dataset .*nowhere is not readable .*give --init-data"):
         run(dataclasses.replace(cfg, out=str(tmp_path / "c"), init_data=str(tmp_path / "nowhere")))
     for d in "bc":
         assert not (tmp_path / d / "samples.csv").exists()
+
+
+def test_init_labels_image_averages_the_image_classifiers_and_ignores_the_latent_one(models, tmp_path):
+    """init_labels=image (self-training: the downstream classifiers of an earlier round read the pool): a tile's
+    class is the argmax of the mean of the image classifiers' probabilities; the latent classifier is not asked.
+    Constant classifiers make every tile one class: (0.8, 0.2) alone reads all as the first class, averaged with
+    (0.1, 0.9) as the second, whatever the latent classifier says of each tile (it reads both classes)."""
+    from histodiffusion.data.datasets import LatentDataset
+
+    ds = LatentDataset(models["cache"], "train", sample=False)
+    size = int(ds.meta.get("tile_size") or 16)
+    dark = str(constant_image_classifier(tmp_path / "dark", ("dark", "pale"), size, 0.8))
+    pale = str(constant_image_classifier(tmp_path / "pale", ("dark", "pale"), size, 0.1))
+    for folders, cls in (((dark,), "dark"), ((dark, pale), "pale")):
+        out = tmp_path / cls
+        run(base_cfg(models, out, strength=0.5, n_per_class=len(ds), batch_size=8, classes=(cls,),
+                     init_labels="image", init_image_classifier=folders))
+        rows = read_rows(out)
+        assert {r["init_id"] for r in rows} == {r["id"] for r in ds.rows} and {r["target"] for r in rows} == {cls}
+        assert (f"starting tiles: dark {len(ds) if cls == 'dark' else 0}, pale {len(ds) if cls == 'pale' else 0} "
+                f"of the {len(ds)} tiles of subset 'train', as read by {len(folders)} image classifier(s)"
+                in (out / "log.txt").read_text())
+    # the class no tile is read as cannot be started from: one error, nothing written
+    with pytest.raises(HistoError, match="has no tile the image classifiers read as class 'pale'"):
+        run(base_cfg(models, tmp_path / "none", strength=0.5, n_per_class=2, classes=("pale",),
+                     init_labels="image", init_image_classifier=(dark,)))
+    assert not (tmp_path / "none" / "samples.csv").exists()
 
 
 def test_strength_refuses_validation_or_test_tiles(models, tmp_path):
@@ -376,9 +403,11 @@ def test_ratio_counts(models):
     ({"strength": 0.5, "init_labels": "kmeans"}, "init_labels must be one of tiles, classifier"),
     ({"strength": 0.5, "init_labels": "classifier", "init_top_share": 0.0}, r"init_top_share must be in \(0, 1\]"),
     ({"strength": 0.5, "init_top_share": 0.5}, "only used with init_labels=classifier"),
-    ({"strength": 0.5, "init_labels": "ensemble"}, "init_labels=ensemble needs init_image_classifier"),
-    ({"strength": 0.5, "init_labels": "classifier", "init_image_classifier": "x"}, "used only with it"),
-    ({"init_image_classifier": "x"}, "only with strength < 1"),
+    ({"strength": 0.5, "init_labels": "ensemble"}, "init_labels=ensemble or image needs init_image_classifier"),
+    ({"strength": 0.5, "init_labels": "image"}, "init_labels=ensemble or image needs init_image_classifier"),
+    ({"strength": 0.5, "init_labels": "classifier", "init_image_classifier": ("x",)}, "used only with them"),
+    ({"strength": 0.5, "init_labels": "image", "init_image_classifier": "x"}, "a list of folders, not the string"),
+    ({"init_image_classifier": ("x",)}, "only with strength < 1"),
 ])
 def test_bad_input(models, tmp_path, change, match):
     if change.get("real_counts") == "CACHE":

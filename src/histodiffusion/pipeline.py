@@ -178,7 +178,7 @@ def _synthesis_steps(cfg: C.RunConfig, L: RunLayout, fields: Fields, ldm_model: 
         if not classifier.fields.get("image_baseline", True):
             raise HistoError("--start-labels ensemble reads the tiles with train-latent-classifier's image baseline: "
                              "it needs image_baseline true in that stage's config")
-        start.update(init_labels="ensemble", init_image_classifier=str(L.latent_classifier / IMAGE_BASELINE_DIR))
+        start.update(init_labels="ensemble", init_image_classifier=(str(L.latent_classifier / IMAGE_BASELINE_DIR),))
     arms = [("", ldm_model)]
     if cfg.ablations:
         steps.append(Step("pretrain LDM on target only (ablation)", "pretrain", L.ldm_nopretrain,

@@ -204,11 +204,11 @@ class SampleConfig:
     grid: bool = F(True, "write a sample grid per class")
     strength: float = F(1.0, "1: every sample starts from pure noise (the paper); below 1: from a real train tile of its class (see init_labels; its latent, one of its 8 flips/rotations), noised to this share of the schedule and denoised with guidance (SDEdit variations; samples.csv names the tile)")
     init_cache: str = F("", "with strength < 1: latent cache of the real tiles to start from (default: the latent classifier's cache)", input=True)
-    init_subset: str = F("", "with strength < 1: the subset of init_cache (default: the latent classifier's subset, or with init_labels=classifier or ensemble the train split); train-split tiles only")
-    init_labels: str = F("tiles", "with strength < 1, the class an init tile may start: 'tiles' (its own label), 'classifier' (the latent classifier's prediction on its clean latent; labels are not read, so the target's unlabeled train tiles can be the pool) or 'ensemble' (the mean of that prediction and init_image_classifier's on the tile's pixels)")
-    init_top_share: float = F(1.0, "with init_labels=classifier or ensemble: start only from this most confident share of each class's pool (ranked by the predicted class's probability; 1: every tile read as the class)")
-    init_image_classifier: str = F("", "with init_labels=ensemble: an image classifier folder (classifier.json + model.safetensors, e.g. train-latent-classifier's image_baseline/) trained on the same labeled subset", input=True)
-    init_data: str = F("", "with init_labels=ensemble: the prepared dataset whose pixels the image classifier reads (default: the dataset the init cache was encoded from)", input=True)
+    init_subset: str = F("", "with strength < 1: the subset of init_cache (default: the latent classifier's subset, or with init_labels other than tiles the train split); train-split tiles only")
+    init_labels: str = F("tiles", "with strength < 1, the class an init tile may start: 'tiles' (its own label), 'classifier' (the latent classifier's prediction on its clean latent; labels are not read, so the target's unlabeled train tiles can be the pool) or 'ensemble' (the mean of that prediction and init_image_classifier's on the tile's pixels) or 'image' (init_image_classifier's alone, e.g. the downstream classifiers of an earlier round: self-training)")
+    init_top_share: float = F(1.0, "with init_labels=classifier, ensemble or image: start only from this most confident share of each class's pool (ranked by the predicted class's probability; 1: every tile read as the class)")
+    init_image_classifier: tuple[str, ...] = F((), "with init_labels=ensemble or image: image classifier folders (classifier.json + model.safetensors, e.g. train-latent-classifier's image_baseline/ or evaluate's classifiers/selected@4_0) trained on the same labeled subset; several: their probabilities are averaged", input=True)
+    init_data: str = F("", "with init_labels=ensemble or image: the prepared dataset whose pixels the image classifier reads (default: the dataset the init cache was encoded from)", input=True)
 
 
 @dataclass(frozen=True)

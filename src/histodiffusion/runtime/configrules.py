@@ -11,7 +11,7 @@ from typing import Any
 from .errors import HistoError
 
 RANK_BY = ("centroid", "confidence", "hard", "coverage")  # select's orders within a class (select.rank_members)
-INIT_LABELS = ("tiles", "classifier", "ensemble")  # where sample's init tiles get their class (sample.assign_init)
+INIT_LABELS = ("tiles", "classifier", "ensemble", "image")  # where sample's init tiles get their class (sample.assign_init)
 LATENT_TRUNKS = ("small", "unet")  # run --latent-classifier-trunk (pipeline._synthesis_steps)
 START_FROM = ("noise", "unlabeled")  # run --start-from: where the main chain's samples start (pipeline._synthesis_steps)
 START_LABELS = ("latent", "ensemble")  # run --start-labels: who reads the starting tiles' class (sample init_labels)

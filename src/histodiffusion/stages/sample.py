@@ -10,8 +10,9 @@ of its 8 flips/rotations), noised to that share of the schedule: SDEdit variatio
 which keep the tile's tissue architecture; samples.csv names the tile (init_id, init_dihedral). The tile's
 class is its label, or (init_labels "classifier") the latent classifier's reading of its clean latent, so
 that the target's unlabeled train tiles can be the starting points, or (init_labels "ensemble") the mean of
-that reading and an image classifier's on the tile's pixels (init_top_share: only the most confident share
-of each class).
+that reading and an image classifier's on the tile's pixels, or (init_labels "image") image classifiers' alone,
+e.g. the downstream classifiers an earlier round trained on real + synthetic tiles (self-training;
+init_top_share: only the most confident share of each class).
 
 Sample i (its place in the plan: classes in order, then k = 0..count-1) uses its own torch.Generator
 seeded from (run seed, i) for its initial noise and DDIM's per-step noise, so images do not depend on
@@ -166,7 +167,8 @@ def assign_init(plan: list[dict], cfg: SampleConfig, m: dict, log) -> dict:
         probs = pool_probabilities(ds, m["classifier"], list(info["classes"]), cfg)
         by_class = predicted_pools(probs, list(info["classes"]), cfg.seed, cfg.init_top_share)
     who = {"tiles": "by their labels", "classifier": "as read by the latent classifier",
-           "ensemble": "as read by the latent and the image classifier together"}[cfg.init_labels]
+           "ensemble": "as read by the latent and the image classifier together",
+           "image": f"as read by {len(cfg.init_image_classifier)} image classifier(s)"}[cfg.init_labels]
     log.info("starting tiles: %s of the %d tiles of subset %r, %s", ", ".join(
         f"{c} {len(by_class.get(c, []))}" for c in info["classes"]), len(ds), subset, who)
     latents = {}
@@ -174,7 +176,7 @@ def assign_init(plan: list[dict], cfg: SampleConfig, m: dict, log) -> dict:
         rows = by_class.get(p["target"])
         if not rows:
             how = {"tiles": "of", "classifier": "the latent classifier reads as",
-                   "ensemble": "the ensemble reads as"}[cfg.init_labels]
+                   "ensemble": "the ensemble reads as", "image": "the image classifiers read as"}[cfg.init_labels]
             raise HistoError(f"subset {subset!r} of {cache} has no tile {how} class {p['target']!r} to start from")
         idx = rows[p["k"] % len(rows)]
         p["init_id"], p["init_dihedral"] = ds.rows[idx]["id"], (p["k"] // len(rows)) % DIHEDRAL
@@ -185,10 +187,13 @@ def assign_init(plan: list[dict], cfg: SampleConfig, m: dict, log) -> dict:
 
 def pool_probabilities(ds, classifier, classes: list[str], cfg: SampleConfig, batch: int = 256):
     """[N, C] class probabilities of the pool's tiles: the latent classifier's on their clean latents at t = 0;
-    with init_labels "ensemble" averaged with the image classifier's on their pixels (two views of a tile whose
-    confident mistakes differ: BENCHMARKS.md, "Pseudo-labels from two views")."""
+    with init_labels "ensemble" averaged with the image classifiers' on their pixels (two views of a tile whose
+    confident mistakes differ: BENCHMARKS.md, "Pseudo-labels from two views"); with "image" the image
+    classifiers' alone."""
     import torch
 
+    if cfg.init_labels == "image":
+        return image_probabilities(ds, classes, cfg)
     probs = []
     with torch.no_grad():
         for b in range(0, len(ds), batch):
@@ -201,25 +206,29 @@ def pool_probabilities(ds, classifier, classes: list[str], cfg: SampleConfig, ba
 
 
 def image_probabilities(ds, classes: list[str], cfg: SampleConfig):
-    """[N, C] probabilities of init_image_classifier on the pixels of the latent dataset's rows (init_data, or the
-    dataset the cache was encoded from), checked: the classifier's classes and tile size."""
+    """[N, C] probabilities of the init_image_classifier folders (their mean) on the pixels of the latent dataset's
+    rows (init_data, or the dataset the cache was encoded from), checked: each classifier's classes and tile size."""
     import torch
 
     from ..data.datasets import cache_pixels
     from ..models.classifier import load_classifier, predict
 
-    model, info = load_classifier(cfg.init_image_classifier)
-    if list(info.get("classes") or []) != list(classes):
-        raise HistoError(f"init_image_classifier {cfg.init_image_classifier} has classes {info.get('classes')}, the "
-                         f"latent classifier {classes}")
     ids = [r["id"] for r in ds.rows]
-    tiles = cache_pixels(cfg.init_data or ds.meta.get("dataset") or "", ids, "init_labels=ensemble", "--init-data")
+    tiles = cache_pixels(cfg.init_data or ds.meta.get("dataset") or "", ids, f"init_labels={cfg.init_labels}",
+                         "--init-data")
     pos = {r["id"]: i for i, r in enumerate(tiles.rows)}
     images = torch.stack([tiles.uint8(pos[i]) for i in ids])
-    if images.shape[1] != int(info["image_size"]):
-        raise HistoError(f"init_image_classifier {cfg.init_image_classifier} reads {info['image_size']} px tiles, "
-                         f"dataset {tiles.directory} holds {images.shape[1]} px tiles")
-    return predict(model, images)[0]
+    probs = []
+    for folder in cfg.init_image_classifier:
+        model, info = load_classifier(folder)
+        if list(info.get("classes") or []) != list(classes):
+            raise HistoError(f"init_image_classifier {folder} has classes {info.get('classes')}, the latent "
+                             f"classifier {classes}")
+        if images.shape[1] != int(info["image_size"]):
+            raise HistoError(f"init_image_classifier {folder} reads {info['image_size']} px tiles, dataset "
+                             f"{tiles.directory} holds {images.shape[1]} px tiles")
+        probs.append(predict(model, images)[0])
+    return torch.stack(probs).mean(0)
 
 
 def predicted_pools(probs, classes: list[str], seed: int, top_share: float = 1.0) -> dict[str, list[int]]:
@@ -255,12 +264,15 @@ def check_sampling_args(cfg: SampleConfig, T: int) -> tuple[int, int]:
     if cfg.init_labels not in INIT_LABELS:
         raise HistoError(f"init_labels must be one of {', '.join(INIT_LABELS)}, not {cfg.init_labels!r}")
     if not 0 < cfg.init_top_share <= 1 or (cfg.init_top_share != 1 and cfg.init_labels == "tiles"):
-        raise HistoError(f"init_top_share must be in (0, 1] and is only used with init_labels=classifier or "
-                         f"ensemble, got {cfg.init_top_share} with init_labels={cfg.init_labels}")
-    if (cfg.init_labels == "ensemble") != bool(cfg.init_image_classifier) or (cfg.init_data and not cfg.init_image_classifier):
-        raise HistoError("init_labels=ensemble needs init_image_classifier, and init_image_classifier/init_data are "
-                         f"used only with it (got init_labels={cfg.init_labels}, init_image_classifier="
-                         f"{cfg.init_image_classifier!r}, init_data={cfg.init_data!r})")
+        raise HistoError(f"init_top_share must be in (0, 1] and is only used with init_labels=classifier, "
+                         f"ensemble or image, got {cfg.init_top_share} with init_labels={cfg.init_labels}")
+    if isinstance(cfg.init_image_classifier, str):
+        raise HistoError(f"init_image_classifier is a list of folders, not the string {cfg.init_image_classifier!r}")
+    reads_pixels = cfg.init_labels in ("ensemble", "image")
+    if reads_pixels != bool(cfg.init_image_classifier) or (cfg.init_data and not cfg.init_image_classifier):
+        raise HistoError("init_labels=ensemble or image needs init_image_classifier, and init_image_classifier/"
+                         f"init_data are used only with them (got init_labels={cfg.init_labels}, "
+                         f"init_image_classifier={list(cfg.init_image_classifier)}, init_data={cfg.init_data!r})")
     if not 0 <= cfg.eta <= 1 or (cfg.eta and cfg.scheduler != "ddim"):
         raise HistoError(f"eta must be in [0, 1] and is only used by ddim, got eta={cfg.eta} with {cfg.scheduler}")
     lo, hi = cfg.guidance_window
