@@ -90,7 +90,7 @@ def score_runs(runs: list[str], top_ratio: float, eval_arms: list[str] = ()) -> 
     from histodiffusion.data.datasets import LatentDataset
     from histodiffusion.models.latent_classifier import load_latent_classifier
     from histodiffusion.runtime.config import SampleConfig
-    from histodiffusion.stages.sample import image_probabilities, pool_probabilities
+    from histodiffusion.stages.sample import folder_probabilities, pool_pixels, pool_probabilities
 
     results = []
     for run in map(Path, runs):
@@ -102,19 +102,18 @@ def score_runs(runs: list[str], top_ratio: float, eval_arms: list[str] = ()) -> 
         pool = np.array([r["id"] not in labeled for r in ds.rows])
         y = np.array(ds.labels())[pool]
         n_labeled = np.bincount(np.array(ds.labels())[~pool], minlength=len(classes))
-        image = str(run / "adapt" / "latent_classifier" / "image_baseline")
-        ensemble = SampleConfig(init_labels="ensemble", init_image_classifier=(image,))
+        images, directory = pool_pixels(ds, SampleConfig(init_labels="image"))  # read once for every image reader
         with torch.no_grad():  # each reader once; their mean is what init_labels=ensemble computes
             latent = pool_probabilities(ds, clf, classes, SampleConfig(init_labels="classifier"))
-            image = image_probabilities(ds, classes, ensemble)
+            image = folder_probabilities(str(run / "adapt" / "latent_classifier" / "image_baseline"), images, classes,
+                                         directory)
         readers = {"latent classifier, t = 0": latent, "image baseline": image, "mean (ensemble)": (latent + image) / 2}
         for arm in eval_arms:
             folders = sorted((run / "eval" / "classifiers").glob(f"{arm}_*"))
             if not folders:
                 raise SystemExit(f"{run}/eval/classifiers has no {arm}_<seed> folder")
             with torch.no_grad():
-                each = [image_probabilities(ds, classes, SampleConfig(init_labels="ensemble", init_image_classifier=(str(f),)))
-                        for f in folders]
+                each = [folder_probabilities(str(f), images, classes, directory) for f in folders]
             readers[f"downstream {folders[0].name}"] = each[0]
             readers[f"downstream {arm}, mean of {len(each)} seeds"] = sum(each) / len(each)
         for name, p in readers.items():

@@ -177,8 +177,11 @@ def check_keep_list(cfg: EvaluateConfig, out: Path, arms, is_main: bool) -> None
 
 def budget(cfg: EvaluateConfig, n_real: int) -> tuple[int, int]:
     """(optimisation steps, steps per epoch or 0) of every classifier: cfg.steps, or epochs x steps_per_epoch."""
-    spe = (cfg.steps_per_epoch or math.ceil(n_real / cfg.batch_size)) if cfg.epochs > 0 else 0
-    steps = cfg.epochs * spe if cfg.epochs > 0 else cfg.steps
+    if cfg.epochs > 0:
+        spe = cfg.steps_per_epoch or math.ceil(n_real / cfg.batch_size)
+        steps = cfg.epochs * spe
+    else:
+        steps, spe = cfg.steps, 0
     if round(cfg.real_finish * steps) >= steps:
         raise HistoError(f"real_finish {cfg.real_finish:g} leaves no step of the {steps} to real + synthetic "
                          f"training: lower it or raise the budget")

@@ -207,28 +207,40 @@ def pool_probabilities(ds, classifier, classes: list[str], cfg: SampleConfig, ba
 
 def image_probabilities(ds, classes: list[str], cfg: SampleConfig):
     """[N, C] probabilities of the init_image_classifier folders (their mean) on the pixels of the latent dataset's
-    rows (init_data, or the dataset the cache was encoded from), checked: each classifier's classes and tile size."""
+    rows (pool_pixels), each folder checked by folder_probabilities."""
+    import torch
+
+    images, directory = pool_pixels(ds, cfg)
+    return torch.stack([folder_probabilities(f, images, classes, directory) for f in cfg.init_image_classifier]).mean(0)
+
+
+def pool_pixels(ds, cfg: SampleConfig):
+    """(uint8 [N, H, W, 3] pixels of the latent dataset's rows, the dataset directory they come from): init_data,
+    or the dataset the cache was encoded from."""
     import torch
 
     from ..data.datasets import cache_pixels
-    from ..models.classifier import load_classifier, predict
 
     ids = [r["id"] for r in ds.rows]
     tiles = cache_pixels(cfg.init_data or ds.meta.get("dataset") or "", ids, f"init_labels={cfg.init_labels}",
                          "--init-data")
     pos = {r["id"]: i for i, r in enumerate(tiles.rows)}
-    images = torch.stack([tiles.uint8(pos[i]) for i in ids])
-    probs = []
-    for folder in cfg.init_image_classifier:
-        model, info = load_classifier(folder)
-        if list(info.get("classes") or []) != list(classes):
-            raise HistoError(f"init_image_classifier {folder} has classes {info.get('classes')}, the latent "
-                             f"classifier {classes}")
-        if images.shape[1] != int(info["image_size"]):
-            raise HistoError(f"init_image_classifier {folder} reads {info['image_size']} px tiles, dataset "
-                             f"{tiles.directory} holds {images.shape[1]} px tiles")
-        probs.append(predict(model, images)[0])
-    return torch.stack(probs).mean(0)
+    return torch.stack([tiles.uint8(pos[i]) for i in ids]), tiles.directory
+
+
+def folder_probabilities(folder: str, images, classes: list[str], directory):
+    """[N, C] probabilities of one image classifier folder on `images` (pool_pixels), checked: its classes are
+    the latent classifier's and it reads tiles of their size."""
+    from ..models.classifier import load_classifier, predict
+
+    model, info = load_classifier(folder)
+    if list(info.get("classes") or []) != list(classes):
+        raise HistoError(f"init_image_classifier {folder} has classes {info.get('classes')}, the latent "
+                         f"classifier {classes}")
+    if images.shape[1] != int(info["image_size"]):
+        raise HistoError(f"init_image_classifier {folder} reads {info['image_size']} px tiles, dataset "
+                         f"{directory} holds {images.shape[1]} px tiles")
+    return predict(model, images)[0]
 
 
 def predicted_pools(probs, classes: list[str], seed: int, top_share: float = 1.0) -> dict[str, list[int]]:
