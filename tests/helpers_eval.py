@@ -25,9 +25,10 @@ def class_tile(c: int, rng: np.random.Generator, size: int = 16) -> np.ndarray:
 
 
 def make_dataset(out: str | Path, classes=CLASSES, groups=(4, 2, 2), per_group: int = 3, size: int = 16,
-                 seed: int = 0, leak: bool = False, name: str = "target") -> Path:
+                 seed: int = 0, leak: bool = False, name: str = "target", pool_label: str | None = None) -> Path:
     """groups = (train, val, test) groups per class; subsets frac0.5 (half of the train groups per
-    class) and all_train. leak=True puts a test tile into the group of a frac0.5 training tile."""
+    class) and all_train. leak=True puts a test tile into the group of a frac0.5 training tile.
+    pool_label: the label of the train tiles outside frac0.5 instead of their class ("": unlabeled)."""
     rng = np.random.default_rng(seed)
     w = DatasetWriter(out, tile_size=size, shard_size=50)
     sub = []
@@ -37,10 +38,12 @@ def make_dataset(out: str | Path, classes=CLASSES, groups=(4, 2, 2), per_group: 
             for g in range(n_groups):
                 base = class_tile(ci, rng, size)
                 gid = f"{name}-{cls}-{split}{g}"
+                in_sub = split == "train" and g < max(1, n_groups // 2)
+                label = pool_label if split == "train" and not in_sub and pool_label is not None else cls
                 for k in range(per_group):
                     tile = np.ascontiguousarray(np.rot90(base, k))
-                    row = w.add(tile, id=f"{gid}-{k}", source="synthetic-test", label=cls, group=gid, split=split)
-                    if split == "train" and g < max(1, n_groups // 2):
+                    row = w.add(tile, id=f"{gid}-{k}", source="synthetic-test", label=label, group=gid, split=split)
+                    if in_sub:
                         sub.append(row["id"])
     if leak:
         victim = next(r for r in w.rows if r["id"] in sub)

@@ -4,6 +4,7 @@ external test sets, re-scoring saved classifiers with one command."""
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -359,7 +360,7 @@ def test_score_command_rescored_saved_classifier(evaluated, tmp_path):
     assert set(agg["arms"]) == set(ARMS) and agg["arms"]["real"]["accuracy"]["n"] == 2
 
 
-def test_two_processes_split_jobs_and_match_one_process(evaluated, tmp_path):
+def test_two_processes_split_jobs_and_match_one_process(evaluated, pseudo_evaluated, tmp_path):
     import os
     import subprocess
     import sys
@@ -368,7 +369,7 @@ def test_two_processes_split_jobs_and_match_one_process(evaluated, tmp_path):
     out = tmp_path / "eval2"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "histodiffusion", "evaluate",
            "--data", cfg.data, "--subset", cfg.subset, "--samples", cfg.samples, "--out", str(out),
-           "--arms", "real,classic", "--seeds", "0,1", "--backbone", "small_cnn_w8", "--steps", "4", "--val-every", "2",
+           "--arms", "real,classic,pseudo", "--ratios", "0.5", "--seeds", "0,1", "--backbone", "small_cnn_w8", "--steps", "4", "--val-every", "2",
            "--batch-size", "8", "--external", cfg.external[0]]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -380,6 +381,11 @@ def test_two_processes_split_jobs_and_match_one_process(evaluated, tmp_path):
 
     assert len(rows(out)) == 8  # 2 arms x 2 seeds x (test, ext)
     assert rows(out) == rows(root / "eval")  # same seeds -> same classifiers, whatever the process layout
+    # the pseudo arm reads the pool with both ranks' classic classifiers, after both finished
+    pseudo = [sorted(tuple(r.items()) for r in csv.DictReader(open(p / "per_seed.csv"))
+                     if r["arm"] == "pseudo@0.5" and r["testset"] == "test") for p in (out, Path(pseudo_evaluated[0].out))]
+    assert len(pseudo[0]) == 2 and pseudo[0] == pseudo[1]
+    assert (out / "pseudo_labels.csv").read_bytes() == (Path(pseudo_evaluated[0].out) / "pseudo_labels.csv").read_bytes()
 
     # one rank fails (rank 1's saved job real_1 has a corrupt scores.json): every rank stops with an
     # error at once instead of rank 0 waiting for rank 1 at a barrier; nothing is marked complete
@@ -592,3 +598,129 @@ def test_balanced_training_in_channels_last_is_the_same_training():
     assert any(not torch.allclose(v.float(), start[k].float()) for k, v in fast.state_dict().items()
                if v.is_floating_point())
     assert not fast.training
+
+
+# --------------------------------------------------------------------------------------------
+# pseudo@R: the pseudo-labelling baseline (train tiles outside the subset, read by another arm's classifiers)
+# --------------------------------------------------------------------------------------------
+PSEUDO_ARMS = ("real", "classic", "selected", "pseudo")
+
+
+@pytest.fixture(scope="module")
+def pseudo_evaluated(evaluated):
+    cfg, root = evaluated
+    pcfg = EvaluateConfig(**{**cfg.__dict__, "arms": PSEUDO_ARMS, "ratios": (0.5,), "external": (),
+                             "out": str(root / "eval_pseudo")})
+    with one_thread():
+        run(pcfg)
+    return pcfg, root
+
+
+def test_pseudo_arm_trains_on_the_pool_as_the_reader_reads_it(pseudo_evaluated):
+    import torch
+
+    from histodiffusion.data.datasets import PixelDataset
+    from histodiffusion.models.classifier import load_classifier, predict
+
+    cfg, root = pseudo_evaluated
+    out = Path(cfg.out)
+    rows = list(csv.DictReader(open(out / "pseudo_labels.csv")))
+    subset = {r["id"] for r in PixelDataset(cfg.data, "frac0.5").rows}
+    train = PixelDataset(cfg.data, "train")
+    pool = [i for i, r in enumerate(train.rows) if r["id"] not in subset]
+    assert [r["id"] for r in rows] == [train.rows[i]["id"] for i in pool] and len(rows) == 18
+    assert all(r["label"] for r in rows)  # the pool's own labels, recorded for the measurement
+    # the pseudo-label: argmax of the mean probability of the reader arm's classifiers (classic, seeds 0 and 1)
+    images = torch.stack([train.uint8(i) for i in pool])
+    probs = sum(predict(load_classifier(out / "classifiers" / f"classic_{s}")[0], images)[0] for s in (0, 1)) / 2
+    classes = ["aca", "benign", "scc"]
+    assert [r["pseudo_label"] for r in rows] == [classes[int(k)] for k in probs.argmax(1)]
+    assert [float(r["confidence"]) for r in rows] == pytest.approx(probs.max(1).values.tolist(), abs=1e-5)
+    m = json.loads((out / "metrics.json").read_text())
+    ps = m["pseudo"]
+    assert ps["reader"] == "classic" and ps["pool"] == 18 and sum(ps["read_as"].values()) == 18
+    right = sum(r["pseudo_label"] == r["label"] for r in rows) / 18
+    assert ps["pool_right"]["right"] == pytest.approx(right, abs=1e-4)
+    # quota(0.5, 6 real per class) = 3 per class, the most confident of those read as the class (fewer when
+    # the reader reads fewer as it)
+    n_syn = m["arms"]["pseudo@0.5"]["n_synthetic"]
+    for c in classes:
+        read = sorted((float(r["confidence"]) for r in rows if r["pseudo_label"] == c), reverse=True)
+        assert n_syn[c] == min(3, len(read)) == ps["chosen"]["pseudo@0.5"][c]["n"]
+    assert "pseudo@0.5" in m["deltas_vs_classic"] and set(m["deltas_vs_pseudo"]) == {"selected@0.5"}
+    d = m["deltas_vs_pseudo"]["selected@0.5"]["accuracy"]
+    acc = {(r["arm"], r["seed"]): float(r["accuracy"]) for r in csv.DictReader(open(out / "per_seed.csv"))
+           if r["testset"] == "test"}
+    assert d["mean"] == pytest.approx(sum(acc[("selected@0.5", s)] - acc[("pseudo@0.5", s)] for s in "01") / 2,
+                                      abs=1e-5)
+
+
+def test_pseudo_arm_never_reads_the_pool_labels(pseudo_evaluated, tmp_path):
+    """The same cohort with its pool tiles unlabeled (label ""): the same pseudo-labels and bit-identical pseudo
+    classifiers; only the measurement column is empty."""
+    from safetensors.torch import load_file
+
+    cfg, root = pseudo_evaluated
+    data = make_dataset(tmp_path / "data", pool_label="")
+    out = tmp_path / "eval"
+    run(EvaluateConfig(**{**cfg.__dict__, "data": str(data), "arms": ("classic", "pseudo"), "out": str(out)}))
+    a = list(csv.DictReader(open(Path(cfg.out) / "pseudo_labels.csv")))
+    b = list(csv.DictReader(open(out / "pseudo_labels.csv")))
+    assert [r["pseudo_label"] for r in a] == [r["pseudo_label"] for r in b] and not any(r["label"] for r in b)
+    for s in (0, 1):
+        x = load_file(str(Path(cfg.out) / "classifiers" / f"pseudo@0.5_{s}" / "model.safetensors"))
+        y = load_file(str(out / "classifiers" / f"pseudo@0.5_{s}" / "model.safetensors"))
+        assert all(x[k].equal(y[k]) for k in x)
+    assert json.loads((out / "metrics.json").read_text())["pseudo"]["pool_right"]["n_labeled"] == 0
+
+
+def test_pseudo_random_draws_per_seed_from_the_tiles_read_as_the_class(pseudo_evaluated, tmp_path):
+    from histodiffusion.data.evalarms import pseudo_pool, pseudo_sets, training_set
+    from histodiffusion.data.evaldata import load_real
+    from histodiffusion.models.classifier import load_classifier
+
+    cfg, root = pseudo_evaluated
+    rcfg = EvaluateConfig(**{**cfg.__dict__, "pseudo_rank": "random"})
+    real = load_real(cfg.data, cfg.subset)
+    pool, copies = pseudo_pool(rcfg, real)
+    assert copies == 0 and len(pool) == 18
+    readers = [load_classifier(Path(cfg.out) / "classifiers" / f"classic_{s}")[0] for s in (0, 1)]
+    arms = [("pseudo@0.5", "pseudo", 0.5)]
+    ps = pseudo_sets(rcfg, arms, real, pool, readers)
+    draws = [training_set("pseudo", "pseudo@0.5", s, real, ps) for s in (0, 1, 0)]
+    assert draws[0][0].equal(draws[2][0])  # seeded by the training seed
+    for x, y, counts in draws:
+        assert x.shape[0] == len(real) + sum(counts.values())
+        added = y[len(real):]
+        assert (added == ps["labels"][torch_index(x[len(real):], pool.images)]).all()
+    # pseudo_rank confidence: the same count per class, the reader's most confident tiles of the class
+    best = pseudo_sets(cfg, arms, real, pool, readers)
+    x, y, counts = training_set("pseudo", "pseudo@0.5", 0, real, best)
+    assert counts == draws[0][2]
+    conf = best["probs"].max(1).values
+    for ci, c in enumerate(real.classes):
+        took = torch_index(x[len(real):], pool.images)[y[len(real):] == ci]
+        of_class = conf[best["labels"] == ci].sort(descending=True).values
+        assert conf[took].sort(descending=True).values.tolist() == of_class[:counts[c]].tolist()
+
+
+def torch_index(images, pool_images):
+    """Positions in pool_images of each of `images` (exact pixel matches)."""
+    import torch
+
+    flat = pool_images.flatten(1)
+    return torch.tensor([int((flat == im.flatten()).all(1).nonzero()[0]) for im in images])
+
+
+def test_pseudo_arm_bad_options(evaluated, tmp_path, capsys):
+    cfg, root = evaluated
+    base = {**cfg.__dict__, "samples": "", "external": (), "ratios": (1.0,)}
+    with pytest.raises(HistoError, match="pseudo_reader 'classic' is not"):
+        run(EvaluateConfig(**{**base, "arms": ("real", "pseudo"), "out": str(tmp_path / "a")}))
+    assert main(["evaluate", "--data", cfg.data, "--arms", "classic,pseudo", "--pseudo-rank", "best",
+                 "--out", str(tmp_path / "b")]) != 0
+    assert "pseudo_rank" in capsys.readouterr().err
+    with pytest.raises(HistoError, match="outside the training subset 'train'"):
+        run(EvaluateConfig(**{**base, "subset": "train", "arms": ("classic", "pseudo"), "out": str(tmp_path / "c")}))
+    for d in "abc":  # refused before any classifier trained
+        assert not (tmp_path / d / "classifiers").exists()

@@ -225,6 +225,13 @@ def test_verdict_sentences_judge_against_the_noise_floor():
                          "distinguishable from seed noise.")
     assert "Over classic augmentation alone (which the synthetic arms also use): +0.080 [95% CI 0.060, 0.100]" in s[1]
     assert s[1].endswith("a gain beyond seed noise.")
+    # with a pseudo arm of the same ratio: a third clause, the gain over plain pseudo-labelling
+    m["testsets"]["test"]["deltas_vs_pseudo"] = {"selected@2": delta(-0.05, -0.07, -0.03)}
+    s = verdict_sentences(m)
+    assert "pseudo" not in s[0] and s[1].endswith(
+        "Over pseudo-labelled real tiles at the same ratio (pseudo@2, no generator): -0.050 [95% CI -0.070, "
+        "-0.030]: a loss beyond seed noise.")
+    del m["testsets"]["test"]["deltas_vs_pseudo"]
     # without a real arm the synthetic arms are judged against classic alone
     m["testsets"]["test"]["deltas_vs_real"] = {}
     s = verdict_sentences(m)

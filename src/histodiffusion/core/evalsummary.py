@@ -29,11 +29,12 @@ def per_seed_rows(results: dict, classes: list[str]) -> list[dict]:
 
 
 def summarise(results: dict, arm_names: list[str], seeds: list[int], classes: list[str], testsets: list[str],
-              aa_of: dict[str, str] | None = None) -> dict:
+              aa_of: dict[str, str] | None = None, vs_pseudo: dict[str, str] | None = None) -> dict:
     """{"testsets": {ts: {"arms": {arm: {metric: mean_ci}}, "deltas_vs_real": {arm: {metric: paired_diff}},
     "deltas_vs_classic": {synthetic arm: {metric: paired_diff}} (when classic is an arm), "noise_floors": {aa arm:
-    {metric: paired_diff against the arm it repeats}}}}}; aa_of maps each A/A arm to that arm (evaluate passes
-    data.evalarms.AA_OF)."""
+    {metric: paired_diff against the arm it repeats}}, "deltas_vs_pseudo": {arm: {metric: paired_diff against
+    vs_pseudo[arm]}}}}}; aa_of maps each A/A arm to that arm (evaluate passes data.evalarms.AA_OF), vs_pseudo each
+    synthetic arm to the pseudo-labelling arm of its ratio."""
     aa_of = aa_of or {}
     out = {"classes": classes, "seeds": seeds, "ci": "95% t-interval over seeds (n-1 dof)", "testsets": {}}
     for ts in testsets:
@@ -51,7 +52,8 @@ def summarise(results: dict, arm_names: list[str], seeds: list[int], classes: li
         vs_classic = _paired_deltas(per, [a for a in arm_names if a != "real" and a not in aa_of], seeds, "classic")
         floors = {aa: _paired(per, aa, of, seeds) for aa, of in aa_of.items() if aa in arm_names and of in arm_names}
         out["testsets"][ts] = {"arms": arms, "deltas_vs_real": deltas, "deltas_vs_classic": vs_classic,
-                               "noise_floors": floors}
+                               "noise_floors": floors,
+                               "deltas_vs_pseudo": {a: _paired(per, a, b, seeds) for a, b in (vs_pseudo or {}).items()}}
     return out
 
 

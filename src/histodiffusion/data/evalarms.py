@@ -9,6 +9,12 @@
                   quota(R, real count) per class
   unselected@R    real + synthetic images drawn at random (seeded by the training seed and the class)
                   from samples.csv ignoring the filter, as many per class as selected@R
+  pseudo@R        real + real tiles of the train split outside the training subset (their labels never
+                  read), labelled by the mean probability of the pseudo_reader arm's classifiers (trained
+                  first, in the same evaluation), quota(R, real count) per predicted class: the most confident
+                  first, or a draw seeded by the training seed (pseudo_rank). Plain pseudo-labelling of the
+                  target's unlabeled tiles, without any generator: the baseline `run --start-from unlabeled`
+                  has to beat (BENCHMARKS.md, "Self-training, and pseudo-labelling ...")
 """
 from __future__ import annotations
 
@@ -17,15 +23,16 @@ import torch
 from ..core.seeds import numpy_rng
 from ..runtime.artifacts import selection_dir
 from ..runtime.config import EvaluateConfig
+from ..runtime.configrules import ARM_KINDS
 from ..runtime.errors import HistoError
 from ..runtime.log import get_logger
 from .evaldata import Tiles, load_sample_images, quota, ranked_kept, read_filtered, read_samples
 
-ARM_KINDS = ("real", "real_aa", "classic", "classic_aa", "selected", "unselected")
 REAL_KINDS = ("real", "real_aa", "classic", "classic_aa")  # arms without synthetic images
 AA_OF = {"real_aa": "real", "classic_aa": "classic"}  # A/A arm -> the arm it repeats with other seeds
 AA_SEED_OFFSET = 1_000_003  # real_aa (classic_aa) with seed s trains exactly as real (classic) with seed s + offset
 UNAUGMENTED_KINDS = ("real", "real_aa")  # every other arm trains with classic augmentation
+SYNTHETIC_KINDS = ("selected", "unselected")  # arms that need a sample directory
 
 
 def expand_arms(arms, ratios, has_samples: bool) -> list[tuple[str, str, float]]:
@@ -37,10 +44,10 @@ def expand_arms(arms, ratios, has_samples: bool) -> list[tuple[str, str, float]]
         if a in REAL_KINDS:
             out.append((a, a, 0.0))
             continue
-        if not has_samples:
+        if a in SYNTHETIC_KINDS and not has_samples:
             raise HistoError(f"arm {a!r} needs synthetic samples: give --samples (a sample directory)")
         if not ratios:
-            raise HistoError("the synthetic arms need at least one ratio (--ratios)")
+            raise HistoError("the synthetic and pseudo arms need at least one ratio (--ratios)")
         for r in ratios:
             if r <= 0:
                 raise HistoError(f"ratio must be positive, got {r}")
@@ -76,10 +83,10 @@ def relabel(tiles: Tiles, classes: list[str], what: str) -> Tiles:
 
 
 def synthetic_sets(cfg: EvaluateConfig, arms, real: Tiles) -> dict:
-    """Sample rows, images, indices per class and, per synthetic arm and class, the chosen sample
-    indices (selected: kept, by rank) or the count to draw (unselected: as many as selected uses)."""
+    """Images, labels, indices per class and, per synthetic arm and class, the chosen sample indices
+    (selected: kept, by rank) or the count to draw (unselected: as many as selected uses)."""
     kinds = {k for _, k, _ in arms}
-    if not kinds & {"selected", "unselected"}:
+    if not kinds & set(SYNTHETIC_KINDS):
         return {}
     rows = read_samples(cfg.samples, real.classes)
     images = load_sample_images(cfg.samples, rows, int(real.images.shape[1]))
@@ -96,7 +103,7 @@ def synthetic_sets(cfg: EvaluateConfig, arms, real: Tiles) -> dict:
     real_counts = real.counts()
     chosen: dict[str, dict] = {}
     for name, kind, ratio in arms:
-        if kind not in ("selected", "unselected"):
+        if kind not in SYNTHETIC_KINDS:
             continue
         per_class = {}
         for c in real.classes:
@@ -114,22 +121,74 @@ def synthetic_sets(cfg: EvaluateConfig, arms, real: Tiles) -> dict:
                                                max(r for _, k, r in arms if k == "selected"))
             per_class[c] = kept[c][:n_sel] if kind == "selected" else n_sel
         chosen[name] = per_class
-    return {"rows": rows, "images": images, "by_class": by_class, "chosen": chosen}
+    labels = torch.tensor([real.classes.index(r["target"]) for r in rows], dtype=torch.long)
+    return {"images": images, "labels": labels, "by_class": by_class, "chosen": chosen}
 
 
-def training_set(kind: str, name: str, seed: int, real: Tiles, syn: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """(uint8 images, labels, synthetic counts per class) of one arm and seed."""
+def pseudo_pool(cfg: EvaluateConfig, real: Tiles) -> tuple[Tiles, int]:
+    """(the pseudo arms' pool, exact copies left out): the train split's tiles outside the training subset,
+    labeled or not (label -1: none; the labels serve the measurement in pseudo_labels.csv only, never training),
+    without tiles identical to a training tile."""
+    from ..data.datasets import PixelDataset
+
+    ds = PixelDataset(cfg.data, subset="train")
+    train_ids = set(real.ids)
+    train_hashes = {r["hash"] for r in ds.all_rows if r["id"] in train_ids}
+    outside = [i for i, r in enumerate(ds.rows) if r["id"] not in train_ids]
+    keep = [i for i in outside if ds.rows[i]["hash"] not in train_hashes]
+    if not keep:
+        raise HistoError(f"the pseudo arms need tiles of the train split of {cfg.data} outside the training subset "
+                         f"{cfg.subset!r}: there are none")
+    classes = list(real.classes)
+    labels = [classes.index(ds.rows[i]["label"]) if ds.rows[i]["label"] in classes else -1 for i in keep]
+    pool = Tiles(torch.stack([ds.uint8(i) for i in keep]), torch.tensor(labels), [ds.rows[i]["id"] for i in keep],
+                 [ds.rows[i]["group"] for i in keep], classes)
+    return pool, len(outside) - len(keep)
+
+
+def pseudo_sets(cfg: EvaluateConfig, arms, real: Tiles, pool: Tiles, readers: list) -> dict:
+    """Pseudo-labels of the pool (the mean probability of the reader arm's classifiers `readers`) and, per pseudo
+    arm and class, the chosen pool indices (pseudo_rank confidence: the most confident first) or the count to
+    draw from the tiles read as the class (random)."""
+    from ..models.classifier import predict
+
+    probs = torch.stack([predict(model, pool.images)[0] for model in readers]).mean(0)
+    conf, pred = probs.max(dim=1)
+    by_class = {}
+    for ci, c in enumerate(real.classes):
+        idx = (pred == ci).nonzero().flatten()
+        by_class[c] = idx[conf[idx].argsort(descending=True, stable=True)].tolist()
+    real_counts = real.counts()
+    chosen: dict[str, dict] = {}
+    for name, kind, ratio in arms:
+        if kind != "pseudo":
+            continue
+        per_class = {}
+        for c in real.classes:
+            want = quota(ratio, real_counts[c])
+            n = min(want, len(by_class[c]))
+            if n < want:
+                get_logger("evaluate").warning("%s: the reader reads only %d pool tiles as %r, %d asked for; the "
+                                               "arm uses %d", name, len(by_class[c]), c, want, n)
+            per_class[c] = by_class[c][:n] if cfg.pseudo_rank == "confidence" else n
+        chosen[name] = per_class
+    return {"images": pool.images, "labels": pred, "probs": probs, "true": pool.labels, "by_class": by_class, "chosen": chosen}
+
+
+def training_set(kind: str, name: str, seed: int, real: Tiles, extra: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(uint8 images, labels, added images per class) of one arm and seed: the real tiles, then the images of
+    `extra` (synthetic_sets or pseudo_sets) the arm chose, or as many drawn at random (seeded by the training
+    seed and the class) from those of the class."""
     if kind in REAL_KINDS:
         return real.images, real.labels, {c: 0 for c in real.classes}
     idx, counts = [], {}
     for ci, c in enumerate(real.classes):
-        pick = syn["chosen"][name][c]
-        if kind == "unselected":
+        pick = extra["chosen"][name][c]
+        if isinstance(pick, int):
             rng = numpy_rng(seed, ci)
-            pool = syn["by_class"][c]
+            pool = extra["by_class"][c]
             pick = [pool[j] for j in rng.choice(len(pool), size=pick, replace=False)] if pick else []
         idx += pick
         counts[c] = len(pick)
     idx_t = torch.as_tensor(idx, dtype=torch.long)
-    labels = torch.tensor([real.classes.index(syn["rows"][i]["target"]) for i in idx], dtype=torch.long)
-    return (torch.cat([real.images, syn["images"][idx_t]]), torch.cat([real.labels, labels]), counts)
+    return (torch.cat([real.images, extra["images"][idx_t]]), torch.cat([real.labels, extra["labels"][idx_t]]), counts)

@@ -16,6 +16,8 @@ LATENT_TRUNKS = ("small", "unet")  # run --latent-classifier-trunk (pipeline._sy
 START_FROM = ("noise", "unlabeled")  # run --start-from: where the main chain's samples start (pipeline._synthesis_steps)
 START_LABELS = ("latent", "ensemble")  # run --start-labels: who reads the starting tiles' class (sample init_labels)
 START_STRENGTH = 0.05  # run --start-strength's default
+ARM_KINDS = ("real", "real_aa", "classic", "classic_aa", "selected", "unselected", "pseudo")  # evaluate's arms (data.evalarms)
+PSEUDO_RANKS = ("confidence", "random")  # evaluate --pseudo-rank (data.evalarms.pseudo_sets)
 
 
 # --------------------------------------------------------------------------------------------
@@ -86,7 +88,7 @@ VALUE_RULES: dict[str, dict] = {
     "JudgeConfig": {},  # the common rules (steps, batch_size, lr)
     "ReportConfig": {"grid_per_class": _at_least(1), "grid_scale": _at_least(0),
                      "embedding": _one_of("auto", "umap", "tsne", "pca")},
-    "EvaluateConfig": {"arms": _each(_one_of("real", "real_aa", "classic", "classic_aa", "selected", "unselected")),
+    "EvaluateConfig": {"arms": _each(_one_of(*ARM_KINDS)), "pseudo_rank": _one_of(*PSEUDO_RANKS),
                        "epochs": _at_least(0), "steps_per_epoch": _at_least(0), "val_every": _at_least(0),
                        "ratios": _each(_above(0)), "ema_decay": _within(0, 1, True),
                        "synthetic_weight": _above(0), "real_finish": _within(0, 1, hi_open=True)},

@@ -14,20 +14,28 @@ cosine schedule, backbone, validation rule) and differs only in the training ima
   unselected@R    real + synthetic images drawn at random (seeded by the training seed) from
                   samples.csv ignoring the filter, the same number per class as selected@R;
                   with classic augmentation
-In the selected/unselected arms each synthetic image weighs cfg.synthetic_weight in the batch loss, a
+  pseudo@R        real + real tiles of the train split outside the training subset (labels never read)
+                  that the cfg.pseudo_reader arm's classifiers (mean probability over the seeds; trained
+                  first) read as each class, quota(R, real count) per class (cfg.pseudo_rank: the most
+                  confident first, or drawn with the training seed); with classic augmentation. Plain
+                  pseudo-labelling without a generator: what `run --start-from unlabeled` must beat
+In the selected/unselected/pseudo arms each added image weighs cfg.synthetic_weight in the batch loss, a
 real one 1 (sum(w * loss) / sum(w); 1: the plain mean, as before). With cfg.real_finish > 0 their last
 round(real_finish x steps) steps draw batches from the real tiles only (fine-tuning on real after mixed
 training; the same budget, the earlier steps unchanged).
 Every classifier is scored on the validation split (cfg.val_subset) every cfg.val_every steps and
 after the last; its best-validation weights (highest accuracy, then lowest loss, then earliest step)
 are saved and scored, the same rule for every arm, and its validation curve is kept (scores.json,
-merged into curves.csv) to show whether real-only has plateaued. The training subset, validation
+merged into curves.csv) to show whether real-only has plateaued. With pseudo arms the other arms train
+first; pseudo_labels.csv then records every pool tile's reading (and its true label where it has one, for
+the measurement "pseudo" in metrics.json only). The training subset, validation
 and test splits must be pairwise group-disjoint (checked: HistoError otherwise). Every classifier is
 scored on the test split and on every external labeled dataset (cfg.external: ALL its tiles, classes
 matched by name; a tile identical to a training tile is an error). Outputs (cfg.out): config.json
 first, classifiers/<arm>_<seed>/ (model.safetensors, classifier.json, scores.json, _COMPLETE.json),
 per_seed.csv, curves.csv, metrics.json ("testsets": {test, <external>...}: per arm mean, 95% t-CI, n
-and paired deltas vs the real arm, and of the synthetic arms vs classic; "arms" / "deltas" /
+and paired deltas vs the real arm, of the synthetic arms vs classic, and of selected@R/unselected@R vs
+pseudo@R; "arms" / "deltas" /
 "deltas_vs_classic" / "noise_floor": the test split's, at the top level; "validation": per arm best step and mean curve), confusion/<testset>__<arm>.png (confusion
 summed over seeds, rows normalised), _COMPLETE.json last. A finished (arm, seed) is skipped on
 re-run, so a killed run resumes.
@@ -49,8 +57,8 @@ import torch
 from ..core import metrics as M
 from ..core.evalsummary import (CURVE_COLUMNS, curve_rows, per_seed_columns, per_seed_rows, summarise,
                                 validation_summary)
-from ..data.evalarms import (AA_OF, UNAUGMENTED_KINDS, check_groups_disjoint, expand_arms, relabel, synthetic_sets,
-                             train_seed, training_set)
+from ..data.evalarms import (AA_OF, UNAUGMENTED_KINDS, check_groups_disjoint, expand_arms, pseudo_pool,
+                             pseudo_sets, relabel, synthetic_sets, train_seed, training_set)
 from ..data.evaldata import Tiles, dataset_classes, load_real
 from ..models.cards import CARD, classifier_card
 from ..runtime.artifacts import FILTERED_CSV, confusion_name, selection_dir
@@ -127,10 +135,12 @@ def run(cfg: EvaluateConfig) -> Path:
     train_ids = set(real.ids)
     externals = load_external(cfg.external, classes, {r["hash"] for r in rows if r["id"] in train_ids})
     syn = synthetic_sets(cfg, arms, real)
+    pool = check_pseudo(cfg, arms, real, test, val)
     check_keep_list(cfg, out, arms, rank == 0)
     size = int(real.images.shape[1])
     steps, steps_per_epoch = budget(cfg, len(real))
     jobs = [(a, s) for a in arms for s in cfg.seeds]
+    first = [j for j in jobs if j[0][1] != "pseudo"]  # the pseudo arms read the classifiers of pseudo_reader
     log.info("evaluate: %d arms x %d seeds, %d steps each (batch %d), %d real training tiles, %s, %d test tiles",
              len(arms), len(cfg.seeds), steps, cfg.batch_size, len(real),
              f"best of {len(val)} {cfg.val_subset} tiles every {cfg.val_every} steps" if val else "last weights",
@@ -142,16 +152,71 @@ def run(cfg: EvaluateConfig) -> Path:
 
         make_accelerator(cpu=True)  # the process group, for the collective error check below
     try:
-        _train_jobs(cfg, out, jobs[rank::world], sets, val, classes, size, steps, real, syn, log)
+        _train_jobs(cfg, out, first[rank::world], sets, val, classes, size, steps, real, syn, log)
         error = None
     except Exception as e:  # reported collectively: the other ranks must not wait for this one
         error = e
     raise_if_any_rank_failed(error, "evaluate")
+    # 3. pseudo arms (after their reader's classifiers exist): every rank labels the pool alike, rank 0 records it
+    pseudo = None
+    if pool is not None:
+        try:
+            pseudo = label_pool(cfg, out, arms, real, pool, rank == 0)
+            _train_jobs(cfg, out, [j for j in jobs if j not in first][rank::world], sets, val, classes, size, steps,
+                        real, pseudo, log)
+            error = None
+        except Exception as e:
+            error = e
+        raise_if_any_rank_failed(error, "evaluate (pseudo arms)")
     if rank != 0:
         return out
-    # 3. merge (rank 0): per_seed.csv, curves.csv, metrics.json, confusion PNGs, completion marker last
-    _merge(cfg, out, arms, jobs, sets, classes, real, val, test, externals, steps, steps_per_epoch)
+    # 4. merge (rank 0): per_seed.csv, curves.csv, metrics.json, confusion PNGs, completion marker last
+    _merge(cfg, out, arms, jobs, sets, classes, real, val, test, externals, steps, steps_per_epoch, pseudo)
     return out
+
+
+PSEUDO_CSV = "pseudo_labels.csv"  # every pool tile's reading by the pseudo arms' reader
+
+
+def check_pseudo(cfg: EvaluateConfig, arms, real: Tiles, test: Tiles, val: Tiles | None) -> Tiles | None:
+    """The pseudo arms' pool (None without pseudo arms), checked: pseudo_reader is a non-pseudo arm of this
+    evaluation; the pool is group-disjoint from test and validation."""
+    if not any(kind == "pseudo" for _, kind, _ in arms):
+        return None
+    readers = [n for n, kind, _ in arms if kind != "pseudo"]
+    if cfg.pseudo_reader not in readers:
+        raise HistoError(f"pseudo_reader {cfg.pseudo_reader!r} is not a non-pseudo arm of this evaluation "
+                         f"({', '.join(readers) or 'none'}): the pseudo arms read the pool with its classifiers")
+    pool, copies = pseudo_pool(cfg, real)
+    check_groups_disjoint(pool, test, f"the test split of {cfg.data}", "the pseudo arms' pool")
+    if val is not None:
+        check_groups_disjoint(pool, val, f"the validation split {cfg.val_subset!r}", "the pseudo arms' pool")
+    get_logger("evaluate").info("pseudo arms: %d pool tiles outside subset %r (%d exact copies of training tiles "
+                                "left out), read by the %s classifiers", len(pool), cfg.subset, copies,
+                                cfg.pseudo_reader)
+    return pool
+
+
+def label_pool(cfg: EvaluateConfig, out: Path, arms, real: Tiles, pool: Tiles, is_main: bool) -> dict:
+    """pseudo_sets from the reader arm's saved classifiers (one per seed); rank 0 writes pseudo_labels.csv."""
+    from ..models.classifier import load_classifier
+
+    readers = []
+    for seed in cfg.seeds:
+        d = out / "classifiers" / f"{cfg.pseudo_reader}_{seed}"
+        if not is_complete(d):
+            raise HistoError(f"reader classifier {d} did not finish: re-run the same command")
+        readers.append(load_classifier(d)[0])
+    pseudo = pseudo_sets(cfg, arms, real, pool, readers)
+    if is_main:
+        probs, classes = pseudo["probs"], real.classes
+        rows = [{"id": pool.ids[i], "group": pool.groups[i], "pseudo_label": classes[int(pseudo["labels"][i])],
+                 "confidence": round(float(probs[i].max()), 6),
+                 **{f"p_{c}": round(float(probs[i, ci]), 6) for ci, c in enumerate(classes)},
+                 "label": classes[int(pool.labels[i])] if pool.labels[i] >= 0 else ""} for i in range(len(pool))]
+        write_csv_atomic(out / PSEUDO_CSV, rows, ["id", "group", "pseudo_label", "confidence"] +
+                         [f"p_{c}" for c in classes] + ["label"])
+    return pseudo
 
 
 KEEP_LIST = "keep_list.json"  # the keep-list an evaluation uses, recorded when it starts
@@ -258,7 +323,8 @@ def _train_jobs(cfg: EvaluateConfig, out: Path, jobs, sets, val, classes, size: 
                  f" (best {cfg.val_subset} accuracy {best['accuracy']:.3f} at step {best['step']})" if best else "")
 
 
-def _merge(cfg, out: Path, arms, jobs, sets, classes, real, val, test, externals, steps, steps_per_epoch) -> None:
+def _merge(cfg, out: Path, arms, jobs, sets, classes, real, val, test, externals, steps, steps_per_epoch,
+           pseudo: dict | None) -> None:
     results = {}
     for (name, kind, ratio), seed in jobs:
         d = out / "classifiers" / f"{name}_{seed}"
@@ -266,7 +332,9 @@ def _merge(cfg, out: Path, arms, jobs, sets, classes, real, val, test, externals
             raise HistoError(f"classifier {d} did not finish (a rank failed?): re-run the same command")
         results[(name, seed)] = read_json(d / "scores.json", "classifier scores")
     names = [a[0] for a in arms]
-    summary = summarise(results, names, list(cfg.seeds), classes, list(sets), AA_OF)
+    vs_pseudo = {n: f"pseudo@{r:g}" for n, k, r in arms if k in ("selected", "unselected")
+                 and f"pseudo@{r:g}" in names}
+    summary = summarise(results, names, list(cfg.seeds), classes, list(sets), AA_OF, vs_pseudo)
     deltas, floors = summary["testsets"][TEST]["deltas_vs_real"], summary["testsets"][TEST]["noise_floors"]
     summary.update({"budget": {"steps": steps, "steps_per_epoch": steps_per_epoch, "epochs": cfg.epochs,
                                "batch_size": cfg.batch_size, "lr": cfg.lr, "backbone": cfg.backbone,
@@ -284,7 +352,9 @@ def _merge(cfg, out: Path, arms, jobs, sets, classes, real, val, test, externals
                     # the test split's results also at the top level (pipeline / bench tables read these)
                     "arms": summary["testsets"][TEST]["arms"], "deltas": deltas,
                     "deltas_vs_classic": summary["testsets"][TEST]["deltas_vs_classic"],
-                    "noise_floor": floors.get("real_aa"), "noise_floors": floors})
+                    "deltas_vs_pseudo": summary["testsets"][TEST]["deltas_vs_pseudo"],
+                    "noise_floor": floors.get("real_aa"), "noise_floors": floors,
+                    "pseudo": pseudo_summary(cfg, arms, real, pseudo) if pseudo else None})
     write_csv_atomic(out / "per_seed.csv", per_seed_rows(results, classes), per_seed_columns(classes))
     write_csv_atomic(out / "curves.csv", curve_rows(results), CURVE_COLUMNS)
     write_json_atomic(out / "metrics.json", summary)
@@ -294,6 +364,31 @@ def _merge(cfg, out: Path, arms, jobs, sets, classes, real, val, test, externals
             plot_confusion(cm, classes, f"{name} on {ts} ({len(cfg.seeds)} seeds)",
                            out / "confusion" / confusion_name(ts, name))
     mark_complete(out, **completion_record(cfg), arms=len(arms), seeds=len(cfg.seeds))
+
+
+def pseudo_summary(cfg: EvaluateConfig, arms, real: Tiles, pseudo: dict) -> dict:
+    """The pseudo arms' reader and pool, and (measurement only: the pool tiles that carry a label) how many of the
+    pool and, with pseudo_rank confidence, of each arm's chosen tiles it labels right."""
+    true = pseudo["true"]
+    known = true >= 0
+    right = pseudo["labels"] == true
+
+    def share(idx) -> dict:
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        n = int(known[idx].sum())
+        return {"right": round(float(right[idx][known[idx]].float().mean()), 4) if n else None, "n_labeled": n,
+                "n": len(idx)}
+
+    per_arm = {}
+    for name, kind, _ in arms:
+        if kind == "pseudo":
+            chosen = pseudo["chosen"][name]
+            per_arm[name] = {c: (share(v) if isinstance(v, list) else {"drawn": v}) for c, v in chosen.items()}
+    return {"reader": cfg.pseudo_reader, "reader_seeds": list(cfg.seeds), "rank": cfg.pseudo_rank,
+            "pool": len(true), "read_as": {c: len(v) for c, v in pseudo["by_class"].items()},
+            "pool_right": share(list(range(len(true)))), "chosen": per_arm,
+            "note": "right: share of tiles whose own label (where the pool tile has one) is the pseudo-label; "
+                    "measurement only, training never reads it"}
 
 
 # --------------------------------------------------------------------------------------------

@@ -108,7 +108,7 @@ def rate(block: dict | None) -> str:
     return f"{block['fidelity']:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
-ARM_HEADER = ["arm", "synthetic images", "accuracy", "macro-F1", "Δ accuracy vs real", "Δ macro-F1 vs real",
+ARM_HEADER = ["arm", "added images (synthetic or pseudo-labelled)", "accuracy", "macro-F1", "Δ accuracy vs real", "Δ macro-F1 vs real",
               "Δ accuracy vs classic"]
 
 

@@ -52,7 +52,8 @@ def verdict_sentences(metrics: dict, metric: str = "accuracy") -> list[str]:
     at ratio 1 changed test accuracy by +0.012 [95% CI -0.030, 0.054] over 3 seeds, against +0.004 [...]
     between two real-only runs (A/A noise floor) and +0.020 [...] for classic augmentation: not
     distinguishable from seed noise.' When the evaluation has a classic arm, a second clause judges the gain
-    over classic augmentation (which the synthetic arms train with) against classic_aa's floor. Unselected
+    over classic augmentation (which the synthetic arms train with) against classic_aa's floor, and a third (with a
+    pseudo arm of the same ratio) the gain over plain pseudo-labelling. Unselected
     arms get a sentence when there is no selected one."""
     r = metrics["testsets"][TEST]
     deltas, vs_classic = r["deltas_vs_real"], r.get("deltas_vs_classic") or {}
@@ -83,6 +84,10 @@ def verdict_sentences(metrics: dict, metric: str = "accuracy") -> list[str]:
                 f": {judgement(c, classic_floor)}."
             text += (f" {over[0].upper()}{over[1:]}: {_interval(c)}{also}" if text  # a second clause
                      else f"{head} {over} by {_interval(c)} over {_seeds(c)}{also}")
+        p = (r.get("deltas_vs_pseudo") or {}).get(arm, {}).get(metric)
+        if p:  # the generator against plain pseudo-labelling of the same unlabeled tiles
+            text += (f" Over pseudo-labelled real tiles at the same ratio (pseudo@{ratio:g}, no generator): "
+                     f"{_interval(p)}: {judgement(p, classic_floor)}.")
         out.append(text)
     return out
 
