@@ -724,3 +724,15 @@ def test_pseudo_arm_bad_options(evaluated, tmp_path, capsys):
         run(EvaluateConfig(**{**base, "subset": "train", "arms": ("classic", "pseudo"), "out": str(tmp_path / "c")}))
     for d in "abc":  # refused before any classifier trained
         assert not (tmp_path / d / "classifiers").exists()
+
+
+def test_a_list_field_given_a_string_from_python_is_refused(evaluated, tmp_path):
+    """Built in Python, EvaluateConfig(arms="real") would be read letter by letter: one clear error, nothing
+    written (the same rule for every stage: start_run_dir validates the config)."""
+    cfg, root = evaluated
+    with pytest.raises(HistoError, match=r"config field arms \(EvaluateConfig.arms\) is a list: give \('real',\)"):
+        run(EvaluateConfig(**{**cfg.__dict__, "arms": "real", "out": str(tmp_path / "e")}))
+    assert not (tmp_path / "e").exists()
+    with pytest.raises(HistoError, match="val_every .* must be >= 0"):  # the value rules apply to configs built in Python too
+        run(EvaluateConfig(**{**cfg.__dict__, "val_every": -1, "out": str(tmp_path / "f")}))
+    assert not (tmp_path / "f").exists()

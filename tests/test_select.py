@@ -277,7 +277,7 @@ def test_rerun_reuses_feature_classifier(selected):
     cfg, samples, *_ = selected
     weights = samples / "select" / "selector" / "model" / "model.safetensors"
     before = weights.stat().st_mtime_ns
-    strict = SelectConfig(**{**cfg.__dict__, "min_confidence": 1.01, "generative_metrics": False})
+    strict = SelectConfig(**{**cfg.__dict__, "min_confidence": 1.0, "generative_metrics": False})
     run(strict)
     assert weights.stat().st_mtime_ns == before
     assert all(r["keep"] == "0" for r in read_rows(samples / "select" / "filtered.csv"))

@@ -96,8 +96,14 @@ VALUE_RULES: dict[str, dict] = {
 
 
 def validate_config(cfg: Any) -> None:
-    """Raise a HistoError naming the first field whose value is out of range or not an allowed choice."""
+    """Raise a HistoError naming the first field whose value is out of range or not an allowed choice, or a list
+    field given a bare string (from Python, ("a",) and "a" differ: a string would be read letter by letter)."""
     name = type(cfg).__name__
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if str(f.type).startswith("tuple") and isinstance(value, str):
+            raise HistoError(f"config field {f.name} ({name}.{f.name}) is a list: give ({value!r},), not the string "
+                             f"{value!r}")
     rules = VALUE_RULES.get(name)
     if rules is None:
         return

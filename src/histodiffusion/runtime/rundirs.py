@@ -96,8 +96,10 @@ def start_run_dir(out: str | os.PathLike, config: Any, stage: str, is_main: bool
     error (the user picks another --out or deletes the old run), so two runs never mix. Fields named in
     `neutral` (and _RESUME_NEUTRAL) may differ: they do not change the artifacts (e.g. a sampling batch size).
     """
+    from .configrules import validate_config
     from .configtypes import config_to_dict
 
+    validate_config(config)  # a config built in Python meets the rules of one read from flags or a file
     out = Path(out)
     cfg = {"format_version": FORMAT_VERSION, "version": __version__, "stage": stage,
            "config": config_to_dict(config)}

@@ -278,8 +278,6 @@ def check_sampling_args(cfg: SampleConfig, T: int) -> tuple[int, int]:
     if not 0 < cfg.init_top_share <= 1 or (cfg.init_top_share != 1 and cfg.init_labels == "tiles"):
         raise HistoError(f"init_top_share must be in (0, 1] and is only used with init_labels=classifier, "
                          f"ensemble or image, got {cfg.init_top_share} with init_labels={cfg.init_labels}")
-    if isinstance(cfg.init_image_classifier, str):
-        raise HistoError(f"init_image_classifier is a list of folders, not the string {cfg.init_image_classifier!r}")
     reads_pixels = cfg.init_labels in ("ensemble", "image")
     if reads_pixels != bool(cfg.init_image_classifier) or (cfg.init_data and not cfg.init_image_classifier):
         raise HistoError("init_labels=ensemble or image needs init_image_classifier, and init_image_classifier/"
