@@ -182,6 +182,9 @@ def test_adapting_the_base_on_unlabeled_target_tiles(base, tmp_path):
         f = steps[name].fields
         assert (f["strength"], f["init_labels"], f["init_subset"]) == (0.1, "classifier", "train"), name
         assert steps[name.replace("sample", "select")].fields["rank_by"] == "confidence", name
+    # ... and the main evaluation adds the baseline: those tiles pseudo-labelled without the generator
+    assert steps["evaluate"].fields["arms"][-1] == "pseudo" and "classic" in steps["evaluate"].fields["arms"]
+    assert "pseudo" not in steps["evaluate_nopretrain"].fields["arms"]
     # --start-labels ensemble: the classes are read by the latent classifier and its image-space baseline
     ens = {s.name: s for s in plan(RunConfig(out=str(tmp_path / "r"), base=str(base), tile_size=SIZE,
                                              start_from="unlabeled", start_labels="ensemble"))}["sample"].fields
@@ -197,6 +200,11 @@ def test_adapting_the_base_on_unlabeled_target_tiles(base, tmp_path):
     noise = {s.name: s for s in plan(RunConfig(out=str(tmp_path / "r"), base=str(base), tile_size=SIZE))}
     assert noise["sample"].fields.get("strength", 1.0) == 1.0
     assert noise["select"].fields.get("rank_by", "centroid") == "centroid"
+    assert "pseudo" not in noise["evaluate"].fields.get("arms", ())
+    stage_cfg.write_text(json.dumps({"evaluate": {"arms": ["real", "selected"]}}))  # the user's arms win
+    assert {s.name: s for s in plan(RunConfig(out=str(tmp_path / "r"), base=str(base), tile_size=SIZE,
+                                              start_from="unlabeled", stage_config=str(stage_cfg)))
+            }["evaluate"].fields["arms"] == ["real", "selected"]
     with pytest.raises(HistoError, match="stage 'sample': strength 0.01 of 20 steps runs no step"):
         plan(RunConfig(out=str(tmp_path / "r"), base=str(base), tile_size=SIZE, start_from="unlabeled",
                        start_strength=0.01))

@@ -171,6 +171,11 @@ def test_run_end_to_end_and_skip(tmp_path):
     dec = json.loads((L4.decoder / "config.json").read_text())["config"]
     assert dec["unlabeled_subset"] == "train"
     assert json.loads((L4.select() / "config.json").read_text())["config"]["rank_by"] == "confidence"
+    # the baseline arm: the same pool pseudo-labelled by the classic classifiers, the cohort's unlabeled tiles too
+    m4 = json.loads((L4.evaluation() / "metrics.json").read_text())
+    assert "pseudo@0.5" in m4["arms"] and set(m4["deltas_vs_pseudo"]) == {"selected@0.5", "unselected@0.5"}
+    pool = {r["id"]: r for r in csv.DictReader(open(L4.evaluation() / "pseudo_labels.csv"))}
+    assert unl <= set(pool) and not any(pool[i]["label"] for i in unl)
 
 
 def test_run_refuses_other_config_in_same_dir(tmp_path):
