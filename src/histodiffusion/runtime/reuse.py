@@ -24,7 +24,7 @@ from .rundirs import CONFIG_FILE, comparable_config, is_complete
 
 # fields of an evaluation that do not change its sample-free classifiers
 _CLASSIFIER_NEUTRAL = ("samples", "selection", "arms", "ratios", "seeds", "external", "synthetic_weight",
-                       "real_finish")
+                       "real_finish", "pseudo_reader", "pseudo_rank")
 
 
 def check_source(source: str, out: str) -> Path:
