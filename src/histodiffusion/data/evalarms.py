@@ -14,7 +14,7 @@
                   first, in the same evaluation), quota(R, real count) per predicted class: the most confident
                   first, or a draw seeded by the training seed (pseudo_rank). Plain pseudo-labelling of the
                   target's unlabeled tiles, without any generator: the baseline `run --start-from unlabeled`
-                  has to beat (BENCHMARKS.md, "Self-training, and pseudo-labelling ...")
+                  has to beat (BENCHMARKS.md, "The pseudo-labelling baseline as an evaluation arm")
 """
 from __future__ import annotations
 
@@ -129,7 +129,7 @@ def pseudo_pool(cfg: EvaluateConfig, real: Tiles) -> tuple[Tiles, int]:
     """(the pseudo arms' pool, exact copies left out): the train split's tiles outside the training subset,
     labeled or not (label -1: none; the labels serve the measurement in pseudo_labels.csv only, never training),
     without tiles identical to a training tile."""
-    from ..data.datasets import PixelDataset
+    from .datasets import PixelDataset
 
     ds = PixelDataset(cfg.data, subset="train")
     train_ids = set(real.ids)
@@ -172,7 +172,8 @@ def pseudo_sets(cfg: EvaluateConfig, arms, real: Tiles, pool: Tiles, readers: li
                                                "arm uses %d", name, len(by_class[c]), c, want, n)
             per_class[c] = by_class[c][:n] if cfg.pseudo_rank == "confidence" else n
         chosen[name] = per_class
-    return {"images": pool.images, "labels": pred, "probs": probs, "true": pool.labels, "by_class": by_class, "chosen": chosen}
+    return {"images": pool.images, "labels": pred, "probs": probs, "true": pool.labels, "by_class": by_class,
+            "chosen": chosen}
 
 
 def training_set(kind: str, name: str, seed: int, real: Tiles, extra: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
