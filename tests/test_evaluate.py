@@ -369,7 +369,7 @@ def test_two_processes_split_jobs_and_match_one_process(evaluated, pseudo_evalua
     out = tmp_path / "eval2"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "histodiffusion", "evaluate",
            "--data", cfg.data, "--subset", cfg.subset, "--samples", cfg.samples, "--out", str(out),
-           "--arms", "real,classic,pseudo", "--ratios", "0.5", "--seeds", "0,1", "--backbone", "small_cnn_w8", "--steps", "4", "--val-every", "2",
+           "--arms", "real,classic,pseudo,pseudo+selected", "--ratios", "0.5", "--seeds", "0,1", "--backbone", "small_cnn_w8", "--steps", "4", "--val-every", "2",
            "--batch-size", "8", "--external", cfg.external[0]]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -383,8 +383,9 @@ def test_two_processes_split_jobs_and_match_one_process(evaluated, pseudo_evalua
     assert rows(out) == rows(root / "eval")  # same seeds -> same classifiers, whatever the process layout
     # the pseudo arm reads the pool with both ranks' classic classifiers, after both finished
     pseudo = [sorted(tuple(r.items()) for r in csv.DictReader(open(p / "per_seed.csv"))
-                     if r["arm"] == "pseudo@0.5" and r["testset"] == "test") for p in (out, Path(pseudo_evaluated[0].out))]
-    assert len(pseudo[0]) == 2 and pseudo[0] == pseudo[1]
+                     if r["arm"] in ("pseudo@0.5", "pseudo+selected@0.5") and r["testset"] == "test")
+              for p in (out, Path(pseudo_evaluated[0].out))]
+    assert len(pseudo[0]) == 4 and pseudo[0] == pseudo[1]
     assert (out / "pseudo_labels.csv").read_bytes() == (Path(pseudo_evaluated[0].out) / "pseudo_labels.csv").read_bytes()
 
     # one rank fails (rank 1's saved job real_1 has a corrupt scores.json): every rank stops with an
@@ -603,7 +604,7 @@ def test_balanced_training_in_channels_last_is_the_same_training():
 # --------------------------------------------------------------------------------------------
 # pseudo@R: the pseudo-labelling baseline (train tiles outside the subset, read by another arm's classifiers)
 # --------------------------------------------------------------------------------------------
-PSEUDO_ARMS = ("real", "classic", "selected", "pseudo")
+PSEUDO_ARMS = ("real", "classic", "selected", "pseudo", "pseudo+selected")
 
 
 @pytest.fixture(scope="module")
@@ -647,7 +648,8 @@ def test_pseudo_arm_trains_on_the_pool_as_the_reader_reads_it(pseudo_evaluated):
     for c in classes:
         read = sorted((float(r["confidence"]) for r in rows if r["pseudo_label"] == c), reverse=True)
         assert n_syn[c] == min(3, len(read)) == ps["chosen"]["pseudo@0.5"][c]["n"]
-    assert "pseudo@0.5" in m["deltas_vs_classic"] and set(m["deltas_vs_pseudo"]) == {"selected@0.5"}
+    assert "pseudo@0.5" in m["deltas_vs_classic"]
+    assert set(m["deltas_vs_pseudo"]) == {"selected@0.5", "pseudo+selected@0.5"}
     d = m["deltas_vs_pseudo"]["selected@0.5"]["accuracy"]
     acc = {(r["arm"], r["seed"]): float(r["accuracy"]) for r in csv.DictReader(open(out / "per_seed.csv"))
            if r["testset"] == "test"}
@@ -687,7 +689,7 @@ def test_pseudo_random_draws_per_seed_from_the_tiles_read_as_the_class(pseudo_ev
     readers = [load_classifier(Path(cfg.out) / "classifiers" / f"classic_{s}")[0] for s in (0, 1)]
     arms = [("pseudo@0.5", "pseudo", 0.5)]
     ps = pseudo_sets(rcfg, arms, real, pool, readers)
-    draws = [training_set("pseudo", "pseudo@0.5", s, real, ps) for s in (0, 1, 0)]
+    draws = [training_set("pseudo", "pseudo@0.5", s, real, [ps]) for s in (0, 1, 0)]
     assert draws[0][0].equal(draws[2][0])  # seeded by the training seed
     for x, y, counts in draws:
         assert x.shape[0] == len(real) + sum(counts.values())
@@ -695,13 +697,48 @@ def test_pseudo_random_draws_per_seed_from_the_tiles_read_as_the_class(pseudo_ev
         assert (added == ps["labels"][torch_index(x[len(real):], pool.images)]).all()
     # pseudo_rank confidence: the same count per class, the reader's most confident tiles of the class
     best = pseudo_sets(cfg, arms, real, pool, readers)
-    x, y, counts = training_set("pseudo", "pseudo@0.5", 0, real, best)
+    x, y, counts = training_set("pseudo", "pseudo@0.5", 0, real, [best])
     assert counts == draws[0][2]
     conf = best["probs"].max(1).values
     for ci, c in enumerate(real.classes):
         took = torch_index(x[len(real):], pool.images)[y[len(real):] == ci]
         of_class = conf[best["labels"] == ci].sort(descending=True).values
         assert conf[took].sort(descending=True).values.tolist() == of_class[:counts[c]].tolist()
+
+
+def test_pseudo_selected_arm_adds_both_arms_images(pseudo_evaluated):
+    """pseudo+selected@R trains on the real tiles, selected@R's kept samples and pseudo@R's pool tiles, each with
+    the label its own arm gives it; the saved classifier records both counts."""
+    from histodiffusion.data.evalarms import expand_arms, pseudo_pool, pseudo_sets, synthetic_sets, training_set
+    from histodiffusion.data.evaldata import load_real
+    from histodiffusion.models.classifier import load_classifier
+
+    cfg, root = pseudo_evaluated
+    real = load_real(cfg.data, cfg.subset)
+    arms = expand_arms(cfg.arms, cfg.ratios, True)
+    syn = synthetic_sets(cfg, arms, real)
+    readers = [load_classifier(Path(cfg.out) / "classifiers" / f"classic_{s}")[0] for s in (0, 1)]
+    ps = pseudo_sets(cfg, arms, real, pseudo_pool(cfg, real)[0], readers)
+    xs, ys, cs = training_set("selected", "selected@0.5", 0, real, [syn, ps])
+    xp, yp, cp = training_set("pseudo", "pseudo@0.5", 0, real, [syn, ps])
+    x, y, counts = training_set("pseudo+selected", "pseudo+selected@0.5", 0, real, [syn, ps])
+    n = len(real)
+    assert x.equal(torch_cat(xs, xp[n:])) and y.equal(torch_cat(ys, yp[n:]))
+    assert counts == {c: cs[c] + cp[c] for c in real.classes} and sum(cs.values()) > 0 and sum(cp.values()) > 0
+    saved = json.loads((Path(cfg.out) / "classifiers" / "pseudo+selected@0.5_0" / "classifier.json").read_text())
+    assert saved["n_synthetic"] == counts and saved["kind"] == "pseudo+selected"
+    m = json.loads((Path(cfg.out) / "metrics.json").read_text())
+    d = m["deltas_vs_pseudo"]["pseudo+selected@0.5"]["accuracy"]
+    acc = {(r["arm"], r["seed"]): float(r["accuracy"]) for r in csv.DictReader(open(Path(cfg.out) / "per_seed.csv"))
+           if r["testset"] == "test"}
+    assert d["mean"] == pytest.approx(sum(acc[("pseudo+selected@0.5", s)] - acc[("pseudo@0.5", s)]
+                                          for s in "01") / 2, abs=1e-5)
+
+
+def torch_cat(a, b):
+    import torch
+
+    return torch.cat([a, b])
 
 
 def torch_index(images, pool_images):
@@ -722,7 +759,9 @@ def test_pseudo_arm_bad_options(evaluated, tmp_path, capsys):
     assert "pseudo_rank" in capsys.readouterr().err
     with pytest.raises(HistoError, match="outside the training subset 'train'"):
         run(EvaluateConfig(**{**base, "subset": "train", "arms": ("classic", "pseudo"), "out": str(tmp_path / "c")}))
-    for d in "abc":  # refused before any classifier trained
+    with pytest.raises(HistoError, match="arm 'pseudo\\+selected' needs synthetic samples"):
+        run(EvaluateConfig(**{**base, "arms": ("classic", "pseudo+selected"), "out": str(tmp_path / "d")}))
+    for d in "abcd":  # refused before any classifier trained
         assert not (tmp_path / d / "classifiers").exists()
 
 

@@ -231,6 +231,13 @@ def test_verdict_sentences_judge_against_the_noise_floor():
     assert "pseudo" not in s[0] and s[1].endswith(
         "Over pseudo-labelled real tiles at the same ratio (pseudo@2, no generator): -0.050 [95% CI -0.070, "
         "-0.030]: a loss beyond seed noise.")
+    # a pseudo+selected arm: a sentence of its own, the samples' gain on top of the pseudo-labelled tiles
+    m["testsets"]["test"]["deltas_vs_pseudo"]["pseudo+selected@2"] = delta(0.01, -0.02, 0.04)
+    s = verdict_sentences(m)
+    assert len(s) == 3 and s[2] == (
+        "Selected synthetic tiles added to the pseudo-labelled real tiles at ratio 2 (pseudo+selected@2 against "
+        "pseudo@2) changed test accuracy by +0.010 [95% CI -0.020, 0.040] over 3 seeds: not distinguishable from "
+        "seed noise.")
     del m["testsets"]["test"]["deltas_vs_pseudo"]
     # without a real arm the synthetic arms are judged against classic alone
     m["testsets"]["test"]["deltas_vs_real"] = {}

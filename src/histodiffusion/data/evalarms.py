@@ -15,6 +15,9 @@
                   first, or a draw seeded by the training seed (pseudo_rank). Plain pseudo-labelling of the
                   target's unlabeled tiles, without any generator: the baseline `run --start-from unlabeled`
                   has to beat (BENCHMARKS.md, "The pseudo-labelling baseline as an evaluation arm")
+  pseudo+selected@R  real + pseudo@R's tiles + selected@R's samples (2R x the real count added at most): does the
+                  generator add anything on top of pseudo-labelling? Compared with pseudo@R in deltas_vs_pseudo
+                  (and, for the same number of added images, with pseudo@2R when that arm is evaluated too)
 """
 from __future__ import annotations
 
@@ -31,7 +34,9 @@ REAL_KINDS = ("real", "real_aa", "classic", "classic_aa")  # arms without synthe
 AA_OF = {"real_aa": "real", "classic_aa": "classic"}  # A/A arm -> the arm it repeats with other seeds
 AA_SEED_OFFSET = 1_000_003  # real_aa (classic_aa) with seed s trains exactly as real (classic) with seed s + offset
 UNAUGMENTED_KINDS = ("real", "real_aa")  # every other arm trains with classic augmentation
-SYNTHETIC_KINDS = ("selected", "unselected")  # arms that need a sample directory
+SYNTHETIC_KINDS = ("selected", "unselected", "pseudo+selected")  # arms that need a sample directory
+SELECTED_KINDS = ("selected", "pseudo+selected")  # arms that train on the keep-list (filtered.csv)
+PSEUDO_KINDS = ("pseudo", "pseudo+selected")  # arms that need the pool, read by the reader arm's classifiers
 
 
 def expand_arms(arms, ratios, has_samples: bool) -> list[tuple[str, str, float]]:
@@ -89,7 +94,7 @@ def synthetic_sets(cfg: EvaluateConfig, arms, real: Tiles) -> dict:
     index = {r["id"]: i for i, r in enumerate(rows)}
     by_class = {c: [i for i, r in enumerate(rows) if r["target"] == c] for c in real.classes}
     kept: dict[str, list[int]] = {}
-    if "selected" in kinds:
+    if kinds & set(SELECTED_KINDS):
         filt = read_filtered(selection_dir(cfg.samples, cfg.selection))
         unknown = [f["id"] for f in filt if f["id"] not in index]
         if unknown:
@@ -108,14 +113,14 @@ def synthetic_sets(cfg: EvaluateConfig, arms, real: Tiles) -> dict:
                 raise HistoError(f"ratio {ratio:g} asks for {want} synthetic {c!r} images "
                                  f"({ratio:g} x {real_counts[c]} real) but {cfg.samples}/samples.csv has only "
                                  f"{len(by_class[c])}: sample more or lower --ratios")
-            n_sel = min(want, len(kept[c])) if "selected" in kinds else want
-            if n_sel < want and kind == "selected":
+            n_sel = min(want, len(kept[c])) if kind in SELECTED_KINDS else want
+            if n_sel < want and kind in SELECTED_KINDS:
                 get_logger("evaluate").warning("%s: selection kept only %d of the %d %r samples asked for; the arm "
                                                "uses %d (unselected: the same count); select --quota-ratio %g fills "
                                                "each class from its ranked list (filtered.json: short = too few "
                                                "candidates, sample more)", name, n_sel, want, c, n_sel,
-                                               max(r for _, k, r in arms if k == "selected"))
-            per_class[c] = kept[c][:n_sel] if kind == "selected" else n_sel
+                                               max(r for _, k, r in arms if k in SELECTED_KINDS))
+            per_class[c] = kept[c][:n_sel] if kind in SELECTED_KINDS else n_sel
         chosen[name] = per_class
     labels = torch.tensor([real.classes.index(r["target"]) for r in rows], dtype=torch.long)
     return {"images": images, "labels": labels, "by_class": by_class, "chosen": chosen}
@@ -157,7 +162,7 @@ def pseudo_sets(cfg: EvaluateConfig, arms, real: Tiles, pool: Tiles, readers: li
     real_counts = real.counts()
     chosen: dict[str, dict] = {}
     for name, kind, ratio in arms:
-        if kind != "pseudo":
+        if kind not in PSEUDO_KINDS:
             continue
         per_class = {}
         for c in real.classes:
@@ -172,20 +177,25 @@ def pseudo_sets(cfg: EvaluateConfig, arms, real: Tiles, pool: Tiles, readers: li
             "chosen": chosen}
 
 
-def training_set(kind: str, name: str, seed: int, real: Tiles, extra: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """(uint8 images, labels, added images per class) of one arm and seed: the real tiles, then the images of
-    `extra` (synthetic_sets or pseudo_sets) the arm chose, or as many drawn at random (seeded by the training
-    seed and the class) from those of the class."""
+def training_set(kind: str, name: str, seed: int, real: Tiles, extras: list[dict]) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                         dict]:
+    """(uint8 images, labels, added images per class) of one arm and seed: the real tiles, then from each of
+    `extras` (synthetic_sets, pseudo_sets) that chose images for the arm, those images, or as many drawn at random
+    (seeded by the training seed and the class) from those of the class."""
     if kind in REAL_KINDS:
         return real.images, real.labels, {c: 0 for c in real.classes}
-    idx, counts = [], {}
-    for ci, c in enumerate(real.classes):
-        pick = extra["chosen"][name][c]
-        if isinstance(pick, int):
-            rng = numpy_rng(seed, ci)
-            pool = extra["by_class"][c]
-            pick = [pool[j] for j in rng.choice(len(pool), size=pick, replace=False)] if pick else []
-        idx += pick
-        counts[c] = len(pick)
-    idx_t = torch.as_tensor(idx, dtype=torch.long)
-    return (torch.cat([real.images, extra["images"][idx_t]]), torch.cat([real.labels, extra["labels"][idx_t]]), counts)
+    images, labels, counts = [real.images], [real.labels], {c: 0 for c in real.classes}
+    for extra in (e for e in extras if e and name in e["chosen"]):
+        idx = []
+        for ci, c in enumerate(real.classes):
+            pick = extra["chosen"][name][c]
+            if isinstance(pick, int):
+                rng = numpy_rng(seed, ci)
+                pool = extra["by_class"][c]
+                pick = [pool[j] for j in rng.choice(len(pool), size=pick, replace=False)] if pick else []
+            idx += pick
+            counts[c] += len(pick)
+        idx_t = torch.as_tensor(idx, dtype=torch.long)
+        images.append(extra["images"][idx_t])
+        labels.append(extra["labels"][idx_t])
+    return torch.cat(images), torch.cat(labels), counts

@@ -16,7 +16,8 @@ LATENT_TRUNKS = ("small", "unet")  # run --latent-classifier-trunk (pipeline._sy
 START_FROM = ("noise", "unlabeled")  # run --start-from: where the main chain's samples start (pipeline._synthesis_steps)
 START_LABELS = ("latent", "ensemble")  # run --start-labels: who reads the starting tiles' class (sample init_labels)
 START_STRENGTH = 0.05  # run --start-strength's default
-ARM_KINDS = ("real", "real_aa", "classic", "classic_aa", "selected", "unselected", "pseudo")  # evaluate's arm kinds
+ARM_KINDS = ("real", "real_aa", "classic", "classic_aa", "selected", "unselected", "pseudo",
+             "pseudo+selected")  # evaluate's arm kinds
 PSEUDO_RANKS = ("confidence", "random")  # evaluate --pseudo-rank (data.evalarms.pseudo_sets)
 
 

@@ -19,23 +19,25 @@ cosine schedule, backbone, validation rule) and differs only in the training ima
                   first) read as each class, quota(R, real count) per class (cfg.pseudo_rank: the most
                   confident first, or drawn with the training seed); with classic augmentation. Plain
                   pseudo-labelling without a generator: what `run --start-from unlabeled` must beat
-In the selected/unselected/pseudo arms each added image weighs cfg.synthetic_weight in the batch loss, a
+  pseudo+selected@R  real + pseudo@R's tiles + selected@R's samples, with classic augmentation: whether the
+                  generator adds anything on top of pseudo-labelling
+In the arms that add images each added image weighs cfg.synthetic_weight in the batch loss, a
 real one 1 (sum(w * loss) / sum(w); 1: the plain mean, as before). With cfg.real_finish > 0 their last
 round(real_finish x steps) steps draw batches from the real tiles only (fine-tuning on real after mixed
 training; the same budget, the earlier steps unchanged).
 Every classifier is scored on the validation split (cfg.val_subset) every cfg.val_every steps and
 after the last; its best-validation weights (highest accuracy, then lowest loss, then earliest step)
 are saved and scored, the same rule for every arm, and its validation curve is kept (scores.json,
-merged into curves.csv) to show whether real-only has plateaued. With pseudo arms the other arms train
-first; pseudo_labels.csv then records every pool tile's reading (and its true label where it has one, for
+merged into curves.csv) to show whether real-only has plateaued. With pseudo arms (pseudo, pseudo+selected)
+the other arms train first; pseudo_labels.csv then records every pool tile's reading (and its true label where it has one, for
 the measurement "pseudo" in metrics.json only). The training subset, validation
 and test splits must be pairwise group-disjoint (checked: HistoError otherwise). Every classifier is
 scored on the test split and on every external labeled dataset (cfg.external: ALL its tiles, classes
 matched by name; a tile identical to a training tile is an error). Outputs (cfg.out): config.json
 first, classifiers/<arm>_<seed>/ (model.safetensors, classifier.json, scores.json, _COMPLETE.json),
 per_seed.csv, curves.csv, metrics.json ("testsets": {test, <external>...}: per arm mean, 95% t-CI, n
-and paired deltas vs the real arm, of the synthetic arms vs classic, and of selected@R/unselected@R vs
-pseudo@R; "arms" / "deltas" /
+and paired deltas vs the real arm, of the synthetic arms vs classic, and of selected@R, unselected@R and
+pseudo+selected@R vs pseudo@R; "arms" / "deltas" /
 "deltas_vs_classic" / "noise_floor": the test split's, at the top level; "validation": per arm best step and mean curve), confusion/<testset>__<arm>.png (confusion
 summed over seeds, rows normalised), _COMPLETE.json last. A finished (arm, seed) is skipped on
 re-run, so a killed run resumes.
@@ -57,8 +59,8 @@ import torch
 from ..core import metrics as M
 from ..core.evalsummary import (CURVE_COLUMNS, curve_rows, per_seed_columns, per_seed_rows, summarise,
                                 validation_summary)
-from ..data.evalarms import (AA_OF, UNAUGMENTED_KINDS, check_groups_disjoint, expand_arms, pseudo_pool,
-                             pseudo_sets, relabel, synthetic_sets, train_seed, training_set)
+from ..data.evalarms import (AA_OF, PSEUDO_KINDS, SELECTED_KINDS, UNAUGMENTED_KINDS, check_groups_disjoint,
+                             expand_arms, pseudo_pool, pseudo_sets, relabel, synthetic_sets, train_seed, training_set)
 from ..data.evaldata import Tiles, dataset_classes, load_real
 from ..models.cards import CARD, classifier_card
 from ..runtime.artifacts import FILTERED_CSV, confusion_name, selection_dir
@@ -140,7 +142,7 @@ def run(cfg: EvaluateConfig) -> Path:
     size = int(real.images.shape[1])
     steps, steps_per_epoch = budget(cfg, len(real))
     jobs = [(a, s) for a in arms for s in cfg.seeds]
-    first = [j for j in jobs if j[0][1] != "pseudo"]  # the pseudo arms read the classifiers of pseudo_reader
+    first = [j for j in jobs if j[0][1] not in PSEUDO_KINDS]  # the pseudo arms read pseudo_reader's classifiers
     log.info("evaluate: %d arms x %d seeds, %d steps each (batch %d), %d real training tiles, %s, %d test tiles",
              len(arms), len(cfg.seeds), steps, cfg.batch_size, len(real),
              f"best of {len(val)} {cfg.val_subset} tiles every {cfg.val_every} steps" if val else "last weights",
@@ -152,7 +154,7 @@ def run(cfg: EvaluateConfig) -> Path:
 
         make_accelerator(cpu=True)  # the process group, for the collective error check below
     try:
-        _train_jobs(cfg, out, first[rank::world], sets, val, classes, size, steps, real, syn, log)
+        _train_jobs(cfg, out, first[rank::world], sets, val, classes, size, steps, real, [syn], log)
         error = None
     except Exception as e:  # reported collectively: the other ranks must not wait for this one
         error = e
@@ -163,7 +165,7 @@ def run(cfg: EvaluateConfig) -> Path:
         try:
             pseudo = label_pool(cfg, out, arms, real, pool, rank == 0)
             _train_jobs(cfg, out, [j for j in jobs if j not in first][rank::world], sets, val, classes, size, steps,
-                        real, pseudo, log)
+                        real, [syn, pseudo], log)
             error = None
         except Exception as e:
             error = e
@@ -181,9 +183,9 @@ PSEUDO_CSV = "pseudo_labels.csv"  # every pool tile's reading by the pseudo arms
 def check_pseudo(cfg: EvaluateConfig, arms, real: Tiles, test: Tiles, val: Tiles | None) -> Tiles | None:
     """The pseudo arms' pool (None without pseudo arms), checked: pseudo_reader is a non-pseudo arm of this
     evaluation; the pool is group-disjoint from test and validation."""
-    if not any(kind == "pseudo" for _, kind, _ in arms):
+    if not any(kind in PSEUDO_KINDS for _, kind, _ in arms):
         return None
-    readers = [n for n, kind, _ in arms if kind != "pseudo"]
+    readers = [n for n, kind, _ in arms if kind not in PSEUDO_KINDS]
     if cfg.pseudo_reader not in readers:
         raise HistoError(f"pseudo_reader {cfg.pseudo_reader!r} is not a non-pseudo arm of this evaluation "
                          f"({', '.join(readers) or 'none'}): the pseudo arms read the pool with its classifiers")
@@ -227,7 +229,7 @@ def check_keep_list(cfg: EvaluateConfig, out: Path, arms, is_main: bool) -> None
     so classifiers of an old and a new selection never mix in one evaluation."""
     from ..runtime.fileio import sha256_file
 
-    if not any(kind == "selected" for _, kind, _ in arms):
+    if not any(kind in SELECTED_KINDS for _, kind, _ in arms):
         return
     path = selection_dir(cfg.samples, cfg.selection) / FILTERED_CSV
     now = {"filtered_csv": str(path.resolve()), "sha256": sha256_file(path)}
@@ -273,9 +275,10 @@ def load_val(cfg: EvaluateConfig, real: Tiles, test: Tiles) -> Tiles:
     return val
 
 
-def _train_jobs(cfg: EvaluateConfig, out: Path, jobs, sets, val, classes, size: int, steps: int, real, syn,
+def _train_jobs(cfg: EvaluateConfig, out: Path, jobs, sets, val, classes, size: int, steps: int, real, extras,
                 log) -> None:
-    """Train, save and score one rank's (arm, seed) jobs; finished ones are skipped (or scored on new sets)."""
+    """Train, save and score one rank's (arm, seed) jobs; finished ones are skipped (or scored on new sets).
+    `extras`: the added-image sets the arms choose from (synthetic_sets, and pseudo_sets once the pool is read)."""
     from ..models.classifier import build_classifier, load_classifier, save_classifier, train_classifier, val_rank
 
     for (name, kind, ratio), seed in jobs:
@@ -289,7 +292,7 @@ def _train_jobs(cfg: EvaluateConfig, out: Path, jobs, sets, val, classes, size: 
                 write_json_atomic(d / "scores.json", sc)
             log.info("skip %s seed %d (finished)", name, seed)
             continue
-        x, y, counts = training_set(kind, name, seed, real, syn)
+        x, y, counts = training_set(kind, name, seed, real, extras)
         synthetic = len(x) > len(real)
         weights = synthetic_weights(len(real), len(x), cfg.synthetic_weight)
         finish = round(cfg.real_finish * steps) if synthetic else 0
@@ -332,7 +335,7 @@ def _merge(cfg, out: Path, arms, jobs, sets, classes, real, val, test, externals
             raise HistoError(f"classifier {d} did not finish (a rank failed?): re-run the same command")
         results[(name, seed)] = read_json(d / "scores.json", "classifier scores")
     names = [a[0] for a in arms]
-    vs_pseudo = {n: f"pseudo@{r:g}" for n, k, r in arms if k in ("selected", "unselected")
+    vs_pseudo = {n: f"pseudo@{r:g}" for n, k, r in arms if k in ("selected", "unselected", "pseudo+selected")
                  and f"pseudo@{r:g}" in names}
     summary = summarise(results, names, list(cfg.seeds), classes, list(sets), AA_OF, vs_pseudo)
     deltas, floors = summary["testsets"][TEST]["deltas_vs_real"], summary["testsets"][TEST]["noise_floors"]

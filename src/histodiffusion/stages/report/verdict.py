@@ -31,7 +31,7 @@ def _seeds(d: dict) -> str:
 
 def ratio_arms(deltas: dict, kind: str = "selected") -> list[tuple[float, str]]:
     """[(ratio, arm)] of one kind of synthetic arm ('selected@1', 'selected@0.5', ...), by ratio."""
-    found = [(float(m.group(1)), a) for a in deltas if (m := re.fullmatch(rf"{kind}@([\d.]+)", a))]
+    found = [(float(m.group(1)), a) for a in deltas if (m := re.fullmatch(rf"{re.escape(kind)}@([\d.]+)", a))]
     return sorted(found)
 
 
@@ -54,7 +54,8 @@ def verdict_sentences(metrics: dict, metric: str = "accuracy") -> list[str]:
     distinguishable from seed noise.' When the evaluation has a classic arm, a second clause judges the gain
     over classic augmentation (which the synthetic arms train with) against classic_aa's floor, and a third (with a
     pseudo arm of the same ratio) the gain over plain pseudo-labelling. Unselected
-    arms get a sentence when there is no selected one."""
+    arms get a sentence when there is no selected one. A pseudo+selected arm gets one: the gain of adding the
+    selected samples to the pseudo-labelled tiles."""
     r = metrics["testsets"][TEST]
     deltas, vs_classic = r["deltas_vs_real"], r.get("deltas_vs_classic") or {}
     floor = deltas.get("real_aa", {}).get(metric)
@@ -89,6 +90,12 @@ def verdict_sentences(metrics: dict, metric: str = "accuracy") -> list[str]:
             text += (f" Over pseudo-labelled real tiles at the same ratio (pseudo@{ratio:g}, no generator): "
                      f"{_interval(p)}: {judgement(p, classic_floor)}.")
         out.append(text)
+    vs_pseudo = r.get("deltas_vs_pseudo") or {}
+    for ratio, arm in ratio_arms(vs_pseudo, "pseudo+selected"):
+        p = vs_pseudo[arm][metric]
+        out.append(f"Selected synthetic tiles added to the pseudo-labelled real tiles at ratio {ratio:g} ({arm} "
+                   f"against pseudo@{ratio:g}) changed test {name} by {_interval(p)} over {_seeds(p)}: "
+                   f"{judgement(p, classic_floor)}.")
     return out
 
 
