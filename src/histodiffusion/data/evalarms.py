@@ -113,7 +113,7 @@ def synthetic_sets(cfg: EvaluateConfig, arms, real: Tiles) -> dict:
                 raise HistoError(f"ratio {ratio:g} asks for {want} synthetic {c!r} images "
                                  f"({ratio:g} x {real_counts[c]} real) but {cfg.samples}/samples.csv has only "
                                  f"{len(by_class[c])}: sample more or lower --ratios")
-            n_sel = min(want, len(kept[c])) if kind in SELECTED_KINDS else want
+            n_sel = min(want, len(kept[c])) if kinds & set(SELECTED_KINDS) else want  # unselected: as many
             if n_sel < want and kind in SELECTED_KINDS:
                 get_logger("evaluate").warning("%s: selection kept only %d of the %d %r samples asked for; the arm "
                                                "uses %d (unselected: the same count); select --quota-ratio %g fills "
