@@ -243,8 +243,8 @@ class EvaluateConfig:
     selection: str = F("", "select's output directory with the keep-list filtered.csv (default: <samples>/select)", input=True)
     out: str = F("eval/run", "output directory")
     arms: tuple[str, ...] = F(("real", "real_aa", "classic", "selected", "unselected"),
-                              "arms: real, real_aa (real-only with another seed stream: the A/A noise floor), classic, classic_aa (classic with another seed stream: the floor of the augmented harness the synthetic arms use), selected, unselected, pseudo (real + the train split's tiles outside the subset, labels never read, labelled by pseudo_reader's classifiers: plain pseudo-labelling, the baseline for --start-from unlabeled)")
-    ratios: tuple[float, ...] = F((1.0,), "synthetic ratios for the selected/unselected arms")
+                              "arms: real, real_aa (real-only with another seed stream: the A/A noise floor), classic, classic_aa (classic with another seed stream: the floor of the augmented harness the synthetic arms use), selected, unselected, pseudo (real + the train split's tiles outside the subset, labels never read, labelled by pseudo_reader's classifiers: plain pseudo-labelling, the baseline for --start-from unlabeled), pseudo+selected (real + pseudo's tiles + selected's samples: do the samples add to pseudo-labelling?)")
+    ratios: tuple[float, ...] = F((1.0,), "ratios R of the selected/unselected/pseudo arms: R x the real count added per class")
     seeds: tuple[int, ...] = F((0, 1, 2, 3, 4), "training seeds (5: the 95% t-interval is half as wide as with 3: t/sqrt(n) = 1.24 vs 2.48 std)")
     backbone: str = F("small_cnn", "small_cnn[_w<width>] (a 4-block CNN) or a timm model name (e.g. resnet18, vit_small_patch16_224)")
     backbone_weights: str = F("", "local pretrained weights for the backbone (default: from scratch)")
@@ -258,8 +258,8 @@ class EvaluateConfig:
     ema_decay: float = F(0.0, "exponential moving average of the weights (0: off); validation and test score the average")
     pseudo_reader: str = F("classic", "arm of this evaluation whose classifiers (the mean of their probabilities over the seeds) label the pool tiles of the pseudo arms; trained before them")
     pseudo_rank: str = F("confidence", "which pool tiles read as a class a pseudo@R arm trains on (R x the real count): 'confidence' (the reader's most confident first) or 'random' (drawn with the training seed)")
-    synthetic_weight: float = F(1.0, "loss weight of a synthetic training image relative to a real one in the selected/unselected arms (1: equal; below 1 trusts synthetic labels less)")
-    real_finish: float = F(0.0, "share of the step budget at its end in which the selected/unselected arms train on their real tiles only, i.e. fine-tune on real after real + synthetic (0: mixed to the end)")
+    synthetic_weight: float = F(1.0, "loss weight of a synthetic training image relative to a real one in the arms that add images (selected, unselected, pseudo, pseudo+selected; 1: equal; below 1 trusts synthetic labels less)")
+    real_finish: float = F(0.0, "share of the step budget at its end in which the arms that add images train on their real tiles only, i.e. fine-tune on real after real + synthetic (0: mixed to the end)")
     tta: bool = F(False, "test-time augmentation: test probabilities averaged over the 8 flips/rotations of each tile")
     external: tuple[str, ...] = F((), "external labeled test sets (prepared dataset directories; all their tiles are scored)", input=True)
 
