@@ -648,6 +648,9 @@ def test_pseudo_arm_trains_on_the_pool_as_the_reader_reads_it(pseudo_evaluated):
     for c in classes:
         read = sorted((float(r["confidence"]) for r in rows if r["pseudo_label"] == c), reverse=True)
         assert n_syn[c] == min(3, len(read)) == ps["chosen"]["pseudo@0.5"][c]["n"]
+        # class_rank: 1, 2, ... down the class's confidence order; the arm's tiles are those of rank <= 3
+        ranked = sorted((int(r["class_rank"]), float(r["confidence"])) for r in rows if r["pseudo_label"] == c)
+        assert [k for k, _ in ranked] == list(range(1, len(read) + 1)) and [v for _, v in ranked] == read
     assert "pseudo@0.5" in m["deltas_vs_classic"]
     assert set(m["deltas_vs_pseudo"]) == {"selected@0.5", "pseudo+selected@0.5"}
     d = m["deltas_vs_pseudo"]["selected@0.5"]["accuracy"]

@@ -177,7 +177,9 @@ def run(cfg: EvaluateConfig) -> Path:
     return out
 
 
-PSEUDO_CSV = "pseudo_labels.csv"  # every pool tile's reading by the pseudo arms' reader
+PSEUDO_CSV = "pseudo_labels.csv"  # every pool tile's reading by the pseudo arms' reader; class_rank: its place in
+# its pseudo-class by confidence (1: the most confident), so pseudo@R (confidence order) trains on the tiles with
+# class_rank <= quota(R, the class's real count): a pseudo-labelled augmentation set a user can take as it is
 
 
 def check_pseudo(cfg: EvaluateConfig, arms, real: Tiles, test: Tiles, val: Tiles | None) -> Tiles | None:
@@ -212,11 +214,12 @@ def label_pool(cfg: EvaluateConfig, out: Path, arms, real: Tiles, pool: Tiles, i
     pseudo = pseudo_sets(cfg, arms, real, pool, readers)
     if is_main:
         probs, classes = pseudo["probs"], real.classes
+        class_rank = {i: k + 1 for idx in pseudo["by_class"].values() for k, i in enumerate(idx)}
         rows = [{"id": pool.ids[i], "group": pool.groups[i], "pseudo_label": classes[int(pseudo["labels"][i])],
-                 "confidence": round(float(probs[i].max()), 6),
+                 "confidence": round(float(probs[i].max()), 6), "class_rank": class_rank[i],
                  **{f"p_{c}": round(float(probs[i, ci]), 6) for ci, c in enumerate(classes)},
                  "label": classes[int(pool.labels[i])] if pool.labels[i] >= 0 else ""} for i in range(len(pool))]
-        write_csv_atomic(out / PSEUDO_CSV, rows, ["id", "group", "pseudo_label", "confidence"] +
+        write_csv_atomic(out / PSEUDO_CSV, rows, ["id", "group", "pseudo_label", "confidence", "class_rank"] +
                          [f"p_{c}" for c in classes] + ["label"])
     return pseudo
 
