@@ -16,8 +16,8 @@
                   target's unlabeled tiles, without any generator: the baseline `run --start-from unlabeled`
                   has to beat (BENCHMARKS.md, "The pseudo-labelling baseline as an evaluation arm")
   pseudo+selected@R  real + pseudo@R's tiles + selected@R's samples (2R x the real count added at most): does the
-                  generator add anything on top of pseudo-labelling? Compared with pseudo@R in deltas_vs_pseudo
-                  (and, for the same number of added images, with pseudo@2R when that arm is evaluated too)
+                  generator add anything on top of pseudo-labelling? Paired with pseudo@R in deltas_vs_pseudo
+                  (evaluate a pseudo@2R arm too to compare at the same number of added images)
 """
 from __future__ import annotations
 
@@ -177,8 +177,8 @@ def pseudo_sets(cfg: EvaluateConfig, arms, real: Tiles, pool: Tiles, readers: li
             "chosen": chosen}
 
 
-def training_set(kind: str, name: str, seed: int, real: Tiles, extras: list[dict]) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                         dict]:
+def training_set(kind: str, name: str, seed: int, real: Tiles,
+                 extras: list[dict]) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """(uint8 images, labels, added images per class) of one arm and seed: the real tiles, then from each of
     `extras` (synthetic_sets, pseudo_sets) that chose images for the arm, those images, or as many drawn at random
     (seeded by the training seed and the class) from those of the class."""

@@ -29,9 +29,9 @@ Every classifier is scored on the validation split (cfg.val_subset) every cfg.va
 after the last; its best-validation weights (highest accuracy, then lowest loss, then earliest step)
 are saved and scored, the same rule for every arm, and its validation curve is kept (scores.json,
 merged into curves.csv) to show whether real-only has plateaued. With pseudo arms (pseudo, pseudo+selected)
-the other arms train first; pseudo_labels.csv then records every pool tile's reading (and its true label where it has one, for
-the measurement "pseudo" in metrics.json only). The training subset, validation
-and test splits must be pairwise group-disjoint (checked: HistoError otherwise). Every classifier is
+the other arms train first; pseudo_labels.csv then records every pool tile's reading (and its true label where
+it has one, for the measurement "pseudo" in metrics.json only). The training subset, validation and test
+splits must be pairwise group-disjoint (checked: HistoError otherwise). Every classifier is
 scored on the test split and on every external labeled dataset (cfg.external: ALL its tiles, classes
 matched by name; a tile identical to a training tile is an error). Outputs (cfg.out): config.json
 first, classifiers/<arm>_<seed>/ (model.safetensors, classifier.json, scores.json, _COMPLETE.json),
