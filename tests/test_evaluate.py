@@ -648,7 +648,7 @@ def test_pseudo_arm_trains_on_the_pool_as_the_reader_reads_it(pseudo_evaluated):
     for c in classes:
         read = sorted((float(r["confidence"]) for r in rows if r["pseudo_label"] == c), reverse=True)
         assert n_syn[c] == min(3, len(read)) == ps["chosen"]["pseudo@0.5"][c]["n"]
-        # class_rank: 1, 2, ... down the class's confidence order; the arm's tiles are those of rank <= 3
+        # class_rank: 1, 2, ... down the class's confidence order
         ranked = sorted((int(r["class_rank"]), float(r["confidence"])) for r in rows if r["pseudo_label"] == c)
         assert [k for k, _ in ranked] == list(range(1, len(read) + 1)) and [v for _, v in ranked] == read
     assert "pseudo@0.5" in m["deltas_vs_classic"]
@@ -712,6 +712,8 @@ def test_pseudo_random_draws_per_seed_from_the_tiles_read_as_the_class(pseudo_ev
 def test_pseudo_selected_arm_adds_both_arms_images(pseudo_evaluated):
     """pseudo+selected@R trains on the real tiles, selected@R's kept samples and pseudo@R's pool tiles, each with
     the label its own arm gives it; the saved classifier records both counts."""
+    import torch
+
     from histodiffusion.data.evalarms import expand_arms, pseudo_pool, pseudo_sets, synthetic_sets, training_set
     from histodiffusion.data.evaldata import load_real
     from histodiffusion.models.classifier import load_classifier
@@ -726,7 +728,7 @@ def test_pseudo_selected_arm_adds_both_arms_images(pseudo_evaluated):
     xp, yp, cp = training_set("pseudo", "pseudo@0.5", 0, real, [syn, ps])
     x, y, counts = training_set("pseudo+selected", "pseudo+selected@0.5", 0, real, [syn, ps])
     n = len(real)
-    assert x.equal(torch_cat(xs, xp[n:])) and y.equal(torch_cat(ys, yp[n:]))
+    assert x.equal(torch.cat([xs, xp[n:]])) and y.equal(torch.cat([ys, yp[n:]]))
     assert counts == {c: cs[c] + cp[c] for c in real.classes} and sum(cs.values()) > 0 and sum(cp.values()) > 0
     saved = json.loads((Path(cfg.out) / "classifiers" / "pseudo+selected@0.5_0" / "classifier.json").read_text())
     assert saved["n_synthetic"] == counts and saved["kind"] == "pseudo+selected"
@@ -736,12 +738,6 @@ def test_pseudo_selected_arm_adds_both_arms_images(pseudo_evaluated):
            if r["testset"] == "test"}
     assert d["mean"] == pytest.approx(sum(acc[("pseudo+selected@0.5", s)] - acc[("pseudo@0.5", s)]
                                           for s in "01") / 2, abs=1e-5)
-
-
-def torch_cat(a, b):
-    import torch
-
-    return torch.cat([a, b])
 
 
 def torch_index(images, pool_images):

@@ -94,7 +94,8 @@ def synthetic_sets(cfg: EvaluateConfig, arms, real: Tiles) -> dict:
     index = {r["id"]: i for i, r in enumerate(rows)}
     by_class = {c: [i for i, r in enumerate(rows) if r["target"] == c] for c in real.classes}
     kept: dict[str, list[int]] = {}
-    if kinds & set(SELECTED_KINDS):
+    reads_keep_list = bool(kinds & set(SELECTED_KINDS))  # then unselected@R draws as many as selected@R keeps
+    if reads_keep_list:
         filt = read_filtered(selection_dir(cfg.samples, cfg.selection))
         unknown = [f["id"] for f in filt if f["id"] not in index]
         if unknown:
@@ -113,7 +114,7 @@ def synthetic_sets(cfg: EvaluateConfig, arms, real: Tiles) -> dict:
                 raise HistoError(f"ratio {ratio:g} asks for {want} synthetic {c!r} images "
                                  f"({ratio:g} x {real_counts[c]} real) but {cfg.samples}/samples.csv has only "
                                  f"{len(by_class[c])}: sample more or lower --ratios")
-            n_sel = min(want, len(kept[c])) if kinds & set(SELECTED_KINDS) else want  # unselected: as many
+            n_sel = min(want, len(kept[c])) if reads_keep_list else want
             if n_sel < want and kind in SELECTED_KINDS:
                 get_logger("evaluate").warning("%s: selection kept only %d of the %d %r samples asked for; the arm "
                                                "uses %d (unselected: the same count); select --quota-ratio %g fills "

@@ -59,8 +59,9 @@ import torch
 from ..core import metrics as M
 from ..core.evalsummary import (CURVE_COLUMNS, curve_rows, per_seed_columns, per_seed_rows, summarise,
                                 validation_summary)
-from ..data.evalarms import (AA_OF, PSEUDO_KINDS, SELECTED_KINDS, UNAUGMENTED_KINDS, check_groups_disjoint,
-                             expand_arms, pseudo_pool, pseudo_sets, relabel, synthetic_sets, train_seed, training_set)
+from ..data.evalarms import (AA_OF, PSEUDO_KINDS, SELECTED_KINDS, SYNTHETIC_KINDS, UNAUGMENTED_KINDS,
+                             check_groups_disjoint, expand_arms, pseudo_pool, pseudo_sets, relabel, synthetic_sets,
+                             train_seed, training_set)
 from ..data.evaldata import Tiles, dataset_classes, load_real
 from ..models.cards import CARD, classifier_card
 from ..runtime.artifacts import FILTERED_CSV, confusion_name, selection_dir
@@ -338,8 +339,7 @@ def _merge(cfg, out: Path, arms, jobs, sets, classes, real, val, test, externals
             raise HistoError(f"classifier {d} did not finish (a rank failed?): re-run the same command")
         results[(name, seed)] = read_json(d / "scores.json", "classifier scores")
     names = [a[0] for a in arms]
-    vs_pseudo = {n: f"pseudo@{r:g}" for n, k, r in arms if k in ("selected", "unselected", "pseudo+selected")
-                 and f"pseudo@{r:g}" in names}
+    vs_pseudo = {n: f"pseudo@{r:g}" for n, k, r in arms if k in SYNTHETIC_KINDS and f"pseudo@{r:g}" in names}
     summary = summarise(results, names, list(cfg.seeds), classes, list(sets), AA_OF, vs_pseudo)
     deltas, floors = summary["testsets"][TEST]["deltas_vs_real"], summary["testsets"][TEST]["noise_floors"]
     summary.update({"budget": {"steps": steps, "steps_per_epoch": steps_per_epoch, "epochs": cfg.epochs,
