@@ -724,9 +724,9 @@ def test_pseudo_selected_arm_adds_both_arms_images(pseudo_evaluated):
     syn = synthetic_sets(cfg, arms, real)
     readers = [load_classifier(Path(cfg.out) / "classifiers" / f"classic_{s}")[0] for s in (0, 1)]
     ps = pseudo_sets(cfg, arms, real, pseudo_pool(cfg, real)[0], readers)
-    xs, ys, cs = training_set("selected", "selected@0.5", 0, real, [syn, ps])
-    xp, yp, cp = training_set("pseudo", "pseudo@0.5", 0, real, [syn, ps])
-    x, y, counts = training_set("pseudo+selected", "pseudo+selected@0.5", 0, real, [syn, ps])
+    xs, ys, cs = training_set("selected", "selected@0.5", 0, real, [*syn, ps])
+    xp, yp, cp = training_set("pseudo", "pseudo@0.5", 0, real, [*syn, ps])
+    x, y, counts = training_set("pseudo+selected", "pseudo+selected@0.5", 0, real, [*syn, ps])
     n = len(real)
     assert x.equal(torch.cat([xs, xp[n:]])) and y.equal(torch.cat([ys, yp[n:]]))
     assert counts == {c: cs[c] + cp[c] for c in real.classes} and sum(cs.values()) > 0 and sum(cp.values()) > 0
@@ -761,6 +761,95 @@ def test_pseudo_arm_bad_options(evaluated, tmp_path, capsys):
     with pytest.raises(HistoError, match="arm 'pseudo\\+selected' needs synthetic samples"):
         run(EvaluateConfig(**{**base, "arms": ("classic", "pseudo+selected"), "out": str(tmp_path / "d")}))
     for d in "abcd":  # refused before any classifier trained
+        assert not (tmp_path / d / "classifiers").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# start@R: the raw tiles selected@R's samples started from, with the samples' labels (no diffusion step)
+# --------------------------------------------------------------------------------------------
+def with_starts(samples: Path, data: str, out: Path) -> Path:
+    """A copy of a sample directory whose sample i names train tile i (cycling through the train split, every
+    class) of `data` as its starting tile, turned by dihedral i % 8; its keep-list copied along."""
+    from histodiffusion.data.datasets import PixelDataset
+
+    shutil.copytree(samples, out)
+    train = [r["id"] for r in PixelDataset(data, "train").rows]
+    rows = list(csv.DictReader(open(out / "samples.csv")))
+    for i, r in enumerate(rows):
+        r["init_id"], r["init_dihedral"] = train[(5 * i) % len(train)], i % 8
+    with open(out / "samples.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return out
+
+
+@pytest.fixture(scope="module")
+def start_evaluated(evaluated):
+    cfg, root = evaluated
+    samples = with_starts(Path(cfg.samples), cfg.data, root / "samples_start")
+    scfg = EvaluateConfig(**{**cfg.__dict__, "samples": str(samples), "arms": ("selected", "start"),
+                             "ratios": (0.5,), "external": (), "out": str(root / "eval_start")})
+    with one_thread():
+        run(scfg)
+    return scfg, root
+
+
+def test_start_arm_trains_on_the_kept_samples_starting_tiles_with_their_labels(start_evaluated):
+    import torch
+
+    from histodiffusion.core.transforms import dihedral
+    from histodiffusion.data.datasets import PixelDataset
+    from histodiffusion.data.evalarms import expand_arms, synthetic_sets, training_set
+    from histodiffusion.data.evaldata import load_real
+
+    cfg, root = start_evaluated
+    real = load_real(cfg.data, cfg.subset)
+    sets = synthetic_sets(cfg, expand_arms(cfg.arms, cfg.ratios, True), real)
+    xs, ys, cs = training_set("selected", "selected@0.5", 0, real, sets)
+    x, y, counts = training_set("start", "start@0.5", 0, real, sets)
+    n = len(real)
+    assert counts == cs and sum(counts.values()) == 9 and y.equal(ys)  # quota(0.5, 6) = 3 kept per class
+    assert not x[n:].equal(xs[n:])  # the tiles, not the samples
+    # each added image: the train tile its sample names, turned by the sample's init_dihedral
+    rows = {r["id"]: r for r in csv.DictReader(open(Path(cfg.samples) / "samples.csv"))}
+    kept = [f for f in csv.DictReader(open(Path(cfg.samples) / "select" / "filtered.csv")) if f["keep"] == "1"]
+    order = [f["id"] for c in real.classes for f in sorted((f for f in kept if f["target"] == c),
+                                                            key=lambda f: int(f["rank"]))[:3]]
+    train = PixelDataset(cfg.data, "train")
+    at = {r["id"]: j for j, r in enumerate(train.rows)}
+    want = torch.stack([dihedral(train.uint8(at[rows[i]["init_id"]]), int(rows[i]["init_dihedral"]), dims=(0, 1))
+                        for i in order])
+    assert x[n:].equal(want)
+    assert [real.classes[int(k)] for k in y[n:]] == [rows[i]["target"] for i in order]
+    # metrics: selected@R against start@R, recomputed from per_seed.csv; the starting tiles measured
+    m = json.loads((Path(cfg.out) / "metrics.json").read_text())
+    acc = {(r["arm"], r["seed"]): float(r["accuracy"]) for r in csv.DictReader(open(Path(cfg.out) / "per_seed.csv"))
+           if r["testset"] == "test"}
+    d = m["deltas_vs_start"]["selected@0.5"]["accuracy"]
+    assert d["mean"] == pytest.approx(sum(acc[("selected@0.5", s)] - acc[("start@0.5", s)] for s in "01") / 2,
+                                      abs=1e-5)
+    st = m["start"]["start@0.5"]
+    tiles = {rows[i]["init_id"] for i in order}
+    assert st["distinct_tiles"] == len(tiles)
+    assert st["training_subset_tiles"] == len(tiles & set(real.ids))
+    right = [train.rows[at[rows[i]["init_id"]]]["label"] == rows[i]["target"] for i in order]
+    assert st["right_all"] == {"right": round(sum(right) / 9, 4), "n_labeled": 9, "n": 9} and 0 < sum(right) < 9
+
+
+def test_start_arm_refuses_samples_without_a_starting_tile_the_dataset_has(evaluated, start_evaluated, tmp_path):
+    cfg, root = evaluated
+    base = {**cfg.__dict__, "arms": ("start",), "ratios": (0.5,), "external": ()}
+    with pytest.raises(HistoError, match=r"sample 's00000' in .*samples.csv has no starting tile \(init_id"):
+        run(EvaluateConfig(**{**base, "out": str(tmp_path / "a")}))  # samples made from noise
+    samples = tmp_path / "s"
+    shutil.copytree(start_evaluated[0].samples, samples)
+    text = (samples / "samples.csv").read_text()
+    first = next(csv.DictReader(open(samples / "samples.csv")))["init_id"]
+    (samples / "samples.csv").write_text(text.replace(f",{first},", ",elsewhere-7,", 1))
+    with pytest.raises(HistoError, match="starts from tile 'elsewhere-7', which is not a train-split tile"):
+        run(EvaluateConfig(**{**base, "samples": str(samples), "out": str(tmp_path / "b")}))
+    for d in "ab":  # refused before any classifier trained
         assert not (tmp_path / d / "classifiers").exists()
 
 

@@ -238,7 +238,13 @@ def test_verdict_sentences_judge_against_the_noise_floor():
         "Selected synthetic tiles added to the pseudo-labelled real tiles at ratio 2 (pseudo+selected@2 against "
         "pseudo@2) changed test accuracy by +0.010 [95% CI -0.020, 0.040] over 3 seeds: not distinguishable from "
         "seed noise.")
-    del m["testsets"]["test"]["deltas_vs_pseudo"]
+    # with a start arm of the same ratio: a fourth clause, what the diffusion step adds over its starting tiles
+    m["testsets"]["test"]["deltas_vs_start"] = {"selected@2": delta(0.004, -0.01, 0.018)}
+    s = verdict_sentences(m)
+    assert "start@" not in s[0] and s[1].endswith(
+        "Over the samples' own starting tiles, raw (start@2: the same tiles and labels without the diffusion step): "
+        "+0.004 [95% CI -0.010, 0.018]: not distinguishable from seed noise.")
+    del m["testsets"]["test"]["deltas_vs_pseudo"], m["testsets"]["test"]["deltas_vs_start"]
     # without a real arm the synthetic arms are judged against classic alone
     m["testsets"]["test"]["deltas_vs_real"] = {}
     s = verdict_sentences(m)

@@ -29,12 +29,13 @@ def per_seed_rows(results: dict, classes: list[str]) -> list[dict]:
 
 
 def summarise(results: dict, arm_names: list[str], seeds: list[int], classes: list[str], testsets: list[str],
-              aa_of: dict[str, str] | None = None, vs_pseudo: dict[str, str] | None = None) -> dict:
+              aa_of: dict[str, str] | None = None, pairs: dict[str, dict[str, str]] | None = None) -> dict:
     """{"testsets": {ts: {"arms": {arm: {metric: mean_ci}}, "deltas_vs_real": {arm: {metric: paired_diff}},
     "deltas_vs_classic": {synthetic arm: {metric: paired_diff}} (when classic is an arm), "noise_floors": {aa arm:
-    {metric: paired_diff against the arm it repeats}}, "deltas_vs_pseudo": {arm: {metric: paired_diff against
-    vs_pseudo[arm]}}}}}; aa_of maps each A/A arm to that arm (evaluate passes data.evalarms.AA_OF), vs_pseudo each
-    synthetic arm to the pseudo-labelling arm of its ratio."""
+    {metric: paired_diff against the arm it repeats}}, and for each key of `pairs` (e.g. "deltas_vs_pseudo"):
+    {arm: {metric: paired_diff against pairs[key][arm]}}}}}; aa_of maps each A/A arm to that arm (evaluate passes
+    data.evalarms.AA_OF); evaluate pairs each synthetic arm with the pseudo-labelling arm of its ratio and selected@R
+    with start@R."""
     aa_of = aa_of or {}
     out = {"classes": classes, "seeds": seeds, "ci": "95% t-interval over seeds (n-1 dof)", "testsets": {}}
     for ts in testsets:
@@ -53,7 +54,8 @@ def summarise(results: dict, arm_names: list[str], seeds: list[int], classes: li
         floors = {aa: _paired(per, aa, of, seeds) for aa, of in aa_of.items() if aa in arm_names and of in arm_names}
         out["testsets"][ts] = {"arms": arms, "deltas_vs_real": deltas, "deltas_vs_classic": vs_classic,
                                "noise_floors": floors,
-                               "deltas_vs_pseudo": {a: _paired(per, a, b, seeds) for a, b in (vs_pseudo or {}).items()}}
+                               **{key: {a: _paired(per, a, b, seeds) for a, b in pair.items()}
+                                  for key, pair in (pairs or {}).items()}}
     return out
 
 

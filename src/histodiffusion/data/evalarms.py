@@ -18,6 +18,10 @@
   pseudo+selected@R  real + pseudo@R's tiles + selected@R's samples (2R x the real count added at most): does the
                   generator add anything on top of pseudo-labelling? Paired with pseudo@R in deltas_vs_pseudo
                   (evaluate a pseudo@2R arm too to compare at the same number of added images)
+  start@R         real + the starting tiles of selected@R's samples (samples.csv init_id, a train-split tile of the
+                  evaluated dataset, turned by init_dihedral), raw, each with its sample's target label: the
+                  product's choice of tiles and labels without the diffusion step. Paired with selected@R in
+                  deltas_vs_start: what the diffusion step adds (BENCHMARKS.md, "Does the diffusion step pay?")
 """
 from __future__ import annotations
 
@@ -34,8 +38,8 @@ REAL_KINDS = ("real", "real_aa", "classic", "classic_aa")  # arms without synthe
 AA_OF = {"real_aa": "real", "classic_aa": "classic"}  # A/A arm -> the arm it repeats with other seeds
 AA_SEED_OFFSET = 1_000_003  # real_aa (classic_aa) with seed s trains exactly as real (classic) with seed s + offset
 UNAUGMENTED_KINDS = ("real", "real_aa")  # every other arm trains with classic augmentation
-SYNTHETIC_KINDS = ("selected", "unselected", "pseudo+selected")  # arms that need a sample directory
-SELECTED_KINDS = ("selected", "pseudo+selected")  # arms that train on the keep-list (filtered.csv)
+SYNTHETIC_KINDS = ("selected", "unselected", "pseudo+selected", "start")  # arms that need a sample directory
+SELECTED_KINDS = ("selected", "pseudo+selected", "start")  # arms that train on the keep-list (filtered.csv)
 PSEUDO_KINDS = ("pseudo", "pseudo+selected")  # arms that need the pool, read by the reader arm's classifiers
 
 
@@ -83,12 +87,14 @@ def relabel(tiles: Tiles, classes: list[str], what: str) -> Tiles:
     return Tiles(tiles.images, m[tiles.labels], tiles.ids, tiles.groups, list(classes))
 
 
-def synthetic_sets(cfg: EvaluateConfig, arms, real: Tiles) -> dict:
-    """Images, labels, indices per class and, per synthetic arm and class, the chosen sample indices
-    (selected: kept, by rank) or the count to draw (unselected: as many as selected uses)."""
+def synthetic_sets(cfg: EvaluateConfig, arms, real: Tiles) -> list[dict]:
+    """The added-image sets of the arms that need a sample directory ([] without such arms): the samples (images,
+    labels, indices per class and, per arm and class, the chosen sample indices (selected: kept, by rank) or the
+    count to draw (unselected: as many as selected uses)), then, with start arms, their samples' starting tiles
+    (start_tiles) under the same indices."""
     kinds = {k for _, k, _ in arms}
     if not kinds & set(SYNTHETIC_KINDS):
-        return {}
+        return []
     rows = read_samples(cfg.samples, real.classes)
     images = load_sample_images(cfg.samples, rows, int(real.images.shape[1]))
     index = {r["id"]: i for i, r in enumerate(rows)}
@@ -124,7 +130,76 @@ def synthetic_sets(cfg: EvaluateConfig, arms, real: Tiles) -> dict:
             per_class[c] = kept[c][:n_sel] if kind in SELECTED_KINDS else n_sel
         chosen[name] = per_class
     labels = torch.tensor([real.classes.index(r["target"]) for r in rows], dtype=torch.long)
-    return {"images": images, "labels": labels, "by_class": by_class, "chosen": chosen}
+    starts = {n for n, k, _ in arms if k == "start"}
+    out = [{"images": images, "labels": labels, "by_class": by_class,
+            "chosen": {n: v for n, v in chosen.items() if n not in starts}}]
+    if starts:
+        needed = sorted({i for n in starts for idx in chosen[n].values() for i in idx})
+        tiles, true = start_tiles(cfg, rows, needed, images.shape[1:], real.classes)
+        out.append({"images": tiles, "labels": labels, "true": true, "by_class": by_class,
+                    "init_ids": [r.get("init_id", "") for r in rows], "chosen": {n: chosen[n] for n in starts}})
+    return out
+
+
+def start_tiles(cfg: EvaluateConfig, rows: list[dict], needed: list[int], shape,
+                classes: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uint8 images [len(rows), *shape], own labels): for the samples at `needed`, the train-split tile of cfg.data
+    each started from (init_id) turned by its init_dihedral, and that tile's label index in `classes` (-1: unlabeled); zeros
+    and -1 elsewhere. One error names the first sample without a starting tile or with one the dataset lacks."""
+    from ..core.transforms import DIHEDRAL, dihedral
+    from .datasets import PixelDataset
+
+    path = f"{cfg.samples}/samples.csv"
+    bad = next((rows[i] for i in needed if not rows[i].get("init_id")), None)
+    if bad is not None:
+        raise HistoError(f"start arms need samples made from tiles: sample {bad['id']!r} in {path} has no starting "
+                         f"tile (init_id; sample with --strength < 1 and --init-subset)")
+    ds = PixelDataset(cfg.data, subset="train")
+    at = {r["id"]: j for j, r in enumerate(ds.rows)}
+    bad = next((rows[i] for i in needed if rows[i]["init_id"] not in at), None)
+    if bad is not None:
+        raise HistoError(f"sample {bad['id']!r} in {path} starts from tile {bad['init_id']!r}, which is not a "
+                         f"train-split tile of {cfg.data}: the start arms read the starting tiles from the "
+                         f"evaluated dataset")
+    images = torch.zeros((len(rows), *shape), dtype=torch.uint8)
+    true = torch.full((len(rows),), -1, dtype=torch.long)
+    for i in needed:
+        k = str(rows[i].get("init_dihedral") or "0")
+        if not k.isdigit() or int(k) >= DIHEDRAL:
+            raise HistoError(f"sample {rows[i]['id']!r} in {path} has init_dihedral {k!r}, not 0..{DIHEDRAL - 1}")
+        j = at[rows[i]["init_id"]]
+        images[i] = dihedral(ds.uint8(j), int(k), dims=(0, 1))
+        label = ds.rows[j]["label"]
+        true[i] = classes.index(label) if label in classes else -1
+    return images, true
+
+
+def label_agreement(assigned: torch.Tensor, true: torch.Tensor, idx) -> dict:
+    """Measurement only: of the images at idx, how many carry a label of their own (true >= 0) and the share of
+    those whose assigned (training) label is it."""
+    idx = torch.as_tensor(idx, dtype=torch.long)
+    known = true[idx] >= 0
+    n = int(known.sum())
+    right = (assigned[idx] == true[idx])[known]
+    return {"right": round(float(right.float().mean()), 4) if n else None, "n_labeled": n, "n": len(idx)}
+
+
+def start_summary(arms, start: dict, real: Tiles) -> dict:
+    """Per start arm: how many distinct tiles its samples start from, how many of those are tiles of the
+    training subset, and per class the share of its starting tiles whose own label (where they have one) is
+    the sample's target (measurement only)."""
+    out = {}
+    subset = set(real.ids)
+    for name, kind, _ in arms:
+        if kind != "start":
+            continue
+        idx = [i for v in start["chosen"][name].values() for i in v]
+        tiles = {start["init_ids"][i] for i in idx}
+        out[name] = {"distinct_tiles": len(tiles), "training_subset_tiles": len(tiles & subset),
+                     "right": {c: label_agreement(start["labels"], start["true"], v)
+                               for c, v in start["chosen"][name].items()},
+                     "right_all": label_agreement(start["labels"], start["true"], idx)}
+    return out
 
 
 def pseudo_pool(cfg: EvaluateConfig, real: Tiles) -> tuple[Tiles, int]:

@@ -21,6 +21,9 @@ cosine schedule, backbone, validation rule) and differs only in the training ima
                   pseudo-labelling without a generator: what `run --start-from unlabeled` must beat
   pseudo+selected@R  real + pseudo@R's tiles + selected@R's samples, with classic augmentation: whether the
                   generator adds anything on top of pseudo-labelling
+  start@R         real + the raw tiles selected@R's samples started from (samples.csv init_id, turned by
+                  init_dihedral), each with its sample's target label, with classic augmentation: the same
+                  choice of tiles and labels without the diffusion step
 In the arms that add images each added image weighs cfg.synthetic_weight in the batch loss, a
 real one 1 (sum(w * loss) / sum(w); 1: the plain mean, as before). With cfg.real_finish > 0 their last
 round(real_finish x steps) steps draw batches from the real tiles only (fine-tuning on real after mixed
@@ -37,7 +40,9 @@ matched by name; a tile identical to a training tile is an error). Outputs (cfg.
 first, classifiers/<arm>_<seed>/ (model.safetensors, classifier.json, scores.json, _COMPLETE.json),
 per_seed.csv, curves.csv, metrics.json ("testsets": {test, <external>...}: per arm mean, 95% t-CI, n
 and paired deltas vs the real arm, of the synthetic arms vs classic, and of selected@R, unselected@R and
-pseudo+selected@R vs pseudo@R; "arms" / "deltas" /
+pseudo+selected@R and start@R vs pseudo@R, and of selected@R vs start@R ("deltas_vs_start": what the diffusion
+step adds; "start": per start arm the distinct starting tiles and, measurement only, the share whose own label is
+the sample's target); "arms" / "deltas" /
 "deltas_vs_classic" / "noise_floor": the test split's, at the top level; "validation": per arm best step and mean curve), confusion/<testset>__<arm>.png (confusion
 summed over seeds, rows normalised), _COMPLETE.json last. A finished (arm, seed) is skipped on
 re-run, so a killed run resumes.
@@ -60,8 +65,8 @@ from ..core import metrics as M
 from ..core.evalsummary import (CURVE_COLUMNS, curve_rows, per_seed_columns, per_seed_rows, summarise,
                                 validation_summary)
 from ..data.evalarms import (AA_OF, PSEUDO_KINDS, SELECTED_KINDS, SYNTHETIC_KINDS, UNAUGMENTED_KINDS,
-                             check_groups_disjoint, expand_arms, pseudo_pool, pseudo_sets, relabel, synthetic_sets,
-                             train_seed, training_set)
+                             check_groups_disjoint, expand_arms, label_agreement, pseudo_pool, pseudo_sets, relabel,
+                             start_summary, synthetic_sets, train_seed, training_set)
 from ..data.evaldata import Tiles, dataset_classes, load_real
 from ..models.cards import CARD, classifier_card
 from ..runtime.artifacts import FILTERED_CSV, confusion_name, selection_dir
@@ -155,7 +160,7 @@ def run(cfg: EvaluateConfig) -> Path:
 
         make_accelerator(cpu=True)  # the process group, for the collective error check below
     try:
-        _train_jobs(cfg, out, first[rank::world], sets, val, classes, size, steps, real, [syn], log)
+        _train_jobs(cfg, out, first[rank::world], sets, val, classes, size, steps, real, syn, log)
         error = None
     except Exception as e:  # reported collectively: the other ranks must not wait for this one
         error = e
@@ -166,7 +171,7 @@ def run(cfg: EvaluateConfig) -> Path:
         try:
             pseudo = label_pool(cfg, out, arms, real, pool, rank == 0)
             _train_jobs(cfg, out, [j for j in jobs if j not in first][rank::world], sets, val, classes, size, steps,
-                        real, [syn, pseudo], log)
+                        real, [*syn, pseudo], log)
             error = None
         except Exception as e:
             error = e
@@ -174,7 +179,8 @@ def run(cfg: EvaluateConfig) -> Path:
     if rank != 0:
         return out
     # 4. merge (rank 0): per_seed.csv, curves.csv, metrics.json, confusion PNGs, completion marker last
-    _merge(cfg, out, arms, jobs, sets, classes, real, val, test, externals, steps, steps_per_epoch, pseudo)
+    _merge(cfg, out, arms, jobs, sets, classes, real, val, test, externals, steps, steps_per_epoch, pseudo,
+           start_summary(arms, syn[1], real) if len(syn) > 1 else None)
     return out
 
 
@@ -331,7 +337,7 @@ def _train_jobs(cfg: EvaluateConfig, out: Path, jobs, sets, val, classes, size: 
 
 
 def _merge(cfg, out: Path, arms, jobs, sets, classes, real, val, test, externals, steps, steps_per_epoch,
-           pseudo: dict | None) -> None:
+           pseudo: dict | None, start: dict | None) -> None:
     results = {}
     for (name, kind, ratio), seed in jobs:
         d = out / "classifiers" / f"{name}_{seed}"
@@ -339,8 +345,10 @@ def _merge(cfg, out: Path, arms, jobs, sets, classes, real, val, test, externals
             raise HistoError(f"classifier {d} did not finish (a rank failed?): re-run the same command")
         results[(name, seed)] = read_json(d / "scores.json", "classifier scores")
     names = [a[0] for a in arms]
-    vs_pseudo = {n: f"pseudo@{r:g}" for n, k, r in arms if k in SYNTHETIC_KINDS and f"pseudo@{r:g}" in names}
-    summary = summarise(results, names, list(cfg.seeds), classes, list(sets), AA_OF, vs_pseudo)
+    pairs = {"deltas_vs_pseudo": {n: f"pseudo@{r:g}" for n, k, r in arms
+                                  if k in SYNTHETIC_KINDS and f"pseudo@{r:g}" in names},
+             "deltas_vs_start": {f"selected@{r:g}": n for n, k, r in arms if k == "start" and f"selected@{r:g}" in names}}
+    summary = summarise(results, names, list(cfg.seeds), classes, list(sets), AA_OF, pairs)
     deltas, floors = summary["testsets"][TEST]["deltas_vs_real"], summary["testsets"][TEST]["noise_floors"]
     summary.update({"budget": {"steps": steps, "steps_per_epoch": steps_per_epoch, "epochs": cfg.epochs,
                                "batch_size": cfg.batch_size, "lr": cfg.lr, "backbone": cfg.backbone,
@@ -359,6 +367,7 @@ def _merge(cfg, out: Path, arms, jobs, sets, classes, real, val, test, externals
                     "arms": summary["testsets"][TEST]["arms"], "deltas": deltas,
                     "deltas_vs_classic": summary["testsets"][TEST]["deltas_vs_classic"],
                     "deltas_vs_pseudo": summary["testsets"][TEST]["deltas_vs_pseudo"],
+                    "deltas_vs_start": summary["testsets"][TEST]["deltas_vs_start"], "start": start,
                     "noise_floor": floors.get("real_aa"), "noise_floors": floors,
                     "pseudo": pseudo_summary(cfg, arms, real, pseudo) if pseudo else None})
     write_csv_atomic(out / "per_seed.csv", per_seed_rows(results, classes), per_seed_columns(classes))
@@ -375,24 +384,16 @@ def _merge(cfg, out: Path, arms, jobs, sets, classes, real, val, test, externals
 def pseudo_summary(cfg: EvaluateConfig, arms, real: Tiles, pseudo: dict) -> dict:
     """The pseudo arms' reader and pool, and (measurement only: the pool tiles that carry a label) how many of the
     pool and, with pseudo_rank confidence, of each arm's chosen tiles it labels right."""
-    true = pseudo["true"]
-    known = true >= 0
-    right = pseudo["labels"] == true
-
-    def share(idx) -> dict:
-        idx = torch.as_tensor(idx, dtype=torch.long)
-        n = int(known[idx].sum())
-        return {"right": round(float(right[idx][known[idx]].float().mean()), 4) if n else None, "n_labeled": n,
-                "n": len(idx)}
-
+    true, labels = pseudo["true"], pseudo["labels"]
     per_arm = {}
     for name, kind, _ in arms:
         if kind == "pseudo":
             chosen = pseudo["chosen"][name]
-            per_arm[name] = {c: (share(v) if isinstance(v, list) else {"drawn": v}) for c, v in chosen.items()}
+            per_arm[name] = {c: (label_agreement(labels, true, v) if isinstance(v, list) else {"drawn": v})
+                             for c, v in chosen.items()}
     return {"reader": cfg.pseudo_reader, "reader_seeds": list(cfg.seeds), "rank": cfg.pseudo_rank,
             "pool": len(true), "read_as": {c: len(v) for c, v in pseudo["by_class"].items()},
-            "pool_right": share(list(range(len(true)))), "chosen": per_arm,
+            "pool_right": label_agreement(labels, true, list(range(len(true)))), "chosen": per_arm,
             "note": "right: share of tiles whose own label (where the pool tile has one) is the pseudo-label; "
                     "measurement only, training never reads it"}
 

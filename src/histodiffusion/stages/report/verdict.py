@@ -52,8 +52,9 @@ def verdict_sentences(metrics: dict, metric: str = "accuracy") -> list[str]:
     at ratio 1 changed test accuracy by +0.012 [95% CI -0.030, 0.054] over 3 seeds, against +0.004 [...]
     between two real-only runs (A/A noise floor) and +0.020 [...] for classic augmentation: not
     distinguishable from seed noise.' When the evaluation has a classic arm, a second clause judges the gain
-    over classic augmentation (which the synthetic arms train with) against classic_aa's floor, and a third (with a
-    pseudo arm of the same ratio) the gain over plain pseudo-labelling. Unselected
+    over classic augmentation (which the synthetic arms train with) against classic_aa's floor, a third (with a
+    pseudo arm of the same ratio) the gain over plain pseudo-labelling, and a fourth (with a start arm of the same
+    ratio) the gain over the samples' own starting tiles, i.e. what the diffusion step adds. Unselected
     arms get a sentence when there is no selected one. A pseudo+selected arm gets one: the gain of adding the
     selected samples to the pseudo-labelled tiles."""
     r = metrics["testsets"][TEST]
@@ -89,6 +90,10 @@ def verdict_sentences(metrics: dict, metric: str = "accuracy") -> list[str]:
         if p:  # the generator against plain pseudo-labelling of the same unlabeled tiles
             text += (f" Over pseudo-labelled real tiles at the same ratio (pseudo@{ratio:g}, no generator): "
                      f"{_interval(p)}: {judgement(p, classic_floor)}.")
+        st = (r.get("deltas_vs_start") or {}).get(arm, {}).get(metric)
+        if st:  # the diffusion step against the raw tiles it started from (same tiles, same labels)
+            text += (f" Over the samples' own starting tiles, raw (start@{ratio:g}: the same tiles and labels "
+                     f"without the diffusion step): {_interval(st)}: {judgement(st, classic_floor)}.")
         out.append(text)
     vs_pseudo = r.get("deltas_vs_pseudo") or {}
     for ratio, arm in ratio_arms(vs_pseudo, "pseudo+selected"):
