@@ -835,6 +835,11 @@ def test_start_arm_trains_on_the_kept_samples_starting_tiles_with_their_labels(s
     assert st["training_subset_tiles"] == len(tiles & set(real.ids))
     right = [train.rows[at[rows[i]["init_id"]]]["label"] == rows[i]["target"] for i in order]
     assert st["right_all"] == {"right": round(sum(right) / 9, 4), "n_labeled": 9, "n": 9} and 0 < sum(right) < 9
+    # start_tiles.csv: the tiles the arm adds, in class and keep-list order, with the labels it trains them with
+    listed = list(csv.DictReader(open(Path(cfg.out) / "start_tiles.csv")))
+    assert [(r["sample_id"], r["tile_id"], r["dihedral"], r["target"]) for r in listed] == [
+        (i, rows[i]["init_id"], rows[i]["init_dihedral"], rows[i]["target"]) for i in order]
+    assert [r["class_rank"] for r in listed] == ["1", "2", "3"] * 3 and {r["arm"] for r in listed} == {"start@0.5"}
 
 
 def test_start_arm_refuses_samples_without_a_starting_tile_the_dataset_has(evaluated, start_evaluated, tmp_path):

@@ -137,15 +137,18 @@ def synthetic_sets(cfg: EvaluateConfig, arms, real: Tiles) -> list[dict]:
         needed = sorted({i for n in starts for idx in chosen[n].values() for i in idx})
         tiles, true = start_tiles(cfg, rows, needed, images.shape[1:], real.classes)
         out.append({"images": tiles, "labels": labels, "true": true, "by_class": by_class,
-                    "init_ids": [r.get("init_id", "") for r in rows], "chosen": {n: chosen[n] for n in starts}})
+                    "ids": [r["id"] for r in rows], "init_ids": [r.get("init_id", "") for r in rows],
+                    "init_dihedral": [r.get("init_dihedral", "") for r in rows],
+                    "chosen": {n: chosen[n] for n in starts}})
     return out
 
 
 def start_tiles(cfg: EvaluateConfig, rows: list[dict], needed: list[int], shape,
                 classes: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """(uint8 images [len(rows), *shape], own labels): for the samples at `needed`, the train-split tile of cfg.data
-    each started from (init_id) turned by its init_dihedral, and that tile's label index in `classes` (-1: unlabeled); zeros
-    and -1 elsewhere. One error names the first sample without a starting tile or with one the dataset lacks."""
+    each started from (init_id) turned by its init_dihedral, and that tile's label index in `classes` (-1:
+    unlabeled); zeros and -1 elsewhere. One error names the first sample without a starting tile or with one the
+    dataset lacks."""
     from ..core.transforms import DIHEDRAL, dihedral
     from .datasets import PixelDataset
 
@@ -182,6 +185,27 @@ def label_agreement(assigned: torch.Tensor, true: torch.Tensor, idx) -> dict:
     n = int(known.sum())
     right = (assigned[idx] == true[idx])[known]
     return {"right": round(float(right.float().mean()), 4) if n else None, "n_labeled": n, "n": len(idx)}
+
+
+START_COLUMNS = ["arm", "class_rank", "sample_id", "target", "tile_id", "dihedral", "tile_label"]
+
+
+def start_rows(arms, start: dict, classes: list[str]) -> list[dict]:
+    """One row per (start arm, chosen sample): the train tile it started from (tile_id, turned by dihedral) that
+    the arm trains on with the sample's target, class_rank its place in the class's keep-list order, and
+    (measurement only) the tile's own label ("" for an unlabeled tile): the product's choice of tiles and
+    labels as an augmentation set without the diffusion step."""
+    rows = []
+    for name, kind, _ in arms:
+        if kind != "start":
+            continue
+        for ci, c in enumerate(classes):
+            for k, i in enumerate(start["chosen"][name][c]):
+                t = int(start["true"][i])
+                rows.append({"arm": name, "class_rank": k + 1, "sample_id": start["ids"][i], "target": c,
+                             "tile_id": start["init_ids"][i], "dihedral": start["init_dihedral"][i],
+                             "tile_label": classes[t] if t >= 0 else ""})
+    return rows
 
 
 def start_summary(arms, start: dict, real: Tiles) -> dict:

@@ -42,7 +42,7 @@ per_seed.csv, curves.csv, metrics.json ("testsets": {test, <external>...}: per a
 and paired deltas vs the real arm, of the synthetic arms vs classic, and of selected@R, unselected@R and
 pseudo+selected@R and start@R vs pseudo@R, and of selected@R vs start@R ("deltas_vs_start": what the diffusion
 step adds; "start": per start arm the distinct starting tiles and, measurement only, the share whose own label is
-the sample's target); "arms" / "deltas" /
+the sample's target; start_tiles.csv lists those tiles); "arms" / "deltas" /
 "deltas_vs_classic" / "noise_floor": the test split's, at the top level; "validation": per arm best step and mean curve), confusion/<testset>__<arm>.png (confusion
 summed over seeds, rows normalised), _COMPLETE.json last. A finished (arm, seed) is skipped on
 re-run, so a killed run resumes.
@@ -64,9 +64,10 @@ import torch
 from ..core import metrics as M
 from ..core.evalsummary import (CURVE_COLUMNS, curve_rows, per_seed_columns, per_seed_rows, summarise,
                                 validation_summary)
-from ..data.evalarms import (AA_OF, PSEUDO_KINDS, SELECTED_KINDS, SYNTHETIC_KINDS, UNAUGMENTED_KINDS,
-                             check_groups_disjoint, expand_arms, label_agreement, pseudo_pool, pseudo_sets, relabel,
-                             start_summary, synthetic_sets, train_seed, training_set)
+from ..data.evalarms import (AA_OF, PSEUDO_KINDS, SELECTED_KINDS, START_COLUMNS, SYNTHETIC_KINDS,
+                             UNAUGMENTED_KINDS, check_groups_disjoint, expand_arms, label_agreement, pseudo_pool,
+                             pseudo_sets, relabel, start_rows, start_summary, synthetic_sets, train_seed,
+                             training_set)
 from ..data.evaldata import Tiles, dataset_classes, load_real
 from ..models.cards import CARD, classifier_card
 from ..runtime.artifacts import FILTERED_CSV, confusion_name, selection_dir
@@ -145,6 +146,8 @@ def run(cfg: EvaluateConfig) -> Path:
     syn = synthetic_sets(cfg, arms, real)
     pool = check_pseudo(cfg, arms, real, test, val)
     check_keep_list(cfg, out, arms, rank == 0)
+    if rank == 0 and len(syn) > 1:  # the start arms' tiles: an augmentation set a user can take as it is
+        write_csv_atomic(out / START_CSV, start_rows(arms, syn[1], classes), START_COLUMNS)
     size = int(real.images.shape[1])
     steps, steps_per_epoch = budget(cfg, len(real))
     jobs = [(a, s) for a in arms for s in cfg.seeds]
@@ -184,6 +187,7 @@ def run(cfg: EvaluateConfig) -> Path:
     return out
 
 
+START_CSV = "start_tiles.csv"  # evalarms.start_rows: per start arm, the tiles it adds and their labels
 PSEUDO_CSV = "pseudo_labels.csv"  # every pool tile's reading by the pseudo arms' reader; class_rank: its place in
 # its pseudo-class by confidence (1: the most confident), so pseudo@R (confidence order) trains on the tiles with
 # class_rank <= quota(R, the class's real count): a pseudo-labelled augmentation set a user can take as it is
@@ -347,7 +351,8 @@ def _merge(cfg, out: Path, arms, jobs, sets, classes, real, val, test, externals
     names = [a[0] for a in arms]
     pairs = {"deltas_vs_pseudo": {n: f"pseudo@{r:g}" for n, k, r in arms
                                   if k in SYNTHETIC_KINDS and f"pseudo@{r:g}" in names},
-             "deltas_vs_start": {f"selected@{r:g}": n for n, k, r in arms if k == "start" and f"selected@{r:g}" in names}}
+             "deltas_vs_start": {f"selected@{r:g}": n for n, k, r in arms
+                                 if k == "start" and f"selected@{r:g}" in names}}
     summary = summarise(results, names, list(cfg.seeds), classes, list(sets), AA_OF, pairs)
     deltas, floors = summary["testsets"][TEST]["deltas_vs_real"], summary["testsets"][TEST]["noise_floors"]
     summary.update({"budget": {"steps": steps, "steps_per_epoch": steps_per_epoch, "epochs": cfg.epochs,
