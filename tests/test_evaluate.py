@@ -854,7 +854,15 @@ def test_start_arm_refuses_samples_without_a_starting_tile_the_dataset_has(evalu
     (samples / "samples.csv").write_text(text.replace(f",{first},", ",elsewhere-7,", 1))
     with pytest.raises(HistoError, match="starts from tile 'elsewhere-7', which is not a train-split tile"):
         run(EvaluateConfig(**{**base, "samples": str(samples), "out": str(tmp_path / "b")}))
-    for d in "ab":  # refused before any classifier trained
+    rows = list(csv.DictReader(open(start_evaluated[0].samples + "/samples.csv")))
+    rows[0]["init_dihedral"] = "9"
+    with open(samples / "samples.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    with pytest.raises(HistoError, match="sample 's00000' in .* has init_dihedral '9', not 0..7"):
+        run(EvaluateConfig(**{**base, "samples": str(samples), "out": str(tmp_path / "c")}))
+    for d in "abc":  # refused before any classifier trained
         assert not (tmp_path / d / "classifiers").exists()
 
 

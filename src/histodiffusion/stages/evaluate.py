@@ -39,7 +39,7 @@ scored on the test split and on every external labeled dataset (cfg.external: AL
 matched by name; a tile identical to a training tile is an error). Outputs (cfg.out): config.json
 first, classifiers/<arm>_<seed>/ (model.safetensors, classifier.json, scores.json, _COMPLETE.json),
 per_seed.csv, curves.csv, metrics.json ("testsets": {test, <external>...}: per arm mean, 95% t-CI, n
-and paired deltas vs the real arm, of the synthetic arms vs classic, and of selected@R, unselected@R and
+and paired deltas vs the real arm, of the synthetic arms vs classic, of selected@R, unselected@R,
 pseudo+selected@R and start@R vs pseudo@R, and of selected@R vs start@R ("deltas_vs_start": what the diffusion
 step adds; "start": per start arm the distinct starting tiles and, measurement only, the share whose own label is
 the sample's target; start_tiles.csv lists those tiles); "arms" / "deltas" /
