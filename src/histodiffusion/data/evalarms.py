@@ -89,14 +89,17 @@ def relabel(tiles: Tiles, classes: list[str], what: str) -> Tiles:
 
 def synthetic_sets(cfg: EvaluateConfig, arms, real: Tiles) -> list[dict]:
     """The added-image sets of the arms that need a sample directory ([] without such arms): the samples (images,
-    labels, indices per class and, per arm and class, the chosen sample indices (selected: kept, by rank) or the
+    None when only start arms are evaluated; labels, indices per class and, per arm and class, the chosen sample indices (selected: kept, by rank) or the
     count to draw (unselected: as many as selected uses)), then, with start arms, their samples' starting tiles
     (start_tiles) under the same indices."""
     kinds = {k for _, k, _ in arms}
     if not kinds & set(SYNTHETIC_KINDS):
         return []
     rows = read_samples(cfg.samples, real.classes)
-    images = load_sample_images(cfg.samples, rows, int(real.images.shape[1]))
+    starts = {n for n, k, _ in arms if k == "start"}
+    # the sample images themselves only when an arm trains on them (start arms read their starting tiles)
+    trains_on_samples = bool((kinds - {"start"}) & set(SYNTHETIC_KINDS))
+    images = load_sample_images(cfg.samples, rows, int(real.images.shape[1])) if trains_on_samples else None
     index = {r["id"]: i for i, r in enumerate(rows)}
     by_class = {c: [i for i, r in enumerate(rows) if r["target"] == c] for c in real.classes}
     kept: dict[str, list[int]] = {}
@@ -130,15 +133,12 @@ def synthetic_sets(cfg: EvaluateConfig, arms, real: Tiles) -> list[dict]:
             per_class[c] = kept[c][:n_sel] if kind in SELECTED_KINDS else n_sel
         chosen[name] = per_class
     labels = torch.tensor([real.classes.index(r["target"]) for r in rows], dtype=torch.long)
-    starts = {n for n, k, _ in arms if k == "start"}
     out = [{"images": images, "labels": labels, "by_class": by_class,
             "chosen": {n: v for n, v in chosen.items() if n not in starts}}]
     if starts:
         needed = sorted({i for n in starts for idx in chosen[n].values() for i in idx})
-        tiles, true = start_tiles(cfg, rows, needed, images.shape[1:], real.classes)
-        out.append({"images": tiles, "labels": labels, "true": true, "by_class": by_class,
-                    "ids": [r["id"] for r in rows], "init_ids": [r.get("init_id", "") for r in rows],
-                    "init_dihedral": [r.get("init_dihedral", "") for r in rows],
+        tiles, true = start_tiles(cfg, rows, needed, real.images.shape[1:], real.classes)
+        out.append({"images": tiles, "labels": labels, "true": true, "by_class": by_class, "rows": rows,
                     "chosen": {n: chosen[n] for n in starts}})
     return out
 
@@ -201,9 +201,9 @@ def start_rows(arms, start: dict, classes: list[str]) -> list[dict]:
             continue
         for ci, c in enumerate(classes):
             for k, i in enumerate(start["chosen"][name][c]):
-                t = int(start["true"][i])
-                rows.append({"arm": name, "class_rank": k + 1, "sample_id": start["ids"][i], "target": c,
-                             "tile_id": start["init_ids"][i], "dihedral": start["init_dihedral"][i],
+                t, sample = int(start["true"][i]), start["rows"][i]
+                rows.append({"arm": name, "class_rank": k + 1, "sample_id": sample["id"], "target": c,
+                             "tile_id": sample["init_id"], "dihedral": sample["init_dihedral"],
                              "tile_label": classes[t] if t >= 0 else ""})
     return rows
 
@@ -218,7 +218,7 @@ def start_summary(arms, start: dict, real: Tiles) -> dict:
         if kind != "start":
             continue
         idx = [i for v in start["chosen"][name].values() for i in v]
-        tiles = {start["init_ids"][i] for i in idx}
+        tiles = {start["rows"][i]["init_id"] for i in idx}
         out[name] = {"distinct_tiles": len(tiles), "training_subset_tiles": len(tiles & subset),
                      "right": {c: label_agreement(start["labels"], start["true"], v)
                                for c, v in start["chosen"][name].items()},

@@ -146,8 +146,9 @@ def run(cfg: EvaluateConfig) -> Path:
     syn = synthetic_sets(cfg, arms, real)
     pool = check_pseudo(cfg, arms, real, test, val)
     check_keep_list(cfg, out, arms, rank == 0)
-    if rank == 0 and len(syn) > 1:  # the start arms' tiles: an augmentation set a user can take as it is
-        write_csv_atomic(out / START_CSV, start_rows(arms, syn[1], classes), START_COLUMNS)
+    start = syn[1] if len(syn) > 1 else None  # the start arms' tiles (synthetic_sets puts them second)
+    if rank == 0 and start:  # an augmentation set a user can take as it is
+        write_csv_atomic(out / START_CSV, start_rows(arms, start, classes), START_COLUMNS)
     size = int(real.images.shape[1])
     steps, steps_per_epoch = budget(cfg, len(real))
     jobs = [(a, s) for a in arms for s in cfg.seeds]
@@ -183,7 +184,7 @@ def run(cfg: EvaluateConfig) -> Path:
         return out
     # 4. merge (rank 0): per_seed.csv, curves.csv, metrics.json, confusion PNGs, completion marker last
     _merge(cfg, out, arms, jobs, sets, classes, real, val, test, externals, steps, steps_per_epoch, pseudo,
-           start_summary(arms, syn[1], real) if len(syn) > 1 else None)
+           start_summary(arms, start, real) if start else None)
     return out
 
 
