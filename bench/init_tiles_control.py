@@ -13,6 +13,13 @@ target as its label), so that the product's own `select` and `evaluate` run on i
     .venv/bin/python -m histodiffusion evaluate --config <the selected arm's config with samples -> the control>
 
 The difference selected(samples) - selected(control), paired over seeds, is what the generator adds.
+
+`--roundtrip VAE` writes, instead of the raw tile, its round trip through autoencoder VAE (a save_pretrained
+folder) as `evaluate`'s roundtrip arm makes it (models.autoencoder.roundtrip_uint8: posterior mean, turned by
+`init_dihedral` in latent space, decoded). That arm always uses the samples' own autoencoder
+(`<samples>/pipeline/vae`); this control takes any other one, e.g. the base's `vae/` before decoder fine-tuning,
+to evaluate with the samples' own keep-list (the evaluate config with `samples` -> the control, `selection`
+unchanged): what the decoder fine-tuning is worth on the very tiles the samples start from.
 """
 from __future__ import annotations
 
@@ -28,12 +35,12 @@ def main() -> None:
     ap.add_argument("--samples", required=True, help="a finished sample directory made with strength < 1")
     ap.add_argument("--data", required=True, help="the prepared target dataset the init tiles come from")
     ap.add_argument("--out", required=True, help="the control sample directory to write")
+    ap.add_argument("--roundtrip", default="", help="an autoencoder folder: write the tiles' round trip through it "
+                    "instead of the raw tiles")
     args = ap.parse_args()
 
     from PIL import Image
 
-    from histodiffusion.core.transforms import dihedral
-    from histodiffusion.data.datasets import PixelDataset
     from histodiffusion.runtime.fileio import read_csv, write_csv_atomic
 
     src, out = Path(args.samples), Path(args.out)
@@ -42,17 +49,44 @@ def main() -> None:
         sys.exit(f"{src}/samples.csv: every sample must name its init tile (made with strength < 1)")
     if (out / "samples.csv").is_file():
         sys.exit(f"{out} exists already")
-    ds = PixelDataset(args.data, ids=sorted({r["init_id"] for r in rows}))
-    where = {r["id"]: i for i, r in enumerate(ds.rows)}
+    ids = sorted({r["init_id"] for r in rows})
+    tile = (roundtrip(args.roundtrip, args.data, {(r["init_id"], int(r["init_dihedral"])) for r in rows})
+            if args.roundtrip else raw(args.data, ids))
     (out / "images").mkdir(parents=True, exist_ok=True)
     control = []
     for r in rows:
-        img = dihedral(ds.uint8(where[r["init_id"]]), int(r["init_dihedral"]), dims=(0, 1))
-        Image.fromarray(np.ascontiguousarray(img.numpy())).save(out / r["file"])
+        img = tile(r["init_id"], int(r["init_dihedral"]))
+        Image.fromarray(np.ascontiguousarray(img)).save(out / r["file"])
         control.append({"id": r["id"], "file": r["file"], "target": r["target"], "target_index": r["target_index"],
                         "init_id": r["init_id"], "init_dihedral": r["init_dihedral"]})
     write_csv_atomic(out / "samples.csv", control, list(control[0]))
     print(f"wrote {len(control)} starting tiles of {src} to {out}")
+
+
+def raw(data: str, ids: list[str]):
+    """(tile id, dihedral) -> the stored tile, turned: uint8 [H, W, 3]."""
+    from histodiffusion.core.transforms import dihedral
+    from histodiffusion.data.datasets import PixelDataset
+
+    ds = PixelDataset(data, ids=ids)
+    where = {r["id"]: i for i, r in enumerate(ds.rows)}
+    return lambda tile_id, d: dihedral(ds.uint8(where[tile_id]), d, dims=(0, 1)).numpy()
+
+
+def roundtrip(vae_dir: str, data: str, pairs: set[tuple[str, int]]):
+    """(tile id, dihedral) -> the tile through autoencoder `vae_dir`, its latent turned: uint8 [H, W, 3]."""
+    import torch
+
+    from histodiffusion.data.datasets import PixelDataset
+    from histodiffusion.models.autoencoder import load_vae, roundtrip_uint8
+
+    pairs = sorted(pairs)
+    ds = PixelDataset(data, ids=sorted({t for t, _ in pairs}))
+    where = {r["id"]: i for i, r in enumerate(ds.rows)}
+    recs, _ = roundtrip_uint8(load_vae(vae_dir), torch.stack([ds.uint8(where[t]) for t, _ in pairs]),
+                              turns=[d for _, d in pairs])
+    images = {p: rec.numpy() for p, rec in zip(pairs, recs)}
+    return lambda tile_id, d: images[(tile_id, d)]
 
 
 if __name__ == "__main__":

@@ -183,9 +183,10 @@ def test_adapting_the_base_on_unlabeled_target_tiles(base, tmp_path):
         assert (f["strength"], f["init_labels"], f["init_subset"]) == (0.1, "classifier", "train"), name
         assert steps[name.replace("sample", "select")].fields["rank_by"] == "confidence", name
     # ... and the main evaluation adds the baseline: those tiles pseudo-labelled without the generator
-    # and the samples' own starting tiles, raw (what the diffusion step adds)
-    assert steps["evaluate"].fields["arms"][-2:] == ("pseudo", "start") and "classic" in steps["evaluate"].fields["arms"]
-    assert not {"pseudo", "start"} & set(steps["evaluate_nopretrain"].fields["arms"])
+    # and the samples' own starting tiles, raw (what the diffusion step adds) and through their autoencoder
+    assert steps["evaluate"].fields["arms"][-3:] == ("pseudo", "start", "roundtrip")
+    assert "classic" in steps["evaluate"].fields["arms"]
+    assert not {"pseudo", "start", "roundtrip"} & set(steps["evaluate_nopretrain"].fields["arms"])
     # --start-labels ensemble: the classes are read by the latent classifier and its image-space baseline
     ens = {s.name: s for s in plan(RunConfig(out=str(tmp_path / "r"), base=str(base), tile_size=SIZE,
                                              start_from="unlabeled", start_labels="ensemble"))}["sample"].fields

@@ -866,6 +866,104 @@ def test_start_arm_refuses_samples_without_a_starting_tile_the_dataset_has(evalu
         assert not (tmp_path / d / "classifiers").exists()
 
 
+# --------------------------------------------------------------------------------------------
+# roundtrip@R: start@R's tiles after one pass through the samples' own autoencoder (no denoising step)
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def roundtrip_evaluated(start_evaluated):
+    from helpers_pretrain import make_vae
+
+    from histodiffusion.models.autoencoder import vae_id
+
+    cfg, root = start_evaluated
+    samples = root / "samples_roundtrip"
+    shutil.copytree(cfg.samples, samples)
+    vae = make_vae(samples / "pipeline" / "vae", scaling_factor=0.7)  # the samples' decoder (as sample writes it)
+    rows = list(csv.DictReader(open(samples / "samples.csv")))
+    write_rows(samples / "samples.csv", [{**r, "vae_id": vae_id(vae)} for r in rows])
+    rcfg = EvaluateConfig(**{**cfg.__dict__, "samples": str(samples), "arms": ("selected", "start", "roundtrip"),
+                             "out": str(root / "eval_roundtrip")})
+    for arm in ("selected", "start"):  # the same classifiers as the start evaluation's: reuse them
+        for s in cfg.seeds:
+            shutil.copytree(Path(cfg.out) / "classifiers" / f"{arm}@0.5_{s}",
+                            Path(rcfg.out) / "classifiers" / f"{arm}@0.5_{s}")
+    with one_thread():
+        run(rcfg)
+    return rcfg, root
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def test_roundtrip_arm_trains_on_the_starting_tiles_through_the_samples_autoencoder(roundtrip_evaluated):
+    import torch
+
+    from histodiffusion.core.transforms import dihedral
+    from histodiffusion.data.datasets import PixelDataset
+    from histodiffusion.data.evalarms import expand_arms, synthetic_sets, training_set
+    from histodiffusion.data.evaldata import load_real
+    from histodiffusion.models.autoencoder import load_vae
+
+    cfg, root = roundtrip_evaluated
+    real = load_real(cfg.data, cfg.subset)
+    sets = synthetic_sets(cfg, expand_arms(cfg.arms, cfg.ratios, True), real)
+    assert [e["kind"] for e in sets] == ["samples", "start", "roundtrip"]
+    xs, ys, cs = training_set("start", "start@0.5", 0, real, sets)
+    x, y, counts = training_set("roundtrip", "roundtrip@0.5", 0, real, sets)
+    n = len(real)
+    assert counts == cs and sum(counts.values()) == 9 and y.equal(ys)  # the same samples, labels and count
+    # each added image: the start arm's tile unturned, encoded to its posterior mean, turned in latent space by
+    # the sample's init_dihedral, decoded by <samples>/pipeline/vae
+    vae = load_vae(Path(cfg.samples) / "pipeline" / "vae")
+    rows = {r["id"]: r for r in csv.DictReader(open(Path(cfg.samples) / "samples.csv"))}
+    listed = list(csv.DictReader(open(Path(cfg.out) / "start_tiles.csv")))  # start@0.5's tiles, in training order
+    assert len(listed) == 9 and {r["arm"] for r in listed} == {"start@0.5"}  # roundtrip arms list none
+    turns = [int(rows[r["sample_id"]]["init_dihedral"]) for r in listed]
+    train = PixelDataset(cfg.data, "train")
+    at = {r["id"]: j for j, r in enumerate(train.rows)}
+    raw = torch.stack([train.uint8(at[r["tile_id"]]) for r in listed])  # unturned
+    with torch.no_grad():
+        mean = vae.encode(raw.permute(0, 3, 1, 2).float() / 127.5 - 1).latent_dist.mean
+        z = torch.stack([dihedral(m, k) for m, k in zip(mean, turns)])
+        want = ((vae.decode(z).sample.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
+    assert (x[n:].int() - want.int()).abs().max() <= 1 and not x[n:].equal(xs[n:])
+    # metrics: roundtrip@R against start@R (the autoencoder's cost), selected@R against roundtrip@R (the
+    # denoising step's gain), recomputed from per_seed.csv
+    m = json.loads((Path(cfg.out) / "metrics.json").read_text())
+    acc = {(r["arm"], r["seed"]): float(r["accuracy"]) for r in csv.DictReader(open(Path(cfg.out) / "per_seed.csv"))
+           if r["testset"] == "test"}
+    assert set(m["deltas_vs_start"]) == {"selected@0.5", "roundtrip@0.5"} and set(m["deltas_vs_roundtrip"]) == {
+        "selected@0.5"}
+    for key, arm, ref in (("deltas_vs_start", "roundtrip@0.5", "start@0.5"),
+                          ("deltas_vs_roundtrip", "selected@0.5", "roundtrip@0.5")):
+        assert m[key][arm]["accuracy"]["mean"] == pytest.approx(
+            sum(acc[(arm, s)] - acc[(ref, s)] for s in "01") / 2, abs=1e-5)
+    assert set(m["start"]) == {"start@0.5"}
+
+
+def test_roundtrip_arm_needs_the_samples_own_autoencoder(roundtrip_evaluated, tmp_path):
+    from helpers_pretrain import make_vae
+
+    cfg, root = roundtrip_evaluated
+    base = {**cfg.__dict__, "arms": ("roundtrip",)}
+    samples = tmp_path / "s"
+    shutil.copytree(cfg.samples, samples)
+    shutil.rmtree(samples / "pipeline")
+    with pytest.raises(HistoError, match=r"roundtrip arms need the autoencoder that decoded the samples: .*"
+                                         r"pipeline/vae is missing"):
+        run(EvaluateConfig(**{**base, "samples": str(samples), "out": str(tmp_path / "a")}))
+    make_vae(samples / "pipeline" / "vae", seed=1)  # another autoencoder than the one samples.csv names
+    with pytest.raises(HistoError, match=r"sample 's00000' in .*samples.csv was decoded by autoencoder \w{12}, "
+                                         r".*pipeline/vae is \w{12}: the roundtrip arms need the samples' own"):
+        run(EvaluateConfig(**{**base, "samples": str(samples), "out": str(tmp_path / "b")}))
+    for d in "ab":  # refused before any classifier trained
+        assert not (tmp_path / d / "classifiers").exists()
+
+
 def test_a_list_field_given_a_string_from_python_is_refused(evaluated, tmp_path):
     """Built in Python, EvaluateConfig(arms="real") would be read letter by letter: one clear error, nothing
     written (the same rule for every stage: start_run_dir validates the config)."""

@@ -63,3 +63,23 @@ def test_roundtrip_uint8_is_one_encode_decode_pass_in_any_batch_size(tmp_path):
     assert rec.dtype == torch.uint8 and rec.shape == tiles.shape and means.shape == mean.shape
     assert torch.allclose(means, mean, atol=1e-5) and (rec.int() - ref.int()).abs().max() <= 1
     assert (roundtrip_uint8(vae, tiles, batch=5)[0].int() - rec.int()).abs().max() <= 1
+
+
+def test_roundtrip_uint8_turns_each_latent_before_decoding(tmp_path):
+    import torch
+
+    from histodiffusion.core.transforms import dihedral
+    from histodiffusion.models.autoencoder import roundtrip_uint8
+
+    vae = load_vae(make_vae(tmp_path / "vae", scaling_factor=0.7))
+    tiles = torch.randint(0, 256, (4, 16, 16, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    turns = [0, 1, 4, 7]
+    rec, means = roundtrip_uint8(vae, tiles, batch=3, turns=turns)
+    plain, plain_means = roundtrip_uint8(vae, tiles, batch=3)
+    assert torch.allclose(means, plain_means)  # the means returned are the unturned ones
+    with torch.no_grad():
+        z = torch.stack([dihedral(m, k) for m, k in zip(plain_means, turns)])
+        ref = ((vae.decode(z).sample.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
+    assert (rec.int() - ref.int()).abs().max() <= 1
+    assert (rec[0].int() - plain[0].int()).abs().max() <= 1  # turn 0: the plain round trip
+    assert (rec[1].int() - plain[1].int()).abs().max() > 1  # a quarter turn of the latent changes the image

@@ -244,7 +244,16 @@ def test_verdict_sentences_judge_against_the_noise_floor():
     assert "start@" not in s[0] and s[1].endswith(
         "Over the samples' own starting tiles, raw (start@2: the same tiles and labels without the diffusion step): "
         "+0.004 [95% CI -0.010, 0.018]: not distinguishable from seed noise.")
+    # with a roundtrip arm too: that difference split into the autoencoder's round trip and the denoising step
+    m["testsets"]["test"]["deltas_vs_start"]["roundtrip@2"] = delta(-0.03, -0.05, -0.01)
+    m["testsets"]["test"]["deltas_vs_roundtrip"] = {"selected@2": delta(0.034, 0.02, 0.048)}
+    s = verdict_sentences(m)
+    assert s[1].endswith(
+        "Of that, one pass of the tiles through the samples' autoencoder (roundtrip@2 against start@2) gives "
+        "-0.030 [95% CI -0.050, -0.010] and the denoising step over that round trip +0.034 [95% CI 0.020, 0.048].")
+    assert len(s) == 3  # a roundtrip arm gets no sentence of its own
     del m["testsets"]["test"]["deltas_vs_pseudo"], m["testsets"]["test"]["deltas_vs_start"]
+    del m["testsets"]["test"]["deltas_vs_roundtrip"]
     # without a real arm the synthetic arms are judged against classic alone
     m["testsets"]["test"]["deltas_vs_real"] = {}
     s = verdict_sentences(m)

@@ -195,6 +195,7 @@ def _evaluate(out: Path) -> str:
     parts += [f"{a} vs classic {_ci(d['accuracy'])}" for a, d in (m.get("deltas_vs_classic") or {}).items()]
     parts += [f"{a} vs pseudo {_ci(d['accuracy'])}" for a, d in (m.get("deltas_vs_pseudo") or {}).items()]
     parts += [f"{a} vs start {_ci(d['accuracy'])}" for a, d in (m.get("deltas_vs_start") or {}).items()]
+    parts += [f"{a} vs roundtrip {_ci(d['accuracy'])}" for a, d in (m.get("deltas_vs_roundtrip") or {}).items()]
     if m.get("noise_floor"):
         parts.append(f"noise floor {_ci(m['noise_floor']['accuracy'])}")
     classic_floor = (m.get("noise_floors") or {}).get("classic_aa")

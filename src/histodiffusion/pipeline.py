@@ -194,8 +194,10 @@ def _synthesis_steps(cfg: C.RunConfig, L: RunLayout, fields: Fields, ldm_model: 
             **({"arms": ("real", "selected")} if suffix else {}),
             # samples that start from the target's unlabeled tiles are judged against those tiles pseudo-labelled
             # without a generator (evaluate's pseudo arm; BENCHMARKS.md: at 5% they account for the whole gain)
-            # and against the very tiles they started from, raw (start: what the diffusion step adds)
-            **({"arms": C.EvaluateConfig().arms + ("pseudo", "start")} if cfg.start_from == "unlabeled" and not suffix
+            # and against the very tiles they started from, raw (start: what the diffusion step adds) and after
+            # one pass through the samples' autoencoder (roundtrip: how much of that the autoencoder costs)
+            **({"arms": C.EvaluateConfig().arms + ("pseudo", "start", "roundtrip")}
+               if cfg.start_from == "unlabeled" and not suffix
                else {})}, "evaluate")
         # selection drops samples: make oversample x as many as the largest ratio evaluated needs
         n_sample = max(evaluate["ratios"]) * cfg.oversample

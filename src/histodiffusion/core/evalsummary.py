@@ -34,8 +34,8 @@ def summarise(results: dict, arm_names: list[str], seeds: list[int], classes: li
     "deltas_vs_classic": {synthetic arm: {metric: paired_diff}} (when classic is an arm), "noise_floors": {aa arm:
     {metric: paired_diff against the arm it repeats}}, and for each key of `pairs` (e.g. "deltas_vs_pseudo"):
     {arm: {metric: paired_diff against pairs[key][arm]}}}}}; aa_of maps each A/A arm to that arm (evaluate passes
-    data.evalarms.AA_OF); evaluate pairs each synthetic arm with the pseudo-labelling arm of its ratio and selected@R
-    with start@R."""
+    data.evalarms.AA_OF); evaluate pairs each synthetic arm with the pseudo-labelling arm of its ratio, selected@R and roundtrip@R
+    with start@R, and selected@R with roundtrip@R."""
     aa_of = aa_of or {}
     out = {"classes": classes, "seeds": seeds, "ci": "95% t-interval over seeds (n-1 dof)", "testsets": {}}
     for ts in testsets:

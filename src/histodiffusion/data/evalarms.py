@@ -22,8 +22,16 @@
                   evaluated dataset, turned by init_dihedral), raw, each with its sample's target label: the
                   product's choice of tiles and labels without the diffusion step. Paired with selected@R in
                   deltas_vs_start: what the diffusion step adds (BENCHMARKS.md, "Does the diffusion step pay?")
+  roundtrip@R     real + the same starting tiles as start@R after one pass through the samples' own autoencoder
+                  (<samples>/pipeline/vae: encoded to the posterior mean, turned by init_dihedral in latent space
+                  as the sampler turns it, decoded), with the samples' labels: the samples without the denoising
+                  step. Splits selected@R - start@R in two: roundtrip@R - start@R (deltas_vs_start) is what the
+                  autoencoder's round trip costs, selected@R - roundtrip@R (deltas_vs_roundtrip) what the
+                  denoising (and guidance) step adds (BENCHMARKS.md, "Where the samples lose against their tiles")
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
@@ -38,8 +46,9 @@ REAL_KINDS = ("real", "real_aa", "classic", "classic_aa")  # arms without synthe
 AA_OF = {"real_aa": "real", "classic_aa": "classic"}  # A/A arm -> the arm it repeats with other seeds
 AA_SEED_OFFSET = 1_000_003  # real_aa (classic_aa) with seed s trains exactly as real (classic) with seed s + offset
 UNAUGMENTED_KINDS = ("real", "real_aa")  # every other arm trains with classic augmentation
-SYNTHETIC_KINDS = ("selected", "unselected", "pseudo+selected", "start")  # arms that need a sample directory
-SELECTED_KINDS = ("selected", "pseudo+selected", "start")  # arms that train on the keep-list (filtered.csv)
+SYNTHETIC_KINDS = ("selected", "unselected", "pseudo+selected", "start", "roundtrip")  # arms that need a sample directory
+SELECTED_KINDS = ("selected", "pseudo+selected", "start", "roundtrip")  # arms that train on the keep-list (filtered.csv)
+TILE_KINDS = ("start", "roundtrip")  # arms that train on the kept samples' starting tiles, not on the samples
 PSEUDO_KINDS = ("pseudo", "pseudo+selected")  # arms that need the pool, read by the reader arm's classifiers
 
 
@@ -88,17 +97,18 @@ def relabel(tiles: Tiles, classes: list[str], what: str) -> Tiles:
 
 
 def synthetic_sets(cfg: EvaluateConfig, arms, real: Tiles) -> list[dict]:
-    """The added-image sets of the arms that need a sample directory ([] without such arms): the samples (images,
-    None when only start arms are evaluated; labels, indices per class and, per arm and class, the chosen sample indices (selected: kept, by rank) or the
-    count to draw (unselected: as many as selected uses)), then, with start arms, their samples' starting tiles
-    (start_tiles) under the same indices."""
+    """The added-image sets of the arms that need a sample directory ([] without such arms), each with its
+    "kind": the samples ("samples": images, None when only start/roundtrip arms are evaluated; labels, indices
+    per class and, per arm and class, the chosen sample indices (selected: kept, by rank) or the count to draw
+    (unselected: as many as selected uses)), then with start arms their samples' starting tiles ("start",
+    start_tiles), with roundtrip arms those tiles' round trip ("roundtrip", roundtrip_tiles), under the same
+    indices."""
     kinds = {k for _, k, _ in arms}
     if not kinds & set(SYNTHETIC_KINDS):
         return []
     rows = read_samples(cfg.samples, real.classes)
-    starts = {n for n, k, _ in arms if k == "start"}
-    # the sample images themselves only when an arm trains on them (start arms read their starting tiles)
-    trains_on_samples = bool((kinds - {"start"}) & set(SYNTHETIC_KINDS))
+    # the sample images themselves only when an arm trains on them (start and roundtrip arms read the starting tiles)
+    trains_on_samples = bool((kinds - set(TILE_KINDS)) & set(SYNTHETIC_KINDS))
     images = load_sample_images(cfg.samples, rows, int(real.images.shape[1])) if trains_on_samples else None
     index = {r["id"]: i for i, r in enumerate(rows)}
     by_class = {c: [i for i, r in enumerate(rows) if r["target"] == c] for c in real.classes}
@@ -133,48 +143,86 @@ def synthetic_sets(cfg: EvaluateConfig, arms, real: Tiles) -> list[dict]:
             per_class[c] = kept[c][:n_sel] if kind in SELECTED_KINDS else n_sel
         chosen[name] = per_class
     labels = torch.tensor([real.classes.index(r["target"]) for r in rows], dtype=torch.long)
-    out = [{"images": images, "labels": labels, "by_class": by_class,
-            "chosen": {n: v for n, v in chosen.items() if n not in starts}}]
-    if starts:
-        needed = sorted({i for n in starts for idx in chosen[n].values() for i in idx})
-        tiles, true = start_tiles(cfg, rows, needed, real.images.shape[1:], real.classes)
-        out.append({"images": tiles, "labels": labels, "true": true, "by_class": by_class, "rows": rows,
-                    "chosen": {n: chosen[n] for n in starts}})
+    of = {k: {n: chosen[n] for n, kk, _ in arms if kk == k} for k in TILE_KINDS}
+    out = [{"kind": "samples", "images": images, "labels": labels, "by_class": by_class,
+            "chosen": {n: v for n, v in chosen.items() if not any(n in v2 for v2 in of.values())}}]
+    if of["start"] or of["roundtrip"]:
+        needed = sorted({i for v in of.values() for per_class in v.values() for idx in per_class.values() for i in idx})
+        ds, at, true = starting_tiles(cfg, rows, needed, real.classes)
+        for kind, make in (("start", start_tiles), ("roundtrip", roundtrip_tiles)):
+            if of[kind]:
+                out.append({"kind": kind, "images": make(cfg, rows, needed, ds, at), "labels": labels, "true": true,
+                            "by_class": by_class, "rows": rows, "chosen": of[kind]})
     return out
 
 
-def start_tiles(cfg: EvaluateConfig, rows: list[dict], needed: list[int], shape,
-                classes: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(uint8 images [len(rows), *shape], own labels): for the samples at `needed`, the train-split tile of cfg.data
-    each started from (init_id) turned by its init_dihedral, and that tile's label index in `classes` (-1:
-    unlabeled); zeros and -1 elsewhere. One error names the first sample without a starting tile or with one the
-    dataset lacks."""
-    from ..core.transforms import DIHEDRAL, dihedral
+def starting_tiles(cfg: EvaluateConfig, rows: list[dict], needed: list[int], classes: list[str]):
+    """(the train split of cfg.data, {sample index: (its starting tile's index there, init_dihedral)} for the
+    samples at `needed`, own labels): each tile's label index in `classes` for every row (-1: unlabeled, or a
+    sample not needed). One error names the first sample without a starting tile, with one the dataset lacks or
+    with a bad init_dihedral."""
+    from ..core.transforms import DIHEDRAL
     from .datasets import PixelDataset
 
     path = f"{cfg.samples}/samples.csv"
     bad = next((rows[i] for i in needed if not rows[i].get("init_id")), None)
     if bad is not None:
-        raise HistoError(f"start arms need samples made from tiles: sample {bad['id']!r} in {path} has no starting "
-                         f"tile (init_id; sample with --strength < 1 and --init-subset)")
+        raise HistoError(f"start and roundtrip arms need samples made from tiles: sample {bad['id']!r} in {path} has "
+                         f"no starting tile (init_id; sample with --strength < 1 and --init-subset)")
     ds = PixelDataset(cfg.data, subset="train")
-    at = {r["id"]: j for j, r in enumerate(ds.rows)}
-    bad = next((rows[i] for i in needed if rows[i]["init_id"] not in at), None)
+    where = {r["id"]: j for j, r in enumerate(ds.rows)}
+    bad = next((rows[i] for i in needed if rows[i]["init_id"] not in where), None)
     if bad is not None:
         raise HistoError(f"sample {bad['id']!r} in {path} starts from tile {bad['init_id']!r}, which is not a "
-                         f"train-split tile of {cfg.data}: the start arms read the starting tiles from the "
-                         f"evaluated dataset")
-    images = torch.zeros((len(rows), *shape), dtype=torch.uint8)
-    true = torch.full((len(rows),), -1, dtype=torch.long)
+                         f"train-split tile of {cfg.data}: the start and roundtrip arms read the starting tiles from "
+                         f"the evaluated dataset")
+    at, true = {}, torch.full((len(rows),), -1, dtype=torch.long)
     for i in needed:
         k = str(rows[i].get("init_dihedral") or "0")
         if not k.isdigit() or int(k) >= DIHEDRAL:
             raise HistoError(f"sample {rows[i]['id']!r} in {path} has init_dihedral {k!r}, not 0..{DIHEDRAL - 1}")
-        j = at[rows[i]["init_id"]]
-        images[i] = dihedral(ds.uint8(j), int(k), dims=(0, 1))
-        label = ds.rows[j]["label"]
+        at[i] = (where[rows[i]["init_id"]], int(k))
+        label = ds.rows[at[i][0]]["label"]
         true[i] = classes.index(label) if label in classes else -1
-    return images, true
+    return ds, at, true
+
+
+def start_tiles(cfg: EvaluateConfig, rows: list[dict], needed: list[int], ds, at: dict) -> torch.Tensor:
+    """uint8 images [len(rows), H, W, 3]: for the samples at `needed`, the tile each started from, turned by its
+    init_dihedral; zeros elsewhere."""
+    from ..core.transforms import dihedral
+
+    images = torch.zeros((len(rows), *ds.uint8(0).shape), dtype=torch.uint8)
+    for i in needed:
+        j, k = at[i]
+        images[i] = dihedral(ds.uint8(j), k, dims=(0, 1))
+    return images
+
+
+def roundtrip_tiles(cfg: EvaluateConfig, rows: list[dict], needed: list[int], ds, at: dict) -> torch.Tensor:
+    """uint8 images [len(rows), H, W, 3]: for the samples at `needed`, the tile each started from after one pass
+    through the autoencoder that decoded the samples (<samples>/pipeline/vae, checked against samples.csv's
+    vae_id): its posterior mean turned by init_dihedral in latent space (as the sampler turns it), decoded; zeros
+    elsewhere. Each (tile, turn) is decoded once."""
+    from ..models.autoencoder import load_vae, roundtrip_uint8, vae_id
+
+    folder = f"{cfg.samples}/pipeline/vae"
+    if not (Path(folder) / "config.json").is_file():
+        raise HistoError(f"roundtrip arms need the autoencoder that decoded the samples: {folder} is missing "
+                         f"(written by sample)")
+    own = vae_id(folder)
+    bad = next((rows[i] for i in needed if (rows[i].get("vae_id") or own) != own), None)
+    if bad is not None:
+        raise HistoError(f"sample {bad['id']!r} in {cfg.samples}/samples.csv was decoded by autoencoder "
+                         f"{bad['vae_id'][:12]}, {folder} is {own[:12]}: the roundtrip arms need the samples' own")
+    pairs = sorted({at[i] for i in needed})
+    recs, _ = roundtrip_uint8(load_vae(folder), torch.stack([ds.uint8(j) for j, _ in pairs]),
+                              turns=[k for _, k in pairs])
+    where = {p: n for n, p in enumerate(pairs)}
+    images = torch.zeros((len(rows), *recs.shape[1:]), dtype=torch.uint8)
+    for i in needed:
+        images[i] = recs[where[at[i]]]
+    return images
 
 
 def label_agreement(assigned: torch.Tensor, true: torch.Tensor, idx) -> dict:

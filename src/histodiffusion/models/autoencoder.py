@@ -77,18 +77,22 @@ def encode_posterior(vae, images):
     return post.mean.float(), post.std.float()
 
 
-def roundtrip_uint8(vae, images_u8, batch: int = 64):
+def roundtrip_uint8(vae, images_u8, batch: int = 64, turns=None):
     """(reconstructions uint8 [N, H, W, 3], posterior means [N, C, h, w]) of uint8 tiles [N, H, W, 3]: one
-    encode (posterior mean) / decode pass, what a tile looks like once it has been through the autoencoder."""
+    encode (posterior mean) / decode pass, what a tile looks like once it has been through the autoencoder.
+    `turns` (N dihedral indices): each mean is turned in latent space before it is decoded, as the sampler
+    turns a starting tile's latent (the means returned are the unturned ones)."""
     import torch
 
+    from ..core.transforms import dihedral
     from .classifier import to_model_input
 
     recs, means = [], []
     with torch.no_grad():
         for i in range(0, len(images_u8), batch):
             mean = encode_posterior(vae, to_model_input(images_u8[i:i + batch]))[0]
-            rec = vae.decode(mean).sample.clamp(-1, 1)
+            z = mean if turns is None else torch.stack([dihedral(m, int(k)) for m, k in zip(mean, turns[i:i + batch])])
+            rec = vae.decode(z).sample.clamp(-1, 1)
             recs.append(rec.add(1).mul(127.5).round().to(torch.uint8).permute(0, 2, 3, 1))
             means.append(mean)
     return torch.cat(recs), torch.cat(means)

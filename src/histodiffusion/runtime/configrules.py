@@ -17,7 +17,7 @@ START_FROM = ("noise", "unlabeled")  # run --start-from: where the main chain's 
 START_LABELS = ("latent", "ensemble")  # run --start-labels: who reads the starting tiles' class (sample init_labels)
 START_STRENGTH = 0.05  # run --start-strength's default
 ARM_KINDS = ("real", "real_aa", "classic", "classic_aa", "selected", "unselected", "pseudo",
-             "pseudo+selected", "start")  # evaluate's arm kinds
+             "pseudo+selected", "start", "roundtrip")  # evaluate's arm kinds
 PSEUDO_RANKS = ("confidence", "random")  # evaluate --pseudo-rank (data.evalarms.pseudo_sets)
 
 

@@ -24,6 +24,9 @@ cosine schedule, backbone, validation rule) and differs only in the training ima
   start@R         real + the raw tiles selected@R's samples started from (samples.csv init_id, turned by
                   init_dihedral), each with its sample's target label, with classic augmentation: the same
                   choice of tiles and labels without the diffusion step
+  roundtrip@R     real + the same tiles after one pass through the samples' autoencoder (<samples>/pipeline/vae;
+                  the latent turned as the sampler turns it), with the samples' labels and classic augmentation:
+                  the samples without their denoising step
 In the arms that add images each added image weighs cfg.synthetic_weight in the batch loss, a
 real one 1 (sum(w * loss) / sum(w); 1: the plain mean, as before). With cfg.real_finish > 0 their last
 round(real_finish x steps) steps draw batches from the real tiles only (fine-tuning on real after mixed
@@ -40,8 +43,9 @@ matched by name; a tile identical to a training tile is an error). Outputs (cfg.
 first, classifiers/<arm>_<seed>/ (model.safetensors, classifier.json, scores.json, _COMPLETE.json),
 per_seed.csv, curves.csv, metrics.json ("testsets": {test, <external>...}: per arm mean, 95% t-CI, n
 and paired deltas vs the real arm, of the synthetic arms vs classic, of selected@R, unselected@R,
-pseudo+selected@R and start@R vs pseudo@R, and of selected@R vs start@R ("deltas_vs_start": what the diffusion
-step adds; "start": per start arm the distinct starting tiles and, measurement only, the share whose own label is
+pseudo+selected@R and start@R vs pseudo@R, of selected@R and roundtrip@R vs start@R ("deltas_vs_start": what the
+diffusion step adds, and what the autoencoder's round trip alone costs) and of selected@R vs roundtrip@R
+("deltas_vs_roundtrip": what the denoising step adds over the round trip); "start": per start arm the distinct starting tiles and, measurement only, the share whose own label is
 the sample's target; start_tiles.csv lists those tiles); "arms" / "deltas" /
 "deltas_vs_classic" / "noise_floor": the test split's, at the top level; "validation": per arm best step and mean curve), confusion/<testset>__<arm>.png (confusion
 summed over seeds, rows normalised), _COMPLETE.json last. A finished (arm, seed) is skipped on
@@ -146,7 +150,7 @@ def run(cfg: EvaluateConfig) -> Path:
     syn = synthetic_sets(cfg, arms, real)
     pool = check_pseudo(cfg, arms, real, test, val)
     check_keep_list(cfg, out, arms, rank == 0)
-    start = syn[1] if len(syn) > 1 else None  # the start arms' tiles (synthetic_sets puts them second)
+    start = next((e for e in syn if e["kind"] == "start"), None)  # the start arms' tiles
     if rank == 0 and start:  # an augmentation set a user can take as it is
         write_csv_atomic(out / START_CSV, start_rows(arms, start, classes), START_COLUMNS)
     size = int(real.images.shape[1])
@@ -352,8 +356,12 @@ def _merge(cfg, out: Path, arms, jobs, sets, classes, real, val, test, externals
     names = [a[0] for a in arms]
     pairs = {"deltas_vs_pseudo": {n: f"pseudo@{r:g}" for n, k, r in arms
                                   if k in SYNTHETIC_KINDS and f"pseudo@{r:g}" in names},
-             "deltas_vs_start": {f"selected@{r:g}": n for n, k, r in arms
-                                 if k == "start" and f"selected@{r:g}" in names}}
+             # the diffusion step against its raw starting tiles, split (with roundtrip arms) into the
+             # autoencoder's round trip (roundtrip@R - start@R) and the denoising step (selected@R - roundtrip@R)
+             "deltas_vs_start": {f"{a}@{r:g}": n for n, k, r in arms for a in ("selected", "roundtrip")
+                                 if k == "start" and f"{a}@{r:g}" in names},
+             "deltas_vs_roundtrip": {f"selected@{r:g}": n for n, k, r in arms
+                                     if k == "roundtrip" and f"selected@{r:g}" in names}}
     summary = summarise(results, names, list(cfg.seeds), classes, list(sets), AA_OF, pairs)
     deltas, floors = summary["testsets"][TEST]["deltas_vs_real"], summary["testsets"][TEST]["noise_floors"]
     summary.update({"budget": {"steps": steps, "steps_per_epoch": steps_per_epoch, "epochs": cfg.epochs,
@@ -373,7 +381,8 @@ def _merge(cfg, out: Path, arms, jobs, sets, classes, real, val, test, externals
                     "arms": summary["testsets"][TEST]["arms"], "deltas": deltas,
                     "deltas_vs_classic": summary["testsets"][TEST]["deltas_vs_classic"],
                     "deltas_vs_pseudo": summary["testsets"][TEST]["deltas_vs_pseudo"],
-                    "deltas_vs_start": summary["testsets"][TEST]["deltas_vs_start"], "start": start,
+                    "deltas_vs_start": summary["testsets"][TEST]["deltas_vs_start"],
+                    "deltas_vs_roundtrip": summary["testsets"][TEST]["deltas_vs_roundtrip"], "start": start,
                     "noise_floor": floors.get("real_aa"), "noise_floors": floors,
                     "pseudo": pseudo_summary(cfg, arms, real, pseudo) if pseudo else None})
     write_csv_atomic(out / "per_seed.csv", per_seed_rows(results, classes), per_seed_columns(classes))

@@ -54,7 +54,8 @@ def verdict_sentences(metrics: dict, metric: str = "accuracy") -> list[str]:
     distinguishable from seed noise.' When the evaluation has a classic arm, a second clause judges the gain
     over classic augmentation (which the synthetic arms train with) against classic_aa's floor, a third (with a
     pseudo arm of the same ratio) the gain over plain pseudo-labelling, and a fourth (with a start arm of the same
-    ratio) the gain over the samples' own starting tiles, i.e. what the diffusion step adds. Unselected
+    ratio) the gain over the samples' own starting tiles, i.e. what the diffusion step adds, split (with a roundtrip
+    arm of the same ratio) into the autoencoder's round trip of those tiles and the denoising step. Unselected
     arms get a sentence when there is no selected one. A pseudo+selected arm gets one: the gain of adding the
     selected samples to the pseudo-labelled tiles."""
     r = metrics["testsets"][TEST]
@@ -94,6 +95,12 @@ def verdict_sentences(metrics: dict, metric: str = "accuracy") -> list[str]:
         if st:  # the diffusion step against the raw tiles it started from (same tiles, same labels)
             text += (f" Over the samples' own starting tiles, raw (start@{ratio:g}: the same tiles and labels "
                      f"without the diffusion step): {_interval(st)}: {judgement(st, classic_floor)}.")
+        rt = (r.get("deltas_vs_start") or {}).get(f"roundtrip@{ratio:g}", {}).get(metric)
+        dn = (r.get("deltas_vs_roundtrip") or {}).get(arm, {}).get(metric)
+        if rt and dn:  # that difference in two: the autoencoder's round trip, then the denoising step
+            text += (f" Of that, one pass of the tiles through the samples' autoencoder (roundtrip@{ratio:g} against "
+                     f"start@{ratio:g}) gives {_interval(rt)} and the denoising step over that round trip "
+                     f"{_interval(dn)}.")
         out.append(text)
     vs_pseudo = r.get("deltas_vs_pseudo") or {}
     for ratio, arm in ratio_arms(vs_pseudo, "pseudo+selected"):
