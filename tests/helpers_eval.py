@@ -122,3 +122,30 @@ class one_thread:
         import torch
 
         torch.set_num_threads(self.prev)
+
+
+def with_starts(samples: Path, data: str, out: Path) -> Path:
+    """A copy of a sample directory whose sample i names train tile i (cycling through the train split, every
+    class) of `data` as its starting tile, turned by dihedral i % 8; its keep-list copied along."""
+    import csv
+    import shutil
+
+    from histodiffusion.data.datasets import PixelDataset
+
+    shutil.copytree(samples, out)
+    train = [r["id"] for r in PixelDataset(data, "train").rows]
+    rows = list(csv.DictReader(open(out / "samples.csv")))
+    for i, r in enumerate(rows):
+        r["init_id"], r["init_dihedral"] = train[(5 * i) % len(train)], i % 8
+    write_rows(out / "samples.csv", rows)
+    return out
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    """A CSV file of `rows` (dicts with the same keys, in the first row's order)."""
+    import csv
+
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers_eval import make_class_samples, make_dataset, one_thread, write_filtered
+from helpers_eval import (make_class_samples, make_dataset, one_thread, with_starts, write_filtered,
+                          write_rows)
 from histodiffusion.cli import main
 from histodiffusion.runtime.config import EvaluateConfig
 from histodiffusion.runtime.errors import HistoError
@@ -767,23 +768,6 @@ def test_pseudo_arm_bad_options(evaluated, tmp_path, capsys):
 # --------------------------------------------------------------------------------------------
 # start@R: the raw tiles selected@R's samples started from, with the samples' labels (no diffusion step)
 # --------------------------------------------------------------------------------------------
-def with_starts(samples: Path, data: str, out: Path) -> Path:
-    """A copy of a sample directory whose sample i names train tile i (cycling through the train split, every
-    class) of `data` as its starting tile, turned by dihedral i % 8; its keep-list copied along."""
-    from histodiffusion.data.datasets import PixelDataset
-
-    shutil.copytree(samples, out)
-    train = [r["id"] for r in PixelDataset(data, "train").rows]
-    rows = list(csv.DictReader(open(out / "samples.csv")))
-    for i, r in enumerate(rows):
-        r["init_id"], r["init_dihedral"] = train[(5 * i) % len(train)], i % 8
-    with open(out / "samples.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    return out
-
-
 @pytest.fixture(scope="module")
 def start_evaluated(evaluated):
     cfg, root = evaluated
@@ -856,10 +840,7 @@ def test_start_arm_refuses_samples_without_a_starting_tile_the_dataset_has(evalu
         run(EvaluateConfig(**{**base, "samples": str(samples), "out": str(tmp_path / "b")}))
     rows = list(csv.DictReader(open(start_evaluated[0].samples + "/samples.csv")))
     rows[0]["init_dihedral"] = "9"
-    with open(samples / "samples.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_rows(samples / "samples.csv", rows)
     with pytest.raises(HistoError, match="sample 's00000' in .* has init_dihedral '9', not 0..7"):
         run(EvaluateConfig(**{**base, "samples": str(samples), "out": str(tmp_path / "c")}))
     for d in "abc":  # refused before any classifier trained
@@ -890,13 +871,6 @@ def roundtrip_evaluated(start_evaluated):
     with one_thread():
         run(rcfg)
     return rcfg, root
-
-
-def write_rows(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
 
 
 def test_roundtrip_arm_trains_on_the_starting_tiles_through_the_samples_autoencoder(roundtrip_evaluated):

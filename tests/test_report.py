@@ -6,7 +6,7 @@ from html.parser import HTMLParser
 
 import pytest
 
-from helpers_eval import make_class_samples, make_dataset, one_thread
+from helpers_eval import make_class_samples, make_dataset, one_thread, with_starts
 from histodiffusion.runtime.config import EvaluateConfig, JudgeConfig, ReportConfig, SelectConfig
 from histodiffusion.runtime.errors import HistoError
 from histodiffusion.stages import evaluate, judge, select
@@ -123,6 +123,43 @@ def test_report_names_how_the_synthetic_arms_train_differently(full_run, tmp_pat
     md = (run(ReportConfig(run=str(root), embedding="pca")) / "report.md").read_text()
     assert ("In the synthetic arms each synthetic image weighs 0.5 of a real one in the loss and the last 30% of "
             "the steps train on the real tiles only.") in md
+
+
+def test_report_shows_kept_samples_beside_the_tiles_they_started_from(full_run, tmp_path):
+    """Samples made from real tiles (init_id): per class, the first kept samples in rank order beside their starting
+    tiles turned by init_dihedral; a tile whose own label is another class is framed red."""
+    import csv
+
+    import numpy as np
+    from PIL import Image
+
+    from histodiffusion.core.transforms import dihedral
+    from histodiffusion.data.datasets import PixelDataset
+    from histodiffusion.stages.report.images import start_pairs
+
+    assert "tiles they started from" not in (full_run / "report" / "report.md").read_text()  # made from noise
+    root = tmp_path / "run"
+    shutil.copytree(full_run, root, ignore=shutil.ignore_patterns("report", "samples"))
+    with_starts(full_run / "samples", str(root / "data" / "target"), root / "samples")
+    md = (run(ReportConfig(run=str(root), embedding="pca", grid_per_class=4)) / "report.md").read_text()
+    assert "## Kept samples and the tiles they started from" in md
+    assert re.search(r"aca: starting tiles \(left\), kept samples \(right\); mean absolute difference \d+\.\d / 255 "
+                     r"over these 4", md)
+    rows = list(csv.DictReader(open(root / "samples" / "samples.csv")))
+    filt = {f["id"]: f for f in csv.DictReader(open(root / "samples" / "select" / "filtered.csv"))}
+    ds = PixelDataset(root / "data" / "target", subset="train")
+    idx, tiles, own = start_pairs(rows, filt, ds, "aca", 4)
+    kept = sorted((f for f in filt.values() if f["target"] == "aca" and f["keep"] == "1"), key=lambda f: int(f["rank"]))
+    assert [rows[i]["id"] for i in idx] == [f["id"] for f in kept[:4]]
+    at = {r["id"]: j for j, r in enumerate(ds.rows)}
+    for i, t, lab in zip(idx, tiles, own):
+        j = at[rows[i]["init_id"]]
+        assert (t == dihedral(ds.uint8(j), int(rows[i]["init_dihedral"]), dims=(0, 1)).numpy()).all()
+        assert lab == ds.rows[j]["label"]
+    # the red frame (2 px around each 128 px cell, 4 a row, 4 px gaps) marks exactly the tiles of another class
+    grid = np.asarray(Image.open(root / "report" / "figures" / "grid_start_0.png").convert("RGB"))
+    framed = [tuple(grid[2, 4 + k * 132 + 60]) == (220, 30, 30) for k in range(len(idx))]
+    assert framed == [lab != "aca" for lab in own] and any(framed) and not all(framed)
 
 
 def test_report_with_only_data(tmp_path):

@@ -58,7 +58,51 @@ def section_grids(doc: Doc, p: dict, subset: str, classes: list[str], n: int, sc
         doc.image(grid(syn[idx] if idx else syn[:0], keep[idx] if filt else None, f"{c}: synthetic"),
                   f"grid_syn_{ci}.png", f"{c}: synthetic" + (" (kept first)" if filt else ""), cls="tiles")
         doc.close_row()
+    if filt and all(r.get("init_id") for r in rows):  # samples made from real tiles (sample --strength < 1)
+        section_starts(doc, p, rows, syn, filt, classes, n, grid)
     return real, syn, targets, keep
+
+
+def start_pairs(rows: list[dict], filt: dict, ds, c: str, n: int) -> tuple[list[int], np.ndarray, list[str]]:
+    """(sample indices, their starting tiles turned by init_dihedral uint8 [k, H, W, 3], each tile's own label or
+    ""): class c's first n kept samples in rank order whose starting tile is a train tile of `ds`."""
+    from ...core.transforms import dihedral
+
+    at = {r["id"]: j for j, r in enumerate(ds.rows)}
+    idx = sorted((i for i, r in enumerate(rows) if r["target"] == c and r["id"] in filt
+                  and int(filt[r["id"]]["keep"]) == 1 and r["init_id"] in at),
+                 key=lambda i: int(filt[rows[i]["id"]]["rank"]))[:n]
+    tiles = [dihedral(ds.uint8(at[rows[i]["init_id"]]), int(rows[i]["init_dihedral"] or 0), dims=(0, 1)).numpy()
+             for i in idx]
+    shape = (0, *ds.uint8(0).shape) if len(ds) else (0, 1, 1, 3)
+    return idx, np.stack(tiles) if tiles else np.zeros(shape, np.uint8), [ds.rows[at[rows[i]["init_id"]]]["label"]
+                                                                           for i in idx]
+
+
+def section_starts(doc: Doc, p: dict, rows: list[dict], syn: np.ndarray, filt: dict, classes: list[str], n: int,
+                   grid) -> None:
+    """Samples made from real tiles: per class, the first kept samples beside the train tiles they started from
+    (the same order), with the mean absolute pixel difference: what the diffusion step changes. A starting tile
+    whose own label is another class than the sample's target is framed red (measurement only)."""
+    from ...data.datasets import PixelDataset
+
+    ds = PixelDataset(p["data"], subset="train")
+    doc.h(2, "Kept samples and the tiles they started from")
+    doc.p(f"Left: the train tiles (turned as the sampler turned them) that the first {n} kept samples of each class "
+          "started from; right: those samples, in the same order. A tile framed red carries a label of another "
+          "class than the sample's (the sampler never reads it). The evaluation's start and roundtrip arms train on "
+          "these tiles raw and after one pass through the autoencoder.")
+    for ci, c in enumerate(classes):
+        idx, tiles, own = start_pairs(rows, filt, ds, c, n)
+        diff = float(np.abs(np.asarray(syn[idx], float) - tiles).mean()) if idx else float("nan")
+        doc.p(f"{c}: starting tiles (left), kept samples (right); mean absolute difference {diff:.1f} / 255 over "
+              f"these {len(idx)}", cls="caption")
+        doc.open_row()
+        doc.image(grid(tiles, np.array([int(not lab or lab == c) for lab in own]), f"{c}: starting tiles"),
+                  f"grid_start_{ci}.png", f"{c}: starting tiles", cls="tiles")
+        doc.image(grid(syn[idx] if idx else syn[:0], None, f"{c}: kept samples"), f"grid_kept_{ci}.png",
+                  f"{c}: kept samples", cls="tiles")
+        doc.close_row()
 
 
 def section_embedding(doc: Doc, p: dict, real, syn, targets, keep, classes, method: str) -> None:
