@@ -768,6 +768,17 @@ def test_pseudo_arm_bad_options(evaluated, tmp_path, capsys):
 # --------------------------------------------------------------------------------------------
 # start@R: the raw tiles selected@R's samples started from, with the samples' labels (no diffusion step)
 # --------------------------------------------------------------------------------------------
+def arm_training_sets(cfg: EvaluateConfig, *kinds: str):
+    """(the real subset, the synthetic sets, per kind the (images, labels, counts) its arm at ratio 0.5 trains on
+    with seed 0) of an evaluation config."""
+    from histodiffusion.data.evalarms import expand_arms, synthetic_sets, training_set
+    from histodiffusion.data.evaldata import load_real
+
+    real = load_real(cfg.data, cfg.subset)
+    sets = synthetic_sets(cfg, expand_arms(cfg.arms, cfg.ratios, True), real)
+    return real, sets, [training_set(k, f"{k}@0.5", 0, real, sets) for k in kinds]
+
+
 @pytest.fixture(scope="module")
 def start_evaluated(evaluated):
     cfg, root = evaluated
@@ -784,14 +795,9 @@ def test_start_arm_trains_on_the_kept_samples_starting_tiles_with_their_labels(s
 
     from histodiffusion.core.transforms import dihedral
     from histodiffusion.data.datasets import PixelDataset
-    from histodiffusion.data.evalarms import expand_arms, synthetic_sets, training_set
-    from histodiffusion.data.evaldata import load_real
 
     cfg, root = start_evaluated
-    real = load_real(cfg.data, cfg.subset)
-    sets = synthetic_sets(cfg, expand_arms(cfg.arms, cfg.ratios, True), real)
-    xs, ys, cs = training_set("selected", "selected@0.5", 0, real, sets)
-    x, y, counts = training_set("start", "start@0.5", 0, real, sets)
+    real, _, ((xs, ys, cs), (x, y, counts)) = arm_training_sets(cfg, "selected", "start")
     n = len(real)
     assert counts == cs and sum(counts.values()) == 9 and y.equal(ys)  # quota(0.5, 6) = 3 kept per class
     assert not x[n:].equal(xs[n:])  # the tiles, not the samples
@@ -878,16 +884,11 @@ def test_roundtrip_arm_trains_on_the_starting_tiles_through_the_samples_autoenco
 
     from histodiffusion.core.transforms import dihedral
     from histodiffusion.data.datasets import PixelDataset
-    from histodiffusion.data.evalarms import expand_arms, synthetic_sets, training_set
-    from histodiffusion.data.evaldata import load_real
     from histodiffusion.models.autoencoder import load_vae
 
     cfg, root = roundtrip_evaluated
-    real = load_real(cfg.data, cfg.subset)
-    sets = synthetic_sets(cfg, expand_arms(cfg.arms, cfg.ratios, True), real)
+    real, sets, ((xs, ys, cs), (x, y, counts)) = arm_training_sets(cfg, "start", "roundtrip")
     assert [e["kind"] for e in sets] == ["samples", "start", "roundtrip"]
-    xs, ys, cs = training_set("start", "start@0.5", 0, real, sets)
-    x, y, counts = training_set("roundtrip", "roundtrip@0.5", 0, real, sets)
     n = len(real)
     assert counts == cs and sum(counts.values()) == 9 and y.equal(ys)  # the same samples, labels and count
     # each added image: the start arm's tile unturned, encoded to its posterior mean, turned in latent space by
