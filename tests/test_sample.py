@@ -212,6 +212,36 @@ def test_strength_starts_from_train_tiles_of_the_class(models, tmp_path):
     assert (tmp_path / "a" / rows[0]["file"]).read_bytes() != (tmp_path / "c" / rows[0]["file"]).read_bytes()
 
 
+def test_color_match_gives_each_sample_its_starting_tiles_colors(models, tmp_path):
+    """color_match=tile: each sample is the unmatched sample of the same seed with its per-channel RGB mean and
+    standard deviation set to those of its starting tile, turned as the sample started."""
+    import numpy as np
+    from PIL import Image
+
+    from histodiffusion.core.transforms import dihedral, match_color
+    from histodiffusion.data.datasets import PixelDataset
+
+    cfg = base_cfg(models, tmp_path / "plain", strength=0.5, n_per_class=14, batch_size=7, classes=("dark",))
+    run(cfg)
+    run(dataclasses.replace(cfg, out=str(tmp_path / "matched"), color_match="tile"))
+    rows = read_rows(tmp_path / "matched")
+    assert [r["init_dihedral"] for r in rows][-2:] == ["1", "1"]  # some starting tiles turned
+    ds = PixelDataset(models["data"], ids=[r["init_id"] for r in rows])
+    at = {r["id"]: j for j, r in enumerate(ds.rows)}
+    for r in rows:
+        tile = dihedral(ds.uint8(at[r["init_id"]]), int(r["init_dihedral"]), dims=(0, 1)).numpy()
+        plain = np.asarray(Image.open(tmp_path / "plain" / r["file"]).convert("RGB"))
+        got = np.asarray(Image.open(tmp_path / "matched" / r["file"]).convert("RGB"))
+        assert (got == match_color(plain, tile)).all()
+        gap = [np.abs(x.reshape(-1, 3).mean(0) - tile.reshape(-1, 3).mean(0)).max() for x in (got, plain)]
+        assert gap[0] < gap[1]  # nearer the tile's colours (not equal: clipping at 0 and 255 moves them)
+    info = json.loads((tmp_path / "matched" / "pipeline" / "histodiffusion.json").read_text())
+    assert info["sampling"]["color_match"] == "tile"
+    with pytest.raises(HistoError, match="color_match=tile .* needs strength < 1"):
+        run(base_cfg(models, tmp_path / "noise", color_match="tile"))
+    assert not (tmp_path / "noise" / "samples.csv").exists()
+
+
 def test_init_labels_classifier_starts_from_tiles_the_classifier_reads_as_the_class(models, tmp_path):
     """init_labels=classifier: the pool is the train split (default), a tile's class is the latent classifier's
     reading of its clean latent, the tiles' own labels are never read (a copy of the cache without labels gives

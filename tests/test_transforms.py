@@ -19,3 +19,19 @@ def test_flip_then_rotate_names_the_same_transform():
     for turns in range(-4, 8):
         assert torch.equal(dihedral(x, flip_then_rotate(False, turns)), torch.rot90(x, turns, dims=(-2, -1)))
         assert torch.equal(dihedral(x, flip_then_rotate(True, turns)), torch.rot90(x.flip(-1), turns, dims=(-2, -1)))
+
+
+def test_match_color_sets_channel_means_and_stds():
+    import numpy as np
+
+    from histodiffusion.core.transforms import match_color
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(60, 120, (16, 16, 3)).astype(np.uint8)
+    ref = rng.integers(100, 250, (16, 16, 3)).astype(np.uint8)
+    y = match_color(x, ref).astype(float)
+    assert np.allclose(y.mean((0, 1)), ref.mean((0, 1)), atol=0.6)
+    assert np.allclose(y.std((0, 1)), ref.std((0, 1)), atol=0.6)
+    flat = np.full((4, 4, 3), 7, np.uint8)  # no spread to scale: the reference's mean
+    assert (match_color(flat, ref) == np.round(ref.mean((0, 1))).astype(np.uint8)).all()
+    assert match_color(x, x).tolist() == x.tolist()

@@ -18,3 +18,14 @@ def flip_then_rotate(flip: bool, quarter_turns: int) -> int:
     """The dihedral index k of a horizontal flip followed by `quarter_turns` rotations: a flip moved past a
     rotation reverses it, so rot(flip(x), r) == flip(rot(x, -r)) == dihedral(x, 4 + (-r) % 4)."""
     return 4 + (-quarter_turns) % 4 if flip else quarter_turns % 4
+
+
+def match_color(image, reference):
+    """uint8 [H, W, 3] `image` with each RGB channel's mean and standard deviation set to `reference`'s (a flat
+    channel takes the reference's mean): a per-sample colour transfer (Reinhard et al. 2001, in RGB)."""
+    import numpy as np
+
+    x, ref = np.asarray(image, dtype=np.float64), np.asarray(reference, dtype=np.float64)
+    mu, sd = x.mean((0, 1)), x.std((0, 1))
+    scale = np.divide(ref.std((0, 1)), sd, out=np.zeros(3), where=sd > 0)
+    return np.clip(np.round((x - mu) * scale + ref.mean((0, 1))), 0, 255).astype(np.uint8)

@@ -12,7 +12,9 @@ class is its label, or (init_labels "classifier") the latent classifier's readin
 that the target's unlabeled train tiles can be the starting points, or (init_labels "ensemble") the mean of
 that reading and an image classifier's on the tile's pixels, or (init_labels "image") image classifiers' alone,
 e.g. the downstream classifiers an earlier round trained on real + synthetic tiles (self-training;
-init_top_share: only the most confident share of each class).
+init_top_share: only the most confident share of each class). With color_match "tile" each decoded sample then
+takes its starting tile's per-channel colour statistics (core.transforms.match_color), undoing the autoencoder's
+colour shift; the pipeline/ folder does not do this step (it records color_match).
 
 Sample i (its place in the plan: classes in order, then k = 0..count-1) uses its own torch.Generator
 seeded from (run seed, i) for its initial noise and DDIM's per-step noise, so images do not depend on
@@ -23,7 +25,7 @@ PNG exists. Rank 0 then writes grids/, samples.csv, pipeline/ and _COMPLETE.json
 The models are loaded and checked together (models/bundle.py) into a HistoDiffusionPipeline, whose
 call runs the one guided sampling loop (diffusers_pipeline.py). pipeline/ is that pipeline as a
 diffusers folder (model_index.json, vae/, unet/, scheduler/, latent_classifier/, model card):
-`DiffusionPipeline.from_pretrained` on it, given the same seeds, makes the same images.
+`DiffusionPipeline.from_pretrained` on it, given the same seeds, makes the same images (before color_match).
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ import numpy as np
 
 from ..core.grids import write_grid
 from ..core.seeds import sample_seed, torch_generator
-from ..core.transforms import DIHEDRAL, dihedral
+from ..core.transforms import DIHEDRAL, dihedral, match_color
 from ..diffusers_pipeline import make_scheduler, start_index
 from ..runtime.artifacts import INDEX, SAMPLES_COLUMNS, SAMPLES_CSV, read_dataset, read_meta, subset_ids
 from ..runtime.config import SampleConfig
@@ -272,10 +274,14 @@ def check_sampling_args(cfg: SampleConfig, T: int) -> tuple[int, int]:
         raise HistoError(f"init_top_share is only used with init_labels=classifier, ensemble or image, got "
                          f"{cfg.init_top_share} with init_labels={cfg.init_labels}")
     reads_pixels = cfg.init_labels in ("ensemble", "image")
-    if reads_pixels != bool(cfg.init_image_classifier) or (cfg.init_data and not cfg.init_image_classifier):
+    if reads_pixels != bool(cfg.init_image_classifier) or (
+            cfg.init_data and not cfg.init_image_classifier and cfg.color_match == "none"):
         raise HistoError("init_labels=ensemble or image needs init_image_classifier, and init_image_classifier/"
-                         f"init_data are used only with them (got init_labels={cfg.init_labels}, "
+                         f"init_data are used only with them or color_match=tile (got init_labels={cfg.init_labels}, "
                          f"init_image_classifier={list(cfg.init_image_classifier)}, init_data={cfg.init_data!r})")
+    if cfg.color_match != "none" and cfg.strength == 1:
+        raise HistoError(f"color_match={cfg.color_match} sets each sample's colours to its starting tile's: it needs "
+                         "strength < 1 (1 starts from pure noise)")
     if cfg.eta and cfg.scheduler != "ddim":
         raise HistoError(f"eta is only used by ddim, got eta={cfg.eta} with {cfg.scheduler}")
     lo, hi = cfg.guidance_window
@@ -325,10 +331,23 @@ def write_grids(out: Path, rows: list[dict]) -> None:
         write_grid(ims, out / "grids" / f"{safe_name(cls)}.png")  # a near-square grid
 
 
+def start_pixels(cfg: SampleConfig, m: dict, ids) -> dict:
+    """{tile id: uint8 [H, W, 3]} of the starting tiles `ids` (color_match=tile): from init_data, or the dataset
+    the init cache was encoded from."""
+    from ..data.datasets import cache_pixels
+
+    meta = read_meta(Path(cfg.init_cache or str(m["info"].get("cache") or "")), "latent cache")
+    ids = sorted(ids)
+    tiles = cache_pixels(cfg.init_data or meta.get("dataset") or "", ids, "color_match=tile", "--init-data")
+    pos = {r["id"]: i for i, r in enumerate(tiles.rows)}
+    return {i: tiles.uint8(pos[i]) for i in ids}
+
+
 def generate(items: list[dict], m: dict, cfg: SampleConfig, window: tuple[int, int],
-             init: dict | None = None) -> tuple[list[dict], np.ndarray]:
+             init: dict | None = None, pixels: dict | None = None) -> tuple[list[dict], np.ndarray]:
     """Images and samples.csv rows of plan entries `items` (one batch), through the pipeline; `init`:
-    {tile id: clean latent} when the entries start from real tiles (assign_init)."""
+    {tile id: clean latent} when the entries start from real tiles (assign_init); `pixels`: {tile id: uint8
+    tile} when each decoded image takes its starting tile's colours (color_match=tile)."""
     import torch
 
     pipe = m["pipe"]
@@ -341,6 +360,9 @@ def generate(items: list[dict], m: dict, cfg: SampleConfig, window: tuple[int, i
                num_inference_steps=cfg.steps, generator=gens, guidance_window=window, eta=cfg.eta,
                output_type="latent", init_latents=z_init, strength=cfg.strength)
     images = pipe.decode_uint8(out.images)
+    if pixels:  # 7. the starting tile's colours (per-channel mean and std), the tile turned as the sample started
+        images = np.stack([match_color(im, dihedral(pixels[it["init_id"]], it["init_dihedral"], dims=(0, 1)))
+                           for im, it in zip(images, items)])
     rows = [{"id": it["id"], "file": f"images/{it['id']}.png", "seed": sample_seed(cfg.seed, it["i"]),
              "target": it["target"], "target_index": it["target_index"], "scale": cfg.scale,
              "scheduler": cfg.scheduler, "steps": cfg.steps, "eta": cfg.eta, "window_lo": window[0],
@@ -361,7 +383,7 @@ def write_pipeline(folder: Path, m: dict, cfg: SampleConfig, window: tuple[int, 
               "classifier_cache": m["info"].get("cache"), "classifier_subset": m["info"].get("subset"),
               "sampling": {"scheduler": cfg.scheduler, "steps": cfg.steps, "scale": cfg.scale,
                            "guidance_window": list(window), "eta": cfg.eta, "seed": cfg.seed,
-                           "strength": cfg.strength}}
+                           "strength": cfg.strength, "color_match": cfg.color_match}}
     return export_pipeline(m["pipe"], folder, record)
 
 
@@ -381,6 +403,7 @@ def run(cfg: SampleConfig) -> Path:
     window = check_sampling_args(cfg, m["T"])
     plan = plan_samples(cfg, list(m["info"]["classes"]), str(m["info"].get("cache") or ""))
     init = assign_init(plan, cfg, m, log) if cfg.strength < 1 else None
+    pixels = start_pixels(cfg, m, init) if cfg.color_match == "tile" else None
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / PROGRESS_DIR).mkdir(parents=True, exist_ok=True)
     done = read_progress(out)
@@ -392,7 +415,7 @@ def run(cfg: SampleConfig) -> Path:
              f"from {len(init)} real tiles at strength {cfg.strength:g}" if init else "from noise", acc.num_processes)
     bar = progress(total=len(mine), desc="sample", disable=not acc.is_main_process, log=log)
     for b in range(0, len(mine), cfg.batch_size):
-        rows, images = generate(mine[b:b + cfg.batch_size], m, cfg, window, init)
+        rows, images = generate(mine[b:b + cfg.batch_size], m, cfg, window, init, pixels)
         _save_batch(out, acc.process_index, rows, images)
         bar.update(len(rows))
     bar.close()
