@@ -209,7 +209,7 @@ class SampleConfig:
     init_top_share: float = F(1.0, "with init_labels=classifier, ensemble or image: start only from this most confident share of each class's pool (ranked by the predicted class's probability; 1: every tile read as the class)")
     init_image_classifier: tuple[str, ...] = F((), "with init_labels=ensemble or image: image classifier folders (classifier.json + model.safetensors, e.g. train-latent-classifier's image_baseline/ or evaluate's classifiers/selected@4_0) trained on the same labeled subset; several: their probabilities are averaged", input=True)
     init_data: str = F("", "with init_labels=ensemble or image, or color_match=tile: the prepared dataset of the init tiles' pixels (default: the dataset the init cache was encoded from)", input=True)
-    color_match: str = F("none", "with strength < 1: none | tile: each decoded sample's per-channel RGB mean and standard deviation set to its starting tile's (turned as the sample started), undoing the autoencoder's colour shift (BENCHMARKS.md, \"Where the samples lose against their tiles\")")
+    color_match: str = F("none", "with strength < 1: none | tile: each decoded sample's per-channel RGB mean and standard deviation set to its starting tile's (turned as the sample started), undoing the autoencoder's colour shift (measured, not adopted: BENCHMARKS.md, \"The starting tile's colours on the samples\")")
 
 
 @dataclass(frozen=True)
