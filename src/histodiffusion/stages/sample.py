@@ -360,7 +360,7 @@ def generate(items: list[dict], m: dict, cfg: SampleConfig, window: tuple[int, i
                num_inference_steps=cfg.steps, generator=gens, guidance_window=window, eta=cfg.eta,
                output_type="latent", init_latents=z_init, strength=cfg.strength)
     images = pipe.decode_uint8(out.images)
-    if pixels:  # 7. the starting tile's colours (per-channel mean and std), the tile turned as the sample started
+    if pixels:  # color_match: the starting tile's per-channel mean and std, the tile turned as the sample started
         images = np.stack([match_color(im, dihedral(pixels[it["init_id"]], it["init_dihedral"], dims=(0, 1)))
                            for im, it in zip(images, items)])
     rows = [{"id": it["id"], "file": f"images/{it['id']}.png", "seed": sample_seed(cfg.seed, it["i"]),

@@ -74,9 +74,9 @@ def start_pairs(rows: list[dict], filt: dict, ds, c: str, n: int) -> tuple[list[
                  key=lambda i: int(filt[rows[i]["id"]]["rank"]))[:n]
     tiles = [dihedral(ds.uint8(at[rows[i]["init_id"]]), int(rows[i]["init_dihedral"] or 0), dims=(0, 1)).numpy()
              for i in idx]
-    shape = (0, *ds.uint8(0).shape) if len(ds) else (0, 1, 1, 3)
-    return idx, np.stack(tiles) if tiles else np.zeros(shape, np.uint8), [ds.rows[at[rows[i]["init_id"]]]["label"]
-                                                                           for i in idx]
+    own = [ds.rows[at[rows[i]["init_id"]]]["label"] for i in idx]
+    empty = np.zeros((0, *ds.uint8(0).shape) if len(ds) else (0, 1, 1, 3), np.uint8)
+    return idx, np.stack(tiles) if tiles else empty, own
 
 
 def section_starts(doc: Doc, p: dict, rows: list[dict], syn: np.ndarray, filt: dict, classes: list[str], n: int,
@@ -90,8 +90,8 @@ def section_starts(doc: Doc, p: dict, rows: list[dict], syn: np.ndarray, filt: d
     doc.h(2, "Kept samples and the tiles they started from")
     doc.p(f"Left: the train tiles (turned as the sampler turned them) that the first {n} kept samples of each class "
           "started from; right: those samples, in the same order. A tile framed red carries a label of another "
-          "class than the sample's (the sampler never reads it). The evaluation's start and roundtrip arms train on "
-          "these tiles raw and after one pass through the autoencoder.")
+          "class than the sample's (the sampler never reads it). The evaluation's start and roundtrip arms, when "
+          "evaluated, train on these tiles raw and after one pass through the autoencoder.")
     for ci, c in enumerate(classes):
         idx, tiles, own = start_pairs(rows, filt, ds, c, n)
         diff = float(np.abs(np.asarray(syn[idx], float) - tiles).mean()) if idx else float("nan")
