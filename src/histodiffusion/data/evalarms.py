@@ -146,13 +146,14 @@ def synthetic_sets(cfg: EvaluateConfig, arms, real: Tiles) -> list[dict]:
     of = {k: {n: chosen[n] for n, kk, _ in arms if kk == k} for k in TILE_KINDS}
     out = [{"kind": "samples", "images": images, "labels": labels, "by_class": by_class,
             "chosen": {n: v for n, v in chosen.items() if not any(n in v2 for v2 in of.values())}}]
+    # each tile kind turns (start) or decodes (roundtrip) only the tiles of its own arms' samples
+    need = {k: sorted({i for per_class in v.values() for idx in per_class.values() for i in idx}) for k, v in of.items()}
     if of["start"] or of["roundtrip"]:
-        needed = sorted({i for v in of.values() for per_class in v.values() for idx in per_class.values() for i in idx})
-        ds, at, true = starting_tiles(cfg, rows, needed, real.classes)
-        for kind, make in (("start", start_tiles), ("roundtrip", roundtrip_tiles)):
-            if of[kind]:
-                out.append({"kind": kind, "images": make(cfg, rows, needed, ds, at), "labels": labels, "true": true,
-                            "by_class": by_class, "rows": rows, "chosen": of[kind]})
+        ds, at, true = starting_tiles(cfg, rows, sorted({*need["start"], *need["roundtrip"]}), real.classes)
+        make = {"start": lambda: start_tiles(len(rows), need["start"], ds, at),
+                "roundtrip": lambda: roundtrip_tiles(cfg, rows, need["roundtrip"], ds, at)}
+        out += [{"kind": k, "images": make[k](), "labels": labels, "true": true, "by_class": by_class, "rows": rows,
+                 "chosen": of[k]} for k in TILE_KINDS if of[k]]
     return out
 
 
@@ -187,12 +188,12 @@ def starting_tiles(cfg: EvaluateConfig, rows: list[dict], needed: list[int], cla
     return ds, at, true
 
 
-def start_tiles(cfg: EvaluateConfig, rows: list[dict], needed: list[int], ds, at: dict) -> torch.Tensor:
-    """uint8 images [len(rows), H, W, 3]: for the samples at `needed`, the tile each started from, turned by its
-    init_dihedral; zeros elsewhere."""
+def start_tiles(n: int, needed: list[int], ds, at: dict) -> torch.Tensor:
+    """uint8 images [n, H, W, 3] (one per samples.csv row): for the samples at `needed`, the tile each started
+    from, turned by its init_dihedral; zeros elsewhere."""
     from ..core.transforms import dihedral
 
-    images = torch.zeros((len(rows), *ds.uint8(0).shape), dtype=torch.uint8)
+    images = torch.zeros((n, *ds.uint8(0).shape), dtype=torch.uint8)
     for i in needed:
         j, k = at[i]
         images[i] = dihedral(ds.uint8(j), k, dims=(0, 1))

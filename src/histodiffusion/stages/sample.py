@@ -138,6 +138,11 @@ def plan_samples(cfg: SampleConfig, classes: list[str], default_real: str = "") 
     return plan
 
 
+def init_cache_dir(cfg: SampleConfig, info: dict) -> str:
+    """The latent cache of the starting tiles: init_cache, or the latent classifier's ("" when neither is known)."""
+    return cfg.init_cache or str(info.get("cache") or "")
+
+
 def assign_init(plan: list[dict], cfg: SampleConfig, m: dict, log) -> dict:
     """With strength < 1: give every plan entry the real tile it starts from and returns {id: clean latent}
     (logs how many tiles each class's pool holds).
@@ -151,7 +156,7 @@ def assign_init(plan: list[dict], cfg: SampleConfig, m: dict, log) -> dict:
     from ..data.datasets import LatentDataset
 
     info = m["info"]
-    cache = cfg.init_cache or str(info.get("cache") or "")
+    cache = init_cache_dir(cfg, info)
     subset = cfg.init_subset or ("train" if cfg.init_labels != "tiles" else str(info.get("subset") or ""))
     if not cache or not subset:
         raise HistoError("strength < 1 needs init_cache and init_subset (the latent classifier records none)")
@@ -218,13 +223,18 @@ def image_probabilities(ds, classes: list[str], cfg: SampleConfig):
 def pool_pixels(ds, cfg: SampleConfig):
     """(uint8 [N, H, W, 3] pixels of the latent dataset's rows, the dataset directory they come from): init_data,
     or the dataset the cache was encoded from."""
+    return tile_pixels(cfg, ds.meta, [r["id"] for r in ds.rows], f"init_labels={cfg.init_labels}")
+
+
+def tile_pixels(cfg: SampleConfig, cache_meta: dict, ids: list[str], what: str):
+    """(uint8 [len(ids), H, W, 3] pixels of tiles `ids`, in that order, the dataset directory they come from):
+    init_data, or the dataset the latent cache (its meta.json `cache_meta`) was encoded from; `what` names the
+    option that needs them in the error for an unreadable dataset or missing tiles."""
     import torch
 
     from ..data.datasets import cache_pixels
 
-    ids = [r["id"] for r in ds.rows]
-    tiles = cache_pixels(cfg.init_data or ds.meta.get("dataset") or "", ids, f"init_labels={cfg.init_labels}",
-                         "--init-data")
+    tiles = cache_pixels(cfg.init_data or cache_meta.get("dataset") or "", ids, what, "--init-data")
     pos = {r["id"]: i for i, r in enumerate(tiles.rows)}
     return torch.stack([tiles.uint8(pos[i]) for i in ids]), tiles.directory
 
@@ -334,13 +344,9 @@ def write_grids(out: Path, rows: list[dict]) -> None:
 def start_pixels(cfg: SampleConfig, m: dict, ids) -> dict:
     """{tile id: uint8 [H, W, 3]} of the starting tiles `ids` (color_match=tile): from init_data, or the dataset
     the init cache was encoded from."""
-    from ..data.datasets import cache_pixels
-
-    meta = read_meta(Path(cfg.init_cache or str(m["info"].get("cache") or "")), "latent cache")
     ids = sorted(ids)
-    tiles = cache_pixels(cfg.init_data or meta.get("dataset") or "", ids, "color_match=tile", "--init-data")
-    pos = {r["id"]: i for i, r in enumerate(tiles.rows)}
-    return {i: tiles.uint8(pos[i]) for i in ids}
+    images, _ = tile_pixels(cfg, read_meta(init_cache_dir(cfg, m["info"]), "latent cache"), ids, "color_match=tile")
+    return dict(zip(ids, images))
 
 
 def generate(items: list[dict], m: dict, cfg: SampleConfig, window: tuple[int, int],
