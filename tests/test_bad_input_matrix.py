@@ -128,6 +128,7 @@ def test_flag_of_wrong_type(capsys, tmp_path):
     ("pretrain", "mixed-precision", "fp8", "mixed_precision"),
     ("train-latent-classifier", "batch-size", "0", "batch_size"),
     ("sample", "batch-size", "0", "batch_size"),
+    ("sample", "detail", "edges", "detail"),
     ("select", "min-confidence", "1.5", "min_confidence"),
     ("evaluate", "steps", "0", "steps"),
     ("evaluate", "epochs", "-1", "epochs"),

@@ -242,6 +242,44 @@ def test_color_match_gives_each_sample_its_starting_tiles_colors(models, tmp_pat
     assert not (tmp_path / "noise" / "samples.csv").exists()
 
 
+def test_detail_adds_back_what_the_round_trip_loses_on_the_starting_tile(models, tmp_path):
+    """detail=tile: each sample is the plain sample of the same seed plus (its starting tile - that tile's latent
+    decoded), tile and latent turned as the sample started; so it lies nearer its tile than the plain sample.
+    With color_match as well, the colours are matched after the detail is added."""
+    import numpy as np
+    from PIL import Image
+
+    from histodiffusion.core.transforms import add_detail, dihedral, match_color
+    from histodiffusion.data.datasets import PixelDataset
+    from histodiffusion.models.autoencoder import load_vae, roundtrip_uint8
+
+    cfg = base_cfg(models, tmp_path / "plain", strength=0.3, n_per_class=14, batch_size=7, classes=("dark",))
+    run(cfg)
+    run(dataclasses.replace(cfg, out=str(tmp_path / "detail"), detail="tile"))
+    run(dataclasses.replace(cfg, out=str(tmp_path / "both"), detail="tile", color_match="tile"))
+    rows = read_rows(tmp_path / "detail")
+    assert rows == read_rows(tmp_path / "plain") and [r["init_dihedral"] for r in rows][-2:] == ["1", "1"]
+    ds = PixelDataset(models["data"], ids=[r["init_id"] for r in rows])
+    at = {r["id"]: j for j, r in enumerate(ds.rows)}
+    raw = np.stack([ds.uint8(at[r["init_id"]]).numpy() for r in rows])
+    turns = [int(r["init_dihedral"]) for r in rows]
+    recs = roundtrip_uint8(load_vae(models["vae"]), raw, turns=turns)[0].numpy()  # posterior means, as cached
+    near = []
+    for r, t0, rec, k in zip(rows, raw, recs, turns):
+        tile = dihedral(torch.from_numpy(t0), k, dims=(0, 1)).numpy()
+        plain, got, both = (np.asarray(Image.open(tmp_path / d / r["file"]).convert("RGB"), dtype=np.int16)
+                            for d in ("plain", "detail", "both"))
+        assert np.abs(got - add_detail(plain, tile, rec)).max() <= 1  # the cache's latents: scaled, float32
+        assert (both == match_color(got, tile)).all()
+        near.append((np.abs(got - tile).mean(), np.abs(plain - tile).mean()))
+    assert all(a < b for a, b in near)
+    info = json.loads((tmp_path / "detail" / "pipeline" / "histodiffusion.json").read_text())
+    assert info["sampling"]["detail"] == "tile" and info["sampling"]["color_match"] == "none"
+    with pytest.raises(HistoError, match="detail=tile .* needs strength < 1"):
+        run(base_cfg(models, tmp_path / "noise", detail="tile"))
+    assert not (tmp_path / "noise" / "samples.csv").exists()
+
+
 def test_init_labels_classifier_starts_from_tiles_the_classifier_reads_as_the_class(models, tmp_path):
     """init_labels=classifier: the pool is the train split (default), a tile's class is the latent classifier's
     reading of its clean latent, the tiles' own labels are never read (a copy of the cache without labels gives

@@ -35,3 +35,18 @@ def test_match_color_sets_channel_means_and_stds():
     flat = np.full((4, 4, 3), 7, np.uint8)  # no spread to scale: the reference's mean
     assert (match_color(flat, ref) == np.round(ref.mean((0, 1))).astype(np.uint8)).all()
     assert match_color(x, x).tolist() == x.tolist()
+
+
+def test_add_detail_adds_the_tiles_loss_and_clips():
+    import numpy as np
+
+    from histodiffusion.core.transforms import add_detail
+
+    rng = np.random.default_rng(1)
+    tile = rng.integers(0, 256, (8, 8, 3)).astype(np.uint8)
+    rec = rng.integers(0, 256, (8, 8, 3)).astype(np.uint8)
+    assert (add_detail(rec, tile, rec) == tile).all()  # an image that is the reconstruction gives the tile back
+    img = rng.integers(0, 256, (8, 8, 3)).astype(np.uint8)
+    got = add_detail(img, tile, rec)
+    want = np.clip(img.astype(int) + tile.astype(int) - rec.astype(int), 0, 255)  # no uint8 wrap-around
+    assert got.dtype == np.uint8 and (got == want).all() and got.min() == 0 and got.max() == 255

@@ -29,3 +29,13 @@ def match_color(image, reference):
     mu, sd = x.mean((0, 1)), x.std((0, 1))
     scale = np.divide(ref.std((0, 1)), sd, out=np.zeros(3), where=sd > 0)
     return np.clip(np.round((x - mu) * scale + ref.mean((0, 1))), 0, 255).astype(np.uint8)
+
+
+def add_detail(image, tile, reconstruction):
+    """uint8 [H, W, 3] `image` + (`tile` - `reconstruction`), clipped to 0..255: what an autoencoder's round trip
+    lost on `tile` (its decoded latent `reconstruction`) added back onto an image decoded from a latent that
+    started as that tile's, so the image keeps the tile's detail and carries only what changed in latent space."""
+    import numpy as np
+
+    x = np.asarray(image, dtype=np.int16) + np.asarray(tile, dtype=np.int16) - np.asarray(reconstruction, dtype=np.int16)
+    return np.clip(x, 0, 255).astype(np.uint8)

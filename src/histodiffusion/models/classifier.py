@@ -146,7 +146,9 @@ def load_classifier(directory: str | Path) -> tuple[nn.Module, dict]:
 # Training and inference on in-memory uint8 tiles (downstream harness, selection features)
 # --------------------------------------------------------------------------------------------
 def to_model_input(x: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, H, W, 3] (or [N, 3, H, W]) -> float [N, 3, H, W] in [-1, 1], as PixelDataset returns."""
+    """uint8 [N, H, W, 3] (or [N, 3, H, W]; a tensor or a numpy array) -> float [N, 3, H, W] in [-1, 1], as
+    PixelDataset returns."""
+    x = torch.as_tensor(x)
     if x.dtype != torch.uint8:
         raise HistoError(f"expected uint8 images, got {x.dtype}")
     if x.shape[-1] == 3 and x.shape[1] != 3:

@@ -13,6 +13,7 @@ from .errors import HistoError
 RANK_BY = ("centroid", "confidence", "hard", "coverage")  # select's orders within a class (select.rank_members)
 INIT_LABELS = ("tiles", "classifier", "ensemble", "image")  # where sample's init tiles get their class (sample.assign_init)
 COLOR_MATCH = ("none", "tile")  # sample --color-match: a decoded sample's colours set to its starting tile's, or not
+DETAIL = ("none", "tile")  # sample --detail: what the round trip loses on the starting tile added back, or not
 LATENT_TRUNKS = ("small", "unet")  # run --latent-classifier-trunk (pipeline._synthesis_steps)
 START_FROM = ("noise", "unlabeled")  # run --start-from: where the main chain's samples start (pipeline._synthesis_steps)
 START_LABELS = ("latent", "ensemble")  # run --start-labels: who reads the starting tiles' class (sample init_labels)
@@ -79,7 +80,7 @@ VALUE_RULES: dict[str, dict] = {
                               "unlabeled_batch_size": _at_least(1)},
     "SampleConfig": {"scheduler": _one_of("ddim", "dpmsolver++"), "eta": _within(0, 1), "scale": _at_least(0),
                      "n_per_class": _at_least(0), "ratio": _at_least(0), "init_labels": _one_of(*INIT_LABELS),
-                     "color_match": _one_of(*COLOR_MATCH),
+                     "color_match": _one_of(*COLOR_MATCH), "detail": _one_of(*DETAIL),
                      "init_top_share": _within(0, 1, lo_open=True)},
     "SelectConfig": {"feature_steps": _at_least(1), "min_confidence": _within(0, 1),
                      "memorization_quantile": _within(0, 1), "max_ratio": _at_least(0), "quota_ratio": _at_least(0),

@@ -12,9 +12,11 @@ class is its label, or (init_labels "classifier") the latent classifier's readin
 that the target's unlabeled train tiles can be the starting points, or (init_labels "ensemble") the mean of
 that reading and an image classifier's on the tile's pixels, or (init_labels "image") image classifiers' alone,
 e.g. the downstream classifiers an earlier round trained on real + synthetic tiles (self-training;
-init_top_share: only the most confident share of each class). With color_match "tile" each decoded sample then
-takes its starting tile's per-channel colour statistics (core.transforms.match_color), undoing the autoencoder's
-colour shift; the pipeline/ folder does not do this step (it records color_match).
+init_top_share: only the most confident share of each class). With detail "tile" each decoded sample gets back
+what the autoencoder's round trip loses on its starting tile (core.transforms.add_detail: sample + tile - the
+decoded starting latent), so it keeps the tile's nuclei and colours and carries only the denoising step's change;
+with color_match "tile" it then takes its starting tile's per-channel colour statistics
+(core.transforms.match_color). The pipeline/ folder does neither step (it records detail and color_match).
 
 Sample i (its place in the plan: classes in order, then k = 0..count-1) uses its own torch.Generator
 seeded from (run seed, i) for its initial noise and DDIM's per-step noise, so images do not depend on
@@ -25,7 +27,7 @@ PNG exists. Rank 0 then writes grids/, samples.csv, pipeline/ and _COMPLETE.json
 The models are loaded and checked together (models/bundle.py) into a HistoDiffusionPipeline, whose
 call runs the one guided sampling loop (diffusers_pipeline.py). pipeline/ is that pipeline as a
 diffusers folder (model_index.json, vae/, unet/, scheduler/, latent_classifier/, model card):
-`DiffusionPipeline.from_pretrained` on it, given the same seeds, makes the same images (before color_match).
+`DiffusionPipeline.from_pretrained` on it, given the same seeds, makes the same images (before detail and color_match).
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ import numpy as np
 
 from ..core.grids import write_grid
 from ..core.seeds import sample_seed, torch_generator
-from ..core.transforms import DIHEDRAL, dihedral, match_color
+from ..core.transforms import DIHEDRAL, add_detail, dihedral, match_color
 from ..diffusers_pipeline import make_scheduler, start_index
 from ..runtime.artifacts import INDEX, SAMPLES_COLUMNS, SAMPLES_CSV, read_dataset, read_meta, subset_ids
 from ..runtime.config import SampleConfig
@@ -285,10 +287,13 @@ def check_sampling_args(cfg: SampleConfig, T: int) -> tuple[int, int]:
                          f"{cfg.init_top_share} with init_labels={cfg.init_labels}")
     reads_pixels = cfg.init_labels in ("ensemble", "image")
     if reads_pixels != bool(cfg.init_image_classifier) or (
-            cfg.init_data and not cfg.init_image_classifier and cfg.color_match == "none"):
+            cfg.init_data and not cfg.init_image_classifier and not reads_tiles(cfg)):
         raise HistoError("init_labels=ensemble or image needs init_image_classifier, and init_image_classifier/"
-                         f"init_data are used only with them or color_match=tile (got init_labels={cfg.init_labels}, "
+                         f"init_data are used only with them or detail/color_match=tile (got init_labels={cfg.init_labels}, "
                          f"init_image_classifier={list(cfg.init_image_classifier)}, init_data={cfg.init_data!r})")
+    if cfg.detail != "none" and cfg.strength == 1:
+        raise HistoError(f"detail={cfg.detail} adds back what the round trip loses on each sample's starting tile: it "
+                         "needs strength < 1 (1 starts from pure noise)")
     if cfg.color_match != "none" and cfg.strength == 1:
         raise HistoError(f"color_match={cfg.color_match} sets each sample's colours to its starting tile's: it needs "
                          "strength < 1 (1 starts from pure noise)")
@@ -341,11 +346,17 @@ def write_grids(out: Path, rows: list[dict]) -> None:
         write_grid(ims, out / "grids" / f"{safe_name(cls)}.png")  # a near-square grid
 
 
+def reads_tiles(cfg: SampleConfig) -> bool:
+    """Whether the decoded samples are finished with their starting tiles' pixels (detail or color_match)."""
+    return cfg.detail == "tile" or cfg.color_match == "tile"
+
+
 def start_pixels(cfg: SampleConfig, m: dict, ids) -> dict:
-    """{tile id: uint8 [H, W, 3]} of the starting tiles `ids` (color_match=tile): from init_data, or the dataset
-    the init cache was encoded from."""
+    """{tile id: uint8 [H, W, 3]} of the starting tiles `ids` (detail or color_match=tile): from init_data, or
+    the dataset the init cache was encoded from."""
     ids = sorted(ids)
-    images, _ = tile_pixels(cfg, read_meta(init_cache_dir(cfg, m["info"]), "latent cache"), ids, "color_match=tile")
+    what = "detail=tile" if cfg.detail == "tile" else "color_match=tile"
+    images, _ = tile_pixels(cfg, read_meta(init_cache_dir(cfg, m["info"]), "latent cache"), ids, what)
     return dict(zip(ids, images))
 
 
@@ -353,7 +364,7 @@ def generate(items: list[dict], m: dict, cfg: SampleConfig, window: tuple[int, i
              init: dict | None = None, pixels: dict | None = None) -> tuple[list[dict], np.ndarray]:
     """Images and samples.csv rows of plan entries `items` (one batch), through the pipeline; `init`:
     {tile id: clean latent} when the entries start from real tiles (assign_init); `pixels`: {tile id: uint8
-    tile} when each decoded image takes its starting tile's colours (color_match=tile)."""
+    tile} when each decoded image is finished with its starting tile (detail and/or color_match=tile)."""
     import torch
 
     pipe = m["pipe"]
@@ -366,9 +377,12 @@ def generate(items: list[dict], m: dict, cfg: SampleConfig, window: tuple[int, i
                num_inference_steps=cfg.steps, generator=gens, guidance_window=window, eta=cfg.eta,
                output_type="latent", init_latents=z_init, strength=cfg.strength)
     images = pipe.decode_uint8(out.images)
-    if pixels:  # color_match: the starting tile's per-channel mean and std, the tile turned as the sample started
-        images = np.stack([match_color(im, dihedral(pixels[it["init_id"]], it["init_dihedral"], dims=(0, 1)))
-                           for im, it in zip(images, items)])
+    if pixels:  # the starting tiles, turned as the samples started
+        tiles = [dihedral(pixels[it["init_id"]], it["init_dihedral"], dims=(0, 1)) for it in items]
+        if cfg.detail == "tile":  # what the round trip loses on the tile: the tile minus its decoded starting latent
+            images = np.stack([add_detail(im, t, r) for im, t, r in zip(images, tiles, pipe.decode_uint8(z_init))])
+        if cfg.color_match == "tile":  # the tile's per-channel mean and std
+            images = np.stack([match_color(im, t) for im, t in zip(images, tiles)])
     rows = [{"id": it["id"], "file": f"images/{it['id']}.png", "seed": sample_seed(cfg.seed, it["i"]),
              "target": it["target"], "target_index": it["target_index"], "scale": cfg.scale,
              "scheduler": cfg.scheduler, "steps": cfg.steps, "eta": cfg.eta, "window_lo": window[0],
@@ -389,7 +403,7 @@ def write_pipeline(folder: Path, m: dict, cfg: SampleConfig, window: tuple[int, 
               "classifier_cache": m["info"].get("cache"), "classifier_subset": m["info"].get("subset"),
               "sampling": {"scheduler": cfg.scheduler, "steps": cfg.steps, "scale": cfg.scale,
                            "guidance_window": list(window), "eta": cfg.eta, "seed": cfg.seed,
-                           "strength": cfg.strength, "color_match": cfg.color_match}}
+                           "strength": cfg.strength, "detail": cfg.detail, "color_match": cfg.color_match}}
     return export_pipeline(m["pipe"], folder, record)
 
 
@@ -409,7 +423,7 @@ def run(cfg: SampleConfig) -> Path:
     window = check_sampling_args(cfg, m["T"])
     plan = plan_samples(cfg, list(m["info"]["classes"]), str(m["info"].get("cache") or ""))
     init = assign_init(plan, cfg, m, log) if cfg.strength < 1 else None
-    pixels = start_pixels(cfg, m, init) if cfg.color_match == "tile" else None
+    pixels = start_pixels(cfg, m, init) if reads_tiles(cfg) else None
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / PROGRESS_DIR).mkdir(parents=True, exist_ok=True)
     done = read_progress(out)
