@@ -935,7 +935,12 @@ def test_roundtrip_arm_needs_the_samples_own_autoencoder(roundtrip_evaluated, tm
     with pytest.raises(HistoError, match=r"sample 's00000' in .*samples.csv was decoded by autoencoder \w{12}, "
                                          r".*pipeline/vae is \w{12}: the roundtrip arms need the samples' own"):
         run(EvaluateConfig(**{**base, "samples": str(samples), "out": str(tmp_path / "b")}))
-    for d in "ab":  # refused before any classifier trained
+    shutil.rmtree(samples / "pipeline")
+    shutil.copytree(Path(cfg.samples) / "pipeline", samples / "pipeline")
+    (samples / "pipeline" / "histodiffusion.json").write_text(json.dumps({"sampling": {"detail": "tile"}}))
+    with pytest.raises(HistoError, match=r"made with detail=tile .* so roundtrip arms do not split selected - start"):
+        run(EvaluateConfig(**{**base, "samples": str(samples), "out": str(tmp_path / "c")}))
+    for d in "abc":  # refused before any classifier trained
         assert not (tmp_path / d / "classifiers").exists()
 
 

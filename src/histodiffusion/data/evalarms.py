@@ -36,9 +36,10 @@ from pathlib import Path
 import torch
 
 from ..core.seeds import numpy_rng
-from ..runtime.artifacts import selection_dir
+from ..runtime.artifacts import MODEL_INFO, selection_dir
 from ..runtime.config import EvaluateConfig
 from ..runtime.errors import HistoError
+from ..runtime.fileio import read_json
 from ..runtime.log import get_logger
 from .evaldata import Tiles, load_sample_images, quota, ranked_kept, read_filtered, read_samples
 
@@ -211,6 +212,11 @@ def roundtrip_tiles(cfg: EvaluateConfig, rows: list[dict], needed: list[int], ds
     if not (Path(folder) / "config.json").is_file():
         raise HistoError(f"roundtrip arms need the autoencoder that decoded the samples: {folder} is missing "
                          f"(written by sample)")
+    record = Path(cfg.samples) / "pipeline" / MODEL_INFO
+    if record.is_file() and (read_json(record, "pipeline record").get("sampling") or {}).get("detail") == "tile":
+        raise HistoError(f"the samples in {cfg.samples} were made with detail=tile ({record}): they carry their "
+                         f"starting tiles' detail and never went through the round trip, so roundtrip arms do not "
+                         f"split selected - start (which is the denoising step's change alone); evaluate start")
     own = vae_id(folder)
     bad = next((rows[i] for i in needed if (rows[i].get("vae_id") or own) != own), None)
     if bad is not None:
