@@ -180,12 +180,20 @@ def test_adapting_the_base_on_unlabeled_target_tiles(base, tmp_path):
                                                start_from="unlabeled", start_strength=0.1, ablations=True))}
     for name in ("sample", "sample_nopretrain"):
         f = steps[name].fields
-        assert (f["strength"], f["init_labels"], f["init_subset"]) == (0.1, "classifier", "train"), name
+        assert (f["strength"], f["init_labels"], f["init_subset"], f["detail"]) == (0.1, "classifier", "train",
+                                                                                    "tile"), name
         assert steps[name.replace("sample", "select")].fields["rank_by"] == "confidence", name
     # ... and the main evaluation adds the baseline: those tiles pseudo-labelled without the generator
-    # and the samples' own starting tiles, raw (what the diffusion step adds) and through their autoencoder
-    assert steps["evaluate"].fields["arms"][-3:] == ("pseudo", "start", "roundtrip")
-    assert "classic" in steps["evaluate"].fields["arms"]
+    # and the samples' own starting tiles, raw (what the diffusion step adds); the samples keep their tiles'
+    # detail, so no roundtrip arm, unless the user's sample config decodes them plainly
+    assert steps["evaluate"].fields["arms"][-2:] == ("pseudo", "start")
+    assert "classic" in steps["evaluate"].fields["arms"] and "roundtrip" not in steps["evaluate"].fields["arms"]
+    stage_cfg = tmp_path / "plain.json"
+    stage_cfg.write_text(json.dumps({"sample": {"detail": "none"}}))
+    plain = {s.name: s for s in plan(RunConfig(out=str(tmp_path / "r"), base=str(base), tile_size=SIZE,
+                                               start_from="unlabeled", stage_config=str(stage_cfg)))}
+    assert plain["sample"].fields["detail"] == "none"
+    assert plain["evaluate"].fields["arms"][-3:] == ("pseudo", "start", "roundtrip")
     assert not {"pseudo", "start", "roundtrip"} & set(steps["evaluate_nopretrain"].fields["arms"])
     # --start-labels ensemble: the classes are read by the latent classifier and its image-space baseline
     ens = {s.name: s for s in plan(RunConfig(out=str(tmp_path / "r"), base=str(base), tile_size=SIZE,

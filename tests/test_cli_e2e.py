@@ -174,11 +174,13 @@ def test_run_end_to_end_and_skip(tmp_path):
     # the baseline arm: the same pool pseudo-labelled by the classic classifiers, the cohort's unlabeled tiles too
     m4 = json.loads((L4.evaluation() / "metrics.json").read_text())
     assert "pseudo@0.5" in m4["arms"] and set(m4["deltas_vs_pseudo"]) == {"selected@0.5", "unselected@0.5",
-                                                                          "start@0.5", "roundtrip@0.5"}
-    # ... and the samples' own starting tiles, raw: selected@0.5 against them is what the diffusion step adds,
-    # split by those tiles through the samples' autoencoder (roundtrip@0.5)
-    assert set(m4["deltas_vs_start"]) == {"selected@0.5", "roundtrip@0.5"}
-    assert set(m4["deltas_vs_roundtrip"]) == {"selected@0.5"} and m4["start"]["start@0.5"]["distinct_tiles"] > 0
+                                                                          "start@0.5"}
+    # ... and the samples' own starting tiles, raw: the samples keep those tiles' detail (detail=tile), so
+    # selected@0.5 against them is the denoising step's change alone (no roundtrip arm)
+    sampling = json.loads((L4.samples() / "pipeline" / "histodiffusion.json").read_text())["sampling"]
+    assert sampling["detail"] == "tile" and sampling["color_match"] == "none"
+    assert set(m4["deltas_vs_start"]) == {"selected@0.5"} and not m4["deltas_vs_roundtrip"]
+    assert m4["start"]["start@0.5"]["distinct_tiles"] > 0
     pool = {r["id"]: r for r in csv.DictReader(open(L4.evaluation() / "pseudo_labels.csv"))}
     assert unl <= set(pool) and not any(pool[i]["label"] for i in unl)
 

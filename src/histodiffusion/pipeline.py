@@ -169,11 +169,12 @@ def _synthesis_steps(cfg: C.RunConfig, L: RunLayout, fields: Fields, ldm_model: 
             "data": str(d_tgt), "vae": str(ae_vae), "out": str(decoder)}, {
             "subset": cfg.subset, **({"unlabeled_subset": "train"} if cfg.adapt_decoder_unlabeled else {})})))
     vae = str(L.model(decoder) / "vae") if decoder else ""
-    # beyond the paper: start from the target's train tiles, their class read by the latent classifier; the
-    # selection then keeps each class's most confident samples first (nearest the class centroid first kept
-    # starting tiles of other classes: BENCHMARKS.md, "Ranking the kept samples by confidence")
-    start, ranking = ({"strength": cfg.start_strength, "init_labels": "classifier", "init_subset": "train"},
-                      {"rank_by": "confidence"}) if cfg.start_from == "unlabeled" else ({}, {})
+    # beyond the paper: start from the target's train tiles, their class read by the latent classifier, each
+    # decoded sample given back what the round trip loses on its tile (detail); the selection then keeps each
+    # class's most confident samples first (nearest the class centroid first kept starting tiles of other
+    # classes: BENCHMARKS.md, "Ranking the kept samples by confidence", "The starting tile's detail")
+    start, ranking = ({"strength": cfg.start_strength, "init_labels": "classifier", "init_subset": "train",
+                       "detail": "tile"}, {"rank_by": "confidence"}) if cfg.start_from == "unlabeled" else ({}, {})
     if cfg.start_labels == "ensemble":  # the latent classifier's reading averaged with its image-space baseline's
         if not classifier.fields.get("image_baseline", True):
             raise HistoError("--start-labels ensemble reads the tiles with train-latent-classifier's image baseline: "
@@ -188,15 +189,18 @@ def _synthesis_steps(cfg: C.RunConfig, L: RunLayout, fields: Fields, ldm_model: 
     for suffix, model in arms:
         key = suffix.replace("_", "-")  # stage_config key of the ablation's stages, e.g. "sample-nopretrain"
         s_dir = L.samples(suffix)
+        # samples that keep their tiles' detail never went through the round trip: no roundtrip arm for them
+        roundtrip = ("roundtrip",) if fields(f"sample{key}", {}, start, "sample").get("detail", "none") == "none" else ()
         evaluate = fields(f"evaluate{key}", {"data": str(d_tgt), "samples": str(s_dir),
                                              "selection": str(L.select(suffix)), "out": str(L.evaluation(suffix))}, {
             "subset": cfg.subset, "ratios": cfg.ratios, "seeds": cfg.seeds,
             **({"arms": ("real", "selected")} if suffix else {}),
             # samples that start from the target's unlabeled tiles are judged against those tiles pseudo-labelled
             # without a generator (evaluate's pseudo arm; BENCHMARKS.md: at 5% they account for the whole gain)
-            # and against the very tiles they started from, raw (start: what the diffusion step adds) and after
-            # one pass through the samples' autoencoder (roundtrip: how much of that the autoencoder costs)
-            **({"arms": C.EvaluateConfig().arms + ("pseudo", "start", "roundtrip")}
+            # and against the very tiles they started from, raw (start: what the diffusion step adds) and, for
+            # samples decoded without their tiles' detail, after one pass through the samples' autoencoder
+            # (roundtrip: how much of that the autoencoder costs)
+            **({"arms": C.EvaluateConfig().arms + ("pseudo", "start") + roundtrip}
                if cfg.start_from == "unlabeled" and not suffix
                else {})}, "evaluate")
         # selection drops samples: make oversample x as many as the largest ratio evaluated needs

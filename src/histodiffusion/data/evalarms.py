@@ -27,7 +27,8 @@
                   as the sampler turns it, decoded), with the samples' labels: the samples without the denoising
                   step. Splits selected@R - start@R in two: roundtrip@R - start@R (deltas_vs_start) is what the
                   autoencoder's round trip costs, selected@R - roundtrip@R (deltas_vs_roundtrip) what the
-                  denoising (and guidance) step adds (BENCHMARKS.md, "Where the samples lose against their tiles")
+                  denoising (and guidance) step adds (BENCHMARKS.md, "Where the samples lose against their tiles").
+                  Refused for samples made with detail=tile (they never went through the round trip).
 """
 from __future__ import annotations
 

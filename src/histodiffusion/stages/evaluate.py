@@ -26,7 +26,7 @@ cosine schedule, backbone, validation rule) and differs only in the training ima
                   choice of tiles and labels without the diffusion step
   roundtrip@R     real + the same tiles after one pass through the samples' autoencoder (<samples>/pipeline/vae;
                   the latent turned as the sampler turns it), with the samples' labels and classic augmentation:
-                  the samples without their denoising step
+                  the samples without their denoising step (not for samples made with detail=tile)
 In the arms that add images each added image weighs cfg.synthetic_weight in the batch loss, a
 real one 1 (sum(w * loss) / sum(w); 1: the plain mean, as before). With cfg.real_finish > 0 their last
 round(real_finish x steps) steps draw batches from the real tiles only (fine-tuning on real after mixed
