@@ -190,7 +190,8 @@ def _synthesis_steps(cfg: C.RunConfig, L: RunLayout, fields: Fields, ldm_model: 
         key = suffix.replace("_", "-")  # stage_config key of the ablation's stages, e.g. "sample-nopretrain"
         s_dir = L.samples(suffix)
         # samples that keep their tiles' detail never went through the round trip: no roundtrip arm for them
-        roundtrip = ("roundtrip",) if fields(f"sample{key}", {}, start, "sample").get("detail", "none") == "none" else ()
+        detail = fields(f"sample{key}", {}, start, "sample").get("detail", "none")
+        roundtrip = ("roundtrip",) if detail == "none" else ()
         evaluate = fields(f"evaluate{key}", {"data": str(d_tgt), "samples": str(s_dir),
                                              "selection": str(L.select(suffix)), "out": str(L.evaluation(suffix))}, {
             "subset": cfg.subset, "ratios": cfg.ratios, "seeds": cfg.seeds,

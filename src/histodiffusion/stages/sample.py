@@ -289,7 +289,8 @@ def check_sampling_args(cfg: SampleConfig, T: int) -> tuple[int, int]:
     if reads_pixels != bool(cfg.init_image_classifier) or (
             cfg.init_data and not cfg.init_image_classifier and not reads_tiles(cfg)):
         raise HistoError("init_labels=ensemble or image needs init_image_classifier, and init_image_classifier/"
-                         f"init_data are used only with them or detail/color_match=tile (got init_labels={cfg.init_labels}, "
+                         "init_data are used only with them or detail/color_match=tile (got "
+                         f"init_labels={cfg.init_labels}, "
                          f"init_image_classifier={list(cfg.init_image_classifier)}, init_data={cfg.init_data!r})")
     if cfg.detail != "none" and cfg.strength == 1:
         raise HistoError(f"detail={cfg.detail} adds back what the round trip loses on each sample's starting tile: it "
