@@ -292,12 +292,10 @@ def check_sampling_args(cfg: SampleConfig, T: int) -> tuple[int, int]:
                          "init_data are used only with them or detail/color_match=tile (got "
                          f"init_labels={cfg.init_labels}, "
                          f"init_image_classifier={list(cfg.init_image_classifier)}, init_data={cfg.init_data!r})")
-    if cfg.detail != "none" and cfg.strength == 1:
-        raise HistoError(f"detail={cfg.detail} adds back what the round trip loses on each sample's starting tile: it "
-                         "needs strength < 1 (1 starts from pure noise)")
-    if cfg.color_match != "none" and cfg.strength == 1:
-        raise HistoError(f"color_match={cfg.color_match} sets each sample's colours to its starting tile's: it needs "
-                         "strength < 1 (1 starts from pure noise)")
+    for name, does in (("detail", "adds back what the round trip loses on each sample's starting tile"),
+                       ("color_match", "sets each sample's colours to its starting tile's")):
+        if getattr(cfg, name) != "none" and cfg.strength == 1:
+            raise HistoError(f"{name}={getattr(cfg, name)} {does}: it needs strength < 1 (1 starts from pure noise)")
     if cfg.eta and cfg.scheduler != "ddim":
         raise HistoError(f"eta is only used by ddim, got eta={cfg.eta} with {cfg.scheduler}")
     lo, hi = cfg.guidance_window
