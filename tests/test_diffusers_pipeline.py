@@ -127,6 +127,25 @@ def test_pipeline_arguments_are_checked(chain):
                       ({"class_labels": ["dark"], "guidance_window": (500, 5000)}, "guidance_window")]:
         with pytest.raises(HistoError, match=match):
             pipe(generator=g, num_inference_steps=2, **kw)
+    # starting tiles (image=): checked before anything runs
+    from PIL import Image
+
+    size = pipe.tile_size
+    tile = np.full((size, size, 3), 120, np.uint8)
+    for kw, match in [({"image": tile[None]}, "strength must be below 1"),
+                      ({"strength": 0.5}, "needs image or init_latents"),
+                      ({"strength": 0.5, "image": np.stack([tile, tile])}, "2 tiles for 1 class labels"),
+                      ({"strength": 0.5, "image": tile[None, :-2, :-2]}, f"{size - 2}x{size - 2} px tiles"),
+                      ({"strength": 0.5, "image": tile[None].astype(np.float32)}, "uint8 RGB tiles"),
+                      ({"strength": 0.5, "image": [Image.fromarray(tile).convert("RGBA")]}, "mode RGBA"),
+                      ({"strength": 0.5, "init_latents": torch.zeros(1, 4, 8, 8), "detail": True}, "give image="),
+                      ({"strength": 0.5, "image": tile[None], "color_match": True, "output_type": "latent"},
+                       "output_type 'latent'")]:
+        with pytest.raises(HistoError, match=match):
+            pipe(class_labels=["dark"], generator=g, num_inference_steps=2, **kw)
+    one = pipe(class_labels=["dark"], generator=torch.Generator().manual_seed(1), num_inference_steps=2, strength=0.5,
+               image=[Image.fromarray(tile)], detail=True, color_match=True, output_type="np").images
+    assert one.shape == (1, size, size, 3) and np.allclose(one.mean((1, 2)), 120 / 255, atol=1e-3)  # the tile's colour
     # indices, digit strings and a single generator work; eta is passed only to a scheduler that takes it
     assert pipe(class_labels=[1, "0"], num_inference_steps=2, generator=torch.Generator().manual_seed(1),
                 output_type="latent").class_labels == ["pale", "dark"]

@@ -242,6 +242,14 @@ def test_color_match_gives_each_sample_its_starting_tiles_colors(models, tmp_pat
     assert not (tmp_path / "noise" / "samples.csv").exists()
 
 
+def want_detail(tmp_path, rows):
+    import numpy as np
+    from PIL import Image
+
+    return np.stack([np.asarray(Image.open(tmp_path / "detail" / r["file"]).convert("RGB"), dtype=np.int16)
+                     for r in rows])
+
+
 def test_detail_adds_back_what_the_round_trip_loses_on_the_starting_tile(models, tmp_path):
     """detail=tile: each sample is the plain sample of the same seed plus (its starting tile - that tile's latent
     decoded), tile and latent turned as the sample started; so it lies nearer its tile than the plain sample.
@@ -275,6 +283,31 @@ def test_detail_adds_back_what_the_round_trip_loses_on_the_starting_tile(models,
     assert all(a < b for a, b in near)
     info = json.loads((tmp_path / "detail" / "pipeline" / "histodiffusion.json").read_text())
     assert info["sampling"]["detail"] == "tile" and info["sampling"]["color_match"] == "none"
+    card = (tmp_path / "both" / "pipeline" / "README.md").read_text()
+    assert "strength 0.3" in card and "`detail=True` and `color_match=True`" in card
+    # the exported pipeline makes the very same images, given the seeds, the cached starting latents and the tiles
+    from diffusers import DiffusionPipeline
+
+    from histodiffusion.data.datasets import LatentDataset
+
+    cache = LatentDataset(models["cache"], sample=False)
+    where = {r["id"]: j for j, r in enumerate(cache.rows)}
+    z = torch.stack([dihedral(cache[where[r["init_id"]]][0], k) for r, k in zip(rows, turns)])
+    tiles = np.stack([dihedral(torch.from_numpy(t0), k, dims=(0, 1)).numpy() for t0, k in zip(raw, turns)])
+    pipe = DiffusionPipeline.from_pretrained(str(tmp_path / "both" / "pipeline"))
+    gens = [torch.Generator().manual_seed(int(r["seed"])) for r in rows]
+    kw = {"class_labels": [r["target"] for r in rows], "guidance_scale": cfg.scale, "num_inference_steps": cfg.steps,
+          "eta": cfg.eta, "strength": 0.3, "output_type": "np"}
+    for d, extra in (("both", {"detail": True, "color_match": True}), ("detail", {"detail": True}), ("plain", {})):
+        res = pipe(generator=[torch.Generator().manual_seed(int(r["seed"])) for r in rows], init_latents=z,
+                   image=tiles, **kw, **extra).images
+        want = np.stack([np.asarray(Image.open(tmp_path / d / r["file"]).convert("RGB")) for r in rows])
+        assert np.array_equal(np.rint(res * 255).astype(np.uint8), want), d
+    # the tiles alone: the pipeline encodes them (posterior means) itself, as the cache holds the unturned ones
+    # (the stage turns a tile's latent, the encoder sees the turned tile: the same only for unturned tiles)
+    own = pipe(generator=gens, image=list(tiles), detail=True, **kw).images
+    diff = np.abs(np.rint(own * 255).astype(np.int16) - want_detail(tmp_path, rows))[np.array(turns) == 0]
+    assert len(diff) >= 6 and diff.max() <= 1
     with pytest.raises(HistoError, match="detail=tile .* needs strength < 1"):
         run(base_cfg(models, tmp_path / "noise", detail="tile"))
     assert not (tmp_path / "noise" / "samples.csv").exists()
@@ -318,6 +351,21 @@ def test_init_labels_classifier_starts_from_tiles_the_classifier_reads_as_the_cl
         assert [r["init_dihedral"] for r in out if r["target"] == cls] == [str(k // len(pool)) for k in range(n)]
     run(dataclasses.replace(cfg, out=str(tmp_path / "b"), init_cache=str(models["cache"]), batch_size=2 * n))
     same_outputs(tmp_path / "a", tmp_path / "b")
+    # the pipeline reads the tiles as the stage does: from their cached latents, or from their pixels
+    import numpy as np
+
+    from histodiffusion.data.datasets import PixelDataset
+    from histodiffusion.diffusers_pipeline import HistoDiffusionPipeline
+
+    pipe = HistoDiffusionPipeline.from_models(models["ldm"], models["clf"])
+    names, probs = pipe.read_classes(init_latents=torch.stack([ds[i][0] for i in range(len(ds))]))
+    assert names == [reads[r["id"]] for r in ds.rows] and probs.shape == (len(ds), 2)
+    px = PixelDataset(models["data"], ids=[r["id"] for r in ds.rows])
+    at = {r["id"]: j for j, r in enumerate(px.rows)}
+    own, own_probs = pipe.read_classes(image=torch.stack([px.uint8(at[r["id"]]) for r in ds.rows]))
+    assert own == names and np.allclose(own_probs, probs, atol=1e-4)
+    with pytest.raises(HistoError, match="give one of them"):
+        pipe.read_classes()
     # init_top_share: only the most confident share of each pool (by the predicted class's probability)
     with torch.no_grad():
         conf = clf(torch.stack([ds[i][0] for i in range(len(ds))]), 0).softmax(1).max(1).values.tolist()

@@ -33,6 +33,7 @@ from diffusers.utils import BaseOutput
 
 from .core.guidance import classifier_grad, eps_from_output, guided_eps, in_window
 from .core.seeds import sample_seed  # noqa: F401  (the model cards name it here: the seed of sample i)
+from .core.transforms import add_detail, match_color
 from .models.latent_classifier import LatentClassifier  # noqa: F401  (diffusers resolves the component here)
 from .runtime.errors import HistoError
 
@@ -150,9 +151,51 @@ def decode_uint8(vae, z: torch.Tensor, scaling_factor: float, micro_batch: int |
 
 
 @torch.no_grad()
+def encode_latents(vae, tiles: np.ndarray, scaling_factor: float,
+                   micro_batch: int | None = MICRO_BATCH) -> torch.Tensor:
+    """uint8 tiles [B, H, W, 3] -> their posterior means in the scaled latent space [B, C, h, w] (what `encode`
+    caches and `sample` starts from)."""
+    from .models.autoencoder import encode_posterior
+    from .models.classifier import to_model_input
+
+    x = to_model_input(torch.from_numpy(np.ascontiguousarray(tiles))).to(vae.device, vae.dtype)
+    return by_rows(lambda xx: encode_posterior(vae, xx)[0], x, micro_batch=micro_batch) * scaling_factor
+
+
+def tiles_uint8(image) -> np.ndarray:
+    """The starting tiles as uint8 [B, H, W, 3]: from a uint8 array or tensor [B, H, W, 3], or a list of RGB PIL
+    images or uint8 [H, W, 3] arrays (other modes and dtypes are refused, not converted)."""
+    if isinstance(image, (list, tuple)):
+        arrays = []
+        for i, im in enumerate(image):
+            if hasattr(im, "mode") and hasattr(im, "size"):  # a PIL image
+                if im.mode != "RGB":
+                    raise HistoError(f"image {i} is a PIL image of mode {im.mode}: give RGB tiles "
+                                     f"(Image.convert('RGB') if that is what you mean)")
+                im = np.asarray(im)
+            arrays.append(im.cpu().numpy() if torch.is_tensor(im) else np.asarray(im))
+        if not arrays or len({a.shape for a in arrays}) > 1:
+            raise HistoError(f"image holds {len(arrays)} tiles of sizes {sorted({a.shape for a in arrays})}: give "
+                             f"one or more tiles of one size")
+        if len({a.dtype for a in arrays}) > 1:
+            raise HistoError(f"image mixes tiles of dtypes {sorted({str(a.dtype) for a in arrays})}: give uint8 tiles")
+        image = np.stack(arrays)
+    x = image.cpu().numpy() if torch.is_tensor(image) else np.asarray(image)
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3:
+        raise HistoError(f"image must hold uint8 RGB tiles [B, H, W, 3] (or a list of RGB PIL images), got "
+                         f"{x.dtype} of shape {tuple(x.shape)}")
+    return x
+
+
+@torch.no_grad()
+def class_probabilities(classifier, z: torch.Tensor, micro_batch: int | None = MICRO_BATCH) -> torch.Tensor:
+    """p(y | z, t=0) of every class [B, C]: the latent classifier's reading of clean latents."""
+    return torch.softmax(by_rows(lambda zz: classifier(zz, 0), z, micro_batch=micro_batch).float(), dim=-1)
+
+
 def target_confidence(classifier, z: torch.Tensor, y: torch.Tensor, micro_batch: int | None = MICRO_BATCH):
     """p(y | z, t=0) of the final latents."""
-    probs = torch.softmax(by_rows(lambda zz: classifier(zz, 0), z, micro_batch=micro_batch).float(), dim=-1)
+    probs = class_probabilities(classifier, z, micro_batch)
     return probs[torch.arange(len(y)), y.to(probs.device)]
 
 
@@ -235,6 +278,11 @@ class HistoDiffusionPipeline(DiffusionPipeline):
         return torch.randn((n, *shape), generator=generator,
                            device=generator.device if generator is not None else "cpu")
 
+    @property
+    def tile_size(self) -> int:
+        """Edge of the tiles in pixels: the latents' edge times the autoencoder's downsampling factor."""
+        return int(self.unet.config.sample_size) * 2 ** (len(self.vae.config.block_out_channels) - 1)
+
     def decode_uint8(self, latents: torch.Tensor, micro_batch: int | None = MICRO_BATCH) -> np.ndarray:
         """Final latents -> uint8 images [B, H, W, 3], with the scaling factor of the autoencoder's config."""
         return decode_uint8(self.vae, latents.to(self.vae.device, self.vae.dtype), self.scaling_factor, micro_batch)
@@ -246,11 +294,35 @@ class HistoDiffusionPipeline(DiffusionPipeline):
             raise HistoError(f"guidance_window {lo},{hi} must satisfy 0 <= lo <= hi <= T={T}")
         return lo, hi
 
+    def check_tiles(self, image) -> np.ndarray:
+        """`image` as uint8 tiles [B, H, W, 3], checked to be of this pipeline's tile size."""
+        tiles = tiles_uint8(image)
+        if tiles.shape[1:3] != (self.tile_size, self.tile_size):
+            raise HistoError(f"image holds {tiles.shape[1]}x{tiles.shape[2]} px tiles, this pipeline's autoencoder "
+                             f"makes {self.tile_size}x{self.tile_size} px tiles")
+        return tiles
+
+    @torch.no_grad()
+    def read_classes(self, image=None, init_latents: torch.Tensor | None = None,
+                     micro_batch: int | None = MICRO_BATCH) -> tuple[list[str], np.ndarray]:
+        """(class names, probabilities [B, C]) the latent classifier reads in real tiles at t = 0: `image` (uint8
+        [B, H, W, 3] or RGB PIL images, encoded to their posterior means) or their clean latents `init_latents`.
+        How `run --start-from unlabeled` labels the target's unlabeled tiles before starting samples from them;
+        the names can be passed on as class_labels with the same image."""
+        if (image is None) == (init_latents is None):
+            raise HistoError("read_classes reads image or init_latents: give one of them")
+        device = self._execution_device
+        z = (encode_latents(self.vae, self.check_tiles(image), self.scaling_factor, micro_batch) if image is not None
+             else init_latents).to(device, self.unet.dtype)
+        probs = class_probabilities(self.latent_classifier, z, micro_batch).cpu().numpy()
+        return [self.class_names[int(i)] for i in probs.argmax(1)], probs
+
     @torch.no_grad()
     def __call__(self, class_labels, guidance_scale: float = 10.0, num_inference_steps: int = 20, generator=None,
                  guidance_window: tuple[int, int] | None = None, eta: float = 0.0, latents: torch.Tensor | None = None,
                  output_type: str = "pil", return_dict: bool = True, micro_batch: int | None = MICRO_BATCH,
-                 init_latents: torch.Tensor | None = None, strength: float = 1.0):
+                 init_latents: torch.Tensor | None = None, strength: float = 1.0, image=None, detail: bool = False,
+                 color_match: bool = False):
         """Synthesise one tile per entry of `class_labels` (class names or indices).
 
         guidance_scale: s (0: unguided); guidance_window: guide only for t in [lo, hi] (None: every step);
@@ -258,7 +330,14 @@ class HistoDiffusionPipeline(DiffusionPipeline):
         batch, or None; eta: DDIM's noise (schedulers without eta refuse a non-zero one); latents: unit
         Gaussian starting latents instead of drawing them; output_type: "pil", "np" or "latent";
         init_latents: clean latents (scaled space, one per image, e.g. of real tiles of the target class)
-        noised to `strength` of the schedule (0 < strength <= 1) and denoised from there: SDEdit variations.
+        noised to `strength` of the schedule (0 < strength <= 1) and denoised from there: SDEdit variations;
+        image: the real tiles the samples start from (uint8 [B, H, W, 3], or a list of RGB PIL images), one per
+        class label, needing strength < 1: encoded to their posterior means unless init_latents are given
+        (then image holds the pixels those latents came from, turned as they are);
+        detail: each decoded sample gets back what the autoencoder's round trip loses on its starting tile
+        (sample + tile - the tile's latent decoded, core.transforms.add_detail), so it keeps the tile's nuclei
+        and colours and carries only the denoising step's change; color_match: each decoded sample then takes
+        its tile's per-channel mean and std (core.transforms.match_color). Both need image and decoded output.
         """
         # 1. check the arguments; class labels (names or indices) -> indices
         if output_type not in OUTPUT_TYPES:
@@ -270,15 +349,33 @@ class HistoDiffusionPipeline(DiffusionPipeline):
             raise HistoError(f"need guidance_scale >= 0 and num_inference_steps >= 1, got {guidance_scale}, "
                              f"{num_inference_steps}")
         window = self.check_window(guidance_window)
-        if init_latents is None and strength != 1.0:
-            raise HistoError(f"strength {strength} needs init_latents (the clean latents to start from)")
+        if init_latents is None and image is None and strength != 1.0:
+            raise HistoError(f"strength {strength} needs image or init_latents (the tiles or clean latents to start "
+                             f"from)")
         y = torch.tensor(self.class_indices(class_labels), dtype=torch.long)
+        tiles = None
+        if image is not None:
+            if strength >= 1:
+                raise HistoError(f"image gives the tiles to start from: strength must be below 1 (1 starts from pure "
+                                 f"noise), got {strength}")
+            tiles = self.check_tiles(image)
+            if len(tiles) != len(y):
+                raise HistoError(f"image holds {len(tiles)} tiles for {len(y)} class labels: give one per image")
+        for name, on in (("detail", detail), ("color_match", color_match)):
+            if on and tiles is None:
+                raise HistoError(f"{name}=True finishes each sample with its starting tile: give image= (the tiles "
+                                 f"the samples start from)")
+            if on and output_type == "latent":
+                raise HistoError(f"{name}=True works on decoded images, output_type 'latent' returns none")
         # 2. initial unit-Gaussian latents (one draw per generator when given a list)
         noise = self.initial_noise(len(y), generator) if latents is None else latents
         if noise.shape[0] != len(y):
             raise HistoError(f"latents hold {noise.shape[0]} samples for {len(y)} class labels")
         device = self._execution_device
         noise, y = noise.to(device, self.unet.dtype), y.to(device)
+        if init_latents is None and tiles is not None:
+            # 2'. the starting tiles' clean latents: their posterior means in the scaled space
+            init_latents = encode_latents(self.vae, tiles, self.scaling_factor, micro_batch)
         if init_latents is not None:
             init_latents = init_latents.to(device, self.unet.dtype)
         # 3. the guided reverse process: the one loop, shared with the sample stage
@@ -293,6 +390,12 @@ class HistoDiffusionPipeline(DiffusionPipeline):
             images = z0
         else:
             uint8 = self.decode_uint8(z0, micro_batch)
+            # 6. finish each sample with its starting tile: what the round trip lost on it, then its colours
+            if detail:
+                trip = self.decode_uint8(init_latents, micro_batch)
+                uint8 = np.stack([add_detail(im, t, r) for im, t, r in zip(uint8, tiles, trip)])
+            if color_match:
+                uint8 = np.stack([match_color(im, t) for im, t in zip(uint8, tiles)])
             images = _to_pil(uint8) if output_type == "pil" else uint8.astype(np.float32) / 255.0
         self.maybe_free_model_hooks()
         labels = [self.class_names[int(i)] for i in y.tolist()]

@@ -89,6 +89,20 @@ def latent_classifier_card(folder: Path, name: str, metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def start_note(sampling: dict) -> str:
+    """How a pipeline card's samples started: from noise (empty), or from real tiles at a strength, with the
+    arguments that make the same images (samples.csv names each sample's tile and its turn)."""
+    strength = float(sampling.get("strength") or 1.0)
+    if strength >= 1:
+        return ""
+    finish = [f"`{k}=True`" for k in ("detail", "color_match") if sampling.get(k) == "tile"]
+    return (f" The samples started from real tiles at strength {strength:g} (samples.csv: tile `init_id` turned by "
+            f"`k = init_dihedral`): pass `strength={strength:g}`, the tiles as `image=`, each turned "
+            f"(`histodiffusion.core.transforms.dihedral(tile, k, dims=(0, 1))`), and for the very same bits their "
+            f"cached latents as `init_latents=` (`dihedral(z, k)`; else the pipeline encodes the turned tiles)"
+            + (f" and {' and '.join(finish)} (the samples were finished with their tiles)" if finish else "") + ".")
+
+
 def pipeline_card(folder: Path, name: str, record: dict) -> str:
     """README.md of a HistoDiffusionPipeline folder (written by the sample stage)."""
     clf = _json(folder / "latent_classifier" / "config.json")
@@ -113,7 +127,8 @@ def pipeline_card(folder: Path, name: str, record: dict) -> str:
         "## How the sample stage used it", "",
         f"{s.get('scheduler')} with {s.get('steps')} steps, guidance scale {s.get('scale')}, window "
         f"{s.get('guidance_window')}, eta {s.get('eta')}, seed {s.get('seed')} (sample i: "
-        "`histodiffusion.diffusers_pipeline.sample_seed(seed, i)`). The same seeds give the same images.", "",
+        "`histodiffusion.diffusers_pipeline.sample_seed(seed, i)`). The same seeds give the same images."
+        + start_note(s), "",
         "## Load it", "", "```python",
         "from histodiffusion import HistoDiffusionPipeline   # diffusers' DiffusionPipeline works too once imported",
         f"pipe = HistoDiffusionPipeline.from_pretrained('{name}'); tiles = pipe(class_labels={classes[:1] * 4}).images",

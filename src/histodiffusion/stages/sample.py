@@ -16,7 +16,7 @@ init_top_share: only the most confident share of each class). With detail "tile"
 what the autoencoder's round trip loses on its starting tile (core.transforms.add_detail: sample + tile - the
 decoded starting latent), so it keeps the tile's nuclei and colours and carries only the denoising step's change;
 with color_match "tile" it then takes its starting tile's per-channel colour statistics
-(core.transforms.match_color). The pipeline/ folder does neither step (it records detail and color_match).
+(core.transforms.match_color); the pipeline does both (its `detail` and `color_match` arguments, given the tiles).
 
 Sample i (its place in the plan: classes in order, then k = 0..count-1) uses its own torch.Generator
 seeded from (run seed, i) for its initial noise and DDIM's per-step noise, so images do not depend on
@@ -27,7 +27,7 @@ PNG exists. Rank 0 then writes grids/, samples.csv, pipeline/ and _COMPLETE.json
 The models are loaded and checked together (models/bundle.py) into a HistoDiffusionPipeline, whose
 call runs the one guided sampling loop (diffusers_pipeline.py). pipeline/ is that pipeline as a
 diffusers folder (model_index.json, vae/, unet/, scheduler/, latent_classifier/, model card):
-`DiffusionPipeline.from_pretrained` on it, given the same seeds, makes the same images (before detail and color_match).
+`DiffusionPipeline.from_pretrained` on it, given the same seeds (and starting latents and tiles), makes the same images.
 """
 from __future__ import annotations
 
@@ -41,8 +41,8 @@ import numpy as np
 
 from ..core.grids import write_grid
 from ..core.seeds import sample_seed, torch_generator
-from ..core.transforms import DIHEDRAL, add_detail, dihedral, match_color
-from ..diffusers_pipeline import make_scheduler, start_index
+from ..core.transforms import DIHEDRAL, dihedral
+from ..diffusers_pipeline import class_probabilities, make_scheduler, start_index
 from ..runtime.artifacts import INDEX, SAMPLES_COLUMNS, SAMPLES_CSV, read_dataset, read_meta, subset_ids
 from ..runtime.config import SampleConfig
 from ..runtime.contract import completion_record
@@ -206,7 +206,7 @@ def pool_probabilities(ds, classifier, classes: list[str], cfg: SampleConfig, ba
     with torch.no_grad():
         for b in range(0, len(ds), batch):
             z = torch.stack([ds[i][0] for i in range(b, min(b + batch, len(ds)))])
-            probs.append(classifier(z, 0).softmax(dim=1))
+            probs.append(class_probabilities(classifier, z, micro_batch=None))
     probs = torch.cat(probs)
     if cfg.init_labels == "ensemble":
         probs = (probs + image_probabilities(ds, classes, cfg)) / 2
@@ -369,19 +369,16 @@ def generate(items: list[dict], m: dict, cfg: SampleConfig, window: tuple[int, i
     pipe = m["pipe"]
     pipe.scheduler = make_scheduler(cfg.scheduler, m["scheduler_config"])  # fresh solver state per batch
     gens = [torch_generator(cfg.seed, it["i"]) for it in items]
-    z_init = None
+    z_init = tiles = None
     if init:
         z_init = torch.stack([dihedral(init[it["init_id"]], it["init_dihedral"]) for it in items])
+    if pixels:  # the starting tiles, turned as the samples started: the pipeline finishes the samples with them
+        tiles = np.stack([dihedral(pixels[it["init_id"]], it["init_dihedral"], dims=(0, 1)) for it in items])
     out = pipe(class_labels=[it["target_index"] for it in items], guidance_scale=cfg.scale,
                num_inference_steps=cfg.steps, generator=gens, guidance_window=window, eta=cfg.eta,
-               output_type="latent", init_latents=z_init, strength=cfg.strength)
-    images = pipe.decode_uint8(out.images)
-    if pixels:  # the starting tiles, turned as the samples started
-        tiles = [dihedral(pixels[it["init_id"]], it["init_dihedral"], dims=(0, 1)) for it in items]
-        if cfg.detail == "tile":  # what the round trip loses on the tile: the tile minus its decoded starting latent
-            images = np.stack([add_detail(im, t, r) for im, t, r in zip(images, tiles, pipe.decode_uint8(z_init))])
-        if cfg.color_match == "tile":  # the tile's per-channel mean and std
-            images = np.stack([match_color(im, t) for im, t in zip(images, tiles)])
+               output_type="np", init_latents=z_init, strength=cfg.strength, image=tiles,
+               detail=cfg.detail == "tile", color_match=cfg.color_match == "tile")
+    images = np.rint(out.images * 255).astype(np.uint8)  # the decoded uint8 values (np output: them / 255)
     rows = [{"id": it["id"], "file": f"images/{it['id']}.png", "seed": sample_seed(cfg.seed, it["i"]),
              "target": it["target"], "target_index": it["target_index"], "scale": cfg.scale,
              "scheduler": cfg.scheduler, "steps": cfg.steps, "eta": cfg.eta, "window_lo": window[0],
