@@ -21,7 +21,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"

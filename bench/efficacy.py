@@ -175,7 +175,7 @@ def signal_chain(run: Path, eval_dir: Path | None = None) -> str:
         if v in gains:
             rows.append(f"| autoencoder ceiling | selected@1 = {what}, gain over {base} | {fmt(gains[v])} |")
     share = ceiling_share(gains)
-    rows.append(f"| autoencoder ceiling | share of the new tiles' gain that survives the decoder | "
+    rows.append("| autoencoder ceiling | share of the new tiles' gain that survives the decoder | "
                 + (f"{share:.0%} |" if share is not None else "not measured: `bench/recon_ceiling.py --run <run>` |"))
     ev = (eval_dir or run / "eval") / "metrics.json"
     if ev.is_file():

@@ -53,8 +53,6 @@ def main() -> None:
                         "with one started without (each skips the seeds whose result file exists)")
     args = p.parse_args()
 
-    import torch
-
     from histodiffusion.data.evaldata import load_real
     from histodiffusion.stages.evaluate import score
     from histodiffusion.core.metrics import mean_ci

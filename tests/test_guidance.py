@@ -1,7 +1,6 @@
 """guidance.py: the guided step equals the formula computed by hand; gradients are per sample."""
 import math
 
-import pytest
 import torch
 
 from histodiffusion.core.guidance import classifier_grad, eps_from_output, guided_eps, in_window

@@ -15,11 +15,9 @@ For each stage the harness
 """
 from __future__ import annotations
 
-import csv
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
