@@ -242,14 +242,6 @@ def test_color_match_gives_each_sample_its_starting_tiles_colors(models, tmp_pat
     assert not (tmp_path / "noise" / "samples.csv").exists()
 
 
-def want_detail(tmp_path, rows):
-    import numpy as np
-    from PIL import Image
-
-    return np.stack([np.asarray(Image.open(tmp_path / "detail" / r["file"]).convert("RGB"), dtype=np.int16)
-                     for r in rows])
-
-
 def test_detail_adds_back_what_the_round_trip_loses_on_the_starting_tile(models, tmp_path):
     """detail=tile: each sample is the plain sample of the same seed plus (its starting tile - that tile's latent
     decoded), tile and latent turned as the sample started; so it lies nearer its tile than the plain sample.
@@ -295,18 +287,19 @@ def test_detail_adds_back_what_the_round_trip_loses_on_the_starting_tile(models,
     z = torch.stack([dihedral(cache[where[r["init_id"]]][0], k) for r, k in zip(rows, turns)])
     tiles = np.stack([dihedral(torch.from_numpy(t0), k, dims=(0, 1)).numpy() for t0, k in zip(raw, turns)])
     pipe = DiffusionPipeline.from_pretrained(str(tmp_path / "both" / "pipeline"))
-    gens = [torch.Generator().manual_seed(int(r["seed"])) for r in rows]
     kw = {"class_labels": [r["target"] for r in rows], "guidance_scale": cfg.scale, "num_inference_steps": cfg.steps,
           "eta": cfg.eta, "strength": 0.3, "output_type": "np"}
+    pngs = {}
     for d, extra in (("both", {"detail": True, "color_match": True}), ("detail", {"detail": True}), ("plain", {})):
+        pngs[d] = np.stack([np.asarray(Image.open(tmp_path / d / r["file"]).convert("RGB")) for r in rows])
         res = pipe(generator=[torch.Generator().manual_seed(int(r["seed"])) for r in rows], init_latents=z,
                    image=tiles, **kw, **extra).images
-        want = np.stack([np.asarray(Image.open(tmp_path / d / r["file"]).convert("RGB")) for r in rows])
-        assert np.array_equal(np.rint(res * 255).astype(np.uint8), want), d
+        assert np.array_equal(np.rint(res * 255).astype(np.uint8), pngs[d]), d
     # the tiles alone: the pipeline encodes them (posterior means) itself, as the cache holds the unturned ones
     # (the stage turns a tile's latent, the encoder sees the turned tile: the same only for unturned tiles)
-    own = pipe(generator=gens, image=list(tiles), detail=True, **kw).images
-    diff = np.abs(np.rint(own * 255).astype(np.int16) - want_detail(tmp_path, rows))[np.array(turns) == 0]
+    own = pipe(generator=[torch.Generator().manual_seed(int(r["seed"])) for r in rows], image=list(tiles),
+               detail=True, **kw).images
+    diff = np.abs(np.rint(own * 255).astype(np.int16) - pngs["detail"])[np.array(turns) == 0]
     assert len(diff) >= 6 and diff.max() <= 1
     with pytest.raises(HistoError, match="detail=tile .* needs strength < 1"):
         run(base_cfg(models, tmp_path / "noise", detail="tile"))
