@@ -281,7 +281,9 @@ class HistoDiffusionPipeline(DiffusionPipeline):
     @property
     def tile_size(self) -> int:
         """Edge of the tiles in pixels: the latents' edge times the autoencoder's downsampling factor."""
-        return int(self.unet.config.sample_size) * 2 ** (len(self.vae.config.block_out_channels) - 1)
+        from .models.autoencoder import downsample_factor
+
+        return int(self.unet.config.sample_size) * downsample_factor(self.vae.config.block_out_channels)
 
     def decode_uint8(self, latents: torch.Tensor, micro_batch: int | None = MICRO_BATCH) -> np.ndarray:
         """Final latents -> uint8 images [B, H, W, 3], with the scaling factor of the autoencoder's config."""

@@ -28,6 +28,7 @@ from ..runtime.artifacts import LDM_SCHEDULER, LDM_UNET, LDM_VAE, MODEL_INFO
 from ..runtime.errors import HistoError
 from ..runtime.fileio import read_json, sha256_file
 from ..runtime.rundirs import check_format_version
+from .autoencoder import downsample_factor
 from .cards import CARD
 
 CHECKSUMS = "checksums.json"
@@ -95,7 +96,7 @@ def _check_shapes(folder: Path, info: dict) -> None:
     """The UNet must take the autoencoder's latents: channels, and spatial size = tile size / f."""
     vae_cfg = read_json(folder / LDM_VAE / "config.json", "autoencoder config")
     unet_cfg = read_json(folder / LDM_UNET / "config.json", "UNet config")
-    f = 2 ** (len(vae_cfg.get("block_out_channels", [])) - 1)
+    f = downsample_factor(vae_cfg.get("block_out_channels", []))
     tile = int(info.get("base", {}).get("tile_size") or vae_cfg.get("sample_size") or 0)
     want = [int(vae_cfg.get("latent_channels", 0)), tile // f, tile // f]
     got = [int(unet_cfg.get("in_channels", 0)), int(unet_cfg.get("sample_size", 0)), int(unet_cfg.get("sample_size", 0))]

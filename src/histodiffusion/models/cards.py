@@ -10,6 +10,7 @@ from ..data.leakage import SOURCES_CSV
 from ..runtime.artifacts import LDM_UNET, LDM_VAE, MODEL_INFO
 from ..runtime.errors import HistoError
 from ..runtime.fileio import read_json
+from .autoencoder import downsample_factor
 
 CARD = "README.md"
 CITATION = ("Ye, J. et al. *Synthetic Augmentation with Large-scale Unconditional Pre-training.* MICCAI 2023 "
@@ -28,7 +29,7 @@ def _sources(info: dict) -> str:
 
 
 def _factor(vae_config: dict) -> int:
-    return 2 ** (len(vae_config.get("block_out_channels") or [0]) - 1)
+    return downsample_factor(vae_config.get("block_out_channels") or [0])
 
 
 def ldm_card(folder: Path, name: str) -> str:
@@ -309,7 +310,7 @@ def base_card(record: dict, folder: Path, notes: Path | None) -> str:
         f"# {b['name']} (version {b['version']})", "",
         "A latent diffusion base for histopathology, pretrained **without labels** for "
         "histodiffusion (HistoDiffusion, Ye et al., MICCAI 2023): a KL "
-        f"autoencoder (f={2 ** (len(vae['block_out_channels']) - 1)}, {vae['latent_channels']} latent channels) "
+        f"autoencoder (f={downsample_factor(vae['block_out_channels'])}, {vae['latent_channels']} latent channels) "
         f"and an unconditional UNet on {record['latent_shape']} latents of {b['tile_size']} px H&E tiles. "
         "`histodiffusion run` adapts it to a small labeled set (latent classifier, decoder fine-tune, "
         "classifier-guided sampling).", "",

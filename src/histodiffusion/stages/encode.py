@@ -62,7 +62,7 @@ def run(cfg: EncodeConfig) -> Path:
 
     from ..data.datasets import PixelDataset
     from ..runtime.latent_space import of_autoencoder
-    from ..models.autoencoder import encode_posterior, load_vae
+    from ..models.autoencoder import downsample_factor, encode_posterior, load_vae
 
     if cfg.batch_size < 1 or cfg.shard_size < 1:
         raise HistoError(f"batch_size and shard_size must be >= 1, got {cfg.batch_size}, {cfg.shard_size}")
@@ -78,7 +78,7 @@ def run(cfg: EncodeConfig) -> Path:
         return out
     ds = PixelDataset(data, "all")
     tile = int(ds_meta.get("tile_size") or ds.uint8(0).shape[0])
-    f = 2 ** (len(vae.config.block_out_channels) - 1)
+    f = downsample_factor(vae.config.block_out_channels)
     if tile % f:
         raise HistoError(f"tile size {tile} of {data} is not divisible by the autoencoder's downsampling {f}")
     items = [(i, k) for i in range(len(ds)) for k in (range(DIHEDRAL) if cfg.flips else (0,))]

@@ -26,6 +26,7 @@ from torch import nn
 
 from ..core.grids import to_uint8, write_grid
 from ..data.mixture import EpochIndex, IdRecorder, MixtureDataset, make_loader
+from ..models.autoencoder import downsample_factor
 from ..models.cards import CARD, autoencoder_card
 from ..runtime.config import AutoencoderConfig
 from ..runtime.contract import completion_record
@@ -168,7 +169,7 @@ def load_sources(cfg: AutoencoderConfig, holdout: int):
     if len(sizes) != 1:
         raise HistoError(f"datasets {list(cfg.data)} have different tile sizes {sorted(sizes)}; prepare them alike")
     tile = sizes.pop()
-    f = 2 ** (len(cfg.block_out_channels) - 1)
+    f = downsample_factor(cfg.block_out_channels)
     if tile % f or (0 < cfg.crop < tile and cfg.crop % f):
         raise HistoError(f"tile size {tile} / crop {cfg.crop} is not divisible by the downsampling factor {f}")
     held_sets = [PixelDataset(d, HOLDOUT_SPLIT) if any(r["split"] == HOLDOUT_SPLIT for r in s.all_rows) else None
@@ -317,7 +318,7 @@ def run(cfg: AutoencoderConfig) -> Path:
         metrics.log(resumed_from=step)
     vae = acc.unwrap_model(model).vae
     log.info("autoencoder: %d train + %d held-out tiles of %d px, f=%d, %.2fM params (%.2fM trained%s), "
-             "%d process(es)", len(train_ds), len(held), tile, 2 ** (len(cfg.block_out_channels) - 1),
+             "%d process(es)", len(train_ds), len(held), tile, downsample_factor(cfg.block_out_channels),
              sum(p.numel() for p in vae.parameters()) / 1e6,
              sum(p.numel() for p in vae.parameters() if p.requires_grad) / 1e6,
              f", from {cfg.init_from}" if cfg.init_from else "", acc.num_processes)
