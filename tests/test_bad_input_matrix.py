@@ -138,6 +138,7 @@ def test_flag_of_wrong_type(capsys, tmp_path):
     ("evaluate", "synthetic-weight", "0", "synthetic_weight"),
     ("evaluate", "real-finish", "1", "real_finish"),
     ("evaluate", "arms", "real,bogus", "bogus"),
+    ("export-dataset", "ratio", "0", "ratio"),
 ])
 def test_config_value_out_of_range(capsys, tmp_path, world, stage, flag, value, field):
     """Refused before anything is written (so re-running with a fixed value is not blocked)."""
@@ -145,7 +146,8 @@ def test_config_value_out_of_range(capsys, tmp_path, world, stage, flag, value, 
               "pretrain": ["--cache", world["unl_cache"]], "train-latent-classifier": ["--cache", world["cache32"]],
               "sample": ["--model", world["ldm"], "--classifier", world["clf"]],
               "select": ["--samples", world["samples"], "--data", world["target"]],
-              "evaluate": ["--data", world["target"], "--arms", "real"]}[stage]
+              "evaluate": ["--data", world["target"], "--arms", "real"],
+              "export-dataset": ["--data", world["target"], "--samples", world["samples"]]}[stage]
     out = tmp_path / "out"
     out_flag = [] if stage == "select" else ["--out", out]
     if stage == "select":

@@ -81,7 +81,14 @@ def test_run_end_to_end_and_skip(tmp_path):
     assert {"real", "classic"} <= set(metrics["arms"])
     assert (L.evaluation() / "per_seed.csv").is_file()
     assert L.report_index.is_file() and (L.report / "report.md").is_file()
-    for stage_dir in (L.ae, L.ldm, L.latent_classifier, L.samples(), L.select(), L.evaluation()):
+    # the augmented training set: the real subset + selected@0.5 as files, the evaluation's effect quoted
+    exported = list(csv.DictReader(open(L.augmented / "labels.csv")))
+    kept = [r for r in csv.DictReader(open(L.select() / "filtered.csv")) if r["keep"] == "1"]
+    assert [r["source"] for r in exported].count("real") == len(real)
+    assert 0 < [r["source"] for r in exported].count("synthetic") <= len(kept)
+    assert all((L.augmented / r["path"]).is_file() for r in exported)
+    assert json.loads((L.augmented / "dataset.json").read_text())["measured"]["arm"] == "selected@0.5"
+    for stage_dir in (L.ae, L.ldm, L.latent_classifier, L.samples(), L.select(), L.evaluation(), L.augmented):
         assert (stage_dir / "config.json").is_file()
         marker = json.loads((stage_dir / "_COMPLETE.json").read_text())  # the completion contract
         assert marker["format_version"] == 2 and marker["config"] and marker["inputs"], stage_dir
@@ -91,7 +98,7 @@ def test_run_end_to_end_and_skip(tmp_path):
     for stage in ("prepare", "train-autoencoder", "encode", "pretrain", "train-latent-classifier",
                   "finetune-decoder", "sample", "select", "evaluate", "report"):
         assert f" [{stage}] " in run_log, stage
-    assert "[run] [12/12] report: done" in run_log and "[run] finished in" in run_log
+    assert "[run] [13/13] report: done" in run_log and "[run] finished in" in run_log
     for stage_dir in (L.data_target, L.ae, L.cache_target, L.ldm, L.latent_classifier, L.decoder,
                       L.samples(), L.select(), L.evaluation(), L.report):
         assert (stage_dir / "log.txt").stat().st_size > 0, stage_dir
@@ -126,7 +133,7 @@ def test_run_end_to_end_and_skip(tmp_path):
     r5 = _run(out2, cfg, base, extra=("--procs", "2"))
     assert r5.returncode == 0, r5.stderr[-3000:]
     assert (L2.evaluation() / "per_seed.csv").read_text() == one
-    assert "| evaluate | " in (t := L2.timings.read_text()) and t.count("| ran |") == 2  # evaluate and report
+    assert "| evaluate | " in (t := L2.timings.read_text()) and t.count("| ran |") == 3  # evaluate, export, report
     assert L2.report_index.is_file()
 
     # 5. a variant of run2 (another sampler setting) with --reuse-from: run2's finished stages are copied, and
@@ -138,7 +145,7 @@ def test_run_end_to_end_and_skip(tmp_path):
     assert r6.returncode == 0, r6.stderr[-3000:]
     assert r6.stderr.count("copied from") == 5, r6.stderr[-3000:]  # 4 stages + evaluate's sample-free classifiers
     ran = [ln.split("|")[1].strip() for ln in RunLayout(out3).timings.read_text().splitlines() if "| ran |" in ln]
-    assert ran == ["sample", "select", "evaluate", "report"]
+    assert ran == ["sample", "select", "evaluate", "export dataset", "report"]
     assert (L2.select() / "_COMPLETE.json").is_file()  # the other run is read, never changed
     for name in ("real_0", "classic_1"):
         assert (L2.evaluation() / "classifiers" / name / "scores.json").read_bytes() == (

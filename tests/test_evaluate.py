@@ -954,3 +954,26 @@ def test_a_list_field_given_a_string_from_python_is_refused(evaluated, tmp_path)
     with pytest.raises(HistoError, match="val_every .* must be >= 0"):  # the value rules apply to configs built in Python too
         run(EvaluateConfig(**{**cfg.__dict__, "val_every": -1, "out": str(tmp_path / "f")}))
     assert not (tmp_path / "f").exists()
+
+
+def test_export_dataset_quotes_the_evaluation_of_its_keep_list(evaluated, tmp_path):
+    """export-dataset's card gives the evaluation's paired effect of selected@ratio, and refuses an evaluation
+    of another ratio or of another keep-list before writing anything."""
+    from histodiffusion.runtime.config import ExportDatasetConfig
+    from histodiffusion.stages.export_dataset import run as export
+
+    cfg, _ = evaluated
+    base = dict(data=cfg.data, subset=cfg.subset, samples=cfg.samples, evaluation=cfg.out)
+    out = export(ExportDatasetConfig(**base, ratio=1.0, out=str(tmp_path / "aug")))
+    measured = json.loads((out / "dataset.json").read_text())["measured"]
+    metrics = json.loads((Path(cfg.out) / "metrics.json").read_text())
+    assert measured["vs_real"] == metrics["deltas"]["selected@1"]["accuracy"]
+    assert measured["noise_floor"] == metrics["noise_floor"]["accuracy"]
+    assert f"{measured['vs_real']['mean']:+.3f}" in (out / "README.md").read_text()
+    with pytest.raises(HistoError, match="no arm selected@0.5"):
+        export(ExportDatasetConfig(**base, ratio=0.5, out=str(tmp_path / "half")))
+    other = Path(shutil.copytree(cfg.samples, tmp_path / "other"))
+    write_filtered(other, keep_every=3)
+    with pytest.raises(HistoError, match="measured another keep-list"):
+        export(ExportDatasetConfig(**{**base, "samples": str(other)}, ratio=1.0, out=str(tmp_path / "b")))
+    assert not (tmp_path / "half").exists() and not (tmp_path / "b").exists()

@@ -44,6 +44,8 @@ def make_run(tmp_path: Path, n_complete: int | None = None, **kw) -> Path:
                 "seeds": [0, 1, 2, 3, 4], "arms": {"real": {"accuracy": {"mean": 0.8}}},
                 "deltas": {"selected@1": {"accuracy": DELTA}, "real_aa": {"accuracy": DELTA}},
                 "noise_floor": {"accuracy": DELTA}})
+        if s.stage == "export-dataset":
+            write_json_atomic(s.out / "dataset.json", {"n_real": 20, "n_synthetic": 20, "ratio": 1.0})
         if s.stage == "train-latent-classifier":
             write_json_atomic(s.out / "metrics.json", {"steps": 400, "val_accuracy": 0.9, "chance": 0.5})
         mark_complete(s.out, **({"count": 40} if s.stage == "sample" else {}))
@@ -54,25 +56,26 @@ def test_complete_run(tmp_path, capsys):
     root = make_run(tmp_path)
     assert main(["info", str(root)]) == 0
     out = capsys.readouterr().out
-    assert "12/12 stages complete (finished)" in out
+    assert "13/13 stages complete (finished)" in out
     assert "[x] 11. evaluate" in out and "delta selected@1 +0.020 [+0.005, +0.035]" in out
     assert "noise floor +0.020" in out and "(5 seeds)" in out and "real accuracy 0.800" in out
     assert "30 tiles (train 20, test 10), 2 classes" in out and "kept 30 of 40 (75%, filters)" in out
     assert "val accuracy 0.900" in out and "40 synthetic tiles" in out
+    assert "[x] 12. export dataset" in out and "20 real + 20 synthetic tiles (selected@1) in labels.csv" in out
     assert "was_here" not in out  # laid out under the directory given, not where the config was written
     info = api.info(root)
-    assert info["complete"] and [s["status"] for s in info["stages"]] == [COMPLETE] * 12
+    assert info["complete"] and [s["status"] for s in info["stages"]] == [COMPLETE] * 13
 
 
 def test_partial_run(tmp_path, capsys):
     root = make_run(tmp_path, n_complete=3)
     assert main(["info", str(root)]) == 0
     out = capsys.readouterr().out
-    assert "3/12 stages complete" in out and "(finished)" not in out
+    assert "3/13 stages complete" in out and "(finished)" not in out
     assert "[~]  4. encode unlabeled" in out and "started, not finished" in out
-    assert "[ ] 12. report" in out
+    assert "[ ] 13. report" in out
     statuses = [s["status"] for s in api.info(root)["stages"]]
-    assert statuses == [COMPLETE] * 3 + [STARTED] + [NOT_STARTED] * 8
+    assert statuses == [COMPLETE] * 3 + [STARTED] + [NOT_STARTED] * 9
 
 
 def test_run_adapting_a_base_has_no_pretraining_stages(tmp_path):

@@ -7,9 +7,9 @@ from html.parser import HTMLParser
 import pytest
 
 from helpers_eval import make_class_samples, make_dataset, one_thread, with_starts
-from histodiffusion.runtime.config import EvaluateConfig, JudgeConfig, ReportConfig, SelectConfig
+from histodiffusion.runtime.config import EvaluateConfig, ExportDatasetConfig, JudgeConfig, ReportConfig, SelectConfig
 from histodiffusion.runtime.errors import HistoError
-from histodiffusion.stages import evaluate, judge, select
+from histodiffusion.stages import evaluate, export_dataset, judge, select
 from histodiffusion.stages.latent_classifier import strength_summary
 from histodiffusion.stages.report import run
 
@@ -44,6 +44,9 @@ def full_run(tmp_path_factory):
                                  "weight_decay": 0.05, "augment": False, "n_train": 18, "n_val": 18,
                                  "val_accuracy": 0.8, "seconds": 1.0},
             **strength_summary(by_t, 0.8)}))
+        # the augmented training set the run exports (its evaluation has no selected arm: no effect quoted)
+        export_dataset.run(ExportDatasetConfig(data=str(data), subset="frac0.5", samples=str(samples), ratio=0.5,
+                                               out=str(root / "augmented")))
         run(ReportConfig(run=str(root), embedding="pca"))
     return root
 
@@ -89,6 +92,20 @@ def test_report_files_and_sections(full_run):
     assert "latent classifier strength per timestep bucket" in md
     assert "| [0,250) | 0.750 | 0.800 | 0.94 |" in md and "| [250,500) | 0.500 | 0.800 | 0.62 |" in md
     assert "0.94, met" in md
+    # where the augmented training set is: 6 real and 3 synthetic tiles per class
+    assert f"Augmented training set: {(full_run / 'augmented' / 'labels.csv').resolve()} (18 real + 9 synthetic" in md
+
+
+def test_exported_set_carries_the_judges_fidelity_of_exactly_its_samples(full_run):
+    import csv
+
+    summary = json.loads((full_run / "augmented" / "dataset.json").read_text())
+    exported = [r for r in csv.DictReader(open(full_run / "augmented" / "labels.csv")) if r["source"] == "synthetic"]
+    pred = {r["id"]: r["judge_pred"] for r in csv.DictReader(open(full_run / "samples" / "fidelity.csv"))}
+    assert summary["judge_fidelity"]["n"] == len(exported) == 9
+    assert summary["judge_fidelity"]["hits"] == sum(pred[r["id"]] == r["label"] for r in exported)
+    assert summary["measured"] is None and "Not measured with this export" in (
+        full_run / "augmented" / "README.md").read_text()
 
 
 def test_report_says_when_a_class_threshold_is_not_calibrated(full_run, tmp_path):

@@ -15,6 +15,7 @@ as a dict). Errors are `HistoError`s naming the culprit, as on the command line.
                out="samples/more", n_per_class=16, scale=5)
     api.select(samples="samples/more", data="runs/demo/data/target", subset="frac0.25")
     metrics = api.evaluate(data="runs/demo/data/target", subset="frac0.25", samples="samples/more", out="eval/more")
+    api.export_dataset(data="runs/demo/data/target", subset="frac0.25", samples="samples/more", out="augmented")
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from .runtime.errors import HistoError
 from .runtime.fileio import read_json
 
 __all__ = ["config", "run_stage", "prepare", "run", "train_latent_classifier", "sample", "select", "evaluate",
-           "report", "load_base", "load_pipeline", "info", "HistoError"]
+           "export_dataset", "report", "load_base", "load_pipeline", "info", "HistoError"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -75,6 +76,12 @@ def evaluate(**fields: Any) -> dict:
     """`histodiffusion evaluate`; returns its metrics.json (arms, paired deltas vs real, noise floor)."""
     out = Path(run_stage("evaluate", **fields))
     return read_json(out / "metrics.json", "evaluation metrics")
+
+
+def export_dataset(**fields: Any) -> Path:
+    """`histodiffusion export-dataset`: the real subset + selected@ratio samples as files (labels.csv,
+    images/<class>/, dataset.json, a dataset card); returns the folder."""
+    return Path(run_stage("export-dataset", **fields))
 
 
 def report(**fields: Any) -> Path:

@@ -209,6 +209,12 @@ def _report(out: Path) -> str:
     return str(out / "index.html") if (out / "index.html").is_file() else ""
 
 
+def _export_dataset(out: Path) -> str:
+    m = _load(out / "dataset.json")
+    return f"{m['n_real']} real + {m['n_synthetic']} synthetic tiles (selected@{m['ratio']:g}) in labels.csv"
+
+
 _FIGURES = {"prepare": _prepare, "train-autoencoder": _autoencoder, "encode": _encode, "pretrain": _pretrain,
             "train-latent-classifier": _latent_classifier, "finetune-decoder": _decoder, "sample": _sample,
-            "select": _select, "evaluate": _evaluate, "report": _report}
+            "select": _select, "evaluate": _evaluate, "export-dataset": _export_dataset,
+            "report": _report}

@@ -1,7 +1,7 @@
 """`histodiffusion run`: the whole chain in one run directory, each stage skipped when complete.
 
     prepare (unlabeled, target) -> train-autoencoder -> encode (unlabeled, target) -> pretrain
-    -> train-latent-classifier -> finetune-decoder -> sample -> select -> evaluate -> report
+    -> train-latent-classifier -> finetune-decoder -> sample -> select -> evaluate -> export-dataset -> report
 
 Every stage is an ordinary stage run with its own config, written into its own sub-directory, so a
 killed run resumes by re-running the same command and any stage can be re-run by hand. With
@@ -218,6 +218,12 @@ def _synthesis_steps(cfg: C.RunConfig, L: RunLayout, fields: Fields, ldm_model: 
                 "subset": cfg.subset, "quota_ratio": max(evaluate["ratios"]), **ranking}, "select")),
             Step(f"evaluate{suffix}", "evaluate", L.evaluation(suffix), evaluate),
         ]
+        if not suffix:  # what a user trains on: the real subset + selected@R as files, its measured effect quoted
+            measured = "selected" in evaluate.get("arms", C.EvaluateConfig().arms)
+            steps.append(Step("export dataset", "export-dataset", L.augmented, fields("export-dataset", {
+                "data": str(d_tgt), "samples": str(s_dir), "selection": str(L.select()), "out": str(L.augmented),
+                "evaluation": str(L.evaluation()) if measured else ""}, {
+                "subset": cfg.subset, "ratio": max(evaluate["ratios"])})))
     return steps
 
 

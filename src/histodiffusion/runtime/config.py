@@ -292,6 +292,18 @@ class JudgeConfig:
 
 
 @dataclass(frozen=True)
+class ExportDatasetConfig:
+    data: str = F("data/target", "prepared labeled target dataset: the real tiles, their labels and groups", input=True)
+    subset: str = F("frac0.05", "the real labeled subset exported with the synthetic tiles (the one the samples were selected for)")
+    samples: str = F("samples/run", "sample directory (samples.csv, images/)", input=True)
+    selection: str = F("", "select's output directory with the keep-list filtered.csv (default: <samples>/select)", input=True)
+    evaluation: str = F("", "evaluate's output directory: its measured effect of selected@ratio (same keep-list and subset) goes into the dataset card (empty: not quoted)", input=True)
+    ratio: float = F(1.0, "synthetic tiles per class: ratio x the subset's real count, the keep-list's first in rank order (evaluate's selected@ratio)")
+    real: bool = F(True, "export the subset's real tiles too (false: the synthetic tiles only)")
+    out: str = F("augmented", "output directory: labels.csv, images/<class>/, dataset.json, README.md (dataset card)")
+
+
+@dataclass(frozen=True)
 class ReportConfig:
     run: str = F("runs/default", "run directory (or any directory holding the stage outputs)")
     out: str = F("", "report directory (default: <run>/report)")

@@ -90,6 +90,7 @@ VALUE_RULES: dict[str, dict] = {
                   "latent_classifier_trunk": _one_of(*LATENT_TRUNKS),
                   "start_strength": _within(0, 1, hi_open=True, lo_open=True)},
     "JudgeConfig": {},  # the common rules (steps, batch_size, lr)
+    "ExportDatasetConfig": {"ratio": _above(0)},
     "ReportConfig": {"grid_per_class": _at_least(1), "grid_scale": _at_least(0),
                      "embedding": _one_of("auto", "umap", "tsne", "pca")},
     "EvaluateConfig": {"arms": _each(_one_of(*ARM_KINDS)), "pseudo_rank": _one_of(*PSEUDO_RANKS),

@@ -25,7 +25,8 @@ from .errors import HistoError
 from .fileio import read_json, sha256_file
 from .rundirs import COMPLETE_MARKER, MARKER_FORMAT, comparable_config
 
-REMADE = (C.ReportConfig, C.SelectConfig)  # cheap stages re-made (not refused) when their inputs changed
+REMADE = (C.ReportConfig, C.SelectConfig, C.ExportDatasetConfig)  # cheap stages re-made (not refused) when
+# their inputs changed
 _UP = 3  # an input inside a stage's directory (e.g. ldm/model/scheduler) is hashed by that stage's marker
 
 

@@ -11,6 +11,7 @@ tests read it).
     R/samples<arm>/                      sample
     R/samples<arm>/select/               select (filtered.csv; its own config.json and marker)
     R/eval<arm>/                         evaluate
+    R/augmented/                         export-dataset (labels.csv, images/<class>/: real + selected@R)
     R/report/                            report (index.html)
 An arm is "" (the main chain) or "_nopretrain" (the no-pretraining ablation).
 """
@@ -116,6 +117,11 @@ class RunLayout:
 
     def evaluation(self, arm: str = "") -> Path:
         return self.root / f"eval{arm}"
+
+    @property
+    def augmented(self) -> Path:
+        """The main chain's augmented training set (export-dataset)."""
+        return self.root / "augmented"
 
     @property
     def report(self) -> Path:

@@ -98,6 +98,11 @@ def _judge(cfg):
     return run(cfg)
 
 
+def _export_dataset(cfg):
+    from ..stages.export_dataset import run
+    return run(cfg)
+
+
 def _report(cfg):
     from ..stages.report import run
     return run(cfg)
@@ -137,6 +142,9 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("judge", C.JudgeConfig, _judge,
           "independent class-fidelity judge (train split only) -> fidelity.json of sample dirs",
           ("model/", "judge.json")),
+    Stage("export-dataset", C.ExportDatasetConfig, _export_dataset,
+          "real subset + kept synthetic tiles -> a labeled image folder (labels.csv, images/<class>/, card)",
+          ("labels.csv", "images/", "dataset.json", "README.md")),
     Stage("report", C.ReportConfig, _report, "HTML + Markdown report of a run",
           ("index.html", "report.md", "figures/")),
     Stage("run", C.RunConfig, _run, "the whole chain in one run directory (resumable)",

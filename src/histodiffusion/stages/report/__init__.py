@@ -28,7 +28,7 @@ from .images import section_embedding, section_grids
 from .quality import section_fidelity, section_latent_classifier
 from .sections import (classes_of, section_configs, section_data, section_generative, section_results,
                        section_selection)
-from .verdict import section_fidelity_summary, section_verdict
+from .verdict import section_augmented, section_fidelity_summary, section_verdict
 
 
 def _paths(cfg: ReportConfig) -> dict[str, Path]:
@@ -64,6 +64,7 @@ def run(cfg: ReportConfig) -> Path:
     doc.open_section("verdict")
     section_verdict(doc, p["eval"])
     section_fidelity_summary(doc, p["samples"])
+    section_augmented(doc, p["layout"].augmented)
     classes = classes_of(p["data"])
     images = None
     if classes is not None:

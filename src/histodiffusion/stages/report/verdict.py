@@ -144,3 +144,14 @@ def section_fidelity_summary(doc: Doc, samples: Path) -> None:
     doc.table(["target class", "all samples", "kept samples"], rows,
               f"class fidelity: share of samples the independent judge assigns to their target class "
               f"(95% Wilson interval; judge's val accuracy {fmt(f['judge'].get('val_accuracy'))})")
+
+
+def section_augmented(doc: Doc, folder: Path) -> None:
+    """Where the run's augmented training set is (export-dataset), when it was written."""
+    summary = folder / "dataset.json"
+    if not summary.is_file():
+        return
+    d = read_json(summary, "augmented set summary")
+    doc.p(f"Augmented training set: {folder.resolve() / 'labels.csv'} ({d['n_real']} real + {d['n_synthetic']} "
+          f"synthetic tiles, selected@{d['ratio']:g}; one folder per class under images/). Its README.md says what "
+          f"it was measured to do; synthetic tiles are for training only.", cls="note")
