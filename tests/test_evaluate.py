@@ -977,3 +977,38 @@ def test_export_dataset_quotes_the_evaluation_of_its_keep_list(evaluated, tmp_pa
     with pytest.raises(HistoError, match="measured another keep-list"):
         export(ExportDatasetConfig(**{**base, "samples": str(other)}, ratio=1.0, out=str(tmp_path / "b")))
     assert not (tmp_path / "half").exists() and not (tmp_path / "b").exists()
+
+
+def test_export_dataset_with_the_pseudo_labelled_tiles(pseudo_evaluated, tmp_path):
+    """--pseudo true: the pool tiles of class_rank <= ratio x real count, with the reader's labels (never their
+    own), the tiles' pixels from the dataset, and the measured pseudo@R or pseudo+selected@R quoted."""
+    import numpy as np
+    from PIL import Image
+
+    from histodiffusion.data.datasets import PixelDataset
+    from histodiffusion.runtime.config import ExportDatasetConfig
+    from histodiffusion.stages.export_dataset import run as export
+
+    cfg, _ = pseudo_evaluated
+    base = dict(data=cfg.data, subset=cfg.subset, samples=cfg.samples, evaluation=cfg.out, ratio=0.5)
+    out = export(ExportDatasetConfig(**base, synthetic=False, pseudo=True, real=False, out=str(tmp_path / "p")))
+    rows = list(csv.DictReader(open(out / "labels.csv")))
+    labelled = {r["id"]: r for r in csv.DictReader(open(Path(cfg.out) / "pseudo_labels.csv"))}
+    want = [i for i, r in labelled.items() if int(r["class_rank"]) <= 3]  # 0.5 x 6 real per class
+    assert sorted(r["id"] for r in rows) == sorted(want) and {r["source"] for r in rows} == {"pseudo"}
+    ds = PixelDataset(cfg.data, ids=want)
+    for r in rows:
+        assert r["label"] == labelled[r["id"]]["pseudo_label"] and r["origin_group"] == labelled[r["id"]]["group"]
+        pixels = ds.uint8([x["id"] for x in ds.rows].index(r["id"])).numpy()
+        assert (np.asarray(Image.open(out / r["path"])) == pixels).all()
+    metrics = json.loads((Path(cfg.out) / "metrics.json").read_text())
+    summary = json.loads((out / "dataset.json").read_text())
+    assert summary["arm"] == "pseudo@0.5" and summary["measured"]["vs_real"] == metrics["deltas"]["pseudo@0.5"]["accuracy"]
+    assert "measured with the real tiles, which this export leaves out" in (out / "README.md").read_text()
+    both = export(ExportDatasetConfig(**base, pseudo=True, out=str(tmp_path / "both")))
+    assert json.loads((both / "dataset.json").read_text())["description"] == (
+        f"18 real + 9 synthetic + {len(want)} pseudo tiles (pseudo+selected@0.5)")
+    with pytest.raises(HistoError, match="give --evaluation"):
+        export(ExportDatasetConfig(**{**base, "evaluation": ""}, pseudo=True, out=str(tmp_path / "x")))
+    with pytest.raises(HistoError, match="needs --pseudo true"):
+        export(ExportDatasetConfig(**base, synthetic=False, out=str(tmp_path / "y")))

@@ -55,7 +55,7 @@ def test_selected_at_ratio_with_real_tiles_as_files(world, tmp_path):
     for r in syn:
         assert (out / r["path"]).read_bytes() == (samples / "images" / f"{r['id']}.png").read_bytes()
     summary = json.loads((out / "dataset.json").read_text())
-    assert summary["counts"] == {c: {"real": 6, "synthetic": 3} for c in real.classes}
+    assert summary["counts"] == {c: {"real": 6, "synthetic": 3, "pseudo": 0} for c in real.classes}
     assert summary["measured"] is None
     card = (out / "README.md").read_text()
     assert "selected@0.5" in card and "Not measured" in card

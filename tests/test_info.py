@@ -45,7 +45,7 @@ def make_run(tmp_path: Path, n_complete: int | None = None, **kw) -> Path:
                 "deltas": {"selected@1": {"accuracy": DELTA}, "real_aa": {"accuracy": DELTA}},
                 "noise_floor": {"accuracy": DELTA}})
         if s.stage == "export-dataset":
-            write_json_atomic(s.out / "dataset.json", {"n_real": 20, "n_synthetic": 20, "ratio": 1.0})
+            write_json_atomic(s.out / "dataset.json", {"description": "20 real + 20 synthetic tiles (selected@1)"})
         if s.stage == "train-latent-classifier":
             write_json_atomic(s.out / "metrics.json", {"steps": 400, "val_accuracy": 0.9, "chance": 0.5})
         mark_complete(s.out, **({"count": 40} if s.stage == "sample" else {}))

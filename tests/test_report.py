@@ -93,7 +93,7 @@ def test_report_files_and_sections(full_run):
     assert "| [0,250) | 0.750 | 0.800 | 0.94 |" in md and "| [250,500) | 0.500 | 0.800 | 0.62 |" in md
     assert "0.94, met" in md
     # where the augmented training set is: 6 real and 3 synthetic tiles per class
-    assert f"Augmented training set: {(full_run / 'augmented' / 'labels.csv').resolve()} (18 real + 9 synthetic" in md
+    assert f"Augmented training set: {(full_run / 'augmented' / 'labels.csv').resolve()} (18 real + 9 synthetic tiles (selected@0.5)" in md
 
 
 def test_exported_set_carries_the_judges_fidelity_of_exactly_its_samples(full_run):

@@ -211,7 +211,7 @@ def _report(out: Path) -> str:
 
 def _export_dataset(out: Path) -> str:
     m = _load(out / "dataset.json")
-    return f"{m['n_real']} real + {m['n_synthetic']} synthetic tiles (selected@{m['ratio']:g}) in labels.csv"
+    return f"{m['description']} in labels.csv"
 
 
 _FIGURES = {"prepare": _prepare, "train-autoencoder": _autoencoder, "encode": _encode, "pretrain": _pretrain,

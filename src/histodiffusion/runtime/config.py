@@ -299,7 +299,9 @@ class ExportDatasetConfig:
     selection: str = F("", "select's output directory with the keep-list filtered.csv (default: <samples>/select)", input=True)
     evaluation: str = F("", "evaluate's output directory: its measured effect of selected@ratio (same keep-list and subset) goes into the dataset card (empty: not quoted)", input=True)
     ratio: float = F(1.0, "synthetic tiles per class: ratio x the subset's real count, the keep-list's first in rank order (evaluate's selected@ratio)")
-    real: bool = F(True, "export the subset's real tiles too (false: the synthetic tiles only)")
+    real: bool = F(True, "export the subset's real tiles too (false: the added tiles only)")
+    synthetic: bool = F(True, "export the selected synthetic tiles (false: with --pseudo true, the pseudo-labelled tiles without them)")
+    pseudo: bool = F(False, "also the pool tiles the evaluation's pseudo arm labelled (its pseudo_labels.csv: per class those of class_rank <= ratio x the real count, i.e. pseudo@ratio; labels read by its classifiers, never the tiles' own); needs --evaluation with that arm")
     out: str = F("augmented", "output directory: labels.csv, images/<class>/, dataset.json, README.md (dataset card)")
 
 

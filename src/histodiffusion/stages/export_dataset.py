@@ -3,21 +3,23 @@
 What the chain makes is a keep-list (select writes no image copies, evaluate reads the samples in place).
 This stage writes the set a downstream classifier trains on, `evaluate`'s selected@ratio arm: the labeled
 subset's real tiles and, per class, the first ratio x its real count of the keep-list's samples in rank
-order, as one folder:
+order; with `pseudo`, also the pool tiles the evaluation's pseudo arm labelled (pseudo@ratio: per class
+those of class_rank <= ratio x its real count; pseudo+selected@ratio with the samples), as one folder:
 
   labels.csv    path,label,group_id (the layout `prepare --labels-csv` reads; paths relative to the CSV),
-                source (real | synthetic), id (tile or sample id), origin and origin_group (the real tile
-                a sample started from and its group, else empty), rank and confidence (the selection's)
+                source (real | synthetic | pseudo), id (tile or sample id), origin and origin_group (the
+                real tile a sample started from and its group; a pseudo tile's own group), rank and
+                confidence (the selection's; a pseudo tile's class_rank and its reader's confidence)
   images/<class>/<source>__<id>.png   the tiles at the prepared size (an ImageFolder layout)
   dataset.json  counts per class and source, the inputs' hashes, the measured effect when given
   README.md     dataset card: what it holds, how it was made, what it was measured to do, how to use it
   config.json first, _COMPLETE.json last.
 
-A synthetic tile is its own group (group_id synthetic-<sample id>: a group holds one label, and a sample's
-label may differ from its starting tile's); origin_group names the group of the tile it started from (samples
-made with strength < 1), to keep a sample with its tile. Synthetic tiles are training data: never put them
-in a validation or test split. With `evaluation`, the card quotes that evaluation's paired
-effect of selected@ratio (it must have measured this keep-list on this subset: checked). With a judge's
+An added tile is its own group (group_id synthetic-<sample id> or pseudo-<tile id>: a group holds one label,
+and a sample's or a pseudo tile's label may differ from its group's others); origin_group names the real group
+(of the tile a sample started from, with strength < 1), to keep a tile with its group. Added tiles are
+training data: never put them in a validation or test split. With `evaluation`, the card quotes that
+evaluation's paired effect of the exported arm (it must have measured this keep-list on this subset: checked). With a judge's
 fidelity.csv in the sample directory (`histodiffusion judge --samples`), the card gives the judge's class
 fidelity of exactly the exported samples. Single process: under a launcher only rank 0 works and writes.
 """
@@ -41,6 +43,7 @@ from ..runtime.rundirs import is_complete, mark_complete, remove_stale_temps, st
 
 LABELS_CSV = "labels.csv"
 LABELS_COLUMNS = ["path", "label", "group_id", "source", "id", "origin", "origin_group", "rank", "confidence"]
+SOURCES = ("real", "synthetic", "pseudo")  # labels.csv's source column
 DATASET_JSON = "dataset.json"
 CARD = "README.md"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -76,8 +79,36 @@ def chosen_samples(cfg: ExportDatasetConfig, classes: list[str], real_counts: di
     return out
 
 
+def chosen_pseudo(cfg: ExportDatasetConfig, classes: list[str], real_counts: dict[str, int]) -> tuple[list[dict], list]:
+    """pseudo@ratio: per class the evaluation's pseudo_labels.csv rows of class_rank <= quota(ratio, real
+    count), and their pixels (uint8 [H, W, 3] each) from the dataset."""
+    from ..data.datasets import PixelDataset
+
+    path = Path(cfg.evaluation) / "pseudo_labels.csv"
+    if not path.is_file():
+        raise HistoError(f"--pseudo true exports the tiles the pseudo arm labelled, but {path} does not exist: "
+                         f"evaluate with the pseudo arm (--arms ...,pseudo)")
+    rows = read_csv(path, ["id", "group", "pseudo_label", "confidence", "class_rank"], "pseudo labels")
+    chosen = [r for r in rows if r["pseudo_label"] in real_counts
+              and int(r["class_rank"]) <= quota(cfg.ratio, real_counts[r["pseudo_label"]])]
+    chosen.sort(key=lambda r: (classes.index(r["pseudo_label"]), int(r["class_rank"])))
+    ds = PixelDataset(cfg.data, ids=[r["id"] for r in chosen]) if chosen else None
+    at = {r["id"]: i for i, r in enumerate(ds.rows)} if ds else {}
+    missing = [r["id"] for r in chosen if r["id"] not in at]
+    if missing:
+        raise HistoError(f"{path} names tile {missing[0]!r} that {cfg.data} lacks: the evaluation is of another "
+                         f"dataset")
+    return chosen, [ds.uint8(at[r["id"]]) for r in chosen]
+
+
+def exported_arm(cfg: ExportDatasetConfig) -> str:
+    """The evaluate arm whose added tiles the export holds: selected@R, pseudo@R or pseudo+selected@R."""
+    kind = "pseudo+selected" if cfg.pseudo and cfg.synthetic else "pseudo" if cfg.pseudo else "selected"
+    return f"{kind}@{cfg.ratio:g}"
+
+
 def measured_effect(cfg: ExportDatasetConfig) -> dict | None:
-    """The evaluation's paired effect of selected@ratio ({"arm", "seeds", "accuracy", "vs_real",
+    """The evaluation's paired effect of the exported arm ({"arm", "seeds", "accuracy", "vs_real",
     "vs_classic", "noise_floor"}), refused unless it measured this keep-list on this subset."""
     if not cfg.evaluation:
         return None
@@ -85,7 +116,7 @@ def measured_effect(cfg: ExportDatasetConfig) -> dict | None:
     if not is_complete(ev) or not (ev / "metrics.json").is_file():
         raise HistoError(f"evaluation {ev} is not a complete evaluate output (no _COMPLETE.json or metrics.json)")
     metrics = read_json(ev / "metrics.json", "evaluation metrics")
-    arm = f"selected@{cfg.ratio:g}"
+    arm = exported_arm(cfg)
     if arm not in (metrics.get("arms") or {}):
         raise HistoError(f"evaluation {ev} has no arm {arm} (its arms: {sorted(metrics.get('arms') or {})}): "
                          f"export the ratio it measured or evaluate this one")
@@ -95,7 +126,7 @@ def measured_effect(cfg: ExportDatasetConfig) -> dict | None:
     keep_list = ev / "keep_list.json"
     filtered = selection_dir(cfg.samples, cfg.selection) / FILTERED_CSV
     used = read_json(keep_list, "keep-list record").get("sha256") if keep_list.is_file() else None
-    if used != sha256_file(filtered):
+    if cfg.synthetic and used != sha256_file(filtered):
         raise HistoError(f"evaluation {ev} measured another keep-list than {filtered} ({keep_list}: sha256 "
                          f"{str(used)[:12]}): select was re-run since, or the evaluation is of other samples")
     return {"arm": arm, "evaluation": str(ev), "seeds": metrics.get("seeds"),
@@ -128,7 +159,8 @@ def judged_fidelity(cfg: ExportDatasetConfig, chosen: list[dict], classes: list[
 # --------------------------------------------------------------------------------------------
 # Files
 # --------------------------------------------------------------------------------------------
-def write_images(cfg: ExportDatasetConfig, real, chosen: list[dict], starts: dict[str, str], out: Path) -> list[dict]:
+def write_images(cfg: ExportDatasetConfig, real, chosen: list[dict], pseudo: tuple[list[dict], list],
+                 starts: dict[str, str], out: Path) -> list[dict]:
     """images/<class>/ (built beside and renamed into place) and the rows of labels.csv."""
     from PIL import Image
 
@@ -161,14 +193,24 @@ def write_images(cfg: ExportDatasetConfig, real, chosen: list[dict], starts: dic
                          origin_group=starts.get(origin, "") if origin else "", rank=s["selection"]["rank"],
                          confidence=s["selection"]["confidence"])
             shutil.copyfile(Path(cfg.samples) / s["file"], target(tmp, rel))
+        for r, pixels in zip(*pseudo):
+            _, rel = row(r["pseudo_label"], "pseudo", r["id"], f"pseudo-{r['id']}", origin_group=r["group"],
+                         rank=r["class_rank"], confidence=r["confidence"])
+            Image.fromarray(pixels.numpy()).save(target(tmp, rel))
     return rows
 
 
 def card(cfg: ExportDatasetConfig, summary: dict) -> str:
     """README.md of the exported set."""
     counts, effect, fid = summary["counts"], summary["measured"], summary["judge_fidelity"]
-    table = ["| class | real | synthetic |", "|---|---:|---:|"] + [
-        f"| {c} | {n['real']} | {n['synthetic']} |" for c, n in counts.items()]
+    sources = [k for k in SOURCES if any(n[k] for n in counts.values())]
+    table = [f"| class | {' | '.join(sources)} |", "|---|" + "---:|" * len(sources)] + [
+        f"| {c} | {' | '.join(str(n[k]) for k in sources)} |" for c, n in counts.items()]
+    added = [f"{summary['n_synthetic']} synthetic tiles (per class the first {cfg.ratio:g} x its real count of the "
+             f"selection's keep-list in rank order)"] if cfg.synthetic else []
+    added += [f"{summary['n_pseudo']} pseudo-labelled tiles of the pool (per class the {cfg.ratio:g} x its real count "
+              f"its reader was most confident of; labels read by the classifiers of {cfg.evaluation}, not the tiles' "
+              f"own)"] if cfg.pseudo else []
 
     def ci(d: dict | None, signed: bool = True) -> str:
         if not d:
@@ -183,29 +225,35 @@ def card(cfg: ExportDatasetConfig, summary: dict) -> str:
                     f"{ci(effect['real'], False)}; paired difference vs real-only {ci(effect['vs_real'])}, vs "
                     f"classic augmentation {ci(effect['vs_classic'])}; A/A noise floor {ci(effect['noise_floor'])}.")
     else:
-        measured = ("Not measured with this export: `histodiffusion evaluate` (arms real, real_aa, classic, "
-                    f"selected at ratio {cfg.ratio:g}) measures it; pass its folder as `--evaluation` to quote it here.")
-    fidelity = (f"An independent judge ({fid['judge']}) reads {fid['hits']} of the {fid['n']} synthetic tiles as "
+        measured = (f"Not measured with this export: `histodiffusion evaluate` (arms real, real_aa, classic and "
+                    f"{exported_arm(cfg).split('@')[0]} at ratio {cfg.ratio:g}) measures it; pass its folder as "
+                    f"`--evaluation` to quote it here.")
+    if effect and not cfg.real:
+        measured += " (It was measured with the real tiles, which this export leaves out.)"
+    fidelity = "" if not cfg.synthetic else (f"An independent judge ({fid['judge']}) reads {fid['hits']} of the {fid['n']} synthetic tiles as "
                 f"their label ({fid['fidelity']:.3f}, 95% CI [{fid['ci95'][0]:.3f}, {fid['ci95'][1]:.3f}])."
                 if fid else "No judge has read these samples (`histodiffusion judge --samples` gives their class "
                             "fidelity).")
     return "\n".join([
         "# Augmented training set (histodiffusion)", "",
-        f"{summary['n_real']} real tiles (subset `{cfg.subset}`) and {summary['n_synthetic']} synthetic tiles: per "
-        f"class the first {cfg.ratio:g} x its real count of the selection's keep-list in rank order, the set "
-        f"`evaluate` calls `selected@{cfg.ratio:g}`.", "", *table, "",
+        f"{summary['n_real']} real tiles (subset `{cfg.subset}`) and {' and '.join(added)}: the set `evaluate` "
+        f"calls `{exported_arm(cfg)}`.", "", *table, "",
         "## Where it comes from", "",
         f"- Real tiles: {dataset_line(cfg.data)}",
-        f"- Synthetic tiles: {cfg.samples} (samples.csv: seeds and sampler; `pipeline/` remakes them), kept by "
-        f"{selection_dir(cfg.samples, cfg.selection)} (filtered.csv sha256 {summary['inputs']['filtered_csv'][:12]}).",
-        "- Labels of synthetic tiles are the classes they were made for, not read by a pathologist.", "",
+        *([f"- Synthetic tiles: {cfg.samples} (samples.csv: seeds and sampler; `pipeline/` remakes them), kept by "
+           f"{selection_dir(cfg.samples, cfg.selection)} (filtered.csv sha256 "
+           f"{summary['inputs']['filtered_csv'][:12]})."] if cfg.synthetic else []),
+        *([f"- Pseudo-labelled tiles: train-split tiles of the same dataset outside the subset, read by the "
+           f"classifiers of {cfg.evaluation} (its pseudo_labels.csv)."] if cfg.pseudo else []),
+        "- Labels of added tiles are the classes they were made for or read as, not a pathologist's.", "",
         "## What it was measured to do", "", measured, "", fidelity, "",
         "## Use it", "",
         "`labels.csv` lists every tile (path relative to it, label, group_id, source real | synthetic); the "
         "images are also laid out one folder per class (`torchvision.datasets.ImageFolder('images')`). Train on "
-        "it; keep the synthetic tiles out of every validation and test split. A synthetic tile is its own group "
-        "(`synthetic-<id>`); `origin` and `origin_group` name the real tile it started from and that tile's "
-        "group (samples made from tiles), to keep a sample on the same side of a split as its tile.", "",
+        "it; keep the added tiles out of every validation and test split. An added tile is its own group "
+        "(`synthetic-<id>`, `pseudo-<id>`); `origin` and `origin_group` name the real tile a sample started from "
+        "and that tile's group (a pseudo tile's own group), to keep a tile on the same side of a split as its "
+        "group.", "",
         "## Citation", "", CITATION, ""])
 
 
@@ -224,32 +272,39 @@ def run(cfg: ExportDatasetConfig) -> Path:
         return out
     # 1. inputs, checked before anything is written: the real subset, the samples and their keep-list, the
     #    evaluation whose effect the card quotes
+    if not cfg.synthetic and not cfg.pseudo:
+        raise HistoError("nothing to add to the real tiles: --synthetic false needs --pseudo true")
+    if cfg.pseudo and not cfg.evaluation:
+        raise HistoError("--pseudo true exports the tiles an evaluation's pseudo arm labelled: give --evaluation")
     real = load_real(cfg.data, cfg.subset)
-    chosen = chosen_samples(cfg, real.classes, real.counts(), log)
-    if not cfg.real and not chosen:
-        raise HistoError(f"nothing to export: --real false and the keep-list of "
-                         f"{selection_dir(cfg.samples, cfg.selection)} keeps no sample")
+    chosen = chosen_samples(cfg, real.classes, real.counts(), log) if cfg.synthetic else []
     effect = measured_effect(cfg)
+    pseudo = chosen_pseudo(cfg, real.classes, real.counts()) if cfg.pseudo else ([], [])
+    if not cfg.real and not chosen and not pseudo[0]:
+        raise HistoError(f"nothing to export: --real false and no tile to add (the keep-list of "
+                         f"{selection_dir(cfg.samples, cfg.selection)} keeps no sample)")
     _, manifest = read_dataset(cfg.data)
     starts = {r["id"]: r["group"] for r in manifest}
     # 2. the images and labels.csv (a killed export's temporaries are removed first)
     start_run_dir(out, cfg, "export-dataset")
     log = get_logger("export-dataset", out / "log.txt")
     remove_stale_temps(out)
-    rows = write_images(cfg, real, chosen, starts, out)
+    rows = write_images(cfg, real, chosen, pseudo, starts, out)
     write_csv_atomic(out / LABELS_CSV, rows, LABELS_COLUMNS)
     # 3. what it holds and what it was measured to do; the marker last
-    counts = {c: {"real": sum(r["label"] == c and r["source"] == "real" for r in rows),
-                  "synthetic": sum(r["label"] == c and r["source"] == "synthetic" for r in rows)}
-              for c in real.classes}
-    summary = {"subset": cfg.subset, "ratio": cfg.ratio, "n_real": sum(n["real"] for n in counts.values()),
-               "n_synthetic": len(chosen), "counts": counts, "classes": real.classes,
-               "inputs": {"samples_csv": sha256_file(Path(cfg.samples) / SAMPLES_CSV),
-                          "filtered_csv": sha256_file(selection_dir(cfg.samples, cfg.selection) / FILTERED_CSV)},
+    counts = {c: {k: sum(r["label"] == c and r["source"] == k for r in rows) for k in SOURCES} for c in real.classes}
+    totals = {k: sum(n[k] for n in counts.values()) for k in SOURCES}
+    parts = [f"{totals['real']} real"] + [f"{totals[k]} {k}" for k in SOURCES[1:] if getattr(cfg, k)]
+    inputs = {"samples_csv": sha256_file(Path(cfg.samples) / SAMPLES_CSV),
+              "filtered_csv": sha256_file(selection_dir(cfg.samples, cfg.selection) / FILTERED_CSV)} \
+        if cfg.synthetic else {}
+    summary = {"subset": cfg.subset, "ratio": cfg.ratio, "arm": exported_arm(cfg),
+               **{f"n_{k}": v for k, v in totals.items()}, "counts": counts, "classes": real.classes,
+               "description": f"{' + '.join(parts)} tiles ({exported_arm(cfg)})", "inputs": inputs,
                "measured": effect, "judge_fidelity": judged_fidelity(cfg, chosen, real.classes)}
     write_json_atomic(out / DATASET_JSON, summary)
     write_text_atomic(out / CARD, card(cfg, summary))
     mark_complete(out, **completion_record(cfg))
-    log.info("export-dataset: %d real + %d synthetic tiles -> %s", summary["n_real"], summary["n_synthetic"],
-             out / LABELS_CSV)
+    log.info("export-dataset: %d real + %d synthetic + %d pseudo-labelled tiles -> %s", summary["n_real"],
+             summary["n_synthetic"], summary["n_pseudo"], out / LABELS_CSV)
     return out

@@ -152,6 +152,6 @@ def section_augmented(doc: Doc, folder: Path) -> None:
     if not summary.is_file():
         return
     d = read_json(summary, "augmented set summary")
-    doc.p(f"Augmented training set: {folder.resolve() / 'labels.csv'} ({d['n_real']} real + {d['n_synthetic']} "
-          f"synthetic tiles, selected@{d['ratio']:g}; one folder per class under images/). Its README.md says what "
-          f"it was measured to do; synthetic tiles are for training only.", cls="note")
+    doc.p(f"Augmented training set: {folder.resolve() / 'labels.csv'} ({d['description']}; one folder per class "
+          f"under images/). Its README.md says what it was measured to do; the added tiles are for training only.",
+          cls="note")
