@@ -1012,3 +1012,10 @@ def test_export_dataset_with_the_pseudo_labelled_tiles(pseudo_evaluated, tmp_pat
         export(ExportDatasetConfig(**{**base, "evaluation": ""}, pseudo=True, out=str(tmp_path / "x")))
     with pytest.raises(HistoError, match="needs --pseudo true"):
         export(ExportDatasetConfig(**base, synthetic=False, out=str(tmp_path / "y")))
+    drawn = Path(shutil.copytree(cfg.out, tmp_path / "drawn"))  # an evaluation that drew its pseudo tiles
+    record = json.loads((drawn / "config.json").read_text())
+    record["config"]["pseudo_rank"] = "random"
+    (drawn / "config.json").write_text(json.dumps(record))
+    with pytest.raises(HistoError, match="drew its pseudo tiles at random"):
+        export(ExportDatasetConfig(**{**base, "evaluation": str(drawn)}, pseudo=True, out=str(tmp_path / "z")))
+    assert not any((tmp_path / n).exists() for n in "xyz")

@@ -88,6 +88,11 @@ def chosen_pseudo(cfg: ExportDatasetConfig, classes: list[str], real_counts: dic
     if not path.is_file():
         raise HistoError(f"--pseudo true exports the tiles the pseudo arm labelled, but {path} does not exist: "
                          f"evaluate with the pseudo arm (--arms ...,pseudo)")
+    evaluated = read_json(path.parent / "config.json", "evaluation config").get("config") or {}
+    if evaluated.get("pseudo_rank", "confidence") != "confidence":
+        raise HistoError(f"evaluation {path.parent} drew its pseudo tiles at random (--pseudo-rank "
+                         f"{evaluated.get('pseudo_rank')}, a draw per seed): the export takes each class's most "
+                         f"confident, which that evaluation did not measure")
     rows = read_csv(path, ["id", "group", "pseudo_label", "confidence", "class_rank"], "pseudo labels")
     chosen = [r for r in rows if r["pseudo_label"] in real_counts
               and int(r["class_rank"]) <= quota(cfg.ratio, real_counts[r["pseudo_label"]])]
