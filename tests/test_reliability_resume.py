@@ -15,6 +15,7 @@ For each stage the harness
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -321,3 +322,59 @@ def test_evaluate(tmp_path):
     assert json.loads((ref / "metrics.json").read_text()) == json.loads((out / "metrics.json").read_text())
     for d in (ref / "classifiers").iterdir():
         safetensors_equal(d / "model.safetensors", out / "classifiers" / d.name / "model.safetensors")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc; the parent-death signal is Linux's")
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_launched_processes_die_with_the_launcher(tmp_path, how):
+    """`run --procs 2` launches evaluate's processes with torchrun; killing the launcher (as a scheduler or a
+    user's `kill` does) must stop them too, so the re-run command never races orphans writing the same run."""
+    from helpers_eval import make_dataset
+
+    data = make_dataset(tmp_path / "data")
+    out = tmp_path / "eval"
+    script = (f"from histodiffusion.runtime.config import EvaluateConfig\n"
+              f"from histodiffusion.runtime.distributed import launch_stage\n"
+              f"launch_stage('evaluate', EvaluateConfig(data={str(data)!r}, subset='frac0.5', arms=('real',),"
+              f" seeds=(0, 1), backbone='small_cnn_w8', steps=1000000, val_every=0, batch_size=8,"
+              f" out={str(out)!r}), 2)\n")
+    launcher = subprocess.Popen([sys.executable, "-c", script])
+
+    def descendants() -> list[int]:  # the launcher's children, grandchildren, ... (from /proc/<pid>/stat)
+        parent = {}
+        for p in Path("/proc").iterdir():
+            try:
+                fields = (p / "stat").read_text().rsplit(")", 1)[1].split() if p.name.isdigit() else []
+            except (OSError, IndexError):
+                continue
+            if not fields:
+                continue
+            parent[int(p.name)] = int(fields[1])
+        found, frontier = [], [launcher.pid]
+        while frontier:
+            kids = [pid for pid, pp in parent.items() if pp in frontier]
+            found, frontier = found + kids, kids
+        return found
+
+    def alive(pids: list[int]) -> list[int]:
+        return [pid for pid in pids if Path(f"/proc/{pid}").exists()
+                and (Path(f"/proc/{pid}") / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
+
+    launched: list[int] = []
+    try:
+        deadline = time.time() + 120  # torchrun and its two workers up, the stage started
+        while not ((out / "config.json").is_file() and len(descendants()) >= 3) and time.time() < deadline:
+            time.sleep(0.5)
+        launched = descendants()
+        assert len(launched) >= 3, "the launched processes did not start"
+        launcher.send_signal(getattr(signal, how))
+        launcher.wait(timeout=60)
+        deadline = time.time() + 60
+        while alive(launched) and time.time() < deadline:
+            time.sleep(0.5)
+        assert alive(launched) == []
+    finally:  # whatever happened, nothing of this test keeps running
+        for pid in [launcher.pid, *launched]:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)

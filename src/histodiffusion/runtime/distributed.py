@@ -100,12 +100,21 @@ _STEP_RE = re.compile(r"^step_(\d+)$")
 
 def launch_stage(stage: str, config, procs: int) -> None:
     """Run stage `stage` with `config` in `procs` local processes (torchrun --standalone; its CLI reads the
-    config from a temporary file); the processes' output goes to this one's. A failure is one HistoError."""
+    config from a temporary file); the processes' output goes to this one's. A failure is one HistoError.
+
+    The launched processes never outlive this one: a SIGTERM or an exception here terminates them (torchrun
+    passes the signal on to its workers), and on Linux torchrun gets SIGTERM when this process dies in any
+    other way (kill -9), so a killed `run` re-run with the same command never races its own orphans."""
+    import signal
     import subprocess
     import sys
     import tempfile
+    import threading
 
     from .configtypes import config_to_dict
+
+    def terminated(signum, frame):
+        raise SystemExit(128 + signum)
 
     with tempfile.TemporaryDirectory(prefix="histodiffusion-launch-") as tmp:
         path = Path(tmp) / f"{stage}.json"
@@ -113,9 +122,36 @@ def launch_stage(stage: str, config, procs: int) -> None:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
                "-m", "histodiffusion", stage, "--config", str(path)]
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-        code = subprocess.run(cmd, env=env).returncode
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, terminated) if main_thread else None
+        try:
+            proc = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+            try:
+                code = proc.wait()
+            except BaseException:  # SIGTERM, Ctrl-C, any error here: the launched processes stop too
+                proc.terminate()
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+                raise
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGTERM, previous)
     if code != 0:
         raise HistoError(f"stage {stage} failed in {procs} processes (exit code {code}; its error is above)")
+
+
+def _die_with_parent() -> None:
+    """In the launched child before exec (Linux): SIGTERM when the launching process dies (PR_SET_PDEATHSIG)."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))
+    except (OSError, AttributeError):  # no prctl: the launcher's own handler still covers SIGTERM
+        pass
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
