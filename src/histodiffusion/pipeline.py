@@ -399,6 +399,7 @@ def _ablation_table(root: Path) -> None:
     """One table over the main evaluation and the no-pretraining evaluation (same seeds, same harness)."""
     import json
 
+    from .core.evalsummary import format_ci as _ci
     from .data.evalarms import REAL_KINDS as real_kinds  # imports torch: only when the table is written
 
     rows = ["| arm | accuracy (mean, 95% CI) | macro-F1 (mean, 95% CI) | delta acc vs real |", "|---|---|---|---|"]
@@ -415,10 +416,3 @@ def _ablation_table(root: Path) -> None:
             d = m.get("deltas", {}).get(arm, {}).get("accuracy", {})
             rows.append(f"| {arm}{label} | {_ci(acc)} | {_ci(f1)} | {_ci(d) if d else '—'} |")
     write_text_atomic(layout.ablation_table, "\n".join(rows) + "\n")
-
-
-def _ci(d: dict) -> str:
-    if not d:
-        return "—"
-    lo, hi = d.get("ci95", [float("nan"), float("nan")])
-    return f"{d.get('mean', float('nan')):.3f} [{lo:.3f}, {hi:.3f}]"

@@ -11,6 +11,16 @@ from . import metrics as M
 CURVE_COLUMNS = ["arm", "seed", "step", "val_loss", "val_accuracy", "val_macro_f1", "best"]
 
 
+def format_ci(d: dict | None, signed: bool = False, missing: str = "—") -> str:
+    """'0.843 [0.827, 0.858]' of a mean_ci / paired_diff record ('+0.034 [-0.005, +0.072]' with signed);
+    `missing` for an empty or absent record."""
+    if not d:
+        return missing
+    f = "{:+.3f}" if signed else "{:.3f}"
+    lo, hi = d.get("ci95") or (float("nan"), float("nan"))
+    return f"{f.format(d.get('mean', float('nan')))} [{f.format(lo)}, {f.format(hi)}]"
+
+
 
 def per_seed_columns(classes: list[str]) -> list[str]:
     return (["arm", "seed", "testset", "n", "accuracy", "macro_f1"] + [f"sens_{c}" for c in classes]

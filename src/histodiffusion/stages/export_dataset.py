@@ -19,8 +19,8 @@ An added tile is its own group (group_id synthetic-<sample id> or pseudo-<tile i
 and a sample's or a pseudo tile's label may differ from its group's others); origin_group names the real group
 (of the tile a sample started from, with strength < 1), to keep a tile with its group. Added tiles are
 training data: never put them in a validation or test split. With `evaluation`, the card quotes that
-evaluation's paired effect of the exported arm (it must have measured this keep-list on this subset: checked). With a judge's
-fidelity.csv in the sample directory (`histodiffusion judge --samples`), the card gives the judge's class
+evaluation's paired effect of the exported arm (it must have measured this keep-list on this subset:
+checked). With a judge's fidelity.csv in the sample directory (`histodiffusion judge --samples`), the card gives the judge's class
 fidelity of exactly the exported samples. Single process: under a launcher only rank 0 works and writes.
 """
 from __future__ import annotations
@@ -29,6 +29,7 @@ import re
 import shutil
 from pathlib import Path
 
+from ..core.evalsummary import format_ci
 from ..data.evaldata import load_real, quota, ranked_kept, read_filtered, read_samples
 from ..models.cards import CITATION, dataset_line
 from ..runtime.artifacts import FILTERED_CSV, SAMPLES_CSV, read_dataset, selection_dir
@@ -130,7 +131,7 @@ def measured_effect(cfg: ExportDatasetConfig) -> dict | None:
         raise HistoError(f"evaluation {ev} trained on subset {subset!r}, this export holds subset {cfg.subset!r}")
     keep_list = ev / "keep_list.json"
     filtered = selection_dir(cfg.samples, cfg.selection) / FILTERED_CSV
-    used = read_json(keep_list, "keep-list record").get("sha256") if keep_list.is_file() else None
+    used = read_json(keep_list, "keep-list record").get("sha256") if cfg.synthetic and keep_list.is_file() else None
     if cfg.synthetic and used != sha256_file(filtered):
         raise HistoError(f"evaluation {ev} measured another keep-list than {filtered} ({keep_list}: sha256 "
                          f"{str(used)[:12]}): select was re-run since, or the evaluation is of other samples")
@@ -171,7 +172,7 @@ def write_images(cfg: ExportDatasetConfig, real, chosen: list[dict], pseudo: tup
 
     rows, names = [], set()
 
-    def row(label: str, source: str, tile_id: str, group: str, **extra) -> tuple[dict, str]:
+    def row(label: str, source: str, tile_id: str, group: str, **extra) -> str:
         rel = f"images/{label}/{file_name(source, tile_id)}"
         if rel in names:
             raise HistoError(f"two tiles map to one file name {rel} (ids differing only in characters outside "
@@ -179,7 +180,7 @@ def write_images(cfg: ExportDatasetConfig, real, chosen: list[dict], pseudo: tup
         names.add(rel)
         rows.append({"path": rel, "label": label, "group_id": group, "source": source, "id": tile_id,
                      **{k: extra.get(k, "") for k in ("origin", "origin_group", "rank", "confidence")}})
-        return rows[-1], rel
+        return rel
 
     def target(tmp: Path, rel: str) -> Path:
         path = tmp / Path(rel).relative_to("images")
@@ -190,16 +191,16 @@ def write_images(cfg: ExportDatasetConfig, real, chosen: list[dict], pseudo: tup
         tmp.mkdir()
         if cfg.real:
             for i, tile_id in enumerate(real.ids):
-                _, rel = row(real.classes[int(real.labels[i])], "real", tile_id, real.groups[i])
+                rel = row(real.classes[int(real.labels[i])], "real", tile_id, real.groups[i])
                 Image.fromarray(real.images[i].numpy()).save(target(tmp, rel))
         for s in chosen:
             origin = s.get("init_id") or ""
-            _, rel = row(s["target"], "synthetic", s["id"], f"synthetic-{s['id']}", origin=origin,
+            rel = row(s["target"], "synthetic", s["id"], f"synthetic-{s['id']}", origin=origin,
                          origin_group=starts.get(origin, "") if origin else "", rank=s["selection"]["rank"],
                          confidence=s["selection"]["confidence"])
             shutil.copyfile(Path(cfg.samples) / s["file"], target(tmp, rel))
         for r, pixels in zip(*pseudo):
-            _, rel = row(r["pseudo_label"], "pseudo", r["id"], f"pseudo-{r['id']}", origin_group=r["group"],
+            rel = row(r["pseudo_label"], "pseudo", r["id"], f"pseudo-{r['id']}", origin_group=r["group"],
                          rank=r["class_rank"], confidence=r["confidence"])
             Image.fromarray(pixels.numpy()).save(target(tmp, rel))
     return rows
@@ -218,11 +219,7 @@ def card(cfg: ExportDatasetConfig, summary: dict) -> str:
               f"own)"] if cfg.pseudo else []
 
     def ci(d: dict | None, signed: bool = True) -> str:
-        if not d:
-            return "not measured"
-        fmt = "{:+.3f}" if signed else "{:.3f}"
-        lo, hi = d.get("ci95") or (float("nan"), float("nan"))
-        return f"{fmt.format(d['mean'])} [{fmt.format(lo)}, {fmt.format(hi)}]"
+        return format_ci(d, signed, missing="not measured")
 
     if effect:
         measured = (f"`{effect['arm']}` in {effect['evaluation']} ({len(effect['seeds'] or [])} seeds, test split, "
@@ -235,10 +232,10 @@ def card(cfg: ExportDatasetConfig, summary: dict) -> str:
                     f"`--evaluation` to quote it here.")
     if effect and not cfg.real:
         measured += " (It was measured with the real tiles, which this export leaves out.)"
-    fidelity = "" if not cfg.synthetic else (f"An independent judge ({fid['judge']}) reads {fid['hits']} of the {fid['n']} synthetic tiles as "
-                f"their label ({fid['fidelity']:.3f}, 95% CI [{fid['ci95'][0]:.3f}, {fid['ci95'][1]:.3f}])."
-                if fid else "No judge has read these samples (`histodiffusion judge --samples` gives their class "
-                            "fidelity).")
+    fidelity = "" if not cfg.synthetic else (
+        f"An independent judge ({fid['judge']}) reads {fid['hits']} of the {fid['n']} synthetic tiles as their "
+        f"label ({fid['fidelity']:.3f}, 95% CI [{fid['ci95'][0]:.3f}, {fid['ci95'][1]:.3f}])." if fid else
+        "No judge has read these samples (`histodiffusion judge --samples` gives their class fidelity).")
     return "\n".join([
         "# Augmented training set (histodiffusion)", "",
         f"{summary['n_real']} real tiles (subset `{cfg.subset}`) and {' and '.join(added)}: the set `evaluate` "
@@ -282,14 +279,14 @@ def run(cfg: ExportDatasetConfig) -> Path:
     if cfg.pseudo and not cfg.evaluation:
         raise HistoError("--pseudo true exports the tiles an evaluation's pseudo arm labelled: give --evaluation")
     real = load_real(cfg.data, cfg.subset)
-    chosen = chosen_samples(cfg, real.classes, real.counts(), log) if cfg.synthetic else []
+    real_counts = real.counts()
+    chosen = chosen_samples(cfg, real.classes, real_counts, log) if cfg.synthetic else []
     effect = measured_effect(cfg)
-    pseudo = chosen_pseudo(cfg, real.classes, real.counts()) if cfg.pseudo else ([], [])
+    pseudo = chosen_pseudo(cfg, real.classes, real_counts) if cfg.pseudo else ([], [])
     if not cfg.real and not chosen and not pseudo[0]:
         raise HistoError(f"nothing to export: --real false and no tile to add (the keep-list of "
                          f"{selection_dir(cfg.samples, cfg.selection)} keeps no sample)")
-    _, manifest = read_dataset(cfg.data)
-    starts = {r["id"]: r["group"] for r in manifest}
+    starts = {r["id"]: r["group"] for r in read_dataset(cfg.data)[1]} if any(s.get("init_id") for s in chosen) else {}
     # 2. the images and labels.csv (a killed export's temporaries are removed first)
     start_run_dir(out, cfg, "export-dataset")
     log = get_logger("export-dataset", out / "log.txt")
